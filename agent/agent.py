@@ -1,0 +1,111 @@
+"""``Agent``: the public entry point (``diagnose``, ``stream``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from agent.config import AgentConfig, apply_overrides, load_config
+from agent.diagnosis import Diagnosis
+from agent.state import CaseState, PatientMetadata, TraceEntry
+
+
+@dataclass
+class StepEvent:
+    """Emitted by ``Agent.stream`` after each node; the last event carries the Diagnosis."""
+
+    node: str
+    entry: TraceEntry | None
+    diagnosis: Diagnosis | None = None
+
+
+def versions(config: AgentConfig) -> dict[str, Any]:
+    """Package and model versions recorded with every result."""
+    from importlib import metadata
+
+    out: dict[str, Any] = {"config": config.fingerprint()}
+    for pkg in ("dermgraph", "torch", "transformers", "langgraph", "faiss-cpu"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    out["models"] = {
+        "classifier": config.encoder.classifier.model,
+        "modality_head": config.modality.head,
+        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "kb_index": config.retrieval.kb_index,
+        "case_index": config.retrieval.case_index,
+        "llm": config.reasoner.llm.model,
+        "fusion": config.reasoner.fusion,
+    }
+    return out
+
+
+class Agent:
+    """The dermgraph agent. Models load lazily on the first case.
+
+    >>> agent = Agent()                                  # shipped offline CPU defaults
+    >>> d = agent.diagnose("lesion.jpg", metadata={"age": 60, "sex": "male", "site": "back"})
+    >>> d.verdict, d.label, d.differential[:3]
+    """
+
+    def __init__(self, config: AgentConfig | str | Path | None = None, *, overrides: list[str] | None = None, backends: dict[str, Any] | None = None):
+        if isinstance(config, AgentConfig):
+            self.config = apply_overrides(config, overrides)
+        else:
+            self.config = load_config(config, overrides)
+        from agent.runtime import Runtime
+
+        self.runtime = Runtime(self.config, backends)
+        self._graph = None
+        self._versions: dict[str, Any] | None = None
+
+    @property
+    def graph(self):
+        if self._graph is None:
+            from agent.graph import build_graph
+
+            self._graph = build_graph(self.runtime)
+        return self._graph
+
+    def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
+        from agent.imageio import load_image, thumbnail_data_uri
+
+        loaded = load_image(img)
+        meta = metadata if isinstance(metadata, PatientMetadata) or metadata is None else PatientMetadata.model_validate(metadata)
+        state = CaseState(
+            image=loaded.image,
+            image_sha256=loaded.sha256,
+            image_size=tuple(loaded.image.size),
+            input_warnings=list(loaded.warnings),
+            question=question,
+            metadata=meta,
+        )
+        return state, thumbnail_data_uri(loaded.image)
+
+    def _finish(self, final: CaseState, thumb: str) -> Diagnosis:
+        if self._versions is None:
+            self._versions = versions(self.config)
+        return Diagnosis.from_state(final, self._versions, thumbnail=thumb)
+
+    def diagnose(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Diagnosis:
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input."""
+        state, thumb = self._initial_state(img, question, metadata)
+        final = self.graph.invoke(state)
+        return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+
+    def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
+        """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""
+        state, thumb = self._initial_state(img, question, metadata)
+        current = state.model_dump()
+        current["image"] = state.image
+        for update in self.graph.stream(state, stream_mode="updates"):
+            for node, delta in update.items():
+                delta = delta or {}
+                for key, value in delta.items():
+                    current[key] = current.get(key, []) + value if key == "trace" else value
+                entries = delta.get("trace") or [None]
+                yield StepEvent(node=node, entry=entries[-1])
+        final = CaseState.model_validate(current)
+        yield StepEvent(node="__end__", entry=None, diagnosis=self._finish(final, thumb))

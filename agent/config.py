@@ -1,0 +1,136 @@
+"""Agent configuration: pydantic models loaded from YAML, overridable with ``dotted.key=value`` strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BackendRef(_Strict):
+    """A model served by a named backend (see ``models.backends.BACKENDS``)."""
+
+    backend: str = Field(description="Backend name, e.g. 'transformers', 'openai-compatible', 'vllm'.")
+    model: str = Field(description="Registry id, local path, or hub id / served model name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra backend keyword arguments (base_url, dtype, ...).")
+
+
+class EncoderConfig(_Strict):
+    classifier: BackendRef = Field(
+        default_factory=lambda: BackendRef(backend="sklesion", model="sklesion-xception"),
+        description="Lesion classifier whose pooled features every trained head and the case index use.",
+    )
+
+
+class ModalityConfig(_Strict):
+    head: str = Field("modality-head", description="Registry id of the trained modality head.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Below this the modality is reported as uncertain.")
+    ood_reject: bool = Field(True, description="Reject images whose features are farther from the training data than the head's calibrated OOD threshold.")
+
+
+class MorphologyConfig(_Strict):
+    kind: Literal["concept-heads", "vlm"] = Field("concept-heads", description="Structured 7-point heads, or a VLM describer.")
+    heads: str = Field("derm7pt-concept-heads", description="Registry id of the 7-point concept heads.")
+    vlm: BackendRef | None = Field(None, description="VLM used when kind='vlm' (users bring weights).")
+    vlm_prompt: str = Field(
+        "Describe the morphology of this skin lesion image in clinical terms (colours, structures, borders, vessels). Do not give a diagnosis.",
+    )
+
+
+class RetrievalConfig(_Strict):
+    kb_index: str = Field("kb-index", description="Registry id or path of the knowledge-base FAISS index.")
+    case_index: str = Field("case-index", description="Registry id or path of the image-text case index.")
+    text_embedder: str = Field("all-minilm-l6-v2")
+    k_knowledge: int = Field(4, ge=0, le=32)
+    k_cases: int = Field(8, ge=0, le=64)
+    knn_temperature: float = Field(0.05, gt=0, description="Softmax temperature over case similarities.")
+
+
+class ReasonerConfig(_Strict):
+    llm: BackendRef = Field(default_factory=lambda: BackendRef(backend="transformers", model="smollm2-135m-instruct"))
+    fusion: str = Field("fusion-calibration", description="Registry id of the calibrated fusion weights.")
+    rationale_tokens: int = Field(80, ge=8, le=1024)
+    retries: int = Field(2, ge=0, le=5, description="Re-asks of the LLM when its output is unusable.")
+    num_samples: int = Field(3, ge=1, le=16, description="k perturbed re-scorings for confidence consistency.")
+    max_candidates: int = Field(7, ge=2, le=20)
+
+
+class VerifierConfig(_Strict):
+    accept_confidence: float = Field(0.45, ge=0, le=1, description="Accept only when the top probability reaches this.")
+    min_self_consistency: float = Field(0.67, ge=0, le=1, description="Share of k samples that must agree with the top label.")
+    min_morphology_agreement: float = Field(0.35, ge=0, le=1, description="Below this the findings contradict the top diagnosis.")
+    max_rounds: int = Field(2, ge=1, le=5, description="Reasoner rounds before the verifier must accept or abstain.")
+
+
+class AgentConfig(_Strict):
+    """Everything the agent needs. Defaults are the shipped, offline, CPU configuration."""
+
+    device: str = Field("cpu", description="'cpu' or 'cuda[:n]'.")
+    seed: int = 0
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    modality: ModalityConfig = Field(default_factory=ModalityConfig)
+    morphology: MorphologyConfig = Field(default_factory=MorphologyConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the configuration (keys caches and result records)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["reasoner.num_samples=5", "device=cuda"]`` → nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AgentConfig:
+    """Load an AgentConfig from YAML (optional) plus dotted overrides. Unknown keys raise a ValidationError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides))
+    return AgentConfig.model_validate(data)
+
+
+def apply_overrides(config: AgentConfig, overrides: list[str] | None) -> AgentConfig:
+    """A copy of ``config`` with dotted overrides applied (validated like a loaded file)."""
+    if not overrides:
+        return config
+    return AgentConfig.model_validate(_merge(config.model_dump(), parse_overrides(overrides)))

@@ -1,0 +1,103 @@
+"""The public result of ``Agent.diagnose``: a pydantic model that round-trips through JSON and renders in notebooks."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from agent.state import CaseState, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, TraceEntry
+
+SCHEMA_VERSION = "1"
+
+
+class Diagnosis(BaseModel):
+    """Everything the agent concluded about one image, with the evidence and the full trace."""
+
+    schema_version: str = SCHEMA_VERSION
+    image_sha256: str = Field(description="Hash of the decoded pixels (identifies the case; no image data is stored).")
+    image_size: tuple[int, int]
+    input_warnings: list[str] = Field(default_factory=list)
+    question: str | None = None
+    metadata: PatientMetadata | None = None
+    modality: ModalityResult | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    description: str = ""
+    limitations: list[str] = Field(default_factory=list)
+    seven_point_score: int | None = None
+    evidence: list[Evidence] = Field(default_factory=list, description="All retrieved evidence.")
+    cited: list[str] = Field(default_factory=list, description="Ids of the evidence the rationale cites.")
+    differential: list[DifferentialItem] = Field(default_factory=list, description="Ranked candidates; probabilities sum to 1.")
+    label: str | None = Field(None, description="Top diagnosis (also given when the verdict is 'abstain', for evaluation).")
+    label_name: str | None = None
+    rationale: str = ""
+    reasoner_source: Literal["llm", "fallback"] | None = None
+    verdict: Literal["accept", "abstain"]
+    confidence: float = Field(0.0, description="Probability of the top diagnosis.")
+    self_consistency: float | None = None
+    morphology_agreement: float | None = None
+    reasons: list[str] = Field(default_factory=list)
+    rounds: int = 0
+    trace: list[TraceEntry] = Field(default_factory=list)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    thumbnail: str | None = Field(None, exclude=True, repr=False, description="PNG data URI for notebook rendering (never serialised).")
+
+    @classmethod
+    def from_state(cls, state: CaseState, versions: dict[str, Any], thumbnail: str | None = None) -> "Diagnosis":
+        r, v, m = state.reasoning, state.verification, state.morphology
+        verdict = v.decision if v and v.decision in ("accept", "abstain") else "abstain"
+        reasons = list(v.reasons) if v else ["verification did not complete"]
+        if v and v.decision == "revise":
+            reasons.append("revision rounds exhausted")
+        return cls(
+            image_sha256=state.image_sha256,
+            image_size=state.image_size,
+            input_warnings=state.input_warnings,
+            question=state.question,
+            metadata=state.metadata,
+            modality=state.modality,
+            findings=m.findings if m else [],
+            description=m.description if m else "",
+            limitations=m.limitations if m else [],
+            seven_point_score=m.seven_point_score if m else None,
+            evidence=state.retrieval.evidence if state.retrieval else [],
+            cited=r.cited if r else [],
+            differential=r.differential if r else [],
+            label=r.top.label if r else None,
+            label_name=r.top.name if r else None,
+            rationale=r.rationale if r else "",
+            reasoner_source=r.source if r else None,
+            verdict=verdict,
+            confidence=v.confidence if v else 0.0,
+            self_consistency=v.self_consistency if v and r else None,
+            morphology_agreement=v.morphology_agreement if v else None,
+            reasons=reasons,
+            rounds=state.round,
+            trace=state.trace,
+            versions=versions,
+            thumbnail=thumbnail,
+        )
+
+    def summary(self) -> str:
+        """A few human-readable lines (what the CLI prints)."""
+        mod = self.modality
+        lines = [f"modality: {mod.label} (p={mod.confidence:.2f})" if mod else "modality: -"]
+        if self.description:
+            lines.append(f"findings: {self.description}")
+        if self.differential:
+            lines.append("differential: " + ", ".join(f"{d.name} {d.probability:.2f}" for d in self.differential[:4]))
+        lines.append(f"verdict: {self.verdict.upper()}" + (f" — {self.label_name} (p={self.confidence:.2f})" if self.label_name else ""))
+        lines += [f"  - {r}" for r in self.reasons]
+        if self.rationale:
+            lines.append(f"rationale: {self.rationale}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from agent.render import diagnosis_html
+
+        return diagnosis_html(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+

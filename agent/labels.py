@@ -1,0 +1,61 @@
+"""Label vocabularies shared by nodes: HAM10000 codes and their readable names, Derm7pt criteria."""
+
+from __future__ import annotations
+
+HAM_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+HAM_NAMES: dict[str, str] = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+MALIGNANT = {"akiec", "bcc", "mel"}
+
+MODALITIES: tuple[str, ...] = ("clinical", "dermoscopy", "histopathology", "not_skin")
+
+SEVEN_POINT: dict[str, tuple[str, ...]] = {
+    "pigment_network": ("absent", "typical", "atypical"),
+    "streaks": ("absent", "regular", "irregular"),
+    "pigmentation": ("absent", "diffuse regular", "diffuse irregular", "localized irregular"),
+    "regression_structures": ("absent", "blue areas", "white areas", "combinations"),
+    "dots_and_globules": ("absent", "regular", "irregular"),
+    "blue_whitish_veil": ("absent", "present"),
+    "vascular_structures": ("absent", "arborizing", "comma", "hairpin", "dotted", "linear irregular", "within regression", "wreath"),
+}
+"""Derm7pt criteria and their values (the heads' class lists are read from the artifact)."""
+
+# Findings that score in the 7-point checklist (Argenziano 1998): major = 2 points, minor = 1.
+SEVEN_POINT_SCORING: dict[tuple[str, str], int] = {
+    ("pigment_network", "atypical"): 2,
+    ("blue_whitish_veil", "present"): 2,
+    ("vascular_structures", "dotted"): 2,
+    ("vascular_structures", "linear irregular"): 2,
+    ("streaks", "irregular"): 1,
+    ("pigmentation", "diffuse irregular"): 1,
+    ("pigmentation", "localized irregular"): 1,
+    ("dots_and_globules", "irregular"): 1,
+    ("regression_structures", "blue areas"): 1,
+    ("regression_structures", "white areas"): 1,
+    ("regression_structures", "combinations"): 1,
+}
+
+
+def derm7pt_to_ham(diagnosis: str) -> str | None:
+    """Map a Derm7pt diagnosis string to a HAM10000 code (None for 'miscellaneous')."""
+    d = diagnosis.lower()
+    if "melanoma" in d:
+        return "mel"
+    if "nevus" in d:
+        return "nv"
+    if "basal cell" in d:
+        return "bcc"
+    if "seborrheic" in d or "lentigo" in d or "melanosis" in d:
+        return "bkl"
+    if "dermatofibroma" in d:
+        return "df"
+    if "vascular" in d:
+        return "vasc"
+    return None

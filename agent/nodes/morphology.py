@@ -1,0 +1,137 @@
+"""Morphology describer: structured 7-point findings for dermoscopy, or a VLM description by config."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.labels import SEVEN_POINT_SCORING
+from agent.nodes.base import NodeOutput
+from agent.state import CaseState, Finding, MorphologyResult
+
+_PHRASES = {
+    "pigment_network": {"absent": "no pigment network", "typical": "a typical (regular) pigment network", "atypical": "an atypical pigment network"},
+    "streaks": {"absent": "no streaks", "regular": "regular streaks", "irregular": "irregular streaks"},
+    "pigmentation": {
+        "absent": "no blotches of pigmentation",
+        "diffuse regular": "diffuse regular pigmentation",
+        "diffuse irregular": "diffuse irregular pigmentation",
+        "localized irregular": "localized irregular pigmentation",
+    },
+    "regression_structures": {
+        "absent": "no regression structures",
+        "blue areas": "regression with blue (peppering) areas",
+        "white areas": "regression with white scar-like areas",
+        "combinations": "regression with combined blue and white areas",
+    },
+    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules", "irregular": "irregular dots and globules"},
+    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "a blue-whitish veil"},
+    "vascular_structures": {
+        "absent": "no visible vessels",
+        "arborizing": "arborizing vessels",
+        "comma": "comma vessels",
+        "hairpin": "hairpin vessels",
+        "dotted": "dotted vessels",
+        "linear irregular": "linear irregular vessels",
+        "within regression": "vessels within regression areas",
+        "wreath": "wreath vessels",
+    },
+}
+
+
+def seven_point_score(findings: list[Finding]) -> int:
+    """7-point checklist score (Argenziano 1998) of the predicted findings; >= 3 suggests melanoma."""
+    return sum(SEVEN_POINT_SCORING.get((f.criterion, f.value), 0) for f in findings)
+
+
+def verbalise(findings: list[Finding], min_confidence: float = 0.0) -> str:
+    """Turn findings into a short clinical description with per-finding confidence."""
+    present = [f for f in findings if f.value not in ("absent",)]
+    absent = [f for f in findings if f.value == "absent"]
+    parts = []
+    if present:
+        parts.append(
+            "Dermoscopy shows "
+            + "; ".join(f"{_PHRASES.get(f.criterion, {}).get(f.value, f.value)} (p={f.confidence:.2f})" for f in present)
+            + "."
+        )
+    else:
+        parts.append("Dermoscopy shows none of the seven-point structures with confidence.")
+    if absent:
+        parts.append(
+            "Not seen: " + ", ".join(f"{_PHRASES.get(f.criterion, {}).get('absent', f.criterion)} (p={f.confidence:.2f})" for f in absent) + "."
+        )
+    uncertain = [f.criterion.replace("_", " ") for f in findings if f.confidence < min_confidence]
+    if uncertain:
+        parts.append("Uncertain: " + ", ".join(uncertain) + ".")
+    return " ".join(parts)
+
+
+def _colour_summary(stats: np.ndarray | None) -> str:
+    if stats is None:
+        return ""
+    r, g, b = float(stats[0]), float(stats[4]), float(stats[8])
+    tone = "reddish" if r > g + 0.08 and r > b + 0.05 else "brownish" if r > b + 0.05 else "bluish/grey" if b >= r else "neutral"
+    return f" Overall colour is {tone} (mean RGB {r:.2f}/{g:.2f}/{b:.2f})."
+
+
+def describe_concepts(state: CaseState, rt) -> NodeOutput:
+    modality = state.modality.label
+    if modality != "dermoscopy":
+        what = {
+            "clinical": "a clinical photograph",
+            "histopathology": "a histopathology (H&E) image",
+        }.get(modality, "this image")
+        limits = [
+            f"the shipped describer only assesses the seven dermoscopic 7-point criteria; it has not learned {what}",
+            "no structured morphology is reported, to avoid inventing findings",
+        ]
+        desc = f"Recognised as {what}. Structured morphology is not available for this modality.{_colour_summary(state.encoding.stats)}"
+        result = MorphologyResult(findings=[], description=desc, limitations=limits)
+        return NodeOutput({"morphology": result}, inputs={"modality": modality}, model_id=None, notes=["describer skipped: modality not learned"])
+
+    heads = rt.concept_heads
+    probs = heads.predict_proba(state.encoding.features[None])
+    findings = []
+    for criterion, head in heads.heads.items():
+        p = probs[criterion][0]
+        i = int(p.argmax())
+        findings.append(
+            Finding(criterion=criterion, value=head.classes[i], confidence=round(float(p[i]), 4), probs={c: round(float(v), 4) for c, v in zip(head.classes, p)})
+        )
+    min_conf = float(heads.meta.get("min_confidence", 0.5))
+    result = MorphologyResult(
+        findings=findings,
+        description=verbalise(findings, min_conf),
+        limitations=[f"criteria with confidence < {min_conf:.2f} are uncertain"] if any(f.confidence < min_conf for f in findings) else [],
+        seven_point_score=seven_point_score(findings),
+    )
+    return NodeOutput({"morphology": result}, inputs={"modality": modality, "features": "encoder features"}, model_id=heads.meta.get("id"))
+
+
+def describe_vlm(state: CaseState, rt) -> NodeOutput:
+    from evals.morphology import parse_findings
+
+    cfg = rt.config.morphology
+    prompt = cfg.vlm_prompt
+    if state.question:
+        prompt += f" Context from the user: {state.question}"
+    text = rt.vlm.generate([state.image], [prompt], max_new_tokens=160)[0].strip()
+    parsed = parse_findings(text)
+    findings = [Finding(criterion=c, value=v, confidence=0.5) for c, v in parsed.items()]
+    limits = ["free-text VLM description: findings parsed from text, confidences not calibrated"]
+    if not text:
+        limits.append("the VLM returned an empty description")
+    result = MorphologyResult(
+        findings=findings,
+        description=text or "No description produced.",
+        limitations=limits,
+        seven_point_score=seven_point_score(findings) if findings else None,
+    )
+    return NodeOutput({"morphology": result}, inputs={"prompt": prompt}, model_id=rt.vlm.model_id)
+
+
+def describe(state: CaseState, rt) -> NodeOutput:
+    """Dispatch on config: concept heads (default) or a VLM."""
+    if rt.config.morphology.kind == "vlm":
+        return describe_vlm(state, rt)
+    return describe_concepts(state, rt)

@@ -1,0 +1,65 @@
+"""Retrieval: knowledge-base passages by text, similar cases by image features; all evidence is citable."""
+
+from __future__ import annotations
+
+from agent.labels import HAM_CLASSES
+from agent.nodes.base import NodeOutput
+from agent.state import CaseState, Evidence, RetrievalResult
+
+SOURCE_MODALITY = {"ham10000": "dermoscopy", "derm7pt": "dermoscopy", "isic2018": "dermoscopy", "dermnet": "clinical"}
+
+
+def _query_text(state: CaseState) -> str:
+    parts = [f"{state.modality.label} image."]
+    if state.morphology:
+        parts.append(state.morphology.description)
+    if state.question:
+        parts.append(state.question)
+    return " ".join(parts)
+
+
+def retrieve(state: CaseState, rt) -> NodeOutput:
+    cfg = rt.config.retrieval
+    modality = state.modality.label
+    query = _query_text(state)
+    evidence: list[Evidence] = []
+    notes: list[str] = []
+    knn_probs: dict[str, float] = {}
+
+    if cfg.k_knowledge:
+        kb_modality = modality if modality in ("clinical", "dermoscopy", "histopathology") else None
+        for hit in rt.kb.search(query, k=cfg.k_knowledge, modality=kb_modality):
+            evidence.append(
+                Evidence(
+                    id=hit["id"], kind="knowledge", title=hit["title"], text=hit["text"],
+                    label=hit.get("ham_class") or hit.get("entry_id"), source=hit.get("source", "dermgraph-kb"), score=float(hit["score"]),
+                )
+            )
+
+    if cfg.k_cases and modality in ("clinical", "dermoscopy") and state.encoding is not None:
+        from retrieval.cases import knn_label_distribution
+
+        # Over-fetch, then keep cases of the same modality: a clinical photo's neighbours among
+        # dermoscopy images are not meaningful evidence.
+        hits = rt.cases.search(state.encoding.features[None], k=cfg.k_cases * 4)[0]
+        same = [h for h in hits if SOURCE_MODALITY.get(h.record.get("source", ""), modality) == modality][: cfg.k_cases]
+        if len(same) < len(hits[: cfg.k_cases]):
+            notes.append(f"kept {len(same)} of {len(hits)} neighbours matching modality '{modality}'")
+        for h in same:
+            evidence.append(
+                Evidence(
+                    id=h.id, kind="case", title=f"Similar case ({h.record.get('source')})", text=h.record.get("caption", ""),
+                    label=h.record.get("label"), source=h.record.get("source", "case-index"), score=float(h.score),
+                )
+            )
+        labels = list(HAM_CLASSES) if modality == "dermoscopy" else sorted({h.record.get("label") for h in same if h.record.get("label")})
+        if same and labels:
+            knn_probs = {k: round(float(v), 5) for k, v in knn_label_distribution(same, labels, cfg.knn_temperature).items()}
+
+    result = RetrievalResult(evidence=evidence, knn_probs=knn_probs, query=query)
+    return NodeOutput(
+        {"retrieval": result},
+        inputs={"query": query[:300], "modality": modality},
+        model_id=f"kb:{getattr(rt.kb, 'model_id', cfg.text_embedder)} + cases:{cfg.case_index}",
+        notes=notes,
+    )

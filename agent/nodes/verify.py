@@ -1,0 +1,57 @@
+"""Consistency verifier: accept, send back to the reasoner with the disagreement, or abstain."""
+
+from __future__ import annotations
+
+from agent.consistency import contradictions, morphology_agreement, self_consistency
+from agent.nodes.base import NodeOutput
+from agent.state import CaseState, Verdict
+
+REFER = "refer to a dermatologist"
+
+
+def _abstain(reasons: list[str], confidence: float = 0.0, consistency: float = 0.0, agreement=None) -> Verdict:
+    return Verdict(decision="abstain", confidence=confidence, self_consistency=consistency, morphology_agreement=agreement, reasons=reasons + [REFER])
+
+
+def verify(state: CaseState, rt) -> NodeOutput:
+    cfg = rt.config.verifier
+    mod = state.modality
+    if mod is None or mod.rejected:
+        verdict = _abstain([f"image rejected: {mod.reason if mod else 'unreadable'}"])
+        return NodeOutput({"verification": verdict}, inputs={"modality": mod.label if mod else None})
+    if state.reasoning is None:
+        verdict = _abstain([f"no diagnosis model for {mod.label} images; findings and evidence are reported for a specialist"])
+        return NodeOutput({"verification": verdict}, inputs={"modality": mod.label})
+
+    r = state.reasoning
+    top = r.top
+    consistency = self_consistency(top.label, r.samples[1:])
+    agreement, contra = None, []
+    if state.morphology and state.morphology.findings:
+        entry = rt.knowledge.entry_for_label(top.label)
+        if entry is not None and entry.expected_7pt:
+            observed = {f.criterion: f.probs for f in state.morphology.findings}
+            agreement = morphology_agreement(observed, entry.expected_7pt)
+            contra = contradictions(observed, entry.expected_7pt)
+
+    problems = []
+    if top.probability < cfg.accept_confidence:
+        problems.append(f"low confidence in {top.name} (p={top.probability:.2f} < {cfg.accept_confidence})")
+    if consistency < cfg.min_self_consistency:
+        problems.append(f"perturbed re-scorings disagree (consistency {consistency:.2f} < {cfg.min_self_consistency}; samples {r.samples[1:]})")
+    if agreement is not None and agreement < cfg.min_morphology_agreement:
+        problems.append(f"findings do not match {top.name} (agreement {agreement:.2f} < {cfg.min_morphology_agreement})")
+    if mod.confidence < rt.config.modality.min_confidence:
+        problems.append(f"modality uncertain (p={mod.confidence:.2f})")
+
+    inputs = {"top": top.label, "p": top.probability, "round": state.round, "samples": r.samples}
+    if not problems:
+        verdict = Verdict(decision="accept", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement,
+                          reasons=[f"{top.name}: p={top.probability:.2f}, consistency {consistency:.2f}" + (f", morphology agreement {agreement:.2f}" if agreement is not None else "")])
+    elif state.round < cfg.max_rounds and (contra or consistency < cfg.min_self_consistency):
+        feedback = "; ".join(contra) if contra else "the ranking is unstable under re-ordering of the evidence"
+        verdict = Verdict(decision="revise", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement,
+                          reasons=problems, feedback=f"{top.name} is questionable: {feedback}. Weigh candidates whose expected morphology matches the findings.")
+    else:
+        verdict = _abstain(problems, top.probability, consistency, agreement)
+    return NodeOutput({"verification": verdict}, inputs=inputs, model_id="consistency-rules")

@@ -1,0 +1,84 @@
+"""The reasoner's prompt. Training (SFT/GRPO) renders cases with these same functions."""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from agent.state import CaseState, Evidence
+
+SYSTEM = (
+    "You are a careful dermatology assistant. Reason only from the evidence provided: the image findings, "
+    "the lesion classifier's probabilities, similar cases and knowledge-base entries. Choose the diagnosis "
+    "from the candidate list. Cite evidence by its tag, e.g. [E2]. If the evidence conflicts, say so."
+)
+DIAGNOSIS_PREFIX = "Diagnosis: "
+RATIONALE_FIELD = "\nRationale:"
+
+
+def evidence_tags(evidence: Sequence[Evidence]) -> dict[str, str]:
+    """Short tags the model cites ([E1], [E2], ...) → real evidence ids."""
+    return {f"E{i + 1}": ev.id for i, ev in enumerate(evidence)}
+
+
+def _patient(state: CaseState) -> str:
+    if not state.metadata:
+        return "not given"
+    m = state.metadata
+    bits = []
+    if m.age is not None:
+        bits.append(f"{m.age:g} years")
+    if m.sex:
+        bits.append(m.sex)
+    if m.site:
+        bits.append(f"site: {m.site}")
+    if m.fitzpatrick:
+        bits.append(f"Fitzpatrick {m.fitzpatrick}")
+    if m.history:
+        bits.append(f"history: {m.history}")
+    return ", ".join(bits) or "not given"
+
+
+def render_user(
+    state: CaseState,
+    candidates: Sequence[str],
+    names: dict[str, str],
+    classifier: dict[str, float] | None,
+    feedback: str | None = None,
+    shuffle_seed: int | None = None,
+) -> str:
+    """Render the case for the LLM. ``shuffle_seed`` permutes candidate and evidence order (CCT-style perturbation)."""
+    evidence = list(state.retrieval.evidence) if state.retrieval else []
+    tags = {ev.id: f"E{i + 1}" for i, ev in enumerate(evidence)}
+    cands = list(candidates)
+    if shuffle_seed is not None:
+        rng = random.Random(shuffle_seed)
+        rng.shuffle(cands)
+        rng.shuffle(evidence)
+    lines = [
+        f"Image modality: {state.modality.label} (p={state.modality.confidence:.2f})",
+        f"Patient: {_patient(state)}",
+    ]
+    if state.question:
+        lines.append(f"Question: {state.question}")
+    if state.morphology:
+        score = f" (7-point score {state.morphology.seven_point_score})" if state.morphology.seven_point_score is not None else ""
+        lines.append(f"Findings{score}: {state.morphology.description}")
+    if classifier:
+        top = sorted(classifier.items(), key=lambda kv: -kv[1])[:4]
+        lines.append("Lesion classifier (calibrated): " + ", ".join(f"{names.get(c, c)} {p:.2f}" for c, p in top))
+    cases = [ev for ev in evidence if ev.kind == "case"]
+    if cases:
+        lines.append("Similar cases: " + "; ".join(f"[{tags[ev.id]}] {names.get(ev.label or '', ev.label)} (sim {ev.score:.2f})" for ev in cases))
+    for ev in evidence:
+        if ev.kind == "knowledge":
+            lines.append(f"[{tags[ev.id]}] {ev.title}: {ev.text[:220]}")
+    lines.append("Candidates: " + "; ".join(names.get(c, c) for c in cands))
+    if feedback:
+        lines.append(f"Verifier feedback (reconsider): {feedback}")
+    lines.append("Give the most likely diagnosis from the candidates, then a short rationale citing evidence tags.")
+    return "\n".join(lines)
+
+
+def conversation(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

@@ -1,0 +1,44 @@
+"""Notebook rendering of a Diagnosis: thumbnail, verdict, one card per step, evidence, graph diagram."""
+
+from __future__ import annotations
+
+import html
+import json
+
+
+def _card(title: str, body: str, colour: str = "#f6f6fb") -> str:
+    return (f'<div style="background:{colour};border-radius:6px;padding:6px 10px;margin:4px 0">'
+            f"<b>{html.escape(title)}</b><div style='font-size:0.9em'>{body}</div></div>")
+
+
+def diagnosis_html(d) -> str:
+    from agent.graph import mermaid
+
+    verdict_colour = "#e6f4ea" if d.verdict == "accept" else "#fdecea"
+    head = f"<h3 style='margin:4px 0'>{html.escape(d.verdict.upper())}: {html.escape(d.label_name or '—')} (p={d.confidence:.2f})</h3>"
+    reasons = "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in d.reasons) + "</ul>"
+    thumb = f'<img src="{d.thumbnail}" style="max-width:192px;border-radius:4px;float:right;margin-left:10px"/>' if d.thumbnail else ""
+    diff = "".join(
+        f"<tr><td>{html.escape(x.name)}</td><td><div style='background:#7b6cf6;height:10px;width:{int(200 * x.probability)}px'></div></td>"
+        f"<td>{x.probability:.3f}</td></tr>" for x in d.differential
+    )
+    steps = "".join(
+        _card(f"{t.step}. {t.node} · {t.duration_s:.2f}s · {t.model_id or ''}",
+              "<pre style='white-space:pre-wrap;max-height:180px;overflow:auto'>" + html.escape(json.dumps(t.outputs, indent=1, default=str)[:3000]) + "</pre>"
+              + ("<i>" + html.escape("; ".join(t.notes)) + "</i>" if t.notes else ""))
+        for t in d.trace
+    )
+    evidence = "".join(
+        f"<li><code>{html.escape(e.id)}</code>{' ★' if e.id in d.cited else ''} ({e.kind}, {e.score:.2f}) {html.escape(e.title)}: {html.escape(e.text[:200])}</li>"
+        for e in d.evidence
+    )
+    return (
+        f"<div style='font-family:sans-serif;max-width:900px'>{thumb}"
+        + _card("Verdict", head + reasons, verdict_colour)
+        + _card("Findings", html.escape(d.description or "—"))
+        + _card("Differential", f"<table>{diff}</table>")
+        + _card("Rationale", html.escape(d.rationale or "—"))
+        + _card("Evidence (★ cited)", f"<ul>{evidence}</ul>")
+        + "<details><summary>Trace</summary>" + steps + "</details>"
+        + "<details><summary>Graph</summary><pre>" + html.escape(mermaid()) + "</pre></details></div>"
+    )

@@ -1,0 +1,121 @@
+"""Backends the nodes call, created lazily from the config on first use (never at import)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, BackendRef
+
+
+def resolve_artifact(ref: str) -> Path:
+    """A registry id, URI or local path → a local path (downloads/caches on first use)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    from models.resolve import resolve
+
+    return resolve(ref)
+
+
+def _backend(kind: str, ref: BackendRef, device: str) -> Any:
+    from models.backends import create, resolve_class
+
+    kwargs = dict(ref.options)
+    cls = resolve_class(kind, ref.backend)
+    # Local backends take a device; remote ones (openai-compatible) do not.
+    if "device" in inspect.signature(cls).parameters:
+        kwargs.setdefault("device", device)
+    if ref.backend == "sklesion":
+        kwargs.setdefault("weights", None if ref.model == "sklesion-xception" else ref.model)
+    else:
+        kwargs.setdefault("model", ref.model)
+    return create(kind, ref.backend, **kwargs)
+
+
+class Runtime:
+    """Holds the agent's backends. Each property builds its backend once, when a node first needs it.
+
+    Tests pass ready-made doubles through ``overrides`` (e.g. ``{"llm": ScriptedLLM(...)}``).
+    """
+
+    def __init__(self, config: AgentConfig, overrides: dict[str, Any] | None = None):
+        self.config = config
+        self._overrides = overrides or {}
+
+    def _get(self, name: str, build):
+        if name in self._overrides:
+            return self._overrides[name]
+        return build()
+
+    @functools.cached_property
+    def classifier(self):
+        return self._get("classifier", lambda: _backend("classifier", self.config.encoder.classifier, self.config.device))
+
+    @functools.cached_property
+    def modality_heads(self):
+        from models.heads import HeadSet
+
+        return self._get("modality_heads", lambda: HeadSet.load(resolve_artifact(self.config.modality.head)))
+
+    @functools.cached_property
+    def concept_heads(self):
+        from models.heads import HeadSet
+
+        return self._get("concept_heads", lambda: HeadSet.load(resolve_artifact(self.config.morphology.heads)))
+
+    @functools.cached_property
+    def vlm(self):
+        ref = self.config.morphology.vlm
+        if ref is None and "vlm" not in self._overrides:
+            raise ValueError("morphology.kind='vlm' needs morphology.vlm = {backend: ..., model: ...}")
+        return self._get("vlm", lambda: _backend("vlm", ref, self.config.device))
+
+    @functools.cached_property
+    def text_embedder(self):
+        def build():
+            from models.backends.sentence import SentenceEmbedder
+
+            return SentenceEmbedder(model=self.config.retrieval.text_embedder, device=self.config.device)
+
+        return self._get("text_embedder", build)
+
+    @functools.cached_property
+    def kb(self):
+        def build():
+            from retrieval.kb import KBRetriever
+
+            return KBRetriever(resolve_artifact(self.config.retrieval.kb_index), self.text_embedder)
+
+        return self._get("kb", build)
+
+    @functools.cached_property
+    def knowledge(self):
+        """The knowledge base entries (expected morphology per diagnosis, names, aliases)."""
+
+        def build():
+            from retrieval.kb import KnowledgeBase
+
+            return KnowledgeBase()
+
+        return self._get("knowledge", build)
+
+    @functools.cached_property
+    def cases(self):
+        def build():
+            from retrieval.cases import CaseRetriever
+
+            return CaseRetriever(resolve_artifact(self.config.retrieval.case_index))
+
+        return self._get("cases", build)
+
+    @functools.cached_property
+    def llm(self):
+        return self._get("llm", lambda: _backend("llm", self.config.reasoner.llm, self.config.device))
+
+    @functools.cached_property
+    def fusion(self) -> dict[str, Any]:
+        return self._get("fusion", lambda: json.loads(resolve_artifact(self.config.reasoner.fusion).read_text()))

@@ -1,0 +1,148 @@
+"""Typed graph state. Each node owns exactly one output field; ``trace`` is append-only."""
+
+from __future__ import annotations
+
+import operator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Modality = Literal["clinical", "dermoscopy", "histopathology", "not_skin"]
+Decision = Literal["accept", "revise", "abstain"]
+
+
+class PatientMetadata(BaseModel):
+    """Optional patient context. Unknown keys are errors so that typos are not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    age: float | None = Field(None, ge=0, le=120, description="Age in years.")
+    sex: Literal["female", "male", "unknown"] | None = Field(None, description="Sex as recorded.")
+    site: str | None = Field(None, description="Anatomical site, e.g. 'back', 'face', 'lower extremity'.")
+    fitzpatrick: Literal["I", "II", "III", "IV", "V", "VI"] | None = Field(None, description="Fitzpatrick skin type.")
+    history: str | None = Field(None, max_length=2000, description="Free-text history (changes, symptoms, duration).")
+
+    @field_validator("sex", mode="before")
+    @classmethod
+    def _norm_sex(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return {"f": "female", "m": "male", "": None}.get(v, v)
+        return v
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ImageEncoding(BaseModel):
+    """What the image encoder/lesion classifier saw. Features stay out of serialised output."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model_id: str
+    classifier_probs: dict[str, float] = Field(description="Raw lesion-classifier probabilities (uncalibrated).")
+    features: Any = Field(default=None, exclude=True, repr=False, description="Pooled image features (np.ndarray).")
+    stats: Any = Field(default=None, exclude=True, repr=False, description="Colour/texture statistics (np.ndarray).")
+
+
+class ModalityResult(BaseModel):
+    label: Modality = Field(description="Predicted modality, or 'not_skin' when rejected.")
+    confidence: float = Field(ge=0, le=1)
+    probs: dict[str, float] = Field(description="Head probabilities over the known classes.")
+    ood_score: float | None = Field(None, description="Distance of the features to the training data (higher = stranger).")
+    rejected: bool = Field(False, description="True when the image is judged not to be a usable skin image.")
+    reason: str | None = None
+
+
+class Finding(BaseModel):
+    criterion: str = Field(description="Criterion name, e.g. 'pigment_network'.")
+    value: str = Field(description="Most probable value, e.g. 'atypical'.")
+    confidence: float = Field(ge=0, le=1)
+    probs: dict[str, float] = Field(default_factory=dict)
+
+
+class MorphologyResult(BaseModel):
+    findings: list[Finding] = Field(default_factory=list)
+    description: str = Field(description="Short clinical description verbalising the findings.")
+    limitations: list[str] = Field(default_factory=list, description="What the describer could not assess.")
+    seven_point_score: int | None = Field(None, description="7-point checklist score from the predicted findings.")
+
+
+class Evidence(BaseModel):
+    id: str = Field(description="Citable id, e.g. 'kb:melanoma#dermoscopy' or 'case:derm7pt:123'.")
+    kind: Literal["knowledge", "case"]
+    title: str
+    text: str
+    label: str | None = Field(None, description="Diagnosis label the evidence is about (HAM10000 code where mappable).")
+    source: str = Field(description="Where it comes from (knowledge base, dataset name).")
+    score: float = Field(description="Similarity to the query.")
+
+
+class RetrievalResult(BaseModel):
+    evidence: list[Evidence] = Field(default_factory=list)
+    knn_probs: dict[str, float] = Field(default_factory=dict, description="Similarity-weighted label votes of retrieved cases.")
+    query: str = ""
+
+
+class DifferentialItem(BaseModel):
+    label: str = Field(description="Candidate code (HAM10000 class or knowledge-base label).")
+    name: str
+    probability: float = Field(ge=0, le=1)
+
+
+class ReasonerResult(BaseModel):
+    differential: list[DifferentialItem] = Field(description="Ranked, probabilities sum to 1.")
+    rationale: str
+    cited: list[str] = Field(default_factory=list, description="Evidence ids the rationale cites (all exist in retrieval).")
+    source: Literal["llm", "fallback"] = Field(description="'fallback' = evidence-fusion ranking used because the LLM output was unusable.")
+    llm_probs: dict[str, float] | None = Field(None, description="The LLM's own distribution over candidates, before fusion.")
+    samples: list[str] = Field(default_factory=list, description="Top labels of the k perturbed re-scorings (confidence consistency).")
+    round: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def top(self) -> DifferentialItem:
+        return self.differential[0]
+
+
+class Verdict(BaseModel):
+    decision: Decision
+    confidence: float = Field(ge=0, le=1, description="Probability of the top diagnosis.")
+    morphology_agreement: float | None = Field(None, description="0..1 agreement of findings with the KB's expected morphology for the top diagnosis.")
+    self_consistency: float = Field(ge=0, le=1, description="Share of the k sampled outputs agreeing with the top label.")
+    reasons: list[str] = Field(default_factory=list)
+    feedback: str | None = Field(None, description="What the reasoner is asked to reconsider on 'revise'.")
+
+
+class TraceEntry(BaseModel):
+    step: int
+    node: str
+    model_id: str | None = None
+    started_at: datetime
+    duration_s: float
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Summary of what the node read.")
+    outputs: dict[str, Any] = Field(default_factory=dict, description="What the node wrote (its own field).")
+    notes: list[str] = Field(default_factory=list)
+
+
+class CaseState(BaseModel):
+    """The graph state. Inputs first, then one field per node, then the trace."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    image: Any = Field(default=None, exclude=True, repr=False, description="The RGB PIL image (never serialised).")
+    image_sha256: str = ""
+    image_size: tuple[int, int] = (0, 0)
+    input_warnings: list[str] = Field(default_factory=list)
+    question: str | None = None
+    metadata: PatientMetadata | None = None
+
+    encoding: ImageEncoding | None = None
+    modality: ModalityResult | None = None
+    morphology: MorphologyResult | None = None
+    retrieval: RetrievalResult | None = None
+    reasoning: ReasonerResult | None = None
+    verification: Verdict | None = None
+    round: int = Field(0, description="Reasoner rounds so far (the verifier bounds it).")
+    trace: Annotated[list[TraceEntry], operator.add] = Field(default_factory=list)

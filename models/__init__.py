@@ -1,0 +1,1 @@
+"""Model registry, weight resolution and backends. Nothing here loads weights at import time."""

@@ -1,0 +1,1 @@
+"""FAISS indexes over the knowledge base and image-text case pairs."""

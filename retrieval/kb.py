@@ -1,0 +1,384 @@
+"""The dermatology knowledge base: typed entries, label lookup, and a passage index for retrieval.
+
+``knowledge_base.jsonl`` (bundled) holds one :class:`KBEntry` per diagnosis, covering the HAM10000
+classes, the Derm7pt diagnoses and the DermNet classes; every dataset label is an alias of exactly
+one entry, so ``KnowledgeBase.entry_for_label`` maps any of them to the knowledge and HAM10000 class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from models.protocols import TextEmbedder
+    from retrieval.index import FaissIndex
+
+KB_PATH = Path(__file__).resolve().parent / "knowledge_base.jsonl"
+KB_SOURCE = "dermgraph-kb"
+HAM_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+SEVEN_POINT: dict[str, tuple[str, ...]] = {
+    "pigment_network": ("absent", "typical", "atypical"),
+    "streaks": ("absent", "regular", "irregular"),
+    "pigmentation": ("absent", "diffuse regular", "diffuse irregular", "localized irregular"),
+    "regression_structures": ("absent", "blue areas", "white areas", "combinations"),
+    "dots_and_globules": ("absent", "regular", "irregular"),
+    "blue_whitish_veil": ("absent", "present"),
+    "vascular_structures": (
+        "absent", "arborizing", "comma", "hairpin", "dotted", "linear irregular", "within regression", "wreath",
+    ),
+}
+"""The Derm7pt criteria and their values, spelled exactly as in Derm7pt's meta.csv."""
+
+Modality = Literal["clinical", "dermoscopy", "histopathology"]
+PASSAGE_MODALITY: dict[str, str | None] = {
+    "overview": None,
+    "clinical": "clinical",
+    "dermoscopy": "dermoscopy",
+    "checklist": "dermoscopy",
+    "histopathology": "histopathology",
+}
+"""Passage kind -> the image modality it describes (None: modality-independent)."""
+
+_ID_RE = re.compile(r"^kb:[a-z0-9_]+$")
+
+
+class Morphology(BaseModel):
+    """Textbook morphology per modality (null where the modality is not informative)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clinical: str = Field(min_length=1)
+    dermoscopy: str | None = None
+    histopathology: str | None = None
+
+
+class KBEntry(BaseModel):
+    """One diagnosis.
+
+    ``expected_7pt`` maps a 7-point criterion to the values typical of the diagnosis; a criterion left
+    out carries no information for this diagnosis, and "absent" is listed where absence is itself
+    characteristic (e.g. no pigment network in basal cell carcinoma).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Stable slug, e.g. 'kb:melanoma'.")
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list, description="Synonyms and the exact dataset label strings.")
+    ham_class: Literal["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] | None = None
+    malignant: bool | None = None
+    morphology: Morphology
+    expected_7pt: dict[str, list[str]] = Field(default_factory=dict)
+    sites: list[str] = Field(default_factory=list)
+    differentials: list[str] = Field(default_factory=list, description="KB ids.")
+    red_flags: list[str] = Field(default_factory=list)
+    references: list[str] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError(f"id {v!r} must match {_ID_RE.pattern}")
+        return v
+
+    @field_validator("expected_7pt")
+    @classmethod
+    def _check_7pt(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for criterion, values in v.items():
+            if criterion not in SEVEN_POINT:
+                raise ValueError(f"unknown 7-point criterion {criterion!r}; valid: {sorted(SEVEN_POINT)}")
+            if not values:
+                raise ValueError(f"{criterion}: list at least one expected value or leave the criterion out")
+            bad = [x for x in values if x not in SEVEN_POINT[criterion]]
+            if bad:
+                raise ValueError(f"{criterion}: invalid values {bad}; valid: {list(SEVEN_POINT[criterion])}")
+        return v
+
+    @property
+    def slug(self) -> str:
+        return self.id.removeprefix("kb:")
+
+    def names(self) -> list[str]:
+        """Name plus aliases, de-duplicated case-insensitively, name first."""
+        seen: set[str] = set()
+        out = []
+        for n in [self.name, *self.aliases]:
+            key = normalize_label(n)
+            if key not in seen:
+                seen.add(key)
+                out.append(n)
+        return out
+
+
+def normalize_label(label: str) -> str:
+    """Lookup key: case-folded, whitespace collapsed."""
+    return " ".join(str(label).split()).casefold()
+
+
+def load_kb(path: str | Path | None = None) -> list[KBEntry]:
+    """Read and validate the knowledge base JSONL (default: the bundled ``knowledge_base.jsonl``)."""
+    p = Path(path) if path is not None else KB_PATH
+    entries = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(KBEntry.model_validate_json(line))
+            except ValueError as exc:
+                raise ValueError(f"{p}:{lineno}: {exc}") from exc
+    return entries
+
+
+def kb_sha256(entries: Sequence[KBEntry]) -> str:
+    """Content hash of the entries (recorded in the index manifest to detect a stale index)."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(e.model_dump_json().encode("utf-8"))
+    return h.hexdigest()
+
+
+class KnowledgeBase:
+    """Validated collection of entries with lookup by id, name or alias (case-insensitive)."""
+
+    def __init__(self, entries: Iterable[KBEntry] | None = None):
+        self.entries: list[KBEntry] = list(entries) if entries is not None else load_kb()
+        self._by_id: dict[str, KBEntry] = {}
+        self._by_key: dict[str, KBEntry] = {}
+        for e in self.entries:
+            if e.id in self._by_id:
+                raise ValueError(f"duplicate knowledge-base id {e.id!r}")
+            self._by_id[e.id] = e
+        for e in self.entries:
+            for key in {normalize_label(n) for n in (e.id, e.slug, *e.names())}:
+                other = self._by_key.get(key)
+                if other is not None and other.id != e.id:
+                    raise ValueError(f"label {key!r} is claimed by both {other.id} and {e.id}")
+                self._by_key[key] = e
+        missing = sorted({d for e in self.entries for d in e.differentials if d not in self._by_id})
+        if missing:
+            raise ValueError(f"differentials reference unknown ids: {missing}")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "KnowledgeBase":
+        """Load and validate a KB file (default: the bundled one)."""
+        return cls(load_kb(path))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[KBEntry]:
+        return iter(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.lookup(key) is not None
+
+    def __getitem__(self, key: str) -> KBEntry:
+        entry = self.lookup(key)
+        if entry is None:
+            raise KeyError(f"no knowledge-base entry for {key!r}")
+        return entry
+
+    def get(self, entry_id: str) -> KBEntry | None:
+        """Entry by exact id ('kb:melanoma'), or None."""
+        return self._by_id.get(entry_id)
+
+    def lookup(self, key: str) -> KBEntry | None:
+        """Entry whose id, slug, name or alias matches ``key`` case-insensitively, or None."""
+        return self._by_key.get(normalize_label(key))
+
+    def entry_for_label(self, label: str) -> KBEntry | None:
+        """Entry for a dataset label (HAM10000 code, Derm7pt diagnosis, DermNet class), or None."""
+        return self.lookup(label)
+
+    def ham_class_for(self, label: str) -> str | None:
+        """HAM10000 code a dataset label maps to, or None when it does not map."""
+        entry = self.lookup(label)
+        return entry.ham_class if entry is not None else None
+
+    def for_ham_class(self, code: str) -> list[KBEntry]:
+        """All entries that map to a HAM10000 code."""
+        return [e for e in self.entries if e.ham_class == code]
+
+
+# ---------------------------------------------------------------------- passages
+
+_7PT_PHRASES: dict[str, dict[str, str]] = {
+    "pigment_network": {"absent": "no pigment network", "typical": "typical (regular) pigment network",
+                        "atypical": "atypical pigment network"},
+    "streaks": {"absent": "no streaks", "regular": "regular streaks (symmetric starburst)",
+                "irregular": "irregular streaks (pseudopods, radial streaming)"},
+    "pigmentation": {"absent": "no blotches", "diffuse regular": "diffuse regular pigmentation",
+                     "diffuse irregular": "diffuse irregular pigmentation (blotches)",
+                     "localized irregular": "localized irregular pigmentation (blotch)"},
+    "regression_structures": {"absent": "no regression structures",
+                              "blue areas": "regression with blue-grey areas (peppering)",
+                              "white areas": "regression with white scar-like areas",
+                              "combinations": "regression with combined blue and white areas"},
+    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules",
+                          "irregular": "irregular dots and globules"},
+    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "blue-whitish veil"},
+    "vascular_structures": {"absent": "no vascular structures", "arborizing": "arborizing vessels",
+                            "comma": "comma vessels", "hairpin": "hairpin (looped) vessels",
+                            "dotted": "dotted vessels", "linear irregular": "linear irregular vessels",
+                            "within regression": "vessels within regression", "wreath": "wreath (crown) vessels"},
+}
+
+
+def seven_point_phrase(criterion: str, value: str) -> str:
+    """Readable phrase for a 7-point criterion value, e.g. ('streaks', 'irregular') -> 'irregular streaks (...)'."""
+    try:
+        return _7PT_PHRASES[criterion][value]
+    except KeyError:
+        raise ValueError(f"unknown 7-point criterion/value {criterion!r}={value!r}") from None
+
+
+def entry_passages(entry: KBEntry) -> list[dict[str, Any]]:
+    """The retrievable passages of one entry: overview, per-modality morphology and 7-point checklist.
+
+    Each dict has ``passage`` (kind), ``modality``, ``text`` (what is shown) and ``embed_text`` (what is
+    embedded: the text prefixed with the entry's name, so that name queries also match).
+    """
+    status = {True: "Malignant.", False: "Not malignant.", None: ""}[entry.malignant]
+    overview = " ".join(
+        s for s in (
+            f"{entry.name} (also: {', '.join(entry.aliases)})." if entry.aliases else f"{entry.name}.",
+            status,
+            f"Typical sites: {', '.join(entry.sites)}." if entry.sites else "",
+            f"Red flags: {'; '.join(entry.red_flags)}." if entry.red_flags else "",
+        ) if s
+    )
+    texts: list[tuple[str, str]] = [("overview", overview), ("clinical", entry.morphology.clinical)]
+    if entry.morphology.dermoscopy:
+        texts.append(("dermoscopy", entry.morphology.dermoscopy))
+    if entry.expected_7pt:
+        parts = [" or ".join(seven_point_phrase(c, v) for v in vals) for c, vals in entry.expected_7pt.items()]
+        texts.append(("checklist", f"Typical 7-point checklist findings: {'; '.join(parts)}."))
+    if entry.morphology.histopathology:
+        texts.append(("histopathology", entry.morphology.histopathology))
+    return [
+        {
+            "passage": kind,
+            "modality": PASSAGE_MODALITY[kind],
+            "text": text,
+            "embed_text": text if kind == "overview" else f"{entry.name}, {kind}: {text}",
+        }
+        for kind, text in texts
+    ]
+
+
+def build_kb_index(
+    entries: Sequence[KBEntry],
+    embedder: "TextEmbedder",
+    out_dir: str | Path | None = None,
+    *,
+    created_by: str | None = None,
+    use_gpu: bool = False,
+) -> "FaissIndex":
+    """Embed every passage of every entry and build (and, given ``out_dir``, save) a cosine index.
+
+    Records carry ``id`` ('kb:melanoma#dermoscopy'), ``entry_id``, ``title``, ``passage``, ``modality``,
+    ``text``, ``label`` (HAM10000 code, else the entry id) and ``source`` ('dermgraph-kb').
+    """
+    from retrieval.index import FaissIndex
+
+    entries = list(KnowledgeBase(entries))  # validates ids, aliases and differentials
+    records: list[dict[str, Any]] = []
+    embed_texts: list[str] = []
+    for e in entries:
+        for p in entry_passages(e):
+            records.append({
+                "id": f"{e.id}#{p['passage']}",
+                "entry_id": e.id,
+                "title": e.name,
+                "passage": p["passage"],
+                "modality": p["modality"],
+                "text": p["text"],
+                "label": e.ham_class or e.id,
+                "source": KB_SOURCE,
+            })
+            embed_texts.append(p["embed_text"])
+    vectors = embedder.embed(embed_texts)
+    index = FaissIndex.build(
+        vectors, records, kind="kb", embedder_id=embedder.model_id, created_by=created_by, use_gpu=use_gpu,
+        extra={"kb_entries": len(entries), "kb_sha256": kb_sha256(entries)},
+    )
+    if out_dir is not None:
+        index.save(out_dir)
+    return index
+
+
+def default_kb_index_dir() -> Path:
+    """The shipped KB index (``models/artifacts/kb_index``)."""
+    from models.paths import ARTIFACTS
+
+    return ARTIFACTS / "kb_index"
+
+
+class KBRetriever:
+    """Search the KB passage index with free text; returns evidence dicts, one per entry at most.
+
+    ``embedder`` must be the text embedder the index was built with (its ``model_id`` is checked against
+    the manifest); when omitted, a :class:`models.backends.sentence.SentenceEmbedder` for that id is
+    created (weights load on the first search).
+    """
+
+    def __init__(self, index_dir: str | Path | None = None, embedder: "TextEmbedder | None" = None,
+                 *, use_gpu: bool = False):
+        from retrieval.index import FaissIndex
+
+        self.index_dir = Path(index_dir) if index_dir is not None else default_kb_index_dir()
+        self.index = FaissIndex.load(self.index_dir, use_gpu=use_gpu)
+        if self.index.manifest.get("kind") != "kb":
+            raise ValueError(f"{self.index_dir} is a {self.index.manifest.get('kind')!r} index, not 'kb'")
+        built_with = self.index.manifest["embedder"]
+        if embedder is None:
+            from models.backends import create
+
+            embedder = create("text_embedder", "sentence-transformers", model=built_with)
+        elif embedder.model_id != built_with:
+            raise ValueError(
+                f"{self.index_dir} was built with embedder {built_with!r}, not {embedder.model_id!r}: "
+                "rebuild the index or pass the matching embedder"
+            )
+        self.embedder = embedder
+
+    def search(self, text: str, k: int = 4, modality: str | None = None) -> list[dict[str, Any]]:
+        """Top-``k`` evidence dicts for ``text``, best passage per entry, best first.
+
+        ``modality`` ('clinical' | 'dermoscopy' | 'histopathology') restricts the passages to those
+        describing that modality; None searches all passages. Each dict has id, kind ('knowledge'),
+        entry_id, passage, modality, title, text, label, source and score.
+        """
+        if modality is not None and modality not in PASSAGE_MODALITY.values():
+            raise ValueError(f"modality must be one of {sorted(m for m in set(PASSAGE_MODALITY.values()) if m)} "
+                             f"or None, got {modality!r}")
+        if k <= 0 or not text.strip():
+            return []
+        q = self.embedder.embed([text])
+        # The KB has a few hundred passages: rank them all, then filter and dedupe in Python.
+        hits = self.index.search(q, len(self.index))[0]
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for h in hits:
+            r = h.record
+            if modality is not None and r["modality"] != modality:
+                continue
+            if r["entry_id"] in seen:
+                continue
+            seen.add(r["entry_id"])
+            out.append({
+                "id": r["id"], "kind": "knowledge", "entry_id": r["entry_id"], "passage": r["passage"],
+                "modality": r["modality"], "title": r["title"], "text": r["text"], "label": r["label"],
+                "source": r["source"], "score": h.score,
+            })
+            if len(out) >= k:
+                break
+        return out

@@ -1,0 +1,126 @@
+"""The graph end to end with test doubles: routing, node ownership, trace, fallback, verifier loop."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent import Agent
+from agent.diagnosis import Diagnosis
+from tests.doubles import NoScoreLLM, ScoringLLM, backends, modality_heads
+
+
+def img(colour=(150, 90, 70)):
+    return Image.new("RGB", (64, 48), colour)
+
+
+def test_dermoscopy_case_is_accepted_with_cited_evidence():
+    d = Agent(backends=backends()).diagnose(img(), metadata={"age": 60, "sex": "male", "site": "back"})
+    assert d.modality.label == "dermoscopy"
+    assert d.verdict == "accept" and d.label == "mel"
+    assert abs(sum(x.probability for x in d.differential) - 1) < 1e-6
+    assert [x.probability for x in d.differential] == sorted((x.probability for x in d.differential), reverse=True)
+    evidence_ids = {e.id for e in d.evidence}
+    assert d.cited and set(d.cited) <= evidence_ids
+    assert "[kb:melanoma#dermoscopy]" in d.rationale  # [E1] tag rewritten to the real id
+    assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
+    assert [t.step for t in d.trace] == list(range(1, 7))
+    assert all(t.duration_s >= 0 for t in d.trace)
+    # each node writes only its own field
+    assert set(d.trace[1].outputs) == {"modality"} and set(d.trace[4].outputs) == {"reasoning", "round"}
+
+
+def test_json_round_trip_and_no_image_data():
+    d = Agent(backends=backends()).diagnose(img())
+    text = d.model_dump_json()
+    again = Diagnosis.model_validate_json(text)
+    assert again.model_dump() == d.model_dump()
+    assert "thumbnail" not in json.loads(text) and "features" not in text
+    assert "<img" in d._repr_html_()
+
+
+def test_rejected_image_abstains_without_reasoning():
+    b = backends(modality_heads=modality_heads("not_skin"))
+    d = Agent(backends=b).diagnose(img())
+    assert d.verdict == "abstain" and d.label is None
+    assert any("refer to a dermatologist" in r for r in d.reasons)
+    assert [t.node for t in d.trace] == ["encode", "modality", "verify"]
+    assert b["llm"].scored == 0
+
+
+def test_ood_features_are_rejected():
+    d = Agent(backends=backends(modality_heads=modality_heads("dermoscopy", ood_threshold=-1.0))).diagnose(img())
+    assert d.modality.rejected and "OOD" in d.modality.reason and d.verdict == "abstain"
+
+
+def test_histopathology_gets_limitations_and_abstains():
+    d = Agent(backends=backends(modality_heads=modality_heads("histopathology"))).diagnose(img())
+    assert d.findings == [] and d.limitations
+    assert d.verdict == "abstain"
+    assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve", "verify"]
+
+
+def test_clinical_uses_clinical_neighbours_only():
+    d = Agent(backends=backends(modality_heads=modality_heads("clinical"))).diagnose(img())
+    assert [x.label for x in d.differential] == ["Acne vulgaris"]
+    assert not d.findings
+
+
+def test_contradicting_findings_trigger_revision_then_bounded_rounds():
+    # Findings say nevus (typical network, no veil) but classifier and LLM say melanoma.
+    from tests.doubles import concept_heads
+
+    b = backends(concept_heads=concept_heads({"pigment_network": "typical"}))
+    agent = Agent(backends=b, overrides=["verifier.max_rounds=2"])
+    d = agent.diagnose(img())
+    nodes = [t.node for t in d.trace]
+    assert nodes.count("reason") == 2 and nodes.count("verify") == 2
+    first_verdict = [t for t in d.trace if t.node == "verify"][0].outputs["verification"]
+    assert first_verdict["decision"] == "revise" and "pigment network" in first_verdict["feedback"]
+    # the revision feeds the feedback to the LLM prompt
+    second_reason = [t for t in d.trace if t.node == "reason"][1]
+    assert second_reason.inputs["feedback"]
+    assert d.rounds == 2 and d.verdict in ("accept", "abstain")
+
+
+def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
+    llm = NoScoreLLM(replies=["Candidates: melanoma; nevus", "{{{", "Image modality: dermoscopy"])
+    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    assert d.reasoner_source == "fallback"
+    reason_trace = [t for t in d.trace if t.node == "reason"][0]
+    assert any("fallback" in n or "unusable" in n for n in reason_trace.notes)
+    assert d.differential and d.label == "mel"
+
+
+def test_json_path_for_chat_only_backends():
+    reply = '{"diagnosis": "melanocytic nevus", "differential": {"melanocytic nevus": 0.7, "melanoma": 0.3}, "rationale": "Regular structures [E2] favour a nevus over melanoma."}'
+    d = Agent(backends=backends(llm=NoScoreLLM(replies=[reply]))).diagnose(img())
+    assert d.reasoner_source == "llm"
+    reason_out = [t for t in d.trace if t.node == "reason"][0].outputs["reasoning"]
+    assert reason_out["llm_probs"]["nv"] == pytest.approx(0.7)
+
+
+def test_echoing_rationale_is_retried_then_replaced():
+    llm = ScoringLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
+    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    assert len(llm.chats) == 3  # 1 + retries(2)
+    assert d.rationale.startswith("Evidence fusion ranks")
+    assert d.cited
+
+
+def test_stream_yields_each_step_then_the_diagnosis():
+    events = list(Agent(backends=backends()).stream(img()))
+    assert [e.node for e in events[:-1]] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
+    assert events[-1].diagnosis is not None and len(events[-1].diagnosis.trace) == 6
+
+
+def test_metadata_is_validated():
+    with pytest.raises(Exception, match="extra|forbid|permitted"):
+        Agent(backends=backends()).diagnose(img(), metadata={"agee": 3})
+
+
+def test_self_consistency_uses_k_samples():
+    llm = ScoringLLM()
+    Agent(backends=backends(llm=llm), overrides=["reasoner.num_samples=4"]).diagnose(img())
+    assert llm.scored == 4

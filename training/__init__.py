@@ -1,0 +1,1 @@
+"""Training recipes for each node's model."""

@@ -1,0 +1,49 @@
+"""Deterministic data tables from ../shared/data and cached encoder features.
+
+Features are computed once by ``scripts/extract_features.py`` into ``.cache/features/<source>__<view>.npz``
+(ids = image paths relative to the source folder, probs, features); training reads them from there.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from models.paths import data_dir
+
+FEATURE_DIR = Path(".cache/features")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def source_table(source: str, root: Path | None = None) -> list[dict[str, str]]:
+    """Rows of a shared-data source with a normalised ``image`` column (relative to the source folder)."""
+    root = root or data_dir()
+    files = {"ham10000": "metadata.csv", "isic2018_val": "labels.csv", "derm7pt": "meta.csv", "dermnet": "labels.csv", "histology": "labels.csv"}
+    rows = read_csv(root / source / files[source])
+    if source == "derm7pt":
+        for r in rows:
+            r["image"] = f"images/{r['derm']}"
+    return rows
+
+
+def load_features(source: str, view: str = "full", feature_dir: Path = FEATURE_DIR) -> dict[str, np.ndarray]:
+    """Cached features of a source as ``{"ids", "probs", "features"}`` (features as float32)."""
+    path = feature_dir / f"{source}__{view}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `python scripts/extract_features.py` first")
+    z = np.load(path, allow_pickle=False)
+    return {"ids": z["ids"].astype(str), "probs": z["probs"].astype(np.float32), "features": z["features"].astype(np.float32)}
+
+
+def aligned(rows: list[dict[str, str]], feats: dict[str, np.ndarray], key: str = "image") -> tuple[list[dict[str, str]], dict[str, np.ndarray]]:
+    """Rows and feature arrays restricted to the ids both have, in row order."""
+    index = {i: n for n, i in enumerate(feats["ids"])}
+    keep = [r for r in rows if r[key] in index]
+    idx = np.array([index[r[key]] for r in keep], dtype=int)
+    return keep, {k: v[idx] for k, v in feats.items()}

@@ -18,8 +18,9 @@ import math
 import re
 import threading
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ LOCATIONS = ("arm", "head-or-neck", "leg-or-genital", "trunk", "unknown")
 _SEX_ALIASES = {"female": "female", "f": "female", "woman": "female", "male": "male", "m": "male", "man": "male"}
 # HAM10000 / ISIC site names onto sklesion's five coarse locations; anything unlisted (acral,
 # palms/soles, oral/genital, ...) is "unknown", as it was for the original training data.
+# fmt: off
 _LOCATION_ALIASES = {
     "arm": ("arm", "upper extremity", "upper limb", "upper arm", "forearm", "hand", "finger", "wrist", "elbow"),
     "head-or-neck": (
@@ -55,6 +57,7 @@ _LOCATION_ALIASES = {
         "anterior torso", "posterior torso", "lateral torso",
     ),
 }
+# fmt: on
 _LOCATION_MAP = {alias: loc for loc, aliases in _LOCATION_ALIASES.items() for alias in aliases}
 _SITE_KEYS = ("site", "localization", "location", "anatom_site_general", "anatom_site")
 
@@ -87,7 +90,7 @@ def metadata_vector(meta: dict | None) -> np.ndarray:
     """The model's 10-dim metadata input for a dict with optional ``age``, ``sex`` and
     ``site``/``localization``/``location``; ``None`` or missing keys mean unknown."""
     meta = meta or {}
-    site = next((meta[k] for k in _SITE_KEYS if meta.get(k) not in (None, "")), None)
+    site = next((meta[k] for k in _SITE_KEYS if _norm_text(meta.get(k))), None)
     age = _parse_age(meta.get("age"))
     vec = np.zeros(META_DIM, dtype=np.float32)
     vec[SEXES.index(map_sex(meta.get("sex", meta.get("gender"))))] = 1.0

@@ -114,11 +114,23 @@ def _validate_records(records: Sequence[dict[str, Any]], n: int) -> list[dict[st
     return out
 
 
+def _portable_arg(arg: str) -> str:
+    """Absolute paths become cwd-relative (or '<abs>/name'): manifests get committed, machine paths must not."""
+    prefix, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not Path(value).is_absolute():
+        return arg
+    try:
+        value = str(Path(value).relative_to(Path.cwd()))
+    except ValueError:
+        value = f"<abs>/{Path(value).name}"
+    return f"{prefix}{eq}{value}"
+
+
 def _default_created_by() -> str:
     argv = list(sys.argv)
-    if argv:
-        argv[0] = Path(argv[0]).name  # keep machine paths out of committed manifests
-    return shlex.join(argv)
+    if not argv:
+        return "python"
+    return shlex.join([Path(argv[0]).name] + [_portable_arg(a) for a in argv[1:]])
 
 
 class FaissIndex:

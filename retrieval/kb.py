@@ -285,7 +285,7 @@ def build_kb_index(
     """Embed every passage of every entry and build (and, given ``out_dir``, save) a cosine index.
 
     Records carry ``id`` ('kb:melanoma#dermoscopy'), ``entry_id``, ``title``, ``passage``, ``modality``,
-    ``text``, ``label`` (HAM10000 code, else the entry id) and ``source`` ('dermgraph-kb').
+    ``text``, ``label`` (HAM10000 code, else the entry id), ``ham_class`` and ``source`` ('dermgraph-kb').
     """
     from retrieval.index import FaissIndex
 
@@ -302,6 +302,7 @@ def build_kb_index(
                 "modality": p["modality"],
                 "text": p["text"],
                 "label": e.ham_class or e.id,
+                "ham_class": e.ham_class,
                 "source": KB_SOURCE,
             })
             embed_texts.append(p["embed_text"])
@@ -350,12 +351,18 @@ class KBRetriever:
             )
         self.embedder = embedder
 
+    @property
+    def model_id(self) -> str:
+        """Id of the text embedder used for queries."""
+        return self.embedder.model_id
+
     def search(self, text: str, k: int = 4, modality: str | None = None) -> list[dict[str, Any]]:
         """Top-``k`` evidence dicts for ``text``, best passage per entry, best first.
 
         ``modality`` ('clinical' | 'dermoscopy' | 'histopathology') restricts the passages to those
         describing that modality; None searches all passages. Each dict has id, kind ('knowledge'),
-        entry_id, passage, modality, title, text, label, source and score.
+        entry_id, passage, modality, title, text, label (HAM10000 code, else the entry id), ham_class
+        (or None), source and score.
         """
         if modality is not None and modality not in PASSAGE_MODALITY.values():
             raise ValueError(f"modality must be one of {sorted(m for m in set(PASSAGE_MODALITY.values()) if m)} "
@@ -377,7 +384,7 @@ class KBRetriever:
             out.append({
                 "id": r["id"], "kind": "knowledge", "entry_id": r["entry_id"], "passage": r["passage"],
                 "modality": r["modality"], "title": r["title"], "text": r["text"], "label": r["label"],
-                "source": r["source"], "score": h.score,
+                "ham_class": r["ham_class"], "source": r["source"], "score": h.score,
             })
             if len(out) >= k:
                 break

@@ -35,12 +35,12 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from models.paths import data_dir  # noqa: E402  (stdlib-only module: safe in the side venv)
+from models.paths import data_dir  # stdlib-only module: safe to import in the side venv
 
 OUT = REPO / "tests" / "fixtures" / "sklesion_keras_reference.json"
 IMG_SHAPE = (254, 254)
@@ -145,7 +145,8 @@ def main() -> None:
 
     root = args.data or data_dir()
     model = keras.saving.load_model(args.weights, compile=False)
-    backbone = keras.Model(model.inputs[0], model.get_layer("xception")(model.get_layer("normalization")(model.inputs[0])))
+    pooled = model.get_layer("xception")(model.get_layer("normalization")(model.inputs[0]))
+    backbone = keras.Model(model.inputs[0], pooled)
 
     metas = ham_metadata(root)
     items, images, vectors = [], [], []
@@ -160,7 +161,9 @@ def main() -> None:
     m = np.asarray(vectors, dtype=np.float32)
     # cross-check the NumPy resize against Keras' own (torch backend) on the first image
     k_resized = keras.ops.convert_to_numpy(
-        keras.ops.image.resize(np.asarray(Image.open(root / IMAGES[0]).convert("RGB"), np.float32)[None], IMG_SHAPE, antialias=False)
+        keras.ops.image.resize(
+            np.asarray(Image.open(root / IMAGES[0]).convert("RGB"), np.float32)[None], IMG_SHAPE, antialias=False
+        )
     )[0]
     print(f"numpy vs keras.ops.image.resize max abs diff: {np.abs(k_resized - x[0]).max():.2e}")
 

@@ -45,7 +45,7 @@ def constant_heads(name_to_value: dict[str, tuple[tuple[str, ...], str]], dim: i
     ood = None
     if ood_threshold is not None:
         ood = OODDetector(np.zeros((dim, 2), np.float32), np.zeros((1, 2), np.float32), ood_threshold)
-    return HeadSet(np.zeros(dim, np.float32), np.ones(dim, np.float32), heads, meta={"id": "test-heads", "min_confidence": 0.5})
+    return HeadSet(np.zeros(dim, np.float32), np.ones(dim, np.float32), heads, ood=ood, meta={"id": "test-heads", "min_confidence": 0.5})
 
 
 def modality_heads(label: str = "dermoscopy", ood_threshold: float | None = 10.0) -> HeadSet:
@@ -94,8 +94,9 @@ class FakeCases:
     def __init__(self, hits: list[tuple[str, str, float]] | None = None):
         self.hits = hits or [("ham10000:a", "mel", 0.9), ("ham10000:b", "mel", 0.85), ("ham10000:c", "nv", 0.8), ("dermnet:d", "Acne vulgaris", 0.7)]
 
-    def search(self, features, k=8):
-        out = [FakeHit(i, s, {"id": i, "label": lab, "caption": f"case {i}", "source": i.split(":")[0]}) for i, lab, s in self.hits][:k]
+    def search(self, features, k=8, sources=None):
+        out = [FakeHit(i, s, {"id": i, "label": lab, "caption": f"case {i}", "source": i.split(":")[0]}) for i, lab, s in self.hits]
+        out = [h for h in out if sources is None or h.record["source"] in sources][:k]
         return [out for _ in range(len(features))]
 
 

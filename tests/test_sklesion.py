@@ -188,7 +188,12 @@ def test_maxpool_same_matches_tf(size):
     before = total // 2
     padded = np.full((2, size + total, size + total), -np.inf, np.float32)
     padded[:, before : before + size, before : before + size] = x[0].numpy()
-    ref = np.array([[[padded[c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max() for j in range(out)] for i in range(out)] for c in range(2)])
+    ref = np.array(
+        [
+            [[padded[c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max() for j in range(out)] for i in range(out)]
+            for c in range(2)
+        ]
+    )
     np.testing.assert_allclose(MaxPool2dSame(3, 2)(x)[0].numpy(), ref)
 
 
@@ -251,4 +256,6 @@ def test_parity_with_keras_reference(shared_data):
 
     emb = SklesionImageEmbedder(classifier=clf).embed_images(images[:2])
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(emb, out.features[:2] / np.linalg.norm(out.features[:2], axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(
+        emb, out.features[:2] / np.linalg.norm(out.features[:2], axis=1, keepdims=True), atol=1e-5
+    )

@@ -46,7 +46,7 @@ def classify_modality(state: CaseState, rt) -> NodeOutput:
     )
     return NodeOutput(
         {"modality": result},
-        inputs={"features": "encoder features + colour/texture stats"},
+        inputs={"uses": "encoder features + colour/texture stats"},
         model_id=heads.meta.get("id", rt.config.modality.head),
         notes=notes,
     )

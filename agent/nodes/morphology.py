@@ -105,7 +105,7 @@ def describe_concepts(state: CaseState, rt) -> NodeOutput:
         limitations=[f"criteria with confidence < {min_conf:.2f} are uncertain"] if any(f.confidence < min_conf for f in findings) else [],
         seven_point_score=seven_point_score(findings),
     )
-    return NodeOutput({"morphology": result}, inputs={"modality": modality, "features": "encoder features"}, model_id=heads.meta.get("id"))
+    return NodeOutput({"morphology": result}, inputs={"modality": modality, "uses": "encoder features"}, model_id=heads.meta.get("id"))
 
 
 def describe_vlm(state: CaseState, rt) -> NodeOutput:

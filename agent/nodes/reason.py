@@ -175,7 +175,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
         rationale += " Supporting evidence: " + ", ".join(f"[{i}]" for i in missing) + "."
         cited += missing
 
-    differential = [DifferentialItem(label=c, name=names[c], probability=round(p, 6)) for c, p in fused.items()]
+    differential = [DifferentialItem(label=c, name=names[c], probability=p) for c, p in fused.items()]
     result = ReasonerResult(
         differential=differential,
         rationale=rationale.strip(),

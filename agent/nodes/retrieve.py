@@ -6,7 +6,8 @@ from agent.labels import HAM_CLASSES
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, Evidence, RetrievalResult
 
-SOURCE_MODALITY = {"ham10000": "dermoscopy", "derm7pt": "dermoscopy", "isic2018": "dermoscopy", "dermnet": "clinical"}
+CASE_SOURCES = {"dermoscopy": ("ham10000", "derm7pt", "isic2018"), "clinical": ("dermnet",)}
+"""Case-index sources searched for each modality: a clinical photo's neighbours among dermoscopy images are not evidence."""
 
 
 def _query_text(state: CaseState) -> str:
@@ -39,12 +40,7 @@ def retrieve(state: CaseState, rt) -> NodeOutput:
     if cfg.k_cases and modality in ("clinical", "dermoscopy") and state.encoding is not None:
         from retrieval.cases import knn_label_distribution
 
-        # Over-fetch, then keep cases of the same modality: a clinical photo's neighbours among
-        # dermoscopy images are not meaningful evidence.
-        hits = rt.cases.search(state.encoding.features[None], k=cfg.k_cases * 4)[0]
-        same = [h for h in hits if SOURCE_MODALITY.get(h.record.get("source", ""), modality) == modality][: cfg.k_cases]
-        if len(same) < len(hits[: cfg.k_cases]):
-            notes.append(f"kept {len(same)} of {len(hits)} neighbours matching modality '{modality}'")
+        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, sources=CASE_SOURCES[modality])[0]
         for h in same:
             evidence.append(
                 Evidence(

@@ -1,0 +1,425 @@
+"""Local causal LLMs through ``transformers``: registry ids, HF directories, GGUF files or hub ids.
+
+GGUF files are dequantised once into a safetensors HF directory in the cache
+(:func:`models.resolve.ensure_derived`); every later load reads safetensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.protocols import Message
+
+_FINGERPRINT_BYTES = 4 << 20
+
+
+# --------------------------------------------------------------------------- locating weights
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Local snapshot of a hub repo via the resolver (``hf:`` source), whose error says how to get it offline."""
+    from models.resolve import resolve
+
+    return resolve(f"hf:{repo_id}")
+
+
+def hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo (GGUF repos hold many large quantisations; never fetch them all)."""
+    from huggingface_hub import hf_hub_download
+
+    from models.resolve import ResolveError, hub_reachable
+
+    with contextlib.suppress(Exception):  # not in the local HF cache: fetch below
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    why = "the Hugging Face Hub is unreachable and it is not in the local HF cache"
+    if hub_reachable(repo_id):
+        try:
+            return Path(hf_hub_download(repo_id, filename, etag_timeout=10))
+        except Exception as exc:  # noqa: BLE001
+            why = f"{type(exc).__name__}: {exc}"
+    raise ResolveError(
+        f"cannot fetch {filename} from hf:{repo_id}: {why}. Download it on a machine with Hugging Face access "
+        f"(`hf download {repo_id} {filename} --local-dir <dir>`), copy it here and pass the local .gguf path."
+    )
+
+
+def _is_registry_ref(ref: str) -> bool:
+    from models.registry import SCHEMES, load_registry
+
+    scheme, sep, rest = ref.partition(":")
+    if sep and scheme in SCHEMES and rest:
+        return True
+    return ref in load_registry()
+
+
+def _fingerprint(path: Path) -> str:
+    # Head + tail + size identify a GGUF cheaply; hashing multi-GB files on every load would not.
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > 2 * _FINGERPRINT_BYTES:
+            f.seek(size - _FINGERPRINT_BYTES)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise ``gguf`` once into a cached safetensors HF directory (model + tokenizer) and return it."""
+    from models.resolve import ensure_derived
+
+    gguf = Path(gguf).resolve()
+    key = f"gguf-hf/{gguf.stem}-{_fingerprint(gguf)}"
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs: dict[str, Any] = {}
+        try:
+            from transformers.utils.quantization_config import GgufConfig
+        except ImportError:  # transformers < 5 always dequantises GGUF
+            pass
+        else:
+            # transformers 5 keeps GGUF blocks packed (unsaveable) when a kernel is installed.
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+        if getattr(model, "hf_quantizer", None) is not None:
+            raise RuntimeError(f"transformers kept {gguf.name} quantised; cannot save it as safetensors")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return ensure_derived(key, build)
+
+
+def locate_causal_lm(model: str, gguf_file: str | None = None) -> str:
+    """A local HF directory for ``model``: a registry id/URI, an HF dir, a .gguf file or a hub id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ValueError(f"{path} is a file but not a .gguf; pass an HF model directory or a GGUF file")
+            return str(gguf_to_hf_dir(path))
+        if gguf_file:
+            return str(gguf_to_hf_dir(path / gguf_file))
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(gguf_to_hf_dir(ggufs[0]))
+            raise ValueError(f"{path} has no config.json; pass gguf_file= to pick one of {[g.name for g in ggufs]}")
+        return str(path)
+    if _is_registry_ref(model):
+        from models.resolve import resolve
+
+        return locate_causal_lm(str(resolve(model)), gguf_file)
+    if gguf_file:
+        return str(gguf_to_hf_dir(hub_file(model, gguf_file)))
+    return locate_causal_lm(str(hub_snapshot(model)))
+
+
+def model_id_for(model: str, gguf_file: str | None = None) -> str:
+    """A short, stable name for ``model``: the registry id or hub id as given, else the file/dir name."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if gguf_file:
+            return Path(gguf_file).stem
+        return path.stem if path.is_file() else path.name
+    return model
+
+
+def dtype_kwargs(dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for a dtype name, for both old (torch_dtype) and new (dtype) transformers."""
+    import torch
+    import transformers
+
+    value = dtype if dtype == "auto" else getattr(torch, dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
+
+
+# --------------------------------------------------------------------------- prompts and spans
+
+
+def render_prompt(tokenizer: Any, conversation: Sequence[Message], assistant_prefix: str = "") -> str:
+    """The chat-templated prompt (with the generation prompt) followed by ``assistant_prefix``."""
+    messages = [dict(m) for m in conversation]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        # Base models without a template: a plain transcript still gives usable completions.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return text + assistant_prefix
+
+
+def continuation_start(tokenizer: Any, prompt: str, full: str) -> tuple[list[int], int]:
+    """Token ids of ``full`` (= prompt + continuation) and the index of the first continuation token.
+
+    A token that straddles the boundary (a BPE merge across it) counts as a continuation token.
+    """
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        enc = None
+    if enc is not None and "offset_mapping" in enc:
+        ids = list(enc["input_ids"])
+        ends = [end for _, end in enc["offset_mapping"]]
+        start = next((i for i, end in enumerate(ends) if end > len(prompt)), len(ids))
+        return ids, start
+    # Slow tokenizers have no offsets: the continuation starts where the token ids diverge.
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    start = 0
+    while start < min(len(ids), len(head)) and ids[start] == head[start]:
+        start += 1
+    if start == len(head) and head:
+        start = len(head)
+    return ids, start
+
+
+def trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop or ():
+        if s:
+            i = text.find(s)
+            if 0 <= i < cut:
+                cut = i
+    return text[:cut]
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class TransformersLLM:
+    """A causal LLM run locally with ``transformers`` (implements :class:`models.protocols.LLM`)."""
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 8,
+        gguf_file: str | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model_ref = model
+        self.gguf_file = gguf_file
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.model_id = model_id_for(model, gguf_file)
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    # -- loading
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        where = locate_causal_lm(self.model_ref, self.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, **dtype_kwargs(self.dtype))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self._tokenizer = tokenizer
+        self._model = model.to(self.device).eval()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loads the model on first access)."""
+        self._load()
+        return self._tokenizer
+
+    @property
+    def model(self) -> Any:
+        """The underlying ``PreTrainedModel`` (loaded on first access)."""
+        self._load()
+        return self._model
+
+    # -- generation
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        assistant_prefix: str = "",
+        stop: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Batched chat completion; returns the text after ``assistant_prefix``, cut at ``stop``."""
+        import torch
+
+        self._load()
+        tok, model = self._tokenizer, self._model
+        prompts = [render_prompt(tok, conv, assistant_prefix) for conv in conversations]
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+        if temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        stops = [s for s in stop or () if s]
+        if stops:
+            gen_kwargs.update(stop_strings=stops, tokenizer=tok)
+
+        out: list[str] = [""] * len(prompts)
+        # Similar lengths together waste less compute on padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        with torch.inference_mode(), _seeded(seed if temperature > 0 else None, self.device):
+            for chunk_start in range(0, len(order), self.max_batch_size):
+                idx = order[chunk_start : chunk_start + self.max_batch_size]
+                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                generated = model.generate(**enc, **gen_kwargs)
+                width = enc["input_ids"].shape[1]
+                for row, i in enumerate(idx):
+                    prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                    new_ids = generated[row, width:].tolist()
+                    out[i] = trim_at_stop(self._decode_new(prompt_ids, new_ids), stops)
+        return out
+
+    def _decode_new(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        # Decoding prompt+new and removing the prompt keeps SentencePiece's leading spaces intact.
+        tok = self._tokenizer
+        head = tok.decode(prompt_ids, skip_special_tokens=True)
+        full = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
+        return full[len(head) :] if full.startswith(head) else tok.decode(new_ids, skip_special_tokens=True)
+
+    # -- scoring
+
+    def score_continuations(
+        self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]
+    ) -> np.ndarray:
+        """Sum of log-probs of each continuation's tokens after the chat prompt + ``assistant_prefix``.
+
+        The longest token prefix shared by all candidates is run once and its KV cache reused.
+        """
+        import torch
+
+        self._load()
+        prompt = render_prompt(self._tokenizer, conversation, assistant_prefix)
+        seqs = [continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations]
+        if not seqs:
+            return np.zeros(0, dtype=np.float64)
+        with torch.inference_mode():
+            if _supports_shared_prefix(self._model):
+                return self._score_shared_prefix(seqs)
+            return self._score_full(seqs)
+
+    def _score_full(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
+        """Score each (ids, start) by a full forward pass, in batches (right padding)."""
+        import torch
+
+        model, pad = self._model, self._tokenizer.pad_token_id
+        scores = np.zeros(len(seqs), dtype=np.float64)
+        for c0 in range(0, len(seqs), self.max_batch_size):
+            chunk = seqs[c0 : c0 + self.max_batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (ids, _) in enumerate(chunk):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                mask[r, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, (ids, start) in enumerate(chunk):
+                scores[c0 + r] = _span_logprob(logprobs[r], ids, start, first=1)
+        return scores
+
+    def _score_shared_prefix(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
+        """Run the common token prefix once, then all suffixes in batches on copies of its KV cache."""
+        import copy
+
+        import torch
+
+        model, pad = self._model, self._tokenizer.pad_token_id
+        common = min(start for _, start in seqs)
+        first = seqs[0][0]
+        common = min(common, *(len(ids) for ids, _ in seqs))
+        for ids, _ in seqs[1:]:
+            while common and ids[:common] != first[:common]:
+                common -= 1
+        if common < 1:
+            return self._score_full(seqs)
+        dev = model.device
+        prefix = torch.tensor([first[:common]], device=dev)
+        out = model(input_ids=prefix, use_cache=True)
+        cache = out.past_key_values
+        last_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+        scores = np.zeros(len(seqs), dtype=np.float64)
+        for c0 in range(0, len(seqs), self.max_batch_size):
+            chunk = seqs[c0 : c0 + self.max_batch_size]
+            width = max(len(ids) - common for ids, _ in chunk)
+            if width == 0:
+                continue
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), common + width), dtype=torch.long)
+            mask[:, :common] = 1
+            for r, (ids, _) in enumerate(chunk):
+                suffix = ids[common:]
+                input_ids[r, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                mask[r, common : common + len(suffix)] = 1
+            chunk_cache = copy.deepcopy(cache)
+            chunk_cache.batch_repeat_interleave(len(chunk))
+            positions = torch.arange(common, common + width).unsqueeze(0).expand(len(chunk), -1)
+            logits = model(
+                input_ids=input_ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                past_key_values=chunk_cache,
+                use_cache=True,
+            ).logits
+            # Row j of `full` predicts token common + j; row 0 comes from the prefix pass.
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, (ids, start) in enumerate(chunk):
+                full = torch.cat([last_logprobs.unsqueeze(0), logprobs[r, :-1]], dim=0)
+                scores[c0 + r] = _span_logprob(full, ids, start, first=common)
+        return scores
+
+
+def _span_logprob(logprobs: Any, ids: list[int], start: int, first: int) -> float:
+    """Sum of log p(ids[j]) for j in [start, len(ids)), where ``logprobs[k]`` predicts token ``first + k``."""
+    total = 0.0
+    for j in range(max(start, first), len(ids)):
+        total += float(logprobs[j - first, ids[j]])
+    return total
+
+
+def _supports_shared_prefix(model: Any) -> bool:
+    try:
+        from transformers import DynamicCache
+    except ImportError:
+        return False
+    if not hasattr(DynamicCache, "batch_repeat_interleave"):
+        return False
+    # Sliding-window / hybrid caches have their own layouts; score those with full passes.
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "sliding_window", None) is None and "position_ids" in inspect.signature(model.forward).parameters
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: str):
+    """Seed torch inside the block without disturbing the caller's global RNG state."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,89 @@
+"""``dermgraph index build``: build the knowledge-base or the case FAISS index."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+index_app = typer.Typer(no_args_is_help=True, help="Build FAISS indexes (knowledge base or image-text cases).")
+
+DEFAULT_TEXT_EMBEDDER = "all-minilm-l6-v2"
+DEFAULT_IMAGE_EMBEDDER = "sklesion"
+
+
+class IndexKind(str, Enum):
+    kb = "kb"
+    cases = "cases"
+
+
+@index_app.callback()
+def _group() -> None:
+    """Build FAISS indexes (knowledge base or image-text cases)."""
+    # A callback keeps `build` a named subcommand even though it is the only one.
+
+
+def _image_embedder(spec: str, device: str):
+    """'BACKEND' or 'BACKEND:MODEL' (e.g. 'sklesion', 'open_clip:ViT-B-32') -> an ImageEmbedder."""
+    from models.backends import create
+
+    backend, _, model = spec.partition(":")
+    kwargs: dict = {"device": device}
+    if model:
+        kwargs["weights" if backend == "sklesion" else "model_name"] = model
+    return create("image_embedder", backend, **kwargs)
+
+
+@index_app.command("build")
+def build(
+    kind: IndexKind = typer.Option(..., "--kind", help="kb: knowledge-base passages; cases: image-text pairs."),
+    out: Path = typer.Option(..., "--out", help="Output index directory."),
+    input: Optional[Path] = typer.Option(
+        None, "--input", help="kb: knowledge-base JSONL (default: the bundled one); cases: pairs JSONL (required)."
+    ),
+    image_root: Optional[Path] = typer.Option(
+        None, "--image-root", help="cases: folder the pairs' image paths are relative to (default: shared data)."
+    ),
+    features: Optional[list[Path]] = typer.Option(
+        None, "--features", help="cases: precomputed features npz (ids, features); repeatable, one per source."
+    ),
+    embedder: Optional[str] = typer.Option(
+        None, "--embedder",
+        help=f"kb: text embedder id (default {DEFAULT_TEXT_EMBEDDER}); cases without --features: image embedder "
+        f"'BACKEND[:MODEL]' (default {DEFAULT_IMAGE_EMBEDDER}).",
+    ),
+    pca_dim: Optional[int] = typer.Option(256, "--pca-dim", help="cases: PCA dimension (0 = no PCA)."),
+    float16: bool = typer.Option(True, "--float16/--float32", help="cases: store vectors as float16."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="cases: skip pairs without features."),
+    device: str = typer.Option("cpu", "--device", help="Device for the embedder ('cpu', 'cuda')."),
+    gpu: bool = typer.Option(False, "--gpu", help="Use GPU faiss when available (CPU otherwise)."),
+) -> None:
+    """Build an index and write index.faiss, records.jsonl, manifest.json (and pca.npz) to --out."""
+    if kind is IndexKind.kb:
+        from models.backends import create
+        from retrieval.kb import build_kb_index, load_kb
+
+        if features or image_root:
+            raise typer.BadParameter("--features/--image-root apply to --kind cases only")
+        entries = load_kb(input)
+        text_embedder = create("text_embedder", "sentence-transformers", model=embedder or DEFAULT_TEXT_EMBEDDER,
+                               device=device)
+        index = build_kb_index(entries, text_embedder, out, use_gpu=gpu)
+    else:
+        from retrieval.cases import build_case_index
+
+        if input is None:
+            raise typer.BadParameter("--input PAIRS.jsonl is required for --kind cases")
+        if features and embedder:
+            raise typer.BadParameter("pass either --features or --embedder, not both")
+        encoder = None if features else _image_embedder(embedder or DEFAULT_IMAGE_EMBEDDER, device)
+        index = build_case_index(
+            input, out, image_root=image_root, encoder=encoder, features=list(features) if features else None,
+            pca_dim=pca_dim or None, float16=float16, skip_missing=skip_missing, use_gpu=gpu,
+        )
+    m = index.manifest
+    skipped = f", skipped {m['skipped']}" if m.get("skipped") else ""
+    typer.echo(f"{m['kind']} index: {m['count']} vectors, dim {m['dim']}->{m['index_dim']} ({m['index_type']}), "
+               f"embedder {m['embedder']}{skipped} -> {out}")

@@ -47,7 +47,7 @@ class RetrievalConfig(_Strict):
     kb_index: str = Field("kb-index", description="Registry id or path of the knowledge-base FAISS index.")
     case_index: str = Field("case-index", description="Registry id or path of the image-text case index.")
     text_embedder: str = Field("all-minilm-l6-v2")
-    k_knowledge: int = Field(4, ge=0, le=32)
+    k_knowledge: int = Field(3, ge=0, le=32)
     k_cases: int = Field(8, ge=0, le=64)
     knn_temperature: float = Field(0.05, gt=0, description="Softmax temperature over case similarities.")
 
@@ -55,9 +55,18 @@ class RetrievalConfig(_Strict):
 class ReasonerConfig(_Strict):
     llm: BackendRef = Field(default_factory=lambda: BackendRef(backend="transformers", model="smollm2-135m-instruct"))
     fusion: str = Field("fusion-calibration", description="Registry id of the calibrated fusion weights.")
-    rationale_tokens: int = Field(80, ge=8, le=1024)
+    rationale_tokens: int = Field(40, ge=8, le=1024, description="Token budget of the rationale (a 135M model drifts when it writes long).")
     retries: int = Field(2, ge=0, le=5, description="Re-asks of the LLM when its output is unusable.")
-    num_samples: int = Field(3, ge=1, le=16, description="k perturbed re-scorings for confidence consistency.")
+    num_samples: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "k LLM scorings for confidence consistency: the first unperturbed, the others with shuffled candidate/evidence "
+            "order (CCT-style). With k=1 the consistency check compares the fused answer with each single expert "
+            "(classifier, retrieved cases) instead; k>=3 is recommended where the LLM runs on a GPU."
+        ),
+    )
     max_candidates: int = Field(7, ge=2, le=20)
 
 

@@ -72,7 +72,7 @@ def render_user(
         lines.append("Similar cases: " + "; ".join(f"[{tags[ev.id]}] {names.get(ev.label or '', ev.label)} (sim {ev.score:.2f})" for ev in cases))
     for ev in evidence:
         if ev.kind == "knowledge":
-            lines.append(f"[{tags[ev.id]}] {ev.title}: {ev.text[:220]}")
+            lines.append(f"[{tags[ev.id]}] {ev.title}: {ev.text[:160]}")
     lines.append("Candidates: " + "; ".join(names.get(c, c) for c in cands))
     if feedback:
         lines.append(f"Verifier feedback (reconsider): {feedback}")

@@ -85,6 +85,8 @@ class HeadSet:
             tensors["ood.components"] = self.ood.components.astype(np.float32)
             tensors["ood.centroids"] = self.ood.centroids.astype(np.float32)
             cfg["ood_threshold"] = self.ood.threshold
+        # safetensors writes raw buffers: transposed (Fortran-ordered) arrays must be made C-contiguous.
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         save_file(tensors, str(path), metadata={"config": json.dumps(cfg)})
 
     @classmethod

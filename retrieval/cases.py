@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -75,7 +76,8 @@ def load_feature_files(features: FeatureInput) -> tuple[dict[str | None, dict[st
     to that source's folder); other files, or a mapping ``{id: vector}``, serve every pair.
     """
     if isinstance(features, Mapping):
-        return {None: {str(k): np.asarray(v) for k, v in features.items()}}, {"features": "in-memory"}
+        return {None: {str(k): np.asarray(v) for k, v in features.items()}}, {"features": ["in-memory"],
+                                                                              "feature_models": []}
     paths = [features] if isinstance(features, (str, Path)) else list(features)
     table: dict[str | None, dict[str, np.ndarray]] = {}
     info: dict[str, Any] = {"features": [], "feature_models": []}
@@ -141,16 +143,18 @@ def build_case_index(
     pca_dim: int | None = 256,
     float16: bool = True,
     skip_missing: bool = False,
+    embedder_id: str | None = None,
     created_by: str | None = None,
     batch_size: int = 32,
     use_gpu: bool = False,
-) -> "FaissIndex":
+) -> FaissIndex:
     """Build (and, given ``out_dir``, save) a cosine case index from pairs.
 
     Exactly one of ``encoder`` (images read from ``image_root``, default the shared data folder) or
     ``features`` (npz file(s) with ``ids``/``features``, or ``{id: vector}``) supplies the vectors.
     Vectors are reduced with PCA to ``pca_dim`` (None: keep all) and stored as float16 by default.
-    Pairs without features raise unless ``skip_missing``.
+    Pairs without features raise unless ``skip_missing``. ``embedder_id`` records which model produced
+    precomputed features (default: the encoder's ``model_id``, or the feature files' names).
     """
     from retrieval.index import FaissIndex
 
@@ -176,14 +180,14 @@ def build_case_index(
             raise ValueError("no pair matched the feature files")
         items, vectors = kept, np.stack(rows).astype(np.float32)
         models = sorted(set(info.pop("feature_models")))
-        embedder_id = ",".join(models) if models else "precomputed:" + ",".join(info["features"])
+        embedder_id = embedder_id or (",".join(models) if models else "precomputed:" + ",".join(info["features"]))
         extra.update(info, skipped=len(missing))
     else:
         from models.paths import data_dir
 
         root = Path(image_root) if image_root is not None else data_dir()
         vectors = encode_images(items, root, encoder, batch_size=batch_size)
-        embedder_id = encoder.model_id
+        embedder_id = embedder_id or encoder.model_id
         extra["skipped"] = 0
     records = []
     for p in items:
@@ -294,7 +298,7 @@ class CaseRetriever:
 
 
 def knn_label_distribution(
-    hits: Sequence["dict[str, Any] | Hit | CaseHit"],
+    hits: Sequence[dict[str, Any] | Hit | CaseHit],
     labels: Sequence[str],
     temperature: float = 0.05,
     *,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,21 +39,22 @@ def _image_embedder(spec: str, device: str):
 def build(
     kind: IndexKind = typer.Option(..., "--kind", help="kb: knowledge-base passages; cases: image-text pairs."),
     out: Path = typer.Option(..., "--out", help="Output index directory."),
-    input: Optional[Path] = typer.Option(
+    input: Path | None = typer.Option(
         None, "--input", help="kb: knowledge-base JSONL (default: the bundled one); cases: pairs JSONL (required)."
     ),
-    image_root: Optional[Path] = typer.Option(
+    image_root: Path | None = typer.Option(
         None, "--image-root", help="cases: folder the pairs' image paths are relative to (default: shared data)."
     ),
-    features: Optional[list[Path]] = typer.Option(
+    features: list[Path] | None = typer.Option(
         None, "--features", help="cases: precomputed features npz (ids, features); repeatable, one per source."
     ),
-    embedder: Optional[str] = typer.Option(
+    embedder: str | None = typer.Option(
         None, "--embedder",
-        help=f"kb: text embedder id (default {DEFAULT_TEXT_EMBEDDER}); cases without --features: image embedder "
-        f"'BACKEND[:MODEL]' (default {DEFAULT_IMAGE_EMBEDDER}).",
+        help=f"kb: text embedder id (default {DEFAULT_TEXT_EMBEDDER}); cases: the image embedder "
+        f"'BACKEND[:MODEL]' that encodes the images (default {DEFAULT_IMAGE_EMBEDDER}), or with --features the id "
+        "of the model that produced them (recorded in the manifest).",
     ),
-    pca_dim: Optional[int] = typer.Option(256, "--pca-dim", help="cases: PCA dimension (0 = no PCA)."),
+    pca_dim: int | None = typer.Option(256, "--pca-dim", help="cases: PCA dimension (0 = no PCA)."),
     float16: bool = typer.Option(True, "--float16/--float32", help="cases: store vectors as float16."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="cases: skip pairs without features."),
     device: str = typer.Option("cpu", "--device", help="Device for the embedder ('cpu', 'cuda')."),
@@ -76,12 +76,11 @@ def build(
 
         if input is None:
             raise typer.BadParameter("--input PAIRS.jsonl is required for --kind cases")
-        if features and embedder:
-            raise typer.BadParameter("pass either --features or --embedder, not both")
         encoder = None if features else _image_embedder(embedder or DEFAULT_IMAGE_EMBEDDER, device)
         index = build_case_index(
             input, out, image_root=image_root, encoder=encoder, features=list(features) if features else None,
             pca_dim=pca_dim or None, float16=float16, skip_missing=skip_missing, use_gpu=gpu,
+            embedder_id=embedder if features else None,
         )
     m = index.manifest
     skipped = f", skipped {m['skipped']}" if m.get("skipped") else ""

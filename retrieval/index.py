@@ -10,9 +10,10 @@ import hashlib
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class PCA:
     explained_variance_ratio: np.ndarray  # (d,)
 
     @classmethod
-    def fit(cls, x: np.ndarray, dim: int) -> "PCA":
+    def fit(cls, x: np.ndarray, dim: int) -> PCA:
         """Fit a ``dim``-component PCA on rows of ``x`` (dim is capped by the data's rank bound)."""
         x = np.asarray(x, dtype=np.float64)
         dim = int(min(dim, x.shape[0], x.shape[1]))
@@ -94,7 +95,7 @@ class PCA:
                  explained_variance_ratio=self.explained_variance_ratio)
 
     @classmethod
-    def load(cls, path: Path) -> "PCA":
+    def load(cls, path: Path) -> PCA:
         with np.load(path) as z:
             return cls(z["mean"], z["components"], z["explained_variance_ratio"])
 
@@ -158,7 +159,7 @@ class FaissIndex:
         created_by: str | None = None,
         use_gpu: bool = False,
         extra: dict[str, Any] | None = None,
-    ) -> "FaissIndex":
+    ) -> FaissIndex:
         """Build an index from (N, D) vectors and N records (dicts with string ``id`` and ``source``).
 
         Vectors are L2-normalised (again after the optional PCA to ``pca_dim``), so scores are cosine
@@ -233,8 +234,7 @@ class FaissIndex:
         out.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(out / INDEX_FILE))
         with open(out / RECORDS_FILE, "w", encoding="utf-8") as f:
-            for r in self.records:
-                f.write(_record_line(r))
+            f.writelines(_record_line(r) for r in self.records)
         if self.pca is not None:
             self.pca.save(out / PCA_FILE)
         elif (out / PCA_FILE).exists():
@@ -243,7 +243,7 @@ class FaissIndex:
         return out
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, use_gpu: bool = False) -> "FaissIndex":
+    def load(cls, index_dir: str | Path, *, use_gpu: bool = False) -> FaissIndex:
         """Load an index directory written by :meth:`save`; checks the records against the manifest."""
         faiss = _faiss()
         d = Path(index_dir)

@@ -8,10 +8,11 @@ one entry, so ``KnowledgeBase.entry_for_label`` maps any of them to the knowledg
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -167,7 +168,7 @@ class KnowledgeBase:
             raise ValueError(f"differentials reference unknown ids: {missing}")
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "KnowledgeBase":
+    def load(cls, path: str | Path | None = None) -> KnowledgeBase:
         """Load and validate a KB file (default: the bundled one)."""
         return cls(load_kb(path))
 
@@ -241,74 +242,149 @@ def seven_point_phrase(criterion: str, value: str) -> str:
 
 
 def entry_passages(entry: KBEntry) -> list[dict[str, Any]]:
-    """The retrievable passages of one entry: overview, per-modality morphology and 7-point checklist.
+    """The citable passages of one entry: overview, per-modality morphology, 7-point checklist.
 
-    Each dict has ``passage`` (kind), ``modality``, ``text`` (what is shown) and ``embed_text`` (what is
-    embedded: the text prefixed with the entry's name, so that name queries also match).
+    Each dict has ``passage`` (kind), ``modality``, ``text`` (what is shown and cited) and ``chunks``
+    (what is embedded: sentence groups of the text; for the checklist only the findings that are
+    present, because the small embedder reads "no streaks" much like "streaks").
     """
     status = {True: "Malignant.", False: "Not malignant.", None: ""}[entry.malignant]
-    overview = " ".join(
-        s for s in (
-            f"{entry.name} (also: {', '.join(entry.aliases)})." if entry.aliases else f"{entry.name}.",
-            status,
-            f"Typical sites: {', '.join(entry.sites)}." if entry.sites else "",
-            f"Red flags: {'; '.join(entry.red_flags)}." if entry.red_flags else "",
-        ) if s
-    )
-    texts: list[tuple[str, str]] = [("overview", overview), ("clinical", entry.morphology.clinical)]
+    names = f"{entry.name} (also: {', '.join(entry.aliases)})." if entry.aliases else f"{entry.name}."
+    sites = f"Typical sites: {', '.join(entry.sites)}." if entry.sites else ""
+    red_flags = f"Red flags: {'; '.join(entry.red_flags)}." if entry.red_flags else ""
+    overview = " ".join(x for x in (names, status, sites, red_flags) if x)
+    # Red flags name other diagnoses' features ("atypical network" in seborrhoeic keratosis): shown, not embedded.
+    overview_chunks = chunk_text(" ".join(x for x in (names, status, sites) if x))
+    out = [("overview", overview, overview_chunks), ("clinical", entry.morphology.clinical, None)]
     if entry.morphology.dermoscopy:
-        texts.append(("dermoscopy", entry.morphology.dermoscopy))
+        out.append(("dermoscopy", entry.morphology.dermoscopy, None))
     if entry.expected_7pt:
         parts = [" or ".join(seven_point_phrase(c, v) for v in vals) for c, vals in entry.expected_7pt.items()]
-        texts.append(("checklist", f"Typical 7-point checklist findings: {'; '.join(parts)}."))
+        present = [" or ".join(seven_point_phrase(c, v) for v in vals if v != "absent")
+                   for c, vals in entry.expected_7pt.items()]
+        present = [x for x in present if x]
+        out.append((
+            "checklist",
+            f"Typical 7-point checklist findings: {'; '.join(parts)}.",
+            [f"Dermoscopy shows {', '.join(present)}."] if present else [],
+        ))
     if entry.morphology.histopathology:
-        texts.append(("histopathology", entry.morphology.histopathology))
+        out.append(("histopathology", entry.morphology.histopathology, None))
     return [
-        {
-            "passage": kind,
-            "modality": PASSAGE_MODALITY[kind],
-            "text": text,
-            "embed_text": text if kind == "overview" else f"{entry.name}, {kind}: {text}",
-        }
-        for kind, text in texts
+        {"passage": kind, "modality": PASSAGE_MODALITY[kind], "text": text,
+         "chunks": chunk_text(text) if chunks is None else chunks}
+        for kind, text, chunks in out
     ]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.;])\s+(?=[A-Z(])")
+
+
+def chunk_text(text: str, max_words: int = 40) -> list[str]:
+    """Split text into groups of whole sentences of at most ~``max_words`` words (a long sentence stays whole).
+
+    Short units embed far more specifically than whole paragraphs with a small sentence encoder.
+    """
+    chunks: list[str] = []
+    current: list[str] = []
+    for sentence in (x.strip() for x in _SENTENCE_END.split(text)):
+        if not sentence:
+            continue
+        if current and len(" ".join([*current, sentence]).split()) > max_words:
+            chunks.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    if current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
+_STOPWORDS = frozenset(
+    ["a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "with", "without", "for", "from", "by", "as", "is", "are", "be", "been", "it", "its", "this", "that", "these", "those", "than", "then", "into", "over", "under", "no", "not", "nor", "often", "usually", "may", "can", "some", "most", "more", "less", "very", "each", "per"]
+)
+
+
+def lexical_tokens(text: str) -> list[str]:
+    """Lower-cased word tokens without stopwords, with a crude plural strip ('vessels' -> 'vessel')."""
+    out = []
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        if w in _STOPWORDS or len(w) < 2:
+            continue
+        if len(w) > 4 and w.endswith("es") and not w.endswith("ses"):
+            w = w[:-2]
+        elif len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        out.append(w)
+    return out
+
+
+class BM25:
+    """Okapi BM25 over a small fixed corpus (dense matrix; fine for a few thousand chunks)."""
+
+    def __init__(self, docs: Sequence[str], k1: float = 1.2, b: float = 0.75):
+        import numpy as np
+
+        counts = [Counter(lexical_tokens(d)) for d in docs]
+        self.vocab = {w: i for i, w in enumerate(sorted({w for c in counts for w in c}))}
+        tf = np.zeros((len(self.vocab), len(docs)), dtype=np.float32)
+        for j, c in enumerate(counts):
+            for w, n in c.items():
+                tf[self.vocab[w], j] = n
+        lengths = tf.sum(axis=0)
+        avg = max(float(lengths.mean()), 1e-9) if len(docs) else 1.0
+        df = (tf > 0).sum(axis=1)
+        idf = np.log(1.0 + (len(docs) - df + 0.5) / (df + 0.5))
+        self.weights = idf[:, None] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths / avg))
+        self.n_docs = len(docs)
+
+    def scores(self, query: str):
+        """(n_docs,) BM25 scores of ``query`` (each query term counted once)."""
+        import numpy as np
+
+        rows = [self.vocab[w] for w in set(lexical_tokens(query)) if w in self.vocab]
+        return self.weights[rows].sum(axis=0) if rows else np.zeros(self.n_docs, dtype=np.float32)
 
 
 def build_kb_index(
     entries: Sequence[KBEntry],
-    embedder: "TextEmbedder",
+    embedder: TextEmbedder,
     out_dir: str | Path | None = None,
     *,
     created_by: str | None = None,
+    float16: bool = True,
     use_gpu: bool = False,
-) -> "FaissIndex":
-    """Embed every passage of every entry and build (and, given ``out_dir``, save) a cosine index.
+) -> FaissIndex:
+    """Embed every passage chunk of every entry and build (and, given ``out_dir``, save) a cosine index.
 
-    Records carry ``id`` ('kb:melanoma#dermoscopy'), ``entry_id``, ``title``, ``passage``, ``modality``,
-    ``text``, ``label`` (HAM10000 code, else the entry id), ``ham_class`` and ``source`` ('dermgraph-kb').
+    One record per chunk: ``id`` ('kb:melanoma#dermoscopy/0'), ``evidence_id`` ('kb:melanoma#dermoscopy',
+    the citable passage), ``entry_id``, ``title``, ``passage``, ``modality``, ``chunk`` (embedded text),
+    ``text`` (the whole passage), ``label`` (HAM10000 code, else the entry id), ``ham_class`` and ``source``.
+    Vectors are stored as float16 unless ``float16=False`` (scores move by ~1e-3; the index halves).
     """
     from retrieval.index import FaissIndex
 
     entries = list(KnowledgeBase(entries))  # validates ids, aliases and differentials
     records: list[dict[str, Any]] = []
-    embed_texts: list[str] = []
     for e in entries:
         for p in entry_passages(e):
-            records.append({
-                "id": f"{e.id}#{p['passage']}",
-                "entry_id": e.id,
-                "title": e.name,
-                "passage": p["passage"],
-                "modality": p["modality"],
-                "text": p["text"],
-                "label": e.ham_class or e.id,
-                "ham_class": e.ham_class,
-                "source": KB_SOURCE,
-            })
-            embed_texts.append(p["embed_text"])
-    vectors = embedder.embed(embed_texts)
+            for i, chunk in enumerate(p["chunks"]):
+                records.append({
+                    "id": f"{e.id}#{p['passage']}/{i}",
+                    "evidence_id": f"{e.id}#{p['passage']}",
+                    "entry_id": e.id,
+                    "title": e.name,
+                    "passage": p["passage"],
+                    "modality": p["modality"],
+                    "chunk": chunk,
+                    "text": p["text"],
+                    "label": e.ham_class or e.id,
+                    "ham_class": e.ham_class,
+                    "source": KB_SOURCE,
+                })
+    vectors = embedder.embed([r["chunk"] for r in records])
     index = FaissIndex.build(
-        vectors, records, kind="kb", embedder_id=embedder.model_id, created_by=created_by, use_gpu=use_gpu,
+        vectors, records, kind="kb", embedder_id=embedder.model_id, created_by=created_by, float16=float16,
+        use_gpu=use_gpu,
         extra={"kb_entries": len(entries), "kb_sha256": kb_sha256(entries)},
     )
     if out_dir is not None:
@@ -324,15 +400,19 @@ def default_kb_index_dir() -> Path:
 
 
 class KBRetriever:
-    """Search the KB passage index with free text; returns evidence dicts, one per entry at most.
+    """Search the KB with free text; returns evidence dicts, one per entry at most.
+
+    Ranking is hybrid: cosine similarity of the query to each chunk plus ``lexical_weight`` times the
+    chunk's BM25 score scaled to [0, 1] by the best chunk's. The small sentence embedder alone blurs
+    the dermoscopic vocabulary ("arborizing", "veil", "pearly") that decides most queries.
 
     ``embedder`` must be the text embedder the index was built with (its ``model_id`` is checked against
     the manifest); when omitted, a :class:`models.backends.sentence.SentenceEmbedder` for that id is
     created (weights load on the first search).
     """
 
-    def __init__(self, index_dir: str | Path | None = None, embedder: "TextEmbedder | None" = None,
-                 *, use_gpu: bool = False):
+    def __init__(self, index_dir: str | Path | None = None, embedder: TextEmbedder | None = None,
+                 *, lexical_weight: float = 0.5, use_gpu: bool = False):
         from retrieval.index import FaissIndex
 
         self.index_dir = Path(index_dir) if index_dir is not None else default_kb_index_dir()
@@ -350,6 +430,9 @@ class KBRetriever:
                 "rebuild the index or pass the matching embedder"
             )
         self.embedder = embedder
+        self.lexical_weight = float(lexical_weight)
+        self._bm25 = BM25([r["chunk"] for r in self.index.records])
+        self._position = {r["id"]: i for i, r in enumerate(self.index.records)}
 
     @property
     def model_id(self) -> str:
@@ -357,34 +440,41 @@ class KBRetriever:
         return self.embedder.model_id
 
     def search(self, text: str, k: int = 4, modality: str | None = None) -> list[dict[str, Any]]:
-        """Top-``k`` evidence dicts for ``text``, best passage per entry, best first.
+        """Top-``k`` evidence dicts for ``text``, the best passage per entry, best first.
 
         ``modality`` ('clinical' | 'dermoscopy' | 'histopathology') restricts the passages to those
-        describing that modality; None searches all passages. Each dict has id, kind ('knowledge'),
-        entry_id, passage, modality, title, text, label (HAM10000 code, else the entry id), ham_class
-        (or None), source and score.
+        describing that modality; None searches all passages. Each dict has id ('kb:melanoma#dermoscopy'),
+        kind ('knowledge'), entry_id, passage, modality, title, text (the whole passage), label (HAM10000
+        code, else the entry id), ham_class (or None), source, score (hybrid) and dense_score (cosine).
         """
-        if modality is not None and modality not in PASSAGE_MODALITY.values():
-            raise ValueError(f"modality must be one of {sorted(m for m in set(PASSAGE_MODALITY.values()) if m)} "
-                             f"or None, got {modality!r}")
+        import numpy as np
+
+        valid = sorted(m for m in set(PASSAGE_MODALITY.values()) if m)
+        if modality is not None and modality not in valid:
+            raise ValueError(f"modality must be one of {valid} or None, got {modality!r}")
         if k <= 0 or not text.strip():
             return []
         q = self.embedder.embed([text])
-        # The KB has a few hundred passages: rank them all, then filter and dedupe in Python.
-        hits = self.index.search(q, len(self.index))[0]
+        records = self.index.records
+        # The KB has a few hundred chunks: score them all, then filter and dedupe in Python.
+        dense = np.full(len(records), -np.inf, dtype=np.float32)
+        for h in self.index.search(q, len(records))[0]:
+            dense[self._position[h.id]] = h.score
+        lexical = self._bm25.scores(text)
+        top = float(lexical.max()) if len(lexical) else 0.0
+        score = dense + (self.lexical_weight * lexical / top if top > 0 else 0.0)
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for h in hits:
-            r = h.record
-            if modality is not None and r["modality"] != modality:
-                continue
-            if r["entry_id"] in seen:
+        for i in np.argsort(-score, kind="stable"):
+            r = records[int(i)]
+            if (modality is not None and r["modality"] != modality) or r["entry_id"] in seen:
                 continue
             seen.add(r["entry_id"])
             out.append({
-                "id": r["id"], "kind": "knowledge", "entry_id": r["entry_id"], "passage": r["passage"],
+                "id": r["evidence_id"], "kind": "knowledge", "entry_id": r["entry_id"], "passage": r["passage"],
                 "modality": r["modality"], "title": r["title"], "text": r["text"], "label": r["label"],
-                "ham_class": r["ham_class"], "source": r["source"], "score": h.score,
+                "ham_class": r["ham_class"], "source": r["source"], "score": float(score[i]),
+                "dense_score": float(dense[i]),
             })
             if len(out) >= k:
                 break

@@ -29,37 +29,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training.views import VIEWS  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / ".cache" / "features"
-
-# DermNet photos are 384x288 with the "DermNet" logo or "Te Whatu Ora / Health New Zealand"
-# text at x 31..165, y 193..265 (measured over all 1,680 images); the box adds a margin.
-WATERMARK_X_FRAC = 0.47
-WATERMARK_Y_FRAC = 0.64
-
-
-def mask_dermnet_watermark(img: Image.Image) -> Image.Image:
-    """Paint DermNet's lower-left watermark region with the image's per-channel median colour."""
-    a = np.array(img.convert("RGB"))
-    h, w = a.shape[:2]
-    a[round(h * WATERMARK_Y_FRAC) :, : round(w * WATERMARK_X_FRAC)] = np.median(a.reshape(-1, 3), axis=0)
-    return Image.fromarray(a)
-
-
-def center_crop(img: Image.Image, frac: float = 0.5) -> Image.Image:
-    """Centre crop keeping ``frac`` of each side."""
-    w, h = img.size
-    cw, ch = max(1, round(w * frac)), max(1, round(h * frac))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return img.crop((left, top, left + cw, top + ch))
-
-
-VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "full": lambda im: im,
-    "masked": mask_dermnet_watermark,
-    "crop50": lambda im: center_crop(mask_dermnet_watermark(im), 0.5),
-}
-
 
 @dataclass(frozen=True)
 class Source:
@@ -80,11 +54,15 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def list_images(root: Path, name: str) -> tuple[list[str], list[dict | None]]:
+def list_images(root: Path, name: str, ham_nevi: int | None = None) -> tuple[list[str], list[dict | None]]:
     """(ids relative to the data folder, metadata dicts or None) for one source, in CSV order."""
     src = SOURCES[name]
     with open(root / name / src.csv_name, newline="") as f:
         rows = list(csv.DictReader(f))
+    if name == "ham10000" and ham_nevi is not None:
+        from training.data import ham10000_subset
+
+        rows = ham10000_subset(rows, ham_nevi)
     ids = [f"{name}/{src.image_prefix}{r[src.image_col]}" for r in rows]
     metas = [
         {"age": r.get("age") or None, "sex": r.get("sex"), "localization": r.get("localization")}
@@ -102,13 +80,13 @@ def _save(path: Path, ids: list[str], probs: np.ndarray, feats: np.ndarray, labe
     os.replace(tmp, path)
 
 
-def run_one(clf, root: Path, name: str, view: str, out_dir: Path, chunk: int, limit: int | None = None) -> None:
+def run_one(clf, root: Path, name: str, view: str, out_dir: Path, chunk: int, limit: int | None = None, ham_nevi: int | None = 1200) -> None:
     """Compute one ``<source>__<view>.npz``, resuming from its checkpoint when there is one."""
     out = out_dir / f"{name}__{view}.npz"
     if out.exists() and limit is None:
         print(f"{out.name}: done, skipping", flush=True)
         return
-    ids, metas = list_images(root, name)
+    ids, metas = list_images(root, name, ham_nevi)
     if limit is not None:
         ids, metas = ids[:limit], metas[:limit]
     partial = out_dir / f"{name}__{view}.partial.npz"
@@ -152,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=256, help="images per checkpoint")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ham-nevi", type=int, default=1200, help="HAM10000: all non-nevus train images plus this many nevi (-1: every image)")
     ap.add_argument("--bench", type=int, default=None, metavar="N", help="time N images; write nothing")
     args = ap.parse_args(argv)
 
@@ -176,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         for view in SOURCES[name].views:
             if args.views is None or view in args.views:
                 t = time.perf_counter()
-                run_one(clf, root, name, view, args.out_dir, chunk=args.chunk)
+                run_one(clf, root, name, view, args.out_dir, chunk=args.chunk, ham_nevi=None if args.ham_nevi < 0 else args.ham_nevi)
                 print(f"{name}__{view}: {time.perf_counter() - t:.0f} s", flush=True)
 
 

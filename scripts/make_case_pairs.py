@@ -18,11 +18,13 @@ import csv
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from models.paths import data_dir
 from retrieval.kb import SEVEN_POINT, KnowledgeBase, seven_point_phrase
+from training.data import DERMNET_HOLDOUT_EVERY, is_dermnet_heldout
 
 SOURCES = ("ham10000", "derm7pt", "dermnet")
 
@@ -113,8 +115,10 @@ def derm7pt_pairs(root: Path, kb: KnowledgeBase) -> Iterator[dict[str, Any]]:
         }
 
 
-def dermnet_pairs(root: Path, kb: KnowledgeBase) -> Iterator[dict[str, Any]]:
+def dermnet_pairs(root: Path, kb: KnowledgeBase, holdout_every: int = DERMNET_HOLDOUT_EVERY) -> Iterator[dict[str, Any]]:
     for r in _rows(root / "dermnet" / "labels.csv"):
+        if is_dermnet_heldout(r["sha1"], holdout_every):
+            continue  # kept for evaluating the clinical path on photos the index has never seen
         yield {
             # File names repeat across classes; the content hash is unique (the set is de-duplicated by it).
             "id": f"dermnet:{r['sha1'][:12]}",
@@ -129,10 +133,10 @@ def dermnet_pairs(root: Path, kb: KnowledgeBase) -> Iterator[dict[str, Any]]:
 BUILDERS = {"ham10000": ham10000_pairs, "derm7pt": derm7pt_pairs, "dermnet": dermnet_pairs}
 
 
-def make_pairs(root: Path, sources: tuple[str, ...] = SOURCES) -> list[dict[str, Any]]:
+def make_pairs(root: Path, sources: tuple[str, ...] = SOURCES, dermnet_holdout: int = DERMNET_HOLDOUT_EVERY) -> list[dict[str, Any]]:
     """All pairs of the given sources, in source order; ids are unique."""
     kb = KnowledgeBase()
-    pairs = [p for s in sources for p in BUILDERS[s](root, kb)]
+    pairs = [p for s in sources for p in (dermnet_pairs(root, kb, dermnet_holdout) if s == "dermnet" else BUILDERS[s](root, kb))]
     dup = [i for i, n in Counter(p["id"] for p in pairs).items() if n > 1]
     if dup:
         raise ValueError(f"duplicate pair ids: {dup[:5]}")
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path, help="output JSONL path")
     ap.add_argument("--data-dir", type=Path, default=None, help="shared data folder (default: models.paths.data_dir())")
     ap.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated subset of {','.join(SOURCES)}")
+    ap.add_argument("--dermnet-holdout", type=int, default=DERMNET_HOLDOUT_EVERY, help="hold out 1 in N DermNet photos (0: none)")
     args = ap.parse_args(argv)
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     unknown = [s for s in sources if s not in BUILDERS]
@@ -152,11 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     root = args.data_dir or data_dir()
     if not root.is_dir():
         ap.error(f"data folder not found: {root}")
-    pairs = make_pairs(root, sources)
+    pairs = make_pairs(root, sources, args.dermnet_holdout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
     counts = Counter(p["source"] for p in pairs)
     print(f"wrote {len(pairs)} pairs to {args.out}: {dict(counts)}", file=sys.stderr)
     return 0

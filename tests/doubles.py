@@ -80,7 +80,7 @@ class FakeKnowledge:
 
     def entry_for_label(self, label):
         exp = self.expected.get(label)
-        return SimpleNamespace(expected_7pt=exp) if exp else None
+        return SimpleNamespace(id=f"kb:{label}", ham_class=label, expected_7pt=exp) if exp else None
 
 
 @dataclass

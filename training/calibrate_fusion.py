@@ -109,6 +109,24 @@ def fit(clf: np.ndarray, knn: np.ndarray, llm: np.ndarray | None, y: np.ndarray,
     return params
 
 
+def fit_llm_weight(params: dict, clf: np.ndarray, knn: np.ndarray, llm: np.ndarray, y: np.ndarray, balanced: bool = True) -> dict:
+    """Fit ``w_llm`` alone (grid search, class-balanced NLL) on top of fixed stage-1 parameters."""
+    from agent.fusion import fuse
+
+    counts = np.bincount(y, minlength=7).astype(float)
+    w_case = (1.0 / np.maximum(counts, 1))[y] if balanced else np.ones(len(y))
+    best = None
+    for w in np.round(np.arange(0.0, 2.01, 0.1), 2):
+        trial = {**params, "w_llm": float(w)}
+        nll = 0.0
+        for i in range(len(y)):
+            p = fuse(HAM_CLASSES, trial, classifier=dict(zip(HAM_CLASSES, clf[i])), knn=dict(zip(HAM_CLASSES, knn[i])), llm=dict(zip(HAM_CLASSES, llm[i])))
+            nll -= w_case[i] * np.log(max(p[HAM_CLASSES[y[i]]], EPS))
+        if best is None or nll < best[0]:
+            best = (nll, float(w))
+    return {k: v for k, v in params.items() if k != "w_morphology_on_revise"} | {"w_llm": best[1]}
+
+
 def _predict(params: dict, clf, knn, llm=None) -> np.ndarray:
     from agent.fusion import fuse
 
@@ -160,10 +178,17 @@ def main(
         clf, knn, y, part = clf[have], knn[have], y[have], part[have]
         llm = np.array([by_id[c["id"]] for c in cases])
     cal = part == "calib"
-    params = fit(clf[cal], knn[cal], llm[cal] if llm is not None else None, y[cal], balanced=balanced)
+    if llm is None:
+        params = fit(clf[cal], knn[cal], None, y[cal], balanced=balanced)
+    else:
+        # Stage 2 has few cases: keep the stage-1 weights and biases, fit only the LLM's weight.
+        stage1 = json.loads(out.read_text())["dermoscopy"]
+        params = fit_llm_weight(stage1, clf[cal], knn[cal], llm[cal], y[cal], balanced=balanced)
     labels = np.array(HAM_CLASSES)
     report = {}
     for name, m in (("calib", cal), ("report", ~cal)):
+        if not m.any():
+            continue  # stage 2 only has LLM outputs for calibration cases
         yy = labels[y[m]]
         report[name] = {
             "classifier_alone": diagnosis_metrics(yy, labels[clf[m].argmax(1)]),
@@ -174,7 +199,11 @@ def main(
         "id": "fusion-calibration",
         "dermoscopy": {**params, "w_morphology_on_revise": 1.0},
         "clinical": {"w_knn": 1.0, "w_llm": params["w_llm"]},
-        "fitted_on": "Derm7pt train+extra and the 'calib' half of isic2018_val (images unseen by the sklesion classifier)",
+        "fitted_on": (
+            "the 'calib' half of isic2018_val (all non-nevus + 60 nevus cases; the LLM sees the agent's real prompt)"
+            if records
+            else "Derm7pt train+extra and the 'calib' half of isic2018_val (images unseen by the sklesion classifier)"
+        ),
         "balanced": balanced,
         "stage": 2 if records else 1,
         "metrics": report,

@@ -38,7 +38,9 @@ def load_features(source: str, view: str = "full", feature_dir: Path = FEATURE_D
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run `python scripts/extract_features.py` first")
     z = np.load(path, allow_pickle=False)
-    return {"ids": z["ids"].astype(str), "probs": z["probs"].astype(np.float32), "features": z["features"].astype(np.float32)}
+    # Ids may be stored relative to the data folder ("<source>/images/x.jpg"); use source-relative ids.
+    ids = np.array([i.removeprefix(f"{source}/") for i in z["ids"].astype(str)])
+    return {"ids": ids, "probs": z["probs"].astype(np.float32), "features": z["features"].astype(np.float32)}
 
 
 def aligned(rows: list[dict[str, str]], feats: dict[str, np.ndarray], key: str = "image") -> tuple[list[dict[str, str]], dict[str, np.ndarray]]:
@@ -47,3 +49,22 @@ def aligned(rows: list[dict[str, str]], feats: dict[str, np.ndarray], key: str =
     keep = [r for r in rows if r[key] in index]
     idx = np.array([index[r[key]] for r in keep], dtype=int)
     return keep, {k: v[idx] for k, v in feats.items()}
+
+
+DERMNET_HOLDOUT_EVERY = 6
+
+
+def is_dermnet_heldout(sha1: str, every: int = DERMNET_HOLDOUT_EVERY) -> bool:
+    """DermNet photos kept out of the shipped case index for evaluation (1 in ``every`` by content hash)."""
+    return every > 0 and int(sha1[:8], 16) % every == 0
+
+
+def ham10000_subset(rows: list[dict[str, str]], n_nevus: int = 1200) -> list[dict[str, str]]:
+    """The HAM10000 images whose features are extracted by default: every non-nevus ``train`` image and
+    ``n_nevus`` nevus ``train`` images chosen by hash (nv is 72% of the set; this bounds CPU time)."""
+    import hashlib
+
+    train = [r for r in rows if r["split"] == "train"]
+    nevi = sorted((r for r in train if r["dx"] == "nv"), key=lambda r: hashlib.sha1((r["lesion_id"] + r["image_id"]).encode()).hexdigest())
+    keep = {r["image_id"] for r in train if r["dx"] != "nv"} | {r["image_id"] for r in nevi[:n_nevus]}
+    return [r for r in rows if r["image_id"] in keep]

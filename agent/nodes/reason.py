@@ -100,7 +100,7 @@ def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) ->
     for attempt in range(cfg.retries + 1):
         temperature = 0.0 if attempt == 0 else 0.7
         text = rt.llm.chat([conv], max_new_tokens=cfg.rationale_tokens, temperature=temperature, seed=rt.config.seed + attempt,
-                           assistant_prefix=prefix, stop=["\nDiagnosis:", "\n\n"])[0]
+                           assistant_prefix=prefix, stop=["\n"])[0]
         if _usable(text):
             return text.strip(), attempt + 1
     return None, cfg.retries + 1
@@ -111,9 +111,13 @@ def _cite(text: str, tags: dict[str, str]) -> tuple[str, list[str]]:
     return _TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
 
 
-def _supporting(state: CaseState, label: str, k: int = 3) -> list[str]:
-    """Evidence about ``label`` (cases with that label, KB passages on it), best first."""
-    evs = [ev for ev in state.retrieval.evidence if ev.label == label] if state.retrieval else []
+def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
+    """Evidence about ``label`` (cases with that label, KB passages on its entry), best first."""
+    if not state.retrieval:
+        return []
+    entry = rt.knowledge.entry_for_label(label)
+    keys = {label} | ({entry.id, entry.ham_class} - {None} if entry is not None else set())
+    evs = [ev for ev in state.retrieval.evidence if ev.label in keys]
     return [ev.id for ev in sorted(evs, key=lambda e: -e.score)[:k]]
 
 
@@ -165,7 +169,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
             else:
                 rationale = text
         rationale, cited = _cite(rationale, tags)
-    support = _supporting(state, top)
+    support = _supporting(state, rt, top)
     if not rationale:
         clf_txt = f"classifier {clf_display[top]:.2f}" if clf_display and top in clf_display else "no classifier"
         knn_txt = f"similar cases {knn.get(top, 0):.2f}" if knn else "no similar cases"

@@ -44,7 +44,7 @@ def retrieve(state: CaseState, rt) -> NodeOutput:
         for h in same:
             evidence.append(
                 Evidence(
-                    id=h.id, kind="case", title=f"Similar case ({h.record.get('source')})", text=h.record.get("caption", ""),
+                    id=f"case:{h.id}", kind="case", title=f"Similar case ({h.record.get('source')})", text=h.record.get("caption", ""),
                     label=h.record.get("label"), source=h.record.get("source", "case-index"), score=float(h.score),
                 )
             )

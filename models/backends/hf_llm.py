@@ -25,9 +25,18 @@ _FINGERPRINT_BYTES = 4 << 20
 
 def hub_snapshot(repo_id: str) -> Path:
     """Local snapshot of a hub repo via the resolver (``hf:`` source), whose error says how to get it offline."""
-    from models.resolve import resolve
+    from models.registry import load_registry
+    from models.resolve import ResolveError, resolve
 
-    return resolve(f"hf:{repo_id}")
+    try:
+        return resolve(f"hf:{repo_id}")
+    except ResolveError as exc:
+        if "/" in repo_id:
+            raise
+        # "org/name" is the usual hub id; a bare name is more likely a mistyped registry id.
+        raise ResolveError(
+            f"{exc}\n{repo_id!r} is not a registered model id either; valid ids: {sorted(load_registry())}"
+        ) from exc
 
 
 def hub_file(repo_id: str, filename: str) -> Path:
@@ -50,7 +59,8 @@ def hub_file(repo_id: str, filename: str) -> Path:
     )
 
 
-def _is_registry_ref(ref: str) -> bool:
+def is_registry_ref(ref: str) -> bool:
+    """Whether ``ref`` is a registered model id or a source URI (``pypi:``, ``hf:``, ...)."""
     from models.registry import SCHEMES, load_registry
 
     scheme, sep, rest = ref.partition(":")
@@ -116,7 +126,7 @@ def locate_causal_lm(model: str, gguf_file: str | None = None) -> str:
                 return str(gguf_to_hf_dir(ggufs[0]))
             raise ValueError(f"{path} has no config.json; pass gguf_file= to pick one of {[g.name for g in ggufs]}")
         return str(path)
-    if _is_registry_ref(model):
+    if is_registry_ref(model):
         from models.resolve import resolve
 
         return locate_causal_lm(str(resolve(model)), gguf_file)
@@ -128,10 +138,10 @@ def locate_causal_lm(model: str, gguf_file: str | None = None) -> str:
 def model_id_for(model: str, gguf_file: str | None = None) -> str:
     """A short, stable name for ``model``: the registry id or hub id as given, else the file/dir name."""
     path = Path(model).expanduser()
-    if path.exists():
+    if path.exists() or path.is_absolute() or model.startswith((".", "~")):
         if gguf_file:
             return Path(gguf_file).stem
-        return path.stem if path.is_file() else path.name
+        return path.stem if path.suffix.lower() == ".gguf" else path.name
     return model
 
 
@@ -179,8 +189,6 @@ def continuation_start(tokenizer: Any, prompt: str, full: str) -> tuple[list[int
     start = 0
     while start < min(len(ids), len(head)) and ids[start] == head[start]:
         start += 1
-    if start == len(head) and head:
-        start = len(head)
     return ids, start
 
 
@@ -278,7 +286,7 @@ class TransformersLLM:
         out: list[str] = [""] * len(prompts)
         # Similar lengths together waste less compute on padding.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        with torch.inference_mode(), _seeded(seed if temperature > 0 else None, self.device):
+        with torch.inference_mode(), seeded(seed if temperature > 0 else None, self.device):
             for chunk_start in range(0, len(order), self.max_batch_size):
                 idx = order[chunk_start : chunk_start + self.max_batch_size]
                 enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -334,9 +342,11 @@ class TransformersLLM:
                 input_ids[r, : len(ids)] = torch.tensor(ids)
                 mask[r, : len(ids)] = 1
             logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
             for r, (ids, start) in enumerate(chunk):
-                scores[c0 + r] = _span_logprob(logprobs[r], ids, start, first=1)
+                # Only the rows predicting continuation tokens: a full-vocab softmax per position is large.
+                first = max(start, 1)
+                rows = torch.log_softmax(logits[r, first - 1 : len(ids) - 1].float(), dim=-1)
+                scores[c0 + r] = _span_logprob(rows, ids, start, first=first)
         return scores
 
     def _score_shared_prefix(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
@@ -358,6 +368,8 @@ class TransformersLLM:
         prefix = torch.tensor([first[:common]], device=dev)
         out = model(input_ids=prefix, use_cache=True)
         cache = out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return self._score_full(seqs)
         last_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
         scores = np.zeros(len(seqs), dtype=np.float64)
@@ -400,19 +412,15 @@ def _span_logprob(logprobs: Any, ids: list[int], start: int, first: int) -> floa
 
 
 def _supports_shared_prefix(model: Any) -> bool:
-    try:
-        from transformers import DynamicCache
-    except ImportError:
-        return False
-    if not hasattr(DynamicCache, "batch_repeat_interleave"):
-        return False
     # Sliding-window / hybrid caches have their own layouts; score those with full passes.
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "sliding_window", None) is None and "position_ids" in inspect.signature(model.forward).parameters
+    return (
+        getattr(cfg, "sliding_window", None) is None and "position_ids" in inspect.signature(model.forward).parameters
+    )
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: str):
+def seeded(seed: int | None, device: str):
     """Seed torch inside the block without disturbing the caller's global RNG state."""
     if seed is None:
         yield

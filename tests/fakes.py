@@ -1,0 +1,412 @@
+"""Test doubles: a scripted LLM and a fake OpenAI-compatible (vLLM-flavoured) HTTP server."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+import numpy as np
+
+Message = dict[str, str]
+
+
+def _trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    cut = len(text)
+    for s in stop or ():
+        if s and 0 <= (i := text.find(s)) < cut:
+            cut = i
+    return text[:cut]
+
+
+# --------------------------------------------------------------------------- ScriptedLLM
+
+
+class ScriptedLLM:
+    """An :class:`models.protocols.LLM` that answers from a script.
+
+    ``replies``: a list consumed in order (one item per conversation, across calls) or a callable
+    ``replies(conversation) -> str``. A reply is the text *after* any ``assistant_prefix``; ``stop``
+    strings are applied as a real backend would. ``scores``: ``scores(conversation, assistant_prefix,
+    continuations) -> sequence of floats``; without it, ``score_continuations`` raises
+    NotImplementedError. Every call is recorded in ``calls`` (method, conversation, kwargs).
+    """
+
+    def __init__(
+        self,
+        replies: list[str] | Callable[[list[Message]], str],
+        scores: Callable[[list[Message], str, list[str]], Sequence[float]] | None = None,
+        model_id: str = "scripted",
+    ) -> None:
+        self.model_id = model_id
+        self._replies = replies if callable(replies) else list(replies)
+        self._scores = scores
+        self.calls: list[dict[str, Any]] = []
+
+    @property
+    def remaining(self) -> int | None:
+        """Replies left in a list script (None for a callable script)."""
+        return None if callable(self._replies) else len(self._replies)
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        assistant_prefix: str = "",
+        stop: Sequence[str] | None = None,
+    ) -> list[str]:
+        out = []
+        for conv in conversations:
+            conv = [dict(m) for m in conv]
+            kwargs = {
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "seed": seed,
+                "assistant_prefix": assistant_prefix,
+                "stop": list(stop) if stop else None,
+            }
+            self.calls.append({"method": "chat", "conversation": conv, "kwargs": kwargs})
+            if callable(self._replies):
+                reply = self._replies(conv)
+            else:
+                if not self._replies:
+                    raise AssertionError(f"ScriptedLLM ran out of replies (call {len(self.calls)})")
+                reply = self._replies.pop(0)
+            out.append(_trim_at_stop(reply, stop))
+        return out
+
+    def score_continuations(
+        self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]
+    ) -> np.ndarray:
+        conv = [dict(m) for m in conversation]
+        self.calls.append(
+            {
+                "method": "score_continuations",
+                "conversation": conv,
+                "kwargs": {"assistant_prefix": assistant_prefix, "continuations": list(continuations)},
+            }
+        )
+        if self._scores is None:
+            raise NotImplementedError("ScriptedLLM was built without scores=")
+        return np.asarray(self._scores(conv, assistant_prefix, list(continuations)), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- fake server
+
+_TOKEN_RE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
+
+
+def fake_tokenize(text: str) -> list[str]:
+    """The fake server's tokenizer: words and punctuation with their leading whitespace (joins back to text)."""
+    return _TOKEN_RE.findall(text)
+
+
+def fake_logprob(token: str) -> float:
+    """The fake server's log-probability of a token: a deterministic function of the token text."""
+    return -0.25 * len(token) - 0.125
+
+
+def fake_render(
+    messages: Sequence[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+) -> str:
+    """The fake server's chat template."""
+
+    def content(m: dict) -> str:
+        c = m.get("content") or ""
+        if isinstance(c, list):
+            return "".join(p.get("text", "<image>") if p.get("type") == "text" else "<image>" for p in c)
+        return c
+
+    parts = [f"<|{m['role']}|>{content(m)}\n" for m in messages]
+    if continue_final_message and messages:
+        parts[-1] = parts[-1][:-1]
+    elif add_generation_prompt:
+        parts.append("<|assistant|>")
+    return "".join(parts)
+
+
+def default_reply(body: dict) -> str:
+    """Echo the last user message, so tests can see what the server received."""
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    last = users[-1]["content"] if users else ""
+    if isinstance(last, list):
+        n_images = sum(1 for p in last if p.get("type") == "image_url")
+        text = " ".join(p.get("text", "") for p in last if p.get("type") == "text")
+        return f"{n_images} image(s): {text}"
+    return f"echo: {last}"
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible server on 127.0.0.1 with vLLM's extras, for tests.
+
+    Serves ``/v1/chat/completions``, ``/v1/completions`` (``echo`` + ``logprobs`` with
+    :func:`fake_tokenize`/:func:`fake_logprob`), ``/tokenize`` and ``/detokenize``.
+    ``reply(body) -> str`` makes chat answers (default: echo); ``max_tokens`` and ``stop`` are
+    applied like vLLM. ``scoring=False`` behaves like a plain OpenAI server (404 on /tokenize,
+    400 on echo). :meth:`fail` injects error statuses. Requests are recorded in ``requests``.
+    """
+
+    def __init__(self, reply: Callable[[dict], str] | None = None, *, scoring: bool = True) -> None:
+        self.reply = reply or default_reply
+        self.scoring = scoring
+        self.requests: list[tuple[str, dict]] = []
+        self._failures: list[tuple[str | None, int, str]] = []
+        self._vocab: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> FakeOpenAIServer:
+        handler = _make_handler(self)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``."""
+        assert self._server is not None, "server not started"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    # -- scripting
+
+    def fail(self, status: int, times: int = 1, path: str | None = None, body: str = "injected failure") -> None:
+        """Answer the next ``times`` requests (to ``path``, if given) with HTTP ``status``."""
+        with self._lock:
+            self._failures.extend([(path, status, body)] * times)
+
+    def paths(self) -> list[str]:
+        """Paths of the recorded requests, in order."""
+        return [p for p, _ in self.requests]
+
+    # -- request handling (called from the handler threads)
+
+    def _take_failure(self, path: str) -> tuple[int, str] | None:
+        with self._lock:
+            for i, (want, status, body) in enumerate(self._failures):
+                if want is None or want == path:
+                    del self._failures[i]
+                    return status, body
+        return None
+
+    def _token_ids(self, tokens: list[str]) -> list[int]:
+        with self._lock:
+            for t in tokens:
+                if t not in self._ids:
+                    self._ids[t] = len(self._vocab)
+                    self._vocab.append(t)
+            return [self._ids[t] for t in tokens]
+
+    def handle(self, path: str, body: dict) -> tuple[int, dict]:
+        self.requests.append((path, body))
+        failure = self._take_failure(path)
+        if failure:
+            return failure[0], {"error": {"message": failure[1], "code": failure[0]}}
+        if path == "/v1/chat/completions":
+            return 200, self._chat(body)
+        if path == "/v1/completions":
+            return self._completions(body)
+        if path in ("/tokenize", "/detokenize") and not self.scoring:
+            return 404, {"detail": "Not Found"}
+        if path == "/tokenize":
+            text = body.get("prompt")
+            if text is None:
+                text = fake_render(
+                    body["messages"], body.get("add_generation_prompt", True), body.get("continue_final_message", False)
+                )
+            ids = self._token_ids(fake_tokenize(text))
+            return 200, {"tokens": ids, "count": len(ids), "max_model_len": 4096}
+        if path == "/detokenize":
+            return 200, {"prompt": "".join(self._vocab[i] for i in body["tokens"])}
+        return 404, {"detail": "Not Found"}
+
+    def _chat(self, body: dict) -> dict:
+        text = self.reply(body)
+        tokens = fake_tokenize(text)
+        max_tokens = body.get("max_tokens")
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        text = _trim_at_stop("".join(tokens), body.get("stop"))
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
+
+    def _completions(self, body: dict) -> tuple[int, dict]:
+        if body.get("echo") and not self.scoring:
+            return 400, {"error": {"message": "echo is not supported", "code": 400}}
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        choices = []
+        for i, prompt in enumerate(prompts):
+            generated = "!" if body.get("max_tokens", 16) > 0 else ""
+            tokens = (fake_tokenize(prompt) if body.get("echo") else []) + ([generated] if generated else [])
+            offsets, pos = [], 0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+            logprobs = [fake_logprob(t) for t in tokens]
+            if body.get("echo") and tokens:
+                logprobs[0] = None  # like vLLM: nothing predicts the first prompt token
+            choice = {"index": i, "text": (prompt if body.get("echo") else "") + generated, "finish_reason": "length"}
+            if body.get("logprobs") is not None:
+                choice["logprobs"] = {
+                    "tokens": tokens,
+                    "token_logprobs": logprobs,
+                    "text_offset": offsets,
+                    "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs, strict=True)],
+                }
+            choices.append(choice)
+        return 200, {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"), "choices": choices}
+
+
+def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def do_POST(self) -> None:  # http.server dispatches on this name
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                status, answer = 400, {"error": {"message": "body is not JSON"}}
+            else:
+                body["_headers"] = {k.lower(): v for k, v in self.headers.items()}
+                status, answer = server.handle(self.path, body)
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+# --------------------------------------------------------------------------- tiny offline models
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "What is a melanoma? A melanoma is a skin cancer of melanocytes.",
+    "Describe the lesion: an asymmetric pigmented macule with irregular borders and blue-white veil.",
+    "The answer is nevus, basal cell carcinoma, seborrheic keratosis, dermatofibroma or vascular lesion.",
+    'Reply with JSON: {"diagnosis": "mel", "confidence": 0.8}. Be brief. Name a colour: red, blue.',
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> Any:
+    """A small byte-level BPE tokenizer with ChatML special tokens and ``<image>``, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token=None
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_tiny_llama(path: Any, seed: int = 0) -> Any:
+    """Save a randomly initialised 2-layer Llama + :func:`tiny_tokenizer` to ``path``; returns the path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    # Random init gives near-uniform logits; sharper ones make greedy decoding and scores informative.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_llava(path: Any, seed: int = 0) -> Any:
+    """Save a randomly initialised tiny LLaVA (CLIP vision tower + Llama) with its processor to ``path``."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = tiny_tokenizer()
+    image_size, patch = 32, 8
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+        chat_template=CHATML_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+    )  # fmt: skip
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -116,6 +116,14 @@ def graph():
     typer.echo(mermaid())
 
 
+@app.command()
+def schema():
+    """Print the JSON Schema of a Diagnosis (what `diagnose --json` and batch records contain)."""
+    from agent.diagnosis import Diagnosis
+
+    typer.echo(json.dumps(Diagnosis.model_json_schema(mode="serialization"), indent=2))
+
+
 @models_app.command("list")
 def models_list():
     """List registered models (id, role, source, licence)."""

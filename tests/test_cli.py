@@ -56,3 +56,12 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
     res = subprocess.run([sys.executable, "-m", "agent.cli", "diagnose", str(p)], capture_output=True, text=True)
     assert res.returncode != 0 and "trunc.jpg" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_schema_command_prints_the_diagnosis_schema():
+    import json
+
+    res = runner.invoke(app, ["schema"])
+    assert res.exit_code == 0
+    schema = json.loads(res.output)
+    assert schema["title"] == "Diagnosis" and "differential" in schema["properties"] and "thumbnail" not in schema["properties"]

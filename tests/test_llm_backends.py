@@ -381,3 +381,18 @@ def test_vllm_wiring(monkeypatch, tmp_path):
     ]
     np.testing.assert_allclose(scores, [-0.5 * k for k in n])
     assert fake.calls[-1][2]["prompt_logprobs"] == 1 and fake.calls[-1][2]["max_tokens"] == 1
+
+
+@pytest.mark.weights
+def test_rationale_after_scoring_reuses_prefix_cache_with_identical_output():
+    from models.backends.hf_llm import TransformersLLM
+
+    conv = [{"role": "system", "content": "You are a dermatology assistant."},
+            {"role": "user", "content": "Findings: atypical network and a blue-whitish veil. Candidates: melanoma; nevus. " * 3}]
+    fresh = TransformersLLM()
+    expected = fresh.chat([conv], max_new_tokens=12, assistant_prefix="Diagnosis: melanoma\nRationale:")
+    llm = TransformersLLM()
+    llm.score_continuations(conv, "Diagnosis: ", ["melanoma", "melanocytic nevus"])
+    assert llm._prefix is not None
+    got = llm.chat([conv], max_new_tokens=12, assistant_prefix="Diagnosis: melanoma\nRationale:")
+    assert got == expected

@@ -38,7 +38,7 @@ def verify(state: CaseState, rt) -> NodeOutput:
     if top.probability < cfg.accept_confidence:
         problems.append(f"low confidence in {top.name} (p={top.probability:.2f} < {cfg.accept_confidence})")
     if consistency < cfg.min_self_consistency:
-        problems.append(f"perturbed re-scorings disagree (consistency {consistency:.2f} < {cfg.min_self_consistency}; samples {r.samples[1:]})")
+        problems.append(f"sampled answers disagree with {top.label} (consistency {consistency:.2f} < {cfg.min_self_consistency}; samples {r.samples[1:]})")
     if agreement is not None and agreement < cfg.min_morphology_agreement:
         problems.append(f"findings do not match {top.name} (agreement {agreement:.2f} < {cfg.min_morphology_agreement})")
     if mod.confidence < rt.config.modality.min_confidence:

@@ -227,6 +227,9 @@ class TransformersLLM:
         self.model_id = model_id_for(model, gguf_file)
         self._model: Any = None
         self._tokenizer: Any = None
+        # KV cache of the last scored prompt prefix: an agent scores candidates, then writes a
+        # rationale after the same prompt, so the second prefill can be skipped.
+        self._prefix: tuple[list[int], Any] | None = None
 
     # -- loading
 
@@ -283,6 +286,10 @@ class TransformersLLM:
         if stops:
             gen_kwargs.update(stop_strings=stops, tokenizer=tok)
 
+        if len(prompts) == 1 and self._prefix is not None:
+            reused = self._generate_from_prefix(prompts[0], gen_kwargs, stops, seed if temperature > 0 else None)
+            if reused is not None:
+                return [reused]
         out: list[str] = [""] * len(prompts)
         # Similar lengths together waste less compute on padding.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -298,6 +305,34 @@ class TransformersLLM:
                     new_ids = generated[row, width:].tolist()
                     out[i] = trim_at_stop(self._decode_new(prompt_ids, new_ids), stops)
         return out
+
+    def _generate_from_prefix(self, prompt: str, gen_kwargs: dict[str, Any], stops: list[str], seed: int | None) -> str | None:
+        """Generate for one prompt starting from the cached KV of its longest shared token prefix.
+
+        Returns None when too little of the prompt is shared to be worth it. Greedy outputs are the
+        same as without the cache (tested)."""
+        import copy
+
+        import torch
+
+        ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        cached_ids, cache = self._prefix
+        n = 0
+        limit = min(len(ids) - 1, len(cached_ids))  # keep >= 1 new token for generate to process
+        while n < limit and ids[n] == cached_ids[n]:
+            n += 1
+        if n < 32:
+            return None
+        past = copy.deepcopy(cache)
+        if n < len(cached_ids):
+            past.crop(n - len(cached_ids))  # negative: drop that many trailing positions
+        dev = self._model.device
+        input_ids = torch.tensor([ids], device=dev)
+        with torch.inference_mode(), seeded(seed, self.device):
+            generated = self._model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=past, **gen_kwargs
+            )
+        return trim_at_stop(self._decode_new(ids, generated[0, len(ids) :].tolist()), stops)
 
     def _decode_new(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         # Decoding prompt+new and removing the prompt keeps SentencePiece's leading spaces intact.
@@ -370,6 +405,8 @@ class TransformersLLM:
         cache = out.past_key_values
         if not hasattr(cache, "batch_repeat_interleave"):
             return self._score_full(seqs)
+        if hasattr(cache, "crop"):
+            self._prefix = (first[:common], copy.deepcopy(cache))
         last_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
         scores = np.zeros(len(seqs), dtype=np.float64)

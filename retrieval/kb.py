@@ -22,20 +22,8 @@ if TYPE_CHECKING:
 
 KB_PATH = Path(__file__).resolve().parent / "knowledge_base.jsonl"
 KB_SOURCE = "dermgraph-kb"
-HAM_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-
-SEVEN_POINT: dict[str, tuple[str, ...]] = {
-    "pigment_network": ("absent", "typical", "atypical"),
-    "streaks": ("absent", "regular", "irregular"),
-    "pigmentation": ("absent", "diffuse regular", "diffuse irregular", "localized irregular"),
-    "regression_structures": ("absent", "blue areas", "white areas", "combinations"),
-    "dots_and_globules": ("absent", "regular", "irregular"),
-    "blue_whitish_veil": ("absent", "present"),
-    "vascular_structures": (
-        "absent", "arborizing", "comma", "hairpin", "dotted", "linear irregular", "within regression", "wreath",
-    ),
-}
-"""The Derm7pt criteria and their values, spelled exactly as in Derm7pt's meta.csv."""
+# One vocabulary for the whole project (Derm7pt criteria spelled exactly as in its meta.csv).
+from agent.labels import HAM_CLASSES, SEVEN_POINT  # noqa: E402
 
 Modality = Literal["clinical", "dermoscopy", "histopathology"]
 PASSAGE_MODALITY: dict[str, str | None] = {

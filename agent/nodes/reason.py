@@ -154,9 +154,10 @@ def reason(state: CaseState, rt) -> NodeOutput:
     top = next(iter(fused))
     samples = [top] + samples
     if source == "fallback" or cfg.num_samples == 1:
-        # Without LLM samples, confidence consistency is the agreement of the single experts.
-        singles = [fuse(cands, params, classifier=clf), fuse(cands, params, knn=knn)] if clf and knn else []
-        samples += [next(iter(s)) for s in singles]
+        # Without LLM re-scorings, confidence consistency is the agreement of each available single
+        # expert (classifier, retrieved cases, the LLM's own ranking) with the fused answer.
+        experts = {"classifier": clf, "knn": knn, "llm": llm_probs}
+        samples += [max(p, key=p.get) for p in experts.values() if p]
 
     rationale, cited = "", []
     if source == "llm":

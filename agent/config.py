@@ -73,6 +73,10 @@ class ReasonerConfig(_Strict):
 class VerifierConfig(_Strict):
     accept_confidence: float = Field(0.45, ge=0, le=1, description="Accept only when the top probability reaches this.")
     min_self_consistency: float = Field(0.5, ge=0, le=1, description="Share of the samples (LLM re-scorings, or single experts when k=1) that must agree with the top label.")
+    min_self_consistency_by_modality: dict[str, float] = Field(
+        default_factory=lambda: {"clinical": 1.0},
+        description="Per-modality override of min_self_consistency. Clinical photos have no calibrated classifier, only retrieved cases and the LLM, so both must agree.",
+    )
     min_morphology_agreement: float = Field(0.35, ge=0, le=1, description="Below this the findings contradict the top diagnosis.")
     max_rounds: int = Field(2, ge=1, le=5, description="Reasoner rounds before the verifier must accept or abstain.")
 

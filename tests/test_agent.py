@@ -124,3 +124,16 @@ def test_self_consistency_uses_k_samples():
     llm = ScoringLLM()
     Agent(backends=backends(llm=llm), overrides=["reasoner.num_samples=4"]).diagnose(img())
     assert llm.scored == 4
+
+
+def test_clinical_needs_every_expert_to_agree():
+    # The LLM prefers something the retrieved cases do not: at k=1 a clinical case must abstain.
+    llm = ScoringLLM(prefer={"Acne vulgaris": -5.0, "melanoma": -1.0})
+    from tests.doubles import FakeCases
+
+    cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Acne vulgaris", 0.88), ("dermnet:c", "mel", 0.5)])
+    d = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=llm, cases=cases)).diagnose(img())
+    assert d.label == "Acne vulgaris" and d.verdict == "abstain"
+    assert any("disagree" in r for r in d.reasons)
+    ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=ScoringLLM(prefer={"Acne vulgaris": -1.0}), cases=cases))
+    assert ok.diagnose(img()).verdict == "accept"

@@ -37,8 +37,9 @@ def verify(state: CaseState, rt) -> NodeOutput:
     problems = []
     if top.probability < cfg.accept_confidence:
         problems.append(f"low confidence in {top.name} (p={top.probability:.2f} < {cfg.accept_confidence})")
-    if consistency < cfg.min_self_consistency:
-        problems.append(f"sampled answers disagree with {top.label} (consistency {consistency:.2f} < {cfg.min_self_consistency}; samples {r.samples[1:]})")
+    min_consistency = cfg.min_self_consistency_by_modality.get(mod.label, cfg.min_self_consistency)
+    if consistency < min_consistency:
+        problems.append(f"sampled answers disagree with {top.label} (consistency {consistency:.2f} < {min_consistency}; samples {r.samples[1:]})")
     if agreement is not None and agreement < cfg.min_morphology_agreement:
         problems.append(f"findings do not match {top.name} (agreement {agreement:.2f} < {cfg.min_morphology_agreement})")
     if mod.confidence < rt.config.modality.min_confidence:
@@ -48,7 +49,7 @@ def verify(state: CaseState, rt) -> NodeOutput:
     if not problems:
         verdict = Verdict(decision="accept", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement,
                           reasons=[f"{top.name}: p={top.probability:.2f}, consistency {consistency:.2f}" + (f", morphology agreement {agreement:.2f}" if agreement is not None else "")])
-    elif state.round < cfg.max_rounds and (contra or consistency < cfg.min_self_consistency):
+    elif state.round < cfg.max_rounds and (contra or consistency < min_consistency):
         feedback = "; ".join(contra) if contra else "the ranking is unstable under re-ordering of the evidence"
         verdict = Verdict(decision="revise", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement,
                           reasons=problems, feedback=f"{top.name} is questionable: {feedback}. Weigh candidates whose expected morphology matches the findings.")

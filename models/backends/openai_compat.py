@@ -108,8 +108,8 @@ def _message_text(data: dict) -> str:
         raise OpenAIServerError(f"unexpected chat completion answer: {str(data)[:_BODY_EXCERPT]}") from exc
 
 
-class OpenAICompatibleLLM:
-    """Chat (and, on vLLM, scoring) through an OpenAI-compatible server (implements :class:`models.protocols.LLM`)."""
+class _ServedModel:
+    """What the LLM and VLM clients share: the served model's name and one HTTP client."""
 
     def __init__(
         self,
@@ -127,6 +127,10 @@ class OpenAICompatibleLLM:
     @property
     def base_url(self) -> str:
         return self._client.base_url
+
+
+class OpenAICompatibleLLM(_ServedModel):
+    """Chat (and, on vLLM, scoring) through an OpenAI-compatible server (implements :class:`models.protocols.LLM`)."""
 
     def chat(
         self,
@@ -265,21 +269,8 @@ def image_data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class OpenAICompatibleVLM:
+class OpenAICompatibleVLM(_ServedModel):
     """Image + text questions through an OpenAI-compatible server (implements :class:`models.protocols.VLM`)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        timeout: float = 60,
-        max_concurrency: int = 8,
-    ) -> None:
-        self.model_id = model
-        self.model = model
-        self.max_concurrency = max_concurrency
-        self._client = _Client(base_url, api_key, timeout)
 
     def generate(
         self,

@@ -124,6 +124,24 @@ def schema():
     typer.echo(json.dumps(Diagnosis.model_json_schema(mode="serialization"), indent=2))
 
 
+@app.command()
+def train(
+    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (configs/train/*.yaml)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set max_steps=10 (repeatable)."),
+):
+    """Train (or refresh) one node's model; prints the summary (metrics, artifact paths, wall time)."""
+    from pydantic import ValidationError
+
+    from training.cli import run_training
+
+    try:
+        summary = run_training(node, config, overrides)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+
+
 @models_app.command("list")
 def models_list():
     """List registered models (id, role, source, licence)."""

@@ -142,6 +142,15 @@ def train(
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
 
 
+def _eval_command():
+    from evals.cli import eval_command  # typer only at import; models load when a benchmark runs
+
+    return eval_command
+
+
+app.command("eval")(_eval_command())
+
+
 @models_app.command("list")
 def models_list():
     """List registered models (id, role, source, licence)."""

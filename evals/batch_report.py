@@ -1,5 +1,7 @@
 """Score a ``dermgraph batch`` results file: the agent's final label vs the classifier alone and the
 retrieved cases alone, abstention, accuracy on accepted cases and at fixed coverage, throughput.
+A quick look at one file; ``dermgraph eval BENCHMARK --import-batch FILE`` gives the full protocol
+(CIs, LLM alone, calibration, fairness, report and plots) from the same records.
 
     python -m evals.batch_report results.jsonl [--positive mel] [--json]
 """
@@ -13,15 +15,9 @@ import numpy as np
 import typer
 
 from evals.metrics import accuracy, accuracy_at_coverage, bootstrap_ci, diagnosis_metrics, risk_coverage
+from evals.protocols.diagnosis import system_predictions
 
 app = typer.Typer(add_completion=False)
-
-
-def _node(diag: dict, name: str) -> dict:
-    for t in diag["trace"]:
-        if t["node"] == name:
-            return t
-    return {}
 
 
 def summarise(records: list[dict], positive: str = "mel") -> dict:
@@ -30,14 +26,9 @@ def summarise(records: list[dict], positive: str = "mel") -> dict:
     errors = [r for r in records if r.get("status") != "ok"]
     y = np.array([r["truth"] for r in ok])
     final = np.array([r["diagnosis"]["label"] or "none" for r in ok])
-    clf, knn = [], []
-    for r in ok:
-        enc = _node(r["diagnosis"], "encode").get("outputs", {}).get("encoding", {})
-        probs = enc.get("classifier_probs") or {}
-        clf.append(max(probs, key=probs.get) if probs else "none")
-        ret = _node(r["diagnosis"], "retrieve").get("outputs", {}).get("retrieval", {})
-        kp = ret.get("knn_probs") or {}
-        knn.append(max(kp, key=kp.get) if kp else "none")
+    preds = [system_predictions(r["diagnosis"]) for r in ok]
+    clf = [p["classifier"][0] or "none" for p in preds]
+    knn = [p["knn"][0] or "none" for p in preds]
     accepted = np.array([r["diagnosis"]["verdict"] == "accept" for r in ok])
     conf = np.array([r["diagnosis"]["confidence"] for r in ok])
     correct = final == y

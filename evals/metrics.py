@@ -101,3 +101,121 @@ def diagnosis_metrics(y: Sequence[str], p: Sequence[str], positive: str = "mel")
         f"{positive}_sensitivity": round(sens, 4),
         f"{positive}_specificity": round(spec, 4),
     }
+
+
+def macro_roc_auc(y: Sequence[str], proba: np.ndarray, labels: Sequence[str]) -> float:
+    """Macro one-vs-rest ROC-AUC: ``proba[:, j]`` scores class ``labels[j]``; classes without both
+    positives and negatives in ``y`` are skipped (NaN when none is left)."""
+    from sklearn.metrics import roc_auc_score
+
+    y, proba = np.asarray(y), np.asarray(proba, float)
+    aucs = []
+    for j, c in enumerate(labels):
+        pos = y == c
+        if pos.any() and (~pos).any():
+            aucs.append(roc_auc_score(pos, proba[:, j]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+# --------------------------------------------------------------------------- label-coded metrics
+# The functions below work on a confusion matrix, so a bootstrap resample costs one bincount.
+
+
+def confusion_matrix(y: Sequence[str], p: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Counts ``[truth, prediction]`` over ``labels``; predictions outside ``labels`` are dropped
+    (they still lower recall: the truth row simply does not count them as correct).
+
+    >>> confusion_matrix(["a", "b", "b"], ["a", "a", "x"], ["a", "b"]).tolist()
+    [[1, 0], [1, 0]]
+    """
+    index = {c: i for i, c in enumerate(labels)}
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=int)
+    for t, q in zip(y, p):
+        if t in index and q in index:
+            cm[index[t], index[q]] += 1
+    return cm
+
+
+def encode_labels(y: Sequence[str], p: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Integer codes for truth and prediction over ``labels`` plus any other value seen (appended,
+    sorted), so that fast metrics see every prediction."""
+    extra = sorted((set(y) | set(p)) - set(labels))
+    vocab = list(labels) + extra
+    index = {c: i for i, c in enumerate(vocab)}
+    return np.array([index[v] for v in y], dtype=int), np.array([index[v] for v in p], dtype=int), vocab
+
+
+def _cm_codes(y: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y * k + p, minlength=k * k).reshape(k, k)
+
+
+def coded_metric(name: str, k: int, positive: int | None = None) -> Callable[[np.ndarray, np.ndarray], float]:
+    """A fast metric on integer-coded labels (see :func:`encode_labels`), with the same definitions as
+    :func:`diagnosis_metrics`: balanced accuracy, macro-F1 and macro precision average over the classes
+    present in the truth; ``sensitivity``/``specificity`` are for class ``positive``."""
+
+    def fn(y: np.ndarray, p: np.ndarray) -> float:
+        if len(y) == 0:
+            return float("nan")
+        cm = _cm_codes(np.asarray(y), np.asarray(p), k)
+        tp = np.diag(cm).astype(float)
+        support, predicted = cm.sum(1), cm.sum(0)
+        present = support > 0
+        if name == "accuracy":
+            return float(tp.sum() / len(y))
+        if name == "balanced_accuracy":
+            return float((tp[present] / support[present]).mean())
+        if name == "macro_f1":
+            denom = (support + predicted)[present]
+            return float(np.where(denom > 0, 2 * tp[present] / np.maximum(denom, 1), 0).mean())
+        if name == "macro_precision":
+            return float(np.where(predicted[present] > 0, tp[present] / np.maximum(predicted[present], 1), 0).mean())
+        if name in ("sensitivity", "specificity"):
+            if positive is None:
+                raise ValueError(f"{name} needs a positive class")
+            pos_true, pos_pred = support[positive], cm[:, positive].sum()
+            if name == "sensitivity":
+                return float(cm[positive, positive] / pos_true) if pos_true else float("nan")
+            neg = len(y) - pos_true
+            return float((neg - (pos_pred - cm[positive, positive])) / neg) if neg else float("nan")
+        raise ValueError(f"unknown metric {name!r}")
+
+    return fn
+
+
+def macro_precision(y: Sequence[str], p: Sequence[str]) -> float:
+    """Mean precision over the classes present in ``y`` (a class never predicted counts 0).
+
+    >>> macro_precision(["a", "a", "b"], ["a", "b", "b"])
+    0.75
+    """
+    yc, pc, vocab = encode_labels(y, p, sorted(set(y)))
+    return coded_metric("macro_precision", len(vocab))(yc, pc)
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width confidence bins (the same edges as :func:`expected_calibration_error`): for each,
+    the range, the number of cases, mean confidence and accuracy (None when empty)."""
+    c, k = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (c > lo) & (c <= hi) if lo > 0 else (c >= lo) & (c <= hi)
+        out.append({
+            "lo": round(float(lo), 4), "hi": round(float(hi), 4), "n": int(m.sum()),
+            "confidence": round(float(c[m].mean()), 4) if m.any() else None,
+            "accuracy": round(float(k[m].mean()), 4) if m.any() else None,
+        })  # fmt: skip
+    return out
+
+
+def per_group(values: Sequence[str], metric: Callable[..., float], *arrays: Sequence) -> dict[str, dict[str, float]]:
+    """``metric(*arrays)`` within each group of ``values``: ``{group: {"n": n, "value": v}}``.
+
+    >>> per_group(["f", "f", "m"], accuracy, ["a", "b", "a"], ["a", "a", "a"])
+    {'f': {'n': 2, 'value': 0.5}, 'm': {'n': 1, 'value': 1.0}}
+    """
+    g = np.asarray(values)
+    arrs = [np.asarray(a) for a in arrays]
+    return {str(v): {"n": int((g == v).sum()), "value": metric(*(a[g == v] for a in arrs))} for v in sorted(set(g.tolist()))}

@@ -38,6 +38,10 @@ class DatasetSpec(_Strict):
     extra_columns: list[str] = Field(default_factory=list, description="Other columns kept on each case (e.g. the 7-point criteria).")
     filter: dict[str, list[str]] = Field(default_factory=dict, description="Keep rows whose column value is in the list, e.g. {split: [val]}.")
     drop_unmapped: bool = Field(False, description="Drop rows whose label is not in label_map (when label_map is given).")
+    filter_fn: dict[str, str] = Field(
+        default_factory=dict,
+        description="Keep rows for which a function of a column is true: column → 'module:function', e.g. {sha1: 'training.data:is_dermnet_heldout'}.",
+    )
 
 
 class Benchmark(_Strict):
@@ -91,6 +95,11 @@ class ProtocolContext:
     """Benchmark options merged with command-line ones (``--opt key=value``)."""
     workers: int = 1
     log: Callable[[str], None] = print
+    rescore: bool = False
+    """Score from the cache only: load no model, fail if a case has no prediction."""
+    agent_factory: Callable[[Any], Any] | None = None
+    """``factory(agent_config) -> Agent``; None builds ``agent.agent.Agent(config)``. Must be a module-level
+    function when ``workers > 1`` (it is sent to the worker processes). Tests pass agents with doubles."""
 
 
 @dataclass

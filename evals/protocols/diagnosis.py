@@ -1,0 +1,235 @@
+"""Protocol 1 (agent diagnosis) with ablations, abstention/selective prediction, calibration and fairness.
+
+Every case runs ``Agent.diagnose`` once (cached; ``dermgraph batch`` records can be imported). The
+ablations are read from the same record's append-only trace, so they cost nothing:
+
+- classifier alone: argmax of the ``encode`` node's ``classifier_probs``;
+- retrieved cases (kNN) alone: argmax of the first ``retrieve`` node's ``knn_probs``;
+- LLM reasoner alone: argmax of the first ``reason`` node's ``llm_probs`` (none when it fell back);
+- full agent: the final label (given even when the verdict is 'abstain').
+
+Options (benchmark ``options`` or ``--opt``): ``n_bootstrap`` (1000), ``seed`` (0), ``coverages``
+([0.5, 0.8, 0.9, 1.0]), ``calibration_bins`` (10), ``selective_score`` ('confidence'),
+``age_bins`` ([40, 60]), ``group_bins``, ``min_group_size`` (10), ``allow_partial`` (false).
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import numpy as np
+
+from evals.cache import AGENT
+from evals.classification import fmt, headline_names, score
+from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
+from evals.protocols.base import ProtocolContext, ProtocolResult
+
+SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "llm": "LLM reasoner alone", "agent": "full agent"}
+NO_ANSWER = "none"
+"""Prediction of a system that gave no answer for a case (counts as wrong)."""
+DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
+
+
+def trace_node(diagnosis: dict[str, Any], name: str) -> dict[str, Any]:
+    """The first trace entry of node ``name`` (empty when the node did not run)."""
+    return next((t for t in diagnosis.get("trace", []) if t.get("node") == name), {})
+
+
+def _top(probs: dict[str, float] | None) -> tuple[str | None, float | None]:
+    if not probs:
+        return None, None
+    label = max(probs, key=probs.get)
+    total = sum(probs.values())
+    return label, float(probs[label] / total) if total > 0 else None
+
+
+def system_predictions(diagnosis: dict[str, Any]) -> dict[str, tuple[str | None, float | None]]:
+    """``{system: (label, probability of that label)}`` for the ablations and the full agent, from one
+    Diagnosis JSON (None where the system gave no answer, e.g. no LLM distribution after a fallback)."""
+    enc = trace_node(diagnosis, "encode").get("outputs", {}).get("encoding") or {}
+    ret = trace_node(diagnosis, "retrieve").get("outputs", {}).get("retrieval") or {}
+    rea = trace_node(diagnosis, "reason").get("outputs", {}).get("reasoning") or {}
+    diff = diagnosis.get("differential") or []
+    agent_p = diff[0]["probability"] if diff else diagnosis.get("confidence")
+    return {
+        "classifier": _top(enc.get("classifier_probs")),
+        "knn": _top(ret.get("knn_probs")),
+        "llm": _top(rea.get("llm_probs")),
+        "agent": (diagnosis.get("label"), agent_p if diagnosis.get("label") else None),
+    }
+
+
+def selective_scores(diagnosis: dict[str, Any]) -> dict[str, float]:
+    """Scores for selective prediction from the verifier's verdict: its confidence (the top label's
+    probability), confidence x self-consistency, and accepted-before-abstained (then confidence)."""
+    conf = float(diagnosis.get("confidence") or 0.0)
+    cons = diagnosis.get("self_consistency")
+    return {
+        "confidence": conf,
+        "confidence_x_consistency": conf * (1.0 if cons is None else float(cons)),
+        "verdict_then_confidence": conf + (1.0 if diagnosis.get("verdict") == "accept" else 0.0),
+    }
+
+
+def run(ctx: ProtocolContext) -> ProtocolResult:
+    from evals.benchmark import canonical_label
+    from evals.runner import ensure_predictions
+
+    opts = ctx.options
+    n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))
+    records, pstats = ensure_predictions(ctx, AGENT)
+    canon = canonical_label(ctx.bench)
+    pairs = [(c, r) for c, r in zip(ctx.cases, records) if r is not None and c.label is not None]
+    ok = [(c, r) for c, r in pairs if r.get("status") == "ok"]
+    errors = [(c, r) for c, r in pairs if r.get("status") != "ok"]
+    notes: list[str] = []
+    missing = sum(r is None for r in records)
+    if missing:
+        notes.append(f"PARTIAL: {missing} of {len(ctx.cases)} cases have no cached prediction and are not scored (allow_partial).")
+    if errors:
+        notes.append(f"{len(errors)} cases failed (error records, not scored): " + "; ".join(f"{c.id}: {r['error']['message'][:120]}" for c, r in errors[:3]))
+    if not ok:
+        raise ValueError(f"benchmark {ctx.bench.name!r}: no case with a label and a successful prediction to score")
+
+    cases = [c for c, _ in ok]
+    diags = [r["diagnosis"] for _, r in ok]
+    y = [c.label for c in cases]
+    labels = list(ctx.bench.labels) or sorted(set(y))
+    positive = ctx.bench.positive if ctx.bench.positive in labels else None
+    names = headline_names(positive, ctx.bench.metrics)
+    preds = [system_predictions(d) for d in diags]
+
+    systems: dict[str, Any] = {}
+    for s in SYSTEMS:
+        p = [canon(x[s][0]) or NO_ANSWER for x in preds]
+        res = score(y, p, labels, names, positive, n_boot, seed)
+        res["n_no_answer"] = sum(x[s][0] is None for x in preds)
+        conf = np.array([x[s][1] or 0.0 for x in preds])
+        res["ece"] = round(expected_calibration_error(conf, np.array(p) == np.array(y), int(opts.get("calibration_bins", 10))), 4)
+        res["predictions"] = p
+        systems[s] = res
+    agent_pred = np.array(systems["agent"]["predictions"])
+    correct = agent_pred == np.array(y)
+
+    # Abstention and selective prediction (verifier's scores).
+    accepted = np.array([d.get("verdict") == "accept" for d in diags])
+    abst: dict[str, Any] = {
+        "abstention_rate": round(float(1 - accepted.mean()), 4),
+        "accuracy_on_accepted": round(float(correct[accepted].mean()), 4) if accepted.any() else None,
+        "accuracy_on_abstained": round(float(correct[~accepted].mean()), 4) if (~accepted).any() else None,
+    }
+    if accepted.sum() > 1 and n_boot:
+        lo, hi = bootstrap_ci(lambda k, a: k[a].mean() if a.any() else np.nan, correct, accepted, n=n_boot, seed=seed)
+        abst["accuracy_on_accepted_ci95"] = [round(lo, 4), round(hi, 4)]
+    coverages = [float(c) for c in opts.get("coverages", DEFAULT_COVERAGES)]
+    all_scores = {k: np.array([selective_scores(d)[k] for d in diags]) for k in ("confidence", "confidence_x_consistency", "verdict_then_confidence")}
+    main_score = str(opts.get("selective_score", "confidence"))
+    if main_score not in all_scores:
+        raise ValueError(f"selective_score {main_score!r}; valid: {', '.join(all_scores)}")
+    selective: dict[str, Any] = {"score": main_score, "by_score": {}}
+    curves = {}
+    for name, sc in all_scores.items():
+        cov, risk, aurc = risk_coverage(sc, correct)
+        entry: dict[str, Any] = {"aurc": {"value": round(aurc, 4)}, "accuracy_at_coverage": {}}
+        boot = n_boot if name == main_score else 0
+        if boot and len(y) > 1:
+            entry["aurc"]["ci95"] = [round(v, 4) for v in bootstrap_ci(lambda s_, k_: risk_coverage(s_, k_)[2], sc, correct, n=boot, seed=seed)]
+        for c in coverages:
+            m = {"value": round(accuracy_at_coverage(sc, correct, c), 4)}
+            if boot and len(y) > 1:
+                m["ci95"] = [round(v, 4) for v in bootstrap_ci(lambda s_, k_, c=c: accuracy_at_coverage(s_, k_, c), sc, correct, n=boot, seed=seed)]
+            entry["accuracy_at_coverage"][f"{c:g}"] = m
+        selective["by_score"][name] = entry
+        step = max(1, len(cov) // 200)
+        curves[name] = (cov[::step].tolist() + [float(cov[-1])], risk[::step].tolist() + [float(risk[-1])], aurc)
+    selective.update(selective["by_score"][main_score])
+
+    conf_top = np.array([x["agent"][1] or 0.0 for x in preds])
+    bins = reliability_bins(conf_top, correct, int(opts.get("calibration_bins", 10)))
+    calibration = {"ece": systems["agent"]["ece"], "bins": bins, "ece_by_system": {s: systems[s]["ece"] for s in SYSTEMS}}
+
+    # Fairness: every headline metric of the full agent per group.
+    from evals.fairness import fairness, group_values
+
+    groups = group_values(cases, opts)
+    fair = fairness(groups, y, list(agent_pred), labels, names, positive, n_boot, seed, int(opts.get("min_group_size", 10))) if groups else {}
+
+    durations = [sum(t.get("duration_s", 0) for t in d.get("trace", [])) for d in diags]
+    metrics: dict[str, Any] = {
+        "n_scored": len(ok), "n_errors": len(errors), "n_missing": missing, "labels": labels, "positive": positive,
+        "headline": systems["agent"]["headline"],
+        "systems": {s: {k: v for k, v in res.items() if k != "predictions"} for s, res in systems.items()},
+        "abstention": abst, "selective": selective, "calibration": calibration, "fairness": fair,
+        "llm_fallback_rate": round(float(np.mean([d.get("reasoner_source") == "fallback" for d in diags])), 4),
+        "mean_graph_seconds_per_case": round(float(np.mean(durations)), 3),
+        "predictions": pstats,
+        "record_versions": _record_versions(diags),
+    }  # fmt: skip
+    _write_cases_csv(ctx, cases, y, systems, diags, groups)
+    tables = _tables(metrics, systems, names, labels, coverages, fair)
+    plots = _plots(ctx, metrics, systems, curves, fair, names)
+    notes.append(f"{len(ok)} cases scored; headline metrics use the top label of every case (abstentions included) with percentile-bootstrap 95% CIs ({n_boot} resamples, seed {seed}).")
+    if systems["llm"]["n_no_answer"]:
+        notes.append(f"LLM alone gave no distribution for {systems['llm']['n_no_answer']} cases (fallback or no reasoning); counted as wrong.")
+    return ProtocolResult(metrics=metrics, tables=tables, plots=plots, n_cases=len(ok), notes=notes)
+
+
+def _record_versions(diags: list[dict[str, Any]]) -> dict[str, Any]:
+    configs = sorted({(d.get("versions") or {}).get("config") or "?" for d in diags})
+    first = next((d.get("versions") for d in diags if d.get("versions")), {}) or {}
+    return {**{k: v for k, v in first.items() if k != "models"}, "configs": configs}
+
+
+def _write_cases_csv(ctx, cases, y, systems, diags, groups) -> None:
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    with (ctx.out_dir / "cases.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        gnames = list(groups)
+        w.writerow(["id", "truth", *SYSTEMS, "verdict", "confidence", *gnames])
+        for i, (c, d) in enumerate(zip(cases, diags)):
+            w.writerow([c.id, y[i], *(systems[s]["predictions"][i] for s in SYSTEMS), d.get("verdict"), round(float(d.get("confidence") or 0), 4), *(groups[g][i] for g in gnames)])
+
+
+def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
+    from evals.fairness import fairness_tables
+    from evals.report import md_table
+
+    n = metrics["n_scored"]
+    t = {}
+    t[f"Diagnosis, all {n} cases (top label; 95% CI)"] = md_table(
+        ["system", *names, "ECE", "no answer"],
+        [[SYSTEMS[s], *(fmt(systems[s]["headline"][m]) for m in names), f"{systems[s]['ece']:.3f}", systems[s]["n_no_answer"]] for s in SYSTEMS],
+    )
+    t["Per-class recall"] = md_table(
+        ["class", "n", *SYSTEMS.values()],
+        [[c, systems["agent"]["support"][c], *(f"{systems[s]['per_class_recall'][c]:.3f}" if c in systems[s]["per_class_recall"] else "-" for s in SYSTEMS)] for c in labels if systems["agent"]["support"][c]],
+    )
+    a, sel = metrics["abstention"], metrics["selective"]
+    ci = a.get("accuracy_on_accepted_ci95")
+    rows = [["abstention rate", f"{a['abstention_rate']:.3f}"],
+            ["accuracy on accepted cases", f"{a['accuracy_on_accepted']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") if a["accuracy_on_accepted"] is not None else "-"],
+            ["accuracy on abstained cases", f"{a['accuracy_on_abstained']:.3f}" if a["accuracy_on_abstained"] is not None else "-"],
+            [f"AURC ({sel['score']})", fmt(sel["aurc"])]]  # fmt: skip
+    rows += [[f"accuracy at {float(c):.0%} coverage", fmt(sel["accuracy_at_coverage"][f"{c:g}"])] for c in coverages]
+    for name, e in sel["by_score"].items():
+        if name != sel["score"]:
+            rows.append([f"AURC ({name})", f"{e['aurc']['value']:.3f}"])
+    t["Abstention and selective prediction (verifier scores)"] = md_table(["", "full agent"], rows)
+    t.update(fairness_tables(fair, names))
+    return t
+
+
+def _plots(ctx, metrics, systems, curves, fair, names) -> dict[str, Any]:
+    from evals import plots
+
+    d = ctx.out_dir / "plots"
+    out = {}
+    for s in ("agent", "classifier"):
+        cm = systems[s]["confusion"]
+        out[f"Confusion matrix: {SYSTEMS[s]}"] = plots.confusion_matrix(cm["matrix"], cm["labels"], d / f"confusion_{s}.png", f"{ctx.bench.name}: {SYSTEMS[s]}")
+    out["Reliability diagram: full agent"] = plots.reliability_diagram(metrics["calibration"]["bins"], d / "reliability_agent.png", metrics["calibration"]["ece"], f"{ctx.bench.name}: full agent")
+    out["Risk-coverage: full agent"] = plots.risk_coverage(curves, d / "risk_coverage.png", f"{ctx.bench.name}: selective prediction")
+    for g, f in fair.items():
+        out[f"Fairness: by {g}"] = plots.fairness_bars(f, [m for m in names if m in ("accuracy", "balanced_accuracy", "macro_f1") or m.endswith("_sensitivity")], d / f"fairness_{g}.png", f"{ctx.bench.name}: full agent by {g}")
+    return out

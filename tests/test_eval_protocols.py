@@ -1,0 +1,231 @@
+"""The eval runner and the diagnosis / modality / morphology protocols, with test doubles."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent import Agent
+from evals.runner import MissingPredictions, run_benchmark
+from tests.doubles import backends, concept_heads, modality_heads
+
+CALLS: list[str] = []
+
+
+def fake_agent(config):
+    """Module-level (picklable) factory: the agent with test doubles."""
+    CALLS.append("built")
+    agent = Agent(config, backends=backends())
+    real = agent.diagnose
+
+    def diagnose(*a, **k):
+        CALLS.append("diagnose")
+        return real(*a, **k)
+
+    agent.diagnose = diagnose
+    return agent
+
+
+def no_models(config):
+    raise AssertionError("a model was loaded during --rescore")
+
+
+def _images(tmp_path, n):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "img" / f"c{i}.png")
+        rows.append(f"c{i}.png")
+    return rows
+
+
+def _diagnosis_bench(tmp_path, n=6):
+    rows = _images(tmp_path, n)
+    labels = ["mel", "nv", "mel", "bkl", "nv", "mel", "nv", "nv"]
+    sexes = ["male", "female"]
+    lines = ["image,dx,sex,age"] + [f"{r},{labels[i % 8]},{sexes[i % 2]},{30 + 10 * i}" for i, r in enumerate(rows)]
+    (tmp_path / "cases.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "bench.yaml").write_text(
+        "name: tiny_dx\ntask: diagnosis\nlabels: [akiec, bcc, bkl, df, mel, nv, vasc]\npositive: mel\n"
+        "options: {n_bootstrap: 50, min_group_size: 1}\n"
+        "dataset: {path: cases.csv, image_root: img, label_column: dx, metadata: {age: age, sex: sex}, group_columns: {sex: sex, age: age}}\n"
+    )
+    return tmp_path / "bench.yaml"
+
+
+def test_diagnosis_run_cache_resume_rescore(tmp_path):
+    bench = _diagnosis_bench(tmp_path)
+    out = tmp_path / "out"
+    logs: list[str] = []
+    CALLS.clear()
+    run_benchmark(bench, out, limit=3, agent_factory=fake_agent, log=logs.append)  # a partial run (as if killed)
+    assert CALLS.count("diagnose") == 3
+    CALLS.clear()
+    summary = run_benchmark(bench, out, agent_factory=fake_agent, log=logs.append)  # resume: only the missing 3
+    assert CALLS.count("diagnose") == 3
+    keys = [json.loads(x)["key"] for x in (out / "predictions" / "main.jsonl").read_text().splitlines()]
+    assert len(keys) == 6 == len(set(keys))
+    assert any("cases/s" in m for m in logs)
+    m = summary["metrics"]
+    assert m["n_scored"] == 6 and set(m["systems"]) == {"classifier", "knn", "llm", "agent"}
+    # the doubles: classifier says mel, every system ends on mel
+    assert m["systems"]["classifier"]["headline"]["accuracy"]["value"] == pytest.approx(3 / 6)
+    assert m["headline"]["mel_sensitivity"]["value"] == 1.0
+    for h in m["headline"].values():
+        if h["value"] is not None:
+            assert h["ci95"][0] <= h["value"] <= h["ci95"][1]
+    assert set(m["fairness"]) == {"sex", "age"} and set(m["fairness"]["age"]["groups"]) == {"<40", "40-59", ">=60"}
+    assert m["selective"]["accuracy_at_coverage"]["1"]["value"] == m["headline"]["accuracy"]["value"]
+    for f in ("metrics.json", "report.md", "config.yaml", "cases.csv", "plots/confusion_agent.png", "plots/reliability_agent.png",
+              "plots/risk_coverage.png", "plots/fairness_sex.png", "plots/fairness_age.png"):  # fmt: skip
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    report = (out / "report.md").read_text()
+    assert "full agent" in report and "By sex" in report and "smollm2" in report  # tables, fairness, versions
+
+    logs.clear()
+    again = run_benchmark(bench, out, rescore=True, agent_factory=no_models, log=logs.append)
+    assert again["metrics"]["headline"] == m["headline"]
+    assert any(x.startswith("[eval] rescored tiny_dx in") for x in logs)
+
+    with pytest.raises(MissingPredictions, match="6 of 6 cases have no cached prediction"):
+        run_benchmark(bench, tmp_path / "empty", rescore=True, agent_factory=no_models, log=logs.append)
+    part = run_benchmark(bench, out, rescore=True, agent_factory=no_models, options={"allow_partial": True}, log=logs.append)
+    assert part["metrics"]["n_missing"] == 0
+
+
+def test_seen_by_default_classifier_warning_and_cli_list(tmp_path):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    bench = _diagnosis_bench(tmp_path, n=2)
+    bench.write_text(bench.read_text() + "seen_by_default_classifier: true\n")
+    run_benchmark(bench, tmp_path / "out", agent_factory=fake_agent, log=lambda m: None)
+    assert "trained on these images" in (tmp_path / "out" / "report.md").read_text()
+    res = CliRunner().invoke(app, ["eval", "--list"])
+    assert res.exit_code == 0 and "isic2018_val" in res.output and "[seen by the default classifier]" in res.output
+    res = CliRunner().invoke(app, ["eval", "no_such_set"])
+    assert res.exit_code == 2 and "shipped:" in res.output
+    res = CliRunner().invoke(app, ["eval", str(bench), "--out", str(tmp_path / "nothing"), "--rescore"])
+    assert res.exit_code == 2 and "no cached prediction" in res.output
+
+
+def test_ablations_from_one_record():
+    from evals.protocols.diagnosis import selective_scores, system_predictions
+
+    diag = {
+        "label": "mel", "confidence": 0.6, "verdict": "abstain", "self_consistency": 0.5, "differential": [{"label": "mel", "probability": 0.6}],
+        "trace": [
+            {"node": "encode", "outputs": {"encoding": {"classifier_probs": {"nv": 0.7, "mel": 0.3}}}},
+            {"node": "retrieve", "outputs": {"retrieval": {"knn_probs": {"bkl": 2.0, "mel": 2.0, "nv": 4.0}}}},
+            {"node": "reason", "outputs": {"reasoning": {"llm_probs": {"bcc": 0.9, "mel": 0.1}}}},
+            {"node": "reason", "outputs": {"reasoning": {"llm_probs": {"mel": 0.9}}}},  # second round: not the LLM alone
+        ],
+    }  # fmt: skip
+    p = system_predictions(diag)
+    assert p == {"classifier": ("nv", 0.7), "knn": ("nv", 0.5), "llm": ("bcc", 0.9), "agent": ("mel", 0.6)}
+    assert system_predictions({"label": None, "trace": [{"node": "encode", "outputs": {"encoding": {"classifier_probs": {"nv": 1.0}}}}]})["llm"] == (None, None)
+    s = selective_scores(diag)
+    assert s["confidence"] == 0.6 and s["confidence_x_consistency"] == 0.3 and s["verdict_then_confidence"] == 0.6
+
+
+def test_fairness_worst_group_and_gap():
+    from evals.fairness import fairness
+
+    y = ["mel"] * 4 + ["nv"] * 4 + ["mel", "nv"]
+    p = ["mel"] * 4 + ["mel", "nv", "nv", "nv"] + ["nv", "nv"]
+    groups = {"sex": ["f"] * 4 + ["m"] * 4 + ["unknown"] * 2}
+    f = fairness(groups, y, p, ["mel", "nv"], ["accuracy", "mel_sensitivity"], "mel", n_boot=20, min_n=2)["sex"]
+    assert f["groups"]["f"]["metrics"]["accuracy"]["value"] == 1.0 and f["groups"]["m"]["metrics"]["accuracy"]["value"] == 0.75
+    assert f["summary"]["accuracy"] == {"worst_group": "m", "worst_value": 0.75, "gap": 0.25, "groups_compared": 2}  # 'unknown' not compared
+    assert f["groups"]["m"]["metrics"]["mel_sensitivity"]["value"] is None  # no melanoma among m: undefined, not 0
+    assert f["summary"]["mel_sensitivity"]["gap"] is None
+
+
+def test_headline_ci_bounds_are_ordered():
+    from evals.classification import headline
+
+    rng = np.random.default_rng(1)
+    y = rng.choice(["a", "b", "c"], 80).tolist()
+    p = [t if rng.random() < 0.7 else str(rng.choice(["a", "b", "c"])) for t in y]
+    h = headline(y, p, ["a", "b", "c"], ["accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "a_sensitivity", "a_specificity"], "a", n_boot=200)
+    from evals.metrics import accuracy, balanced_accuracy, macro_f1
+
+    assert h["accuracy"]["value"] == pytest.approx(accuracy(y, p), abs=1e-4)
+    assert h["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy(y, p), abs=1e-4)
+    assert h["macro_f1"]["value"] == pytest.approx(macro_f1(y, p, sorted(set(y))), abs=1e-4)
+    for m in h.values():
+        lo, hi = m["ci95"]
+        assert lo <= m["value"] <= hi and lo < hi
+
+
+def test_modality_protocol_runs_only_the_first_nodes(tmp_path):
+    rows = _images(tmp_path, 4)
+    (tmp_path / "mix.csv").write_text("image,modality,source\n" + "".join(f"{r},{'dermoscopy' if i % 2 else 'clinical'},s{i % 2}\n" for i, r in enumerate(rows)))
+    (tmp_path / "mix.yaml").write_text(
+        "name: mix\ntask: modality\nlabels: [clinical, dermoscopy, histopathology, not_skin]\noptions: {n_bootstrap: 20, min_group_size: 1}\n"
+        "dataset: {path: mix.csv, image_root: img, label_column: modality, group_columns: {source: source}}\n"
+    )
+    b = backends(modality_heads=modality_heads("dermoscopy"))
+    factory_calls = []
+
+    def factory(config):
+        factory_calls.append(1)
+        return Agent(config, backends=b)
+
+    s = run_benchmark(tmp_path / "mix.yaml", tmp_path / "out", agent_factory=factory, log=lambda m: None)
+    m = s["metrics"]
+    assert m["headline"]["accuracy"]["value"] == 0.5 and m["per_class_recall"] == {"clinical": 0.0, "dermoscopy": 1.0}
+    assert b["llm"].scored == 0 and b["kb"].queries == []  # reasoner and retrieval never ran
+    assert m["fairness"]["source"]["summary"]["accuracy"]["gap"] == 1.0
+    rec = json.loads((tmp_path / "out" / "predictions" / "main.jsonl").read_text().splitlines()[0])
+    assert rec["kind"] == "modality" and [t["node"] for t in rec["trace"]] == ["encode", "modality"]
+    run_benchmark(tmp_path / "mix.yaml", tmp_path / "out", rescore=True, agent_factory=no_models, log=lambda m: None)
+    assert (tmp_path / "out" / "plots" / "confusion_modality.png").is_file()
+
+
+def test_morphology_protocol_structured_and_free_text(tmp_path):
+    from evals.protocols.morphology import predicted_criteria
+
+    rows = _images(tmp_path, 4)
+    crit = "pigment_network,streaks,pigmentation,regression_structures,dots_and_globules,blue_whitish_veil,vascular_structures"
+    values = ["atypical,absent,absent,absent,absent,present,absent", "typical,absent,absent,absent,absent,absent,absent",
+              "atypical,absent,absent,absent,absent,absent,absent", "absent,absent,absent,absent,absent,present,dotted"]  # fmt: skip
+    (tmp_path / "meta.csv").write_text(f"image,{crit}\n" + "".join(f"{r},{v}\n" for r, v in zip(rows, values)))
+    (tmp_path / "crit.yaml").write_text(f"name: crit\ntask: morphology\noptions: {{n_bootstrap: 20}}\ndataset: {{path: meta.csv, image_root: img, extra_columns: [{crit}]}}\n")
+    b = backends(concept_heads=concept_heads({"pigment_network": "atypical", "blue_whitish_veil": "present"}))
+    s = run_benchmark(tmp_path / "crit.yaml", tmp_path / "out", agent_factory=lambda c: Agent(c, backends=b), log=lambda m: None)
+    m = s["metrics"]
+    assert m["criteria"]["pigment_network"]["accuracy"] == 0.5 and m["criteria"]["blue_whitish_veil"]["accuracy"] == 0.5
+    assert m["criteria"]["streaks"]["accuracy"] == 1.0 and m["criteria"]["vascular_structures"]["accuracy"] == 0.75
+    assert m["sources"] == {"structured": 4} and m["headline"]["mean_accuracy"]["value"] == pytest.approx(np.mean([0.5, 1, 1, 1, 1, 0.5, 0.75]), abs=1e-4)
+    lo, hi = m["headline"]["mean_accuracy"]["ci95"]
+    assert lo <= m["headline"]["mean_accuracy"]["value"] <= hi
+    text = {"findings": [], "description": "Atypical pigment network with a blue-whitish veil; no vessels."}
+    vals, src = predicted_criteria(text)
+    assert src == "text" and vals["pigment_network"] == "atypical" and vals["blue_whitish_veil"] == "present"
+
+
+@pytest.mark.slow
+def test_two_worker_processes_write_their_own_shards(tmp_path):
+    bench = _diagnosis_bench(tmp_path, n=4)
+    s = run_benchmark(bench, tmp_path / "out", workers=2, agent_factory=fake_agent, log=lambda m: None)
+    shards = sorted(p.name for p in (tmp_path / "out" / "predictions").glob("worker-*.jsonl"))
+    assert len(shards) == 2 and s["metrics"]["n_scored"] == 4
+    keys = [json.loads(x)["key"] for p in (tmp_path / "out" / "predictions").glob("*.jsonl") for x in p.read_text().splitlines()]
+    assert len(keys) == 4 == len(set(keys))
+
+
+def test_metric_helpers():
+    from evals.metrics import confusion_matrix, expected_calibration_error, macro_precision, per_group, reliability_bins
+
+    assert confusion_matrix(["mel", "nv", "nv"], ["nv", "nv", "none"], ["mel", "nv"]).tolist() == [[0, 1], [0, 1]]
+    assert macro_precision(["a", "a", "b", "b"], ["a", "b", "b", "b"]) == pytest.approx((1 + 2 / 3) / 2)
+    bins = reliability_bins([0.05, 0.95, 0.95], [False, True, False], bins=10)
+    assert len(bins) == 10 and bins[0] == {"lo": 0.0, "hi": 0.1, "n": 1, "confidence": 0.05, "accuracy": 0.0}
+    assert bins[9]["n"] == 2 and bins[9]["accuracy"] == 0.5 and bins[5]["accuracy"] is None
+    ece = sum(b["n"] / 3 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])
+    assert ece == pytest.approx(expected_calibration_error([0.05, 0.95, 0.95], [False, True, False]))
+    assert per_group(["f", "m", "m"], lambda a: float(np.mean(a)), [1, 0, 1]) == {"f": {"n": 1, "value": 1.0}, "m": {"n": 2, "value": 0.5}}

@@ -79,6 +79,15 @@ class VerifierConfig(_Strict):
     )
     min_morphology_agreement: float = Field(0.35, ge=0, le=1, description="Below this the findings contradict the top diagnosis.")
     max_rounds: int = Field(2, ge=1, le=5, description="Reasoner rounds before the verifier must accept or abstain.")
+    consistency_model: str | None = Field(
+        None,
+        description="Registry id or path of a trained consistency verifier (training/verifier.py). None: the rule score "
+        "(morphology_agreement vs min_morphology_agreement). When set, its calibrated P(consistent | findings, diagnosis) "
+        "replaces the rule score in the morphology check and is recorded in the verdict.",
+    )
+    consistency_threshold: float | None = Field(
+        None, ge=0, le=1, description="Below this P(consistent) the findings contradict the top diagnosis. None: the threshold stored in the model."
+    )
 
 
 class AgentConfig(_Strict):
@@ -94,11 +103,20 @@ class AgentConfig(_Strict):
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
 
     def fingerprint(self) -> str:
-        """Stable hash of the configuration (keys caches and result records)."""
+        """Stable hash of the configuration (keys caches and result records).
+
+        Fields left at None are dropped first: None means "feature off", so adding a new optional
+        feature does not invalidate earlier caches and records of configurations that do not use it."""
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(_drop_none(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

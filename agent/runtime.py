@@ -104,6 +104,20 @@ class Runtime:
         return self._get("knowledge", build)
 
     @functools.cached_property
+    def consistency_model(self):
+        """The trained consistency verifier named by ``verifier.consistency_model``."""
+
+        def build():
+            from models.verifier import ConsistencyModel
+
+            ref = self.config.verifier.consistency_model
+            if ref is None:
+                raise ValueError("verifier.consistency_model is not set")
+            return ConsistencyModel.load(resolve_artifact(ref))
+
+        return self._get("consistency_model", build)
+
+    @functools.cached_property
     def cases(self):
         def build():
             from retrieval.cases import CaseRetriever

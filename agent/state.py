@@ -111,6 +111,7 @@ class Verdict(BaseModel):
     confidence: float = Field(ge=0, le=1, description="Probability of the top diagnosis.")
     morphology_agreement: float | None = Field(None, description="0..1 agreement of findings with the KB's expected morphology for the top diagnosis.")
     self_consistency: float = Field(ge=0, le=1, description="Share of the k sampled outputs agreeing with the top label.")
+    consistency_score: float | None = Field(None, description="Trained verifier's P(consistent | findings, top diagnosis), when verifier.consistency_model is set.")
     reasons: list[str] = Field(default_factory=list)
     feedback: str | None = Field(None, description="What the reasoner is asked to reconsider on 'revise'.")
 

@@ -68,3 +68,47 @@ def ham10000_subset(rows: list[dict[str, str]], n_nevus: int = 1200) -> list[dic
     nevi = sorted((r for r in train if r["dx"] == "nv"), key=lambda r: hashlib.sha1((r["lesion_id"] + r["image_id"]).encode()).hexdigest())
     keep = {r["image_id"] for r in train if r["dx"] != "nv"} | {r["image_id"] for r in nevi[:n_nevus]}
     return [r for r in rows if r["image_id"] in keep]
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a user CSV or JSONL (one object per line), values as strings."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return read_csv(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        import json
+
+        return [{k: "" if v is None else str(v) for k, v in json.loads(line).items()} for line in path.read_text().splitlines() if line.strip()]
+    raise ValueError(f"{path}: expected a .csv or .jsonl file")
+
+
+def user_features(images: list[Path], feature_dir: Path = FEATURE_DIR, view: str = "full", device: str = "cpu") -> dict[str, np.ndarray]:
+    """sklesion probabilities and pooled features of arbitrary image files, extracted once and cached in
+    ``feature_dir/user_<hash>__<view>.npz`` (keyed by the resolved paths and the view)."""
+    import hashlib
+
+    from PIL import Image
+
+    from training.views import make_view
+
+    ids = [str(Path(p).resolve()) for p in images]
+    key = hashlib.sha256(("\n".join(ids) + view).encode()).hexdigest()[:16]
+    path = Path(feature_dir) / f"user_{key}__{view}.npz"
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        return {"ids": z["ids"].astype(str), "probs": z["probs"].astype(np.float32), "features": z["features"].astype(np.float32)}
+    missing = [i for i in ids if not Path(i).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images not found, e.g. {missing[0]}")
+    from models.sklesion import SklesionClassifier
+
+    clf = SklesionClassifier(device=device)
+    probs, feats = [], []
+    for lo in range(0, len(ids), 32):
+        res = clf.predict([make_view(Image.open(i).convert("RGB"), view) for i in ids[lo : lo + 32]])
+        probs.append(res.probs)
+        feats.append(res.features)
+    out = {"ids": np.array(ids, dtype=str), "probs": np.concatenate(probs).astype(np.float32), "features": np.concatenate(feats).astype(np.float32)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, ids=out["ids"], probs=out["probs"], features=out["features"].astype(np.float16))
+    return out

@@ -5,24 +5,51 @@ whole sources out (a dermoscopy dataset, a third of DermNet's classes, a third o
 slides, a third of the synthetic kinds per fold), and also reports tight crops of clinical photos,
 which look like dermoscopy close-ups to a HAM10000-trained encoder.
 
-    python -m training.modality --out models/artifacts/modality_head.safetensors
+    dermgraph train modality --config configs/train/modality.yaml
+    python -m training.modality --config configs/train/modality_smoke.yaml --set feature_dir=/tmp/features
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
-import typer
+from pydantic import Field
 
-from training.data import FEATURE_DIR, load_features, source_table
+from agent.config import AgentConfig
+from training.cli import module_main
+from training.config import TrainConfig
 
 CLASSES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
-app = typer.Typer(add_completion=False)
+LICENCE = "CC-BY-NC-SA-4.0 (derived from non-commercial training data)"
 
 
-def _stats_for(source: str, view: str, ids: np.ndarray) -> np.ndarray:
+class Config(TrainConfig):
+    """Modality head: class-balanced logistic regression + PCA-centroid OOD detector."""
+
+    c: float = Field(0.01, gt=0, description="Inverse L2 regularisation of the logistic head.")
+    max_iter: int = Field(2000, ge=10, description="L-BFGS iterations.")
+    n_synthetic: int = Field(60, ge=1, description="Synthetic non-skin images per kind (8 kinds); features cached as synthetic_<n>.npz in feature_dir.")
+    synthetic_seed: int = Field(0, ge=0, description="Seed of the synthetic image generator.")
+    ood_quantile: float = Field(0.995, gt=0, le=1, description="OOD threshold = this quantile of held-out in-distribution distances.")
+    pca_dim: int = Field(32, ge=1, description="Dimensions of the OOD detector's PCA space (capped by the data size).")
+    dermoscopy_sources: list[str] = Field(["ham10000", "derm7pt", "isic2018_val"], min_length=1, description="Dermoscopy feature sources; fold k holds out source k (mod n_folds) whole.")
+    clinical_views: list[str] = Field(["masked", "crop50"], min_length=1, description="DermNet views used as clinical photos (training.views: full, masked, crop50).")
+    histology: bool = Field(True, description="Include the histology tiles (not skin: they teach the histopathology class only).")
+    n_folds: int = Field(3, ge=2, description="Held-out-source folds.")
+    data: Path | None = Field(
+        None,
+        description="Extra labelled images: CSV/JSONL with columns image (path) and label (one of the four classes); features and "
+        "statistics are extracted on the fly (cached in feature_dir). Held out by content of the path hash, like the other groups.",
+    )
+    image_root: Path | None = Field(None, description="Folder the image paths in `data` are relative to (default: the file's folder).")
+    compare_with: str | None = Field(default_factory=lambda: AgentConfig().modality.head, description="Registry id of the shipped head (the agent's modality.head) for the before/after table.")
+    artifact_id: str = Field("modality-head", description="Id stored in the artifact's metadata (shown in the agent's trace).")
+
+
+def _stats_for(source: str, view: str, ids: np.ndarray, feature_dir: Path, root: Path | None = None) -> np.ndarray:
     """Colour/texture statistics of each image (cached next to the features)."""
     from PIL import Image
 
@@ -30,27 +57,27 @@ def _stats_for(source: str, view: str, ids: np.ndarray) -> np.ndarray:
     from models.paths import data_dir
     from training.views import make_view
 
-    path = FEATURE_DIR / f"stats_{source}__{view}.npz"
+    path = Path(feature_dir) / f"stats_{source}__{view}.npz"
     if path.exists():
         z = np.load(path)
         if list(z["ids"].astype(str)) == list(ids):
             return z["stats"]
-    root = data_dir() / source
+    root = root if root is not None else data_dir() / source
     stats = np.stack([image_stats(make_view(Image.open(root / i).convert("RGB"), view)) for i in ids])
     np.savez(path, ids=ids, stats=stats)
     return stats
 
 
-def _synthetic(n_per_kind: int) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic(n_per_kind: int, feature_dir: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from models.image_stats import image_stats
     from models.sklesion import SklesionClassifier
     from training.synthetic import generate
 
-    path = FEATURE_DIR / f"synthetic_{n_per_kind}.npz"
+    path = Path(feature_dir) / (f"synthetic_{n_per_kind}.npz" if seed == 0 else f"synthetic_{n_per_kind}_s{seed}.npz")
     if path.exists():
         z = np.load(path)
         return z["x"], z["groups"]
-    items = generate(n_per_kind)
+    items = generate(n_per_kind, seed)
     clf = SklesionClassifier()
     feats = np.concatenate([clf.predict([im for _, im in items[i : i + 32]]).features for i in range(0, len(items), 32)])
     stats = np.stack([image_stats(im) for _, im in items])
@@ -60,113 +87,192 @@ def _synthetic(n_per_kind: int) -> tuple[np.ndarray, np.ndarray]:
     return x, groups
 
 
-def build_dataset(n_synthetic: int = 60):
-    """X, y, group (held out together), tag (source/view) for every training image."""
+def build_dataset(cfg: Config):
+    """X, y, group (held out together), tag (source/view) for every training image, in a fixed order."""
+    from training.data import load_features, read_table, source_table, user_features
+
     xs, ys, groups, tags = [], [], [], []
 
     def add(source, view, label, group_of):
-        f = load_features(source, view)
-        stats = _stats_for(source, view, f["ids"])
+        f = load_features(source, view, cfg.feature_dir)
+        stats = _stats_for(source, view, f["ids"], cfg.feature_dir)
         xs.append(np.concatenate([f["features"], stats], axis=1))
         ys.extend([label] * len(f["ids"]))
         groups.extend(group_of(i) for i in f["ids"])
         tags.extend([f"{source}:{view}"] * len(f["ids"]))
 
+    k = cfg.n_folds
+    for src in cfg.dermoscopy_sources:
+        add(src, "full", "dermoscopy", lambda i, s=src: f"dermoscopy:{s}")
     dermnet_label = {r["image"]: r["label"] for r in source_table("dermnet")}
     dn_classes = sorted(set(dermnet_label.values()))
-    histo_src = {r["image"]: r["source"] for r in source_table("histology")}
-    histo_slides = sorted(set(histo_src.values()))
-    for src in ("ham10000", "derm7pt", "isic2018_val"):
-        add(src, "full", "dermoscopy", lambda i, s=src: f"dermoscopy:{s}")
-    for view in ("masked", "crop50"):
-        add("dermnet", view, "clinical", lambda i: f"clinical:{dn_classes.index(dermnet_label[i]) % 3}")
-    add("histology", "full", "histopathology", lambda i: f"histology:{histo_slides.index(histo_src[i]) % 3}")
-    sx, sg = _synthetic(n_synthetic)
+    for view in cfg.clinical_views:
+        add("dermnet", view, "clinical", lambda i: f"clinical:{dn_classes.index(dermnet_label[i]) % k}")
+    if cfg.histology:
+        histo_src = {r["image"]: r["source"] for r in source_table("histology")}
+        histo_slides = sorted(set(histo_src.values()))
+        add("histology", "full", "histopathology", lambda i: f"histology:{histo_slides.index(histo_src[i]) % k}")
+    sx, sg = _synthetic(cfg.n_synthetic, cfg.feature_dir, cfg.synthetic_seed)
     xs.append(sx)
     ys.extend(["not_skin"] * len(sx))
     groups.extend(f"synthetic:{g}" for g in sg)
     tags.extend(["synthetic"] * len(sx))
+    if cfg.data is not None:
+        rows = read_table(cfg.data)
+        bad = sorted({r.get("label", "") for r in rows} - set(CLASSES))
+        if bad:
+            raise ValueError(f"{cfg.data}: labels must be one of {CLASSES}; got {bad}")
+        root = cfg.image_root or cfg.data.parent
+        paths = [root / r["image"] for r in rows]
+        f = user_features(paths, cfg.feature_dir)
+        stats = _stats_for("user_" + hashlib.sha256("\n".join(f["ids"]).encode()).hexdigest()[:16], "full", f["ids"], cfg.feature_dir, root=Path("/"))
+        xs.append(np.concatenate([f["features"], stats], axis=1))
+        ys.extend(r["label"] for r in rows)
+        groups.extend(f"user:{int(hashlib.sha1(str(p).encode()).hexdigest()[:8], 16) % k}" for p in paths)
+        tags.extend(["user"] * len(rows))
     return np.concatenate(xs).astype(np.float32), np.array(ys), np.array(groups), np.array(tags)
 
 
-def _folds(groups: np.ndarray) -> list[np.ndarray]:
-    """3 folds; each holds out one dermoscopy source and a third of every other modality's groups."""
-    derm = ["dermoscopy:ham10000", "dermoscopy:derm7pt", "dermoscopy:isic2018_val"]
+def _folds(groups: np.ndarray, cfg: Config) -> list[np.ndarray]:
+    """Fold k holds out dermoscopy sources k (mod n_folds) and the k-th share of every other modality's groups."""
+    k = cfg.n_folds
+    derm = [f"dermoscopy:{s}" for s in cfg.dermoscopy_sources]
     synth = sorted({g for g in groups if g.startswith("synthetic:")})
     out = []
-    for k in range(3):
-        held = {derm[k], f"clinical:{k}", f"histology:{k}"} | {s for j, s in enumerate(synth) if j % 3 == k}
+    for j in range(k):
+        held = {d for i, d in enumerate(derm) if i % k == j} | {f"clinical:{j}", f"histology:{j}", f"user:{j}"} | {s for i, s in enumerate(synth) if i % k == j}
         out.append(np.array([g in held for g in groups]))
     return out
 
 
-def fit(x: np.ndarray, y: np.ndarray, c: float):
+def fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int = 2000):
+    """Standardiser and class-balanced logistic regression."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter)
     clf.fit(scaler.transform(x), y)
     return scaler, clf
 
 
-@app.command()
-def main(
-    out: Path = typer.Option(Path("models/artifacts/modality_head.safetensors")),
-    c: float = typer.Option(0.01, help="Inverse L2 regularisation of the logistic head."),
-    n_synthetic: int = typer.Option(60, help="Synthetic non-skin images per kind."),
-    ood_quantile: float = typer.Option(0.995),
-    report: Path = typer.Option(Path("models/artifacts/modality_head.metrics.json")),
-):
-    """Cross-validate with whole sources held out, then fit on everything and save the head."""
+def _loss(clf, xs: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import log_loss
+
+    return float(log_loss(y, clf.predict_proba(xs), labels=clf.classes_))
+
+
+def _pca(x_std: np.ndarray, dim: int, seed: int):
     from sklearn.decomposition import PCA
-    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    return PCA(max(1, min(dim, x_std.shape[0] - 1, x_std.shape[1])), random_state=seed).fit(x_std)
+
+
+def _accuracy_by_tag(y, pred, tags) -> dict[str, float]:
+    return {t: round(float(np.mean(y[tags == t] == pred[tags == t])), 4) for t in sorted(set(tags))}
+
+
+def train(cfg: Config) -> dict:
+    """Cross-validate with whole sources held out, fit on everything, compare with the shipped head, save."""
+    from sklearn.metrics import confusion_matrix
 
     from models.heads import Head, HeadSet, OODDetector
+    from training.outputs import MetricsLog, publish, write_registry_fragment
 
-    x, y, groups, tags = build_dataset(n_synthetic)
+    log = MetricsLog(cfg.out_dir)
+    x, y, groups, tags = build_dataset(cfg)
+    missing = [c for c in CLASSES if not (y == c).any()]
+    if missing:
+        raise ValueError(f"no training images for {missing}: check dermoscopy_sources / clinical_views / histology / data")
     pred = np.empty(len(y), dtype=object)
-    dist_held = np.zeros(len(y))
-    for held in _folds(groups):
-        scaler, clf = fit(x[~held], y[~held], c)
+    dist_held = np.full(len(y), np.nan)
+    for k, held in enumerate(_folds(groups, cfg)):
+        if not held.any() or held.all():
+            continue
+        scaler, clf = fit(x[~held], y[~held], cfg.c, cfg.max_iter)
         xs = scaler.transform(x[held])
         pred[held] = clf.predict(xs)
-        pca = PCA(32, random_state=0).fit(scaler.transform(x[~held]))
-        z_tr = pca.transform(scaler.transform(x[~held]))
-        cents = np.stack([z_tr[y[~held] == k].mean(0) for k in CLASSES])
+        x_tr = scaler.transform(x[~held])
+        pca = _pca(x_tr, cfg.pca_dim, cfg.seed)
+        z_tr = pca.transform(x_tr)
+        # A class absent from this fold's training part (tiny data) has no centroid.
+        cents = np.stack([z_tr[y[~held] == c].mean(0) for c in CLASSES if (y[~held] == c).any()])
         z = pca.transform(xs)
         dist_held[held] = np.sqrt(((z[:, None] - cents[None]) ** 2).sum(-1)).min(1)
-    per_tag = {t: round(float(accuracy_score(y[tags == t], pred[tags == t])), 4) for t in sorted(set(tags))}
+        log.log(fold=k, n_train=int((~held).sum()), n_heldout=int(held.sum()), train_loss=round(_loss(clf, x_tr, y[~held]), 5),
+                heldout_accuracy=round(float(np.mean(pred[held] == y[held])), 4))  # fmt: skip
+    scored = np.array([p is not None for p in pred])
+    pred_s = pred[scored].astype(str)
     metrics = {
-        "heldout_accuracy": round(float(accuracy_score(y, pred)), 4),
-        "heldout_accuracy_by_source": per_tag,
-        "confusion_matrix": {"labels": CLASSES, "matrix": confusion_matrix(y, pred, labels=CLASSES).tolist()},
-        "n": {k: int((y == k).sum()) for k in CLASSES},
-        "protocol": "3 folds, each holding out one whole dermoscopy dataset, 1/3 of DermNet classes, 1/3 of histology slides, 1/3 of synthetic kinds",
+        "heldout_accuracy": round(float(np.mean(y[scored] == pred_s)), 4),
+        "heldout_accuracy_by_source": _accuracy_by_tag(y[scored], pred_s, tags[scored]),
+        "confusion_matrix": {"labels": CLASSES, "matrix": confusion_matrix(y[scored], pred_s, labels=CLASSES).tolist()},
+        "n": {c: int((y == c).sum()) for c in CLASSES},
+        "protocol": f"{cfg.n_folds} folds, each holding out whole dermoscopy dataset(s), 1/{cfg.n_folds} of DermNet classes, of histology slides and of synthetic kinds",
     }
 
-    scaler, clf = fit(x, y, c)
-    pca = PCA(32, random_state=0).fit(scaler.transform(x))
-    z = pca.transform(scaler.transform(x))
-    cents = np.stack([z[y == k].mean(0) for k in CLASSES])
+    scaler, clf = fit(x, y, cfg.c, cfg.max_iter)
+    xs_all = scaler.transform(x)
+    pca = _pca(xs_all, cfg.pca_dim, cfg.seed)
+    z = pca.transform(xs_all)
+    cents = np.stack([z[y == c].mean(0) for c in CLASSES])
     # Threshold from held-out (not training) distances, so in-distribution images are rarely rejected.
-    threshold = float(np.quantile(dist_held[y != "not_skin"], ood_quantile))
-    order = [list(clf.classes_).index(k) for k in CLASSES]
+    in_dist = (y != "not_skin") & ~np.isnan(dist_held)
+    threshold = float(np.quantile(dist_held[in_dist], cfg.ood_quantile)) if in_dist.any() else float("inf")
+    order = [list(clf.classes_).index(c) for c in CLASSES]
     head = Head("modality", CLASSES, clf.coef_[order].T.astype(np.float32), clf.intercept_[order].astype(np.float32))
     comps = (pca.components_.T).astype(np.float32)
     # PCA centring is folded into the centroids: score() projects standardised x without subtracting the mean.
     cents_uncentred = cents + (pca.mean_ @ pca.components_.T)[None]
+    metrics["ood_threshold"] = threshold
+    metrics["train_loss"] = round(_loss(clf, xs_all, y), 5)
+    trained_on = f"{'+'.join(cfg.dermoscopy_sources)} (dermoscopy), dermnet {'+'.join(cfg.clinical_views)} (clinical), " + (
+        "histology tiles, " if cfg.histology else "") + "synthetic not-skin" + (", user data" if cfg.data else "")  # fmt: skip
     hs = HeadSet(
         scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), {"modality": head}, inputs="sklesion features (2048) + image_stats (38)",
         ood=OODDetector(comps, cents_uncentred.astype(np.float32), threshold),
-        meta={"id": "modality-head", "C": c, "metrics": metrics, "trained_on": "ham10000+derm7pt+isic2018_val (dermoscopy), dermnet masked+crop50 (clinical), histology tiles, synthetic not-skin"},
+        meta={"id": cfg.artifact_id, "C": cfg.c, "metrics": {k: v for k, v in metrics.items() if k != "train_loss"}, "trained_on": trained_on},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hs.save(out)
-    metrics["ood_threshold"] = threshold
-    report.write_text(json.dumps(metrics, indent=2))
-    typer.echo(json.dumps(metrics, indent=2))
+    weights = cfg.out_dir / "modality_head.safetensors"
+    hs.save(weights)
+    (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], ood_threshold=threshold)
+
+    before = _before_after(cfg, x, y, tags, hs, metrics)
+    print(before["table"], flush=True)
+    published = publish(weights, cfg.artifact, metrics)
+    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE,
+                                  notes="Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject.")  # fmt: skip
+    return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
+
+
+def _before_after(cfg: Config, x, y, tags, new, metrics) -> dict:
+    """Held-out-source accuracy of the shipped head (as recorded in its metadata by the same protocol)
+    vs this run's; plus both final heads applied to this run's images (in-sample for both, since each
+    was fitted on every source: a check that the new head is not worse on the data, not a held-out figure)."""
+    from models.heads import HeadSet
+    from training.outputs import shipped_path, table
+
+    old_path = shipped_path(cfg.compare_with)
+    old = HeadSet.load(old_path) if old_path is not None else None
+    rec = (old.meta.get("metrics") or {}) if old is not None else {}
+
+    def direct(hs):
+        p = hs.predict_proba(x)["modality"]
+        pred = np.array(hs.heads["modality"].classes)[p.argmax(1)]
+        return round(float(np.mean(pred == y)), 4), _accuracy_by_tag(y, pred, tags)
+
+    old_all, old_by = direct(old) if old is not None else (None, {})
+    new_all, new_by = direct(new)
+    rec_by = rec.get("heldout_accuracy_by_source", {})
+    rows = [["all", rec.get("heldout_accuracy"), metrics["heldout_accuracy"], old_all, new_all]]
+    rows += [[t, rec_by.get(t), metrics["heldout_accuracy_by_source"].get(t), old_by.get(t), new_by.get(t)] for t in sorted(set(tags))]
+    tbl = table(["source", "shipped held-out (recorded)", "new held-out", "shipped on these images", "new on these images"], rows)
+    tbl = f"Modality head, shipped {cfg.compare_with!r} vs new (held-out-source folds; 'on these images' is in-sample for both):\n{tbl}"
+    new_is_better = rec.get("heldout_accuracy") is None or metrics["heldout_accuracy"] > rec["heldout_accuracy"]
+    return {"shipped_heldout": rec.get("heldout_accuracy"), "new_heldout": metrics["heldout_accuracy"], "shipped_direct": old_all, "new_direct": new_all,
+            "rows": rows, "table": tbl, "new_is_better": new_is_better}  # fmt: skip
 
 
 if __name__ == "__main__":
-    app()
+    module_main("modality")

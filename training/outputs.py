@@ -1,0 +1,88 @@
+"""What every head trainer writes besides its weights: a metrics log, a registry fragment, the
+shipped artifact it is compared with, and the before/after table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``<out_dir>/metrics.jsonl`` (loss and metrics as they come)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self._t0 = time.time()
+
+    def log(self, **record: Any) -> None:
+        record = {"t": round(time.time() - self._t0, 2), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(written: Path, artifact: Path | None, metrics: dict | None = None) -> Path | None:
+    """Copy the head written in out_dir to ``artifact`` (and its metrics next to it as ``<stem>.metrics.json``)."""
+    if artifact is None:
+        return None
+    artifact = Path(artifact)
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(written, artifact)
+    if metrics is not None:
+        artifact.with_name(artifact.name.split(".")[0] + ".metrics.json").write_text(json.dumps(metrics, indent=2))
+    return artifact
+
+
+def write_registry_fragment(out_dir: Path, model_id: str | None, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors") -> Path | None:
+    """``<out_dir>/registry.yaml`` in the layout of ``models/registry.yaml`` with a ``path:`` source
+    relative to that file, so ``DERMGRAPH_MODELS=<out_dir>/registry.yaml`` makes ``model_id`` usable by config."""
+    if not model_id:
+        return None
+    import yaml
+
+    out = Path(out_dir) / "registry.yaml"
+    rel = Path(weights).resolve().relative_to(Path(out_dir).resolve()) if Path(weights).resolve().is_relative_to(Path(out_dir).resolve()) else Path(weights).resolve()
+    entry = {"id": model_id, "role": role, "source": f"path:{rel.as_posix()}", "sha256": sha256_file(weights), "licence": licence, "format": fmt, "notes": notes}
+    out.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+    return out
+
+
+def shipped_path(model_id: str | None) -> Path | None:
+    """Local path of the artifact registered as ``model_id`` (the one the agent's config uses), or None."""
+    if not model_id:
+        return None
+    from models.registry import get_spec
+    from models.resolve import resolve
+
+    try:
+        get_spec(model_id)
+    except KeyError:
+        return None
+    return resolve(model_id, progress=False)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats with 4 decimals, None as '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

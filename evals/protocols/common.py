@@ -1,0 +1,115 @@
+"""Plumbing the model-running protocols share: backend specs, cache keys, progress lines.
+
+A cached prediction is keyed (``evals.cache.case_key``) by what it depends on: the input's content
+(sha256 of the image file's bytes, or of the question text for text-only sets), a hash of everything
+configurable that produced it (backend, model, backend options, prompt, generation settings) and the
+kind of record. Changing any of those misses the cache; re-scoring with the same ones never re-runs
+a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BackendSpec(BaseModel):
+    """A backend from the ``models.backends`` registry: ``create(kind, backend, model=model, **options)``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    backend: str = Field(description="Registry name, e.g. 'transformers' or 'openai-compatible'.")
+    model: str | None = Field(None, description="Model reference passed as ``model=`` (registry id, local path, ...).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Other constructor keyword arguments.")
+
+    def create(self, kind: str) -> Any:
+        """Build the backend (weights load lazily, on first use)."""
+        from models.backends import create
+
+        kwargs = dict(self.options)
+        if self.model is not None:
+            kwargs["model"] = self.model
+        return create(kind, self.backend, **kwargs)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Content hash of a file (an image is identified by its bytes, not its path)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def config_hash(obj: Any) -> str:
+    """Short stable hash of a JSON-able configuration (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return sha256_text(blob)[:16]
+
+
+class Progress:
+    """Logs ``done/total`` and the throughput of the items actually computed (cache hits excluded)."""
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int, every_s: float = 10.0) -> None:
+        self.log, self.what, self.total, self.every_s = log, what, total, every_s
+        self.done = self.computed = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n_done: int, n_computed: int = 0, force: bool = False) -> None:
+        self.done += n_done
+        self.computed += n_computed
+        now = time.perf_counter()
+        if force or self.done >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            rate = self.computed / max(now - self.t0, 1e-9)
+            self.log(f"{self.what}: {self.done}/{self.total} ({self.computed} computed, {rate:.2f}/s)")
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def with_ci(metric: Callable[..., float], *arrays: Any, n: int = 1000, seed: int = 0, digits: int = 4) -> dict[str, Any]:
+    """``{"value": metric(*arrays), "ci95": [lo, hi]}`` with a percentile bootstrap over cases
+    (``ci95`` None for ``n=0`` or fewer than two cases; both None when the value is undefined)."""
+    import math
+
+    from evals.metrics import bootstrap_ci
+
+    value = float(metric(*arrays))
+    if not math.isfinite(value):
+        return {"value": None, "ci95": None}
+    out: dict[str, Any] = {"value": round(value, digits), "ci95": None}
+    if n > 0 and len(arrays[0]) > 1:
+        lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
+        out["ci95"] = [round(lo, digits), round(hi, digits)]
+    return out
+
+
+def check_missing(ctx: Any, missing: int, total: int, allow_partial: bool) -> bool:
+    """Under ``--rescore`` (score from the cache only) cases without a cached output raise
+    ``evals.runner.MissingPredictions`` unless ``allow_partial``; returns True when they are to be dropped."""
+    if not getattr(ctx, "rescore", False) or not missing:
+        return False
+    if allow_partial:
+        ctx.log(f"PARTIAL: {missing} of {total} cases have no cached output and are not scored (allow_partial)")
+        return True
+    from evals.runner import MissingPredictions
+
+    raise MissingPredictions(
+        f"{missing} of {total} cases have no cached output in {getattr(ctx.cache, 'root', ctx.out_dir)}; "
+        "run without --rescore, or --opt allow_partial=true to score only the cached ones"
+    )

@@ -1,0 +1,177 @@
+"""Text metrics for an answer-generating LLM on question-answer pairs (e.g. MM-Skin's QA text).
+
+Each question is sent to the LLM as a chat (optional system prompt + the question); the greedy
+answer is compared with the reference by :func:`evals.text_metrics.text_metrics` (BLEU-4, METEOR,
+ROUGE-L, BERTScore-style F1, token recall). Answers are cached per question (sha256 of its text)
+and configuration. The benchmark is text-only: MM-Skin's images are not available, so questions
+about "the image" are answered without it and the scores measure textbook-style answering only.
+
+Options (``options:`` in the benchmark YAML, or ``--opt``):
+
+- ``llm``: ``{backend, model, options}`` from the ``llm`` registry in ``models.backends``
+  (default ``{backend: transformers, model: smollm2-135m-instruct}``; also ``openai-compatible``, ``vllm``).
+- ``system_prompt``: the system message (null: none). ``max_new_tokens`` (64).
+- ``limit`` (null: every pair) and ``seed`` (0): a seeded random sample of ``limit`` pairs, kept in
+  file order; the seed also drives the bootstrap.
+- ``batch_size`` (8 conversations per ``chat`` call).
+- ``token_encoder``: registry id or folder of the encoder for the BERTScore-style F1 (default
+  ``all-minilm-l6-v2``; null: leave it out). ``device`` for it (``cpu``).
+- ``n_bootstrap`` (1000 resamples for the 95% CIs; 0 = none).
+- ``allow_partial`` (false): with ``--rescore`` (no LLM is loaded), score only the cached answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_text
+from evals.text_metrics import DEFAULT_TOKEN_ENCODER
+
+DEFAULT_SYSTEM_PROMPT = "You are a dermatology assistant. Answer the question in one or two short sentences."
+
+HEADLINE = ("bleu4", "meteor", "rouge_l", "bertscore_f1", "token_recall")
+
+
+class Options(BaseModel):
+    """VQA text-metric protocol options (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    llm: BackendSpec = Field(default_factory=lambda: BackendSpec(backend="transformers", model="smollm2-135m-instruct"))
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="Score a seeded random sample of this many pairs.")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    token_encoder: str | None = DEFAULT_TOKEN_ENCODER
+    device: str = "cpu"
+    n_bootstrap: int = Field(1000, ge=0)
+    allow_partial: bool = Field(False, description="With --rescore: score only the pairs with a cached answer.")
+
+
+def _sample(n: int, limit: int | None, seed: int) -> list[int]:
+    import numpy as np
+
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def run(ctx: ProtocolContext) -> ProtocolResult:
+    """Generate (or read cached) answers, score them against the references, report."""
+    from evals.cache import case_key
+    from evals.classification import fmt
+    from evals.report import md_table
+    from evals.text_metrics import HFTokenEmbedder, text_metrics
+
+    opts = Options.model_validate(ctx.options)
+    usable = [c for c in ctx.cases if c.question and c.answer]
+    if not usable:
+        raise ValueError(f"{ctx.bench.name}: no case has both a question and an answer")
+    cases = [usable[i] for i in _sample(len(usable), opts.limit, opts.seed)]
+
+    cfg = config_hash({"llm": opts.llm.model_dump(), "system_prompt": opts.system_prompt, "max_new_tokens": opts.max_new_tokens})
+    keys = [case_key(sha256_text(c.question), cfg, kind="vqa_text") for c in cases]
+    answers: list[str | None] = [None] * len(cases)
+    for i, key in enumerate(keys):
+        rec = ctx.cache.get(key)
+        if rec is not None:
+            answers[i] = rec["answer"]
+    # Identical questions (MM-Skin repeats "What does the image show?") are asked once.
+    pending: dict[str, list[int]] = {}
+    for i, a in enumerate(answers):
+        if a is None:
+            pending.setdefault(keys[i], []).append(i)
+    todo = list(pending)
+    n_cached = sum(a is not None for a in answers)
+    if check_missing(ctx, sum(map(len, pending.values())), len(cases), opts.allow_partial):
+        keep = [i for i, a in enumerate(answers) if a is not None]
+        cases, answers, todo = [cases[i] for i in keep], [answers[i] for i in keep], []
+    model_id = f"{opts.llm.backend}:{opts.llm.model or ''}".rstrip(":")
+    if todo:
+        llm = opts.llm.create("llm")
+        model_id = llm.model_id
+        ctx.log(f"vqa_text: {len(cases)} of {len(usable)} pairs, {len(cases) - sum(map(len, pending.values()))} cached, "
+                f"{len(todo)} distinct questions to ask {model_id}")  # fmt: skip
+    progress = Progress(ctx.log, "vqa_text", len(todo))
+    for start in range(0, len(todo), opts.batch_size):
+        chunk = todo[start : start + opts.batch_size]
+        convs = []
+        for key in chunk:
+            q = cases[pending[key][0]].question
+            sys = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
+            convs.append([*sys, {"role": "user", "content": q}])
+        out = llm.chat(convs, max_new_tokens=opts.max_new_tokens, temperature=0.0)
+        for key, text in zip(chunk, out):
+            text = text.strip()
+            rec = {"kind": "vqa_text", "case_id": cases[pending[key][0]].id, "status": "ok", "answer": text, "model_id": model_id}
+            ctx.cache.put(key, {**rec, "question": cases[pending[key][0]].question})
+            for i in pending[key]:
+                answers[i] = text
+        progress.update(len(chunk), len(chunk))
+
+    embedder = HFTokenEmbedder(opts.token_encoder, device=opts.device) if opts.token_encoder else None
+    ctx.log("vqa_text: scoring")
+    scored = text_metrics(answers, [c.answer for c in cases], embedder=embedder, bootstrap=opts.n_bootstrap, seed=opts.seed)
+    corpus = scored["corpus"]
+    metrics: dict[str, Any] = {
+        "n": len(cases),
+        "llm": opts.llm.model_dump(),
+        **corpus,
+        "meteor_synonyms": scored["meteor_synonyms"],
+        "bertscore_model": scored["bertscore_model"],
+        "sample": {"limit": opts.limit, "seed": opts.seed, "of": len(usable)},
+        "mean_answer_words": round(sum(len((a or "").split()) for a in answers) / len(answers), 2),
+        "mean_reference_words": round(sum(len(c.answer.split()) for c in cases) / len(cases), 2),
+    }
+
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(ctx.out_dir / "vqa_text_predictions.jsonl", "w", encoding="utf-8") as f:
+        for c, a, it in zip(cases, answers, scored["items"]):
+            f.write(json.dumps({"id": c.id, "question": c.question, "reference": c.answer, "answer": a,
+                                **{k: v for k, v in it.items() if not k.startswith("bleu_")}}) + "\n")  # fmt: skip
+    rows = [[k + (" (0-100)" if k == "bleu4" else ""), fmt(corpus[k], 2 if k == "bleu4" else 3)] for k in HEADLINE if k in corpus]
+    rows.append(["sentence BLEU-4, mean (0-100)", fmt(corpus["sentence_bleu4"], 2)])
+    examples = [[c.question, c.answer, a] for c, a in list(zip(cases, answers))[:5]]
+    tables = {
+        "Text metrics": md_table(["metric", "value [95% CI]"], rows),
+        "Examples": md_table(["question", "reference", "answer"], examples),
+    }
+    plots = {"Per-item scores": _plot_items(scored["items"], ctx.out_dir / "plots" / "vqa_text_scores.png")}
+    notes = [
+        f"Text-only: the benchmark's images are not available; {model_id} ({opts.llm.backend}) answered each question "
+        f"without the image (greedy, max {opts.max_new_tokens} new tokens, system prompt {opts.system_prompt!r}).",
+        f"{len(cases)} pairs" + (f" sampled from {len(usable)} with seed {opts.seed}" if len(cases) < len(usable) else "")
+        + f"; {n_cached} answers from the cache, {len(todo)} distinct questions generated this run (a repeated question is asked once).",
+        "BLEU-4: sacrebleu corpus BLEU (13a, case-sensitive). ROUGE-L: rouge_score F with stemming. "
+        f"METEOR: nltk, synonym matching: {scored['meteor_synonyms']}.",
+    ]
+    if embedder is not None:
+        notes.append(f"BERTScore-style F1: greedy cosine matching of {embedder.model_id} last-layer token embeddings, "
+                     "no idf, no baseline rescaling (not comparable with published BERTScore numbers).")  # fmt: skip
+    if todo:
+        notes.append(f"Generation throughput: {len(todo) / max(progress.elapsed_s, 1e-9):.2f} questions/s.")
+    return ProtocolResult(metrics=metrics, tables=tables, plots=plots, n_cases=len(cases), notes=notes)
+
+
+def _plot_items(items: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("rouge_l", "meteor", "bertscore_f1", "token_recall") if items and n in items[0]]
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 2.6), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        ax.hist([it[n] for it in items if it[n] == it[n]], bins=20, range=(0, 1))
+        ax.set_title(n)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

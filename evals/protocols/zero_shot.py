@@ -1,0 +1,181 @@
+"""Zero-shot candidate-list classification for any VLM backend (MM-Skin protocol).
+
+Each image is shown to the VLM with MM-Skin's prompt listing the candidate names; the answer is
+mapped to a label with :func:`evals.zeroshot.match_candidate` (no match or several labels: invalid,
+scored as wrong). Answers are cached per image (sha256 of its bytes) and configuration, so
+re-scoring, a changed candidate matcher or a resumed run never calls the VLM again for a done image.
+
+Options (``options:`` in the benchmark YAML, or ``--opt``):
+
+- ``vlm`` (required): ``{backend, model, options}`` from the ``vlm`` registry in
+  ``models.backends`` (``transformers`` for local image-text-to-text weights, ``openai-compatible``
+  for a served model, ``feature-vlm`` for the project's feature VLM, which is given the sklesion
+  features and probabilities of each image); ``options`` are constructor arguments (``device``,
+  ``base_url``, ...).
+- ``candidates``: label → name shown in the prompt, or a list of labels. Default: the benchmark's
+  labels with their readable names (``agent.labels.HAM_NAMES`` for HAM10000 codes).
+- ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.zeroshot.MMSKIN_PROMPT``).
+- ``max_new_tokens`` (32), ``batch_size`` (8 images per ``generate`` call).
+- ``n_bootstrap`` (1000 resamples for the 95% CIs; 0 = none), ``seed`` (0, the bootstrap's).
+- ``allow_partial`` (false): with ``--rescore``, score only the cases with a cached answer.
+
+Metrics: accuracy, macro precision (over the classes present), balanced accuracy and the
+invalid-answer rate, each with a bootstrap 95% CI; per-class recall; confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_file, with_ci
+from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
+
+INVALID = "(invalid)"
+HEADLINE = ("accuracy", "macro_precision", "balanced_accuracy")
+
+
+class Options(BaseModel):
+    """Zero-shot protocol options (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    vlm: BackendSpec = Field(description="The VLM backend: {backend, model, options}.")
+    candidates: dict[str, str] | list[str] | None = Field(None, description="label → prompt name, or labels; default: the benchmark's labels, readable.")
+    prompt: str = Field(MMSKIN_PROMPT, description="Prompt template with {candidates}.")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the CIs (0: none).")
+    seed: int = Field(0, description="Bootstrap seed.")
+    allow_partial: bool = Field(False, description="With --rescore: score only the cases with a cached answer.")
+
+
+def default_candidates(labels: list[str]) -> dict[str, str]:
+    """label → readable name: HAM10000 codes get ``HAM_NAMES``; other labels are shown as written."""
+    from agent.labels import HAM_NAMES
+
+    return {label: HAM_NAMES.get(label, label.replace("_", " ")) for label in labels}
+
+
+def run(ctx: ProtocolContext) -> ProtocolResult:
+    """Ask the VLM about every labelled case and score the matched answers."""
+    import numpy as np
+    from PIL import Image
+
+    from evals import plots
+    from evals.cache import case_key
+    from evals.classification import fmt, score
+    from evals.report import md_table
+
+    if "vlm" not in ctx.options:
+        # No VLM ships with the project: say how to name one rather than pydantic's bare "field required".
+        raise ValueError(
+            f"{ctx.bench.name}: the zero_shot protocol needs a VLM, e.g. --opt 'vlm={{backend: transformers, model: /path/to/hf-vlm}}' "
+            "or --opt 'vlm={backend: openai-compatible, model: NAME, options: {base_url: http://host:8000/v1}}'"
+        )
+    opts = Options.model_validate(ctx.options)
+    cases = [c for c in ctx.cases if c.label is not None and c.image is not None]
+    if not cases:
+        raise ValueError(f"{ctx.bench.name}: no case has both an image and a label")
+    skipped = len(ctx.cases) - len(cases)
+    labels = list(ctx.bench.labels) or sorted({c.label for c in cases})
+    if opts.candidates is None:
+        candidates = default_candidates(labels)
+    elif isinstance(opts.candidates, list):
+        candidates = {c: c for c in opts.candidates}
+    else:
+        candidates = dict(opts.candidates)
+    missing = sorted({c.label for c in cases} - set(candidates))
+    if missing:
+        raise ValueError(f"case labels {missing} are not among the candidates {sorted(candidates)}")
+    prompt = format_prompt(list(candidates.values()), opts.prompt)
+
+    # The answer depends on the VLM, its options, the prompt and the generation length; matching is redone every run.
+    cfg = config_hash({"vlm": opts.vlm.model_dump(), "prompt": prompt, "max_new_tokens": opts.max_new_tokens})
+    keys = [case_key(sha256_file(c.image), cfg, kind="zero_shot") for c in cases]
+    answers: list[str | None] = [None] * len(cases)
+    for i, key in enumerate(keys):
+        rec = ctx.cache.get(key)
+        if rec is not None:
+            answers[i] = rec["answer"]
+    todo = [i for i, a in enumerate(answers) if a is None]
+    if check_missing(ctx, len(todo), len(cases), opts.allow_partial):
+        keep = [i for i, a in enumerate(answers) if a is not None]
+        cases, keys, answers, todo = [cases[i] for i in keep], [keys[i] for i in keep], [answers[i] for i in keep], []
+    model_id = None
+    if todo:
+        vlm = opts.vlm.create("vlm")
+        model_id = vlm.model_id
+        ctx.log(f"zero_shot: {len(cases)} cases, {len(cases) - len(todo)} cached, {len(todo)} to ask {model_id}")
+    progress = Progress(ctx.log, "zero_shot", len(todo))
+    classifier = None
+    for start in range(0, len(todo), opts.batch_size):
+        idx = todo[start : start + opts.batch_size]
+        images = []
+        for i in idx:
+            with Image.open(cases[i].image) as im:
+                images.append(im.convert("RGB"))
+        kwargs = {}
+        if getattr(vlm, "needs_features", False):
+            # Feature-based VLMs (models.backends.feature_vlm) read the lesion classifier's output, not pixels.
+            if classifier is None:
+                from models.sklesion import SklesionClassifier
+
+                classifier = SklesionClassifier()
+            enc = classifier.predict(images)
+            kwargs = {"features": enc.features, "probs": enc.probs}
+        out = vlm.generate(images, [prompt] * len(idx), max_new_tokens=opts.max_new_tokens, temperature=0.0, **kwargs)
+        for i, text in zip(idx, out):
+            answers[i] = text
+            ctx.cache.put(keys[i], {"kind": "zero_shot", "case_id": cases[i].id, "status": "ok", "answer": text, "model_id": model_id})
+        progress.update(len(idx), len(idx))
+
+    y = [c.label for c in cases]
+    matched = [match_candidate(a or "", candidates, ctx.bench.aliases) for a in answers]
+    p = [m if m is not None else INVALID for m in matched]
+    scored = score(y, p, labels, list(HEADLINE), n_boot=opts.n_bootstrap, seed=opts.seed)
+    invalid = np.array([m is None for m in matched], float)
+    metrics: dict[str, Any] = {
+        "n": len(cases),
+        "vlm": opts.vlm.model_dump(),
+        "prompt": prompt,
+        **scored["headline"],
+        "invalid_rate": with_ci(np.mean, invalid, n=opts.n_bootstrap, seed=opts.seed),
+        "per_class_recall": scored["per_class_recall"],
+        "support": scored["support"],
+        "confusion": scored["confusion"],
+    }
+
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(ctx.out_dir / "zero_shot_predictions.jsonl", "w", encoding="utf-8") as f:
+        for c, a, m in zip(cases, answers, matched):
+            f.write(json.dumps({"id": c.id, "label": c.label, "answer": a, "matched": m}) + "\n")
+
+    cm = scored["confusion"]
+    tables = {
+        "Zero-shot classification": md_table(
+            ["metric", "value [95% CI]"], [[k, fmt(metrics[k])] for k in (*HEADLINE, "invalid_rate")]
+        ),
+        "Per class": md_table(
+            ["class", "name in prompt", "n", "recall"],
+            [[c, candidates[c], scored["support"][c], scored["per_class_recall"].get(c, "-")] for c in labels if scored["support"][c]],
+        ),
+        "Confusion (rows: truth, columns: matched answer)": md_table(
+            ["truth \\ answer", *cm["labels"]], [[c, *row] for c, row in zip(cm["labels"], cm["matrix"]) if any(row)]
+        ),
+    }
+    title = f"{ctx.bench.name}: zero-shot"
+    figs = {"Confusion matrix": plots.confusion_matrix(cm["matrix"], cm["labels"], ctx.out_dir / "plots" / "zero_shot_confusion.png", title)}
+    notes = [
+        f"Prompt: {prompt!r}. Answers are matched to the candidates case-insensitively, whole words, longest match; "
+        "an answer naming no candidate, or several, is invalid and counted as wrong.",
+        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {len(todo)} answers generated this run, {len(cases) - len(todo)} from the cache.",
+    ]
+    if skipped:
+        notes.append(f"{skipped} cases without a label or image were skipped.")
+    if todo:
+        notes.append(f"Throughput: {len(todo) / max(progress.elapsed_s, 1e-9):.2f} images/s ({model_id}).")
+    return ProtocolResult(metrics=metrics, tables=tables, plots=figs, n_cases=len(cases), notes=notes)

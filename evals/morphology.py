@@ -17,6 +17,7 @@ _PATTERNS: dict[str, list[tuple[str, str]]] = {
         (r"\b(regular|symmetric|starburst)\b[^.;]{0,15}(streaks|pattern)", "regular"),
     ],
     "pigmentation": [
+        (r"\b(no|without|absent)\b[^.;]{0,10}\b(blotch\w*|pigmentation)\b", "absent"),
         (r"\b(localized|localised|focal) irregular (pigmentation|blotch)", "localized irregular"),
         (r"\b(diffuse )?irregular (pigmentation|blotch)", "diffuse irregular"),
         (r"\b(diffuse )?regular (pigmentation|blotch)", "diffuse regular"),
@@ -24,6 +25,7 @@ _PATTERNS: dict[str, list[tuple[str, str]]] = {
     "regression_structures": [
         (r"\b(no|without|absent)\b[^.;]{0,15}regression", "absent"),
         (r"(blue|peppering)[^.;]{0,20}(and|with)[^.;]{0,20}white[^.;]{0,20}(regression|scar)|combin\w+ regression", "combinations"),
+        (r"combined blue and white", "combinations"),
         (r"(white|scar-like)[^.;]{0,20}(area|regression)", "white areas"),
         (r"(blue|grey|gray|peppering)[^.;]{0,20}(area|regression|granul)", "blue areas"),
     ],

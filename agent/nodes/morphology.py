@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT_SCORING
+from agent.labels import HAM_CLASSES, SEVEN_POINT_SCORING
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, Finding, MorphologyResult
 
@@ -74,20 +74,26 @@ def _colour_summary(stats: np.ndarray | None) -> str:
     return f" Overall colour is {tone} (mean RGB {r:.2f}/{g:.2f}/{b:.2f})."
 
 
+def _not_learned(state: CaseState, what_is_assessed: str) -> NodeOutput:
+    """The result for a modality the describer was not trained on: no findings, and why."""
+    modality = state.modality.label
+    what = {
+        "clinical": "a clinical photograph",
+        "histopathology": "a histopathology (H&E) image",
+    }.get(modality, "this image")
+    limits = [
+        f"the {what_is_assessed}; it has not learned {what}",
+        "no structured morphology is reported, to avoid inventing findings",
+    ]
+    desc = f"Recognised as {what}. Structured morphology is not available for this modality.{_colour_summary(state.encoding.stats)}"
+    result = MorphologyResult(findings=[], description=desc, limitations=limits)
+    return NodeOutput({"morphology": result}, inputs={"modality": modality}, model_id=None, notes=["describer skipped: modality not learned"])
+
+
 def describe_concepts(state: CaseState, rt) -> NodeOutput:
     modality = state.modality.label
     if modality != "dermoscopy":
-        what = {
-            "clinical": "a clinical photograph",
-            "histopathology": "a histopathology (H&E) image",
-        }.get(modality, "this image")
-        limits = [
-            f"the shipped describer only assesses the seven dermoscopic 7-point criteria; it has not learned {what}",
-            "no structured morphology is reported, to avoid inventing findings",
-        ]
-        desc = f"Recognised as {what}. Structured morphology is not available for this modality.{_colour_summary(state.encoding.stats)}"
-        result = MorphologyResult(findings=[], description=desc, limitations=limits)
-        return NodeOutput({"morphology": result}, inputs={"modality": modality}, model_id=None, notes=["describer skipped: modality not learned"])
+        return _not_learned(state, "shipped describer only assesses the seven dermoscopic 7-point criteria")
 
     heads = rt.concept_heads
     probs = heads.predict_proba(state.encoding.features[None])
@@ -115,7 +121,15 @@ def describe_vlm(state: CaseState, rt) -> NodeOutput:
     prompt = cfg.vlm_prompt
     if state.question:
         prompt += f" Context from the user: {state.question}"
-    text = rt.vlm.generate([state.image], [prompt], max_new_tokens=160)[0].strip()
+    vlm = rt.vlm
+    kwargs = {}
+    if getattr(vlm, "needs_features", False):
+        # Feature-based describers (models.backends.feature_vlm) read the encoder's output, not pixels.
+        if state.modality.label not in getattr(vlm, "modalities", (state.modality.label,)):
+            return _not_learned(state, "feature VLM describer was trained on dermoscopy only")
+        enc = state.encoding
+        kwargs = {"features": np.asarray(enc.features)[None], "probs": np.array([[enc.classifier_probs.get(c, 0.0) for c in HAM_CLASSES]])}
+    text = vlm.generate([state.image], [prompt], max_new_tokens=160, **kwargs)[0].strip()
     parsed = parse_findings(text)
     findings = [Finding(criterion=c, value=v, confidence=0.5) for c, v in parsed.items()]
     limits = ["free-text VLM description: findings parsed from text, confidences not calibrated"]
@@ -127,7 +141,8 @@ def describe_vlm(state: CaseState, rt) -> NodeOutput:
         limitations=limits,
         seven_point_score=seven_point_score(findings) if findings else None,
     )
-    return NodeOutput({"morphology": result}, inputs={"prompt": prompt}, model_id=rt.vlm.model_id)
+    inputs = {"prompt": prompt, **({"uses": "encoder features"} if kwargs else {})}
+    return NodeOutput({"morphology": result}, inputs=inputs, model_id=vlm.model_id)
 
 
 def describe(state: CaseState, rt) -> NodeOutput:

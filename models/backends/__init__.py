@@ -21,6 +21,7 @@ BACKENDS: dict[str, dict[str, str]] = {
     "vlm": {
         "transformers": "models.backends.hf_vlm:TransformersVLM",
         "openai-compatible": "models.backends.openai_compat:OpenAICompatibleVLM",
+        "feature-vlm": "models.backends.feature_vlm:FeatureVLMDescriber",
     },
     "text_embedder": {
         "sentence-transformers": "models.backends.sentence:SentenceEmbedder",

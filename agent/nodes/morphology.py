@@ -141,7 +141,8 @@ def describe_vlm(state: CaseState, rt) -> NodeOutput:
         limitations=limits,
         seven_point_score=seven_point_score(findings) if findings else None,
     )
-    inputs = {"prompt": prompt, **({"uses": "encoder features"} if kwargs else {})}
+    used = vlm.prompt_used(prompt) if hasattr(vlm, "prompt_used") else prompt
+    inputs = {"prompt": used, **({"uses": "encoder features"} if kwargs else {})}
     return NodeOutput({"morphology": result}, inputs=inputs, model_id=vlm.model_id)
 
 

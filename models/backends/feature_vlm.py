@@ -46,6 +46,12 @@ class FeatureVLMDescriber:
             self._vlm = FeatureVLM.load(path, device=self.device, dtype=self.dtype)
         return self._vlm
 
+    def prompt_used(self, prompt: str) -> str:
+        """The prompt the model actually answers for a caller's ``prompt`` (for the trace)."""
+        if self.prompt == "given":
+            return prompt
+        return self._load().cfg.describe_prompt
+
     def generate(
         self,
         images: Sequence[Any],

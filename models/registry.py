@@ -19,7 +19,8 @@ BUNDLED_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
 ENV_VAR = "DERMGRAPH_MODELS"
 SCHEMES = ("pypi", "pkg", "path", "hf")
 
-Role = Literal["classifier", "llm", "vlm", "text_embedder", "image_embedder", "head", "index", "calibration"]
+Role = Literal["classifier", "llm", "vlm", "text_embedder", "image_embedder", "head", "index", "calibration", "adapter"]
+"""What a registered artifact is; ``adapter`` = a PEFT adapter applied on top of a base model (``format: peft-lora``)."""
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

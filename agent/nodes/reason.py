@@ -42,6 +42,16 @@ def candidates_for(state: CaseState, max_candidates: int) -> tuple[list[str], di
     return labels, {c: HAM_NAMES.get(c, c) for c in labels}
 
 
+def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
+    """The classifier's probabilities as the prompt shows them: temperature-scaled by the fusion's
+    ``w_classifier`` (dermoscopy only; None otherwise). Training renders cases with this same function."""
+    clf = state.encoding.classifier_probs if state.modality.label == "dermoscopy" and state.encoding else None
+    if not clf:
+        return None
+    params = rt.fusion.get(state.modality.label, {})
+    return fuse(candidates, {"w_classifier": params.get("w_classifier", 1.0)}, classifier=clf)
+
+
 def expected_agreements(state: CaseState, rt, candidates: list[str]) -> dict[str, float]:
     """Morphology agreement of each candidate with the observed findings (candidates with KB expectations only)."""
     if not state.morphology or not state.morphology.findings:
@@ -128,7 +138,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
     cands, names = candidates_for(state, cfg.max_candidates)
     params = rt.fusion.get(state.modality.label, {})
     clf = state.encoding.classifier_probs if state.modality.label == "dermoscopy" else None
-    clf_display = fuse(cands, {"w_classifier": params.get("w_classifier", 1.0)}, classifier=clf) if clf else None
+    clf_display = classifier_display(state, rt, cands)
     knn = state.retrieval.knn_probs or None if state.retrieval else None
     agreements = expected_agreements(state, rt, cands) if feedback else None
     morph_w = float(params.get("w_morphology_on_revise", 1.0)) if feedback else 0.0

@@ -155,6 +155,25 @@ def dtype_kwargs(dtype: str) -> dict[str, Any]:
     return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
 
 
+def locate_adapter(adapter: str) -> Path:
+    """A local PEFT adapter directory for ``adapter``: a directory path or a registry id/URI."""
+    path = Path(adapter).expanduser()
+    if not path.exists() and is_registry_ref(adapter):
+        from models.resolve import resolve
+
+        path = resolve(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{adapter!r} is not a PEFT adapter directory (no adapter_config.json at {path})")
+    return path
+
+
+def merge_adapter(model: Any, adapter: str) -> Any:
+    """``model`` with the PEFT (LoRA) ``adapter`` merged into its weights: inference runs at base-model speed."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(locate_adapter(adapter))).merge_and_unload()
+
+
 # --------------------------------------------------------------------------- prompts and spans
 
 
@@ -216,15 +235,20 @@ class TransformersLLM:
         dtype: str = "float32",
         max_batch_size: int = 8,
         gguf_file: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_ref = model
         self.gguf_file = gguf_file
+        self.adapter = adapter
         self.device = device
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.model_id = model_id_for(model, gguf_file)
+        if adapter:
+            # The adapter is part of the model's identity: traces and caches must tell them apart.
+            self.model_id += "+" + model_id_for(adapter)
         self._model: Any = None
         self._tokenizer: Any = None
         # KV cache of the last scored prompt prefix: an agent scores candidates, then writes a
@@ -241,6 +265,8 @@ class TransformersLLM:
         where = locate_causal_lm(self.model_ref, self.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, **dtype_kwargs(self.dtype))
+        if self.adapter:
+            model = merge_adapter(model, self.adapter)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"

@@ -1,0 +1,513 @@
+"""Reasoner cases rendered exactly as the agent renders them, from images the lesion classifier has not seen.
+
+Why: the sklesion classifier was trained on HAM10000, so on HAM10000 images its probabilities are far
+more confident and accurate than in deployment; a reasoner trained on them learns to trust it blindly.
+
+Training cases (``TRAIN_SOURCES``):
+
+* Derm7pt ``train`` + ``extra`` (diagnoses mapped to HAM10000 classes; unseen by the classifier): the
+  bulk, with the classifier's real out-of-sample outputs.
+* Optionally a few HAM10000 train-subset images of classes Derm7pt lacks or barely has (akiec, df,
+  vasc, bcc), whose classifier probabilities are **perturbed to the error profile measured on Derm7pt
+  train** (:func:`measure_error_profile`, :func:`perturb_probs`): a temperature matching the mean top
+  probability, then the top class redrawn from the smoothed Derm7pt-train confusion row of the true
+  class (swapping it with the original top), so the classifier is wrong as often, and as confidently,
+  as on unseen images. Their retrieved cases exclude every image of the same HAM lesion.
+
+Report sets, never used for training: ``isic2018_val`` (all of it) and Derm7pt ``val``
+(:func:`report_rows`); :func:`check_no_report_leak` enforces it.
+
+Each case goes through the agent's own nodes (modality, morphology, retrieval) with a real
+:class:`agent.runtime.Runtime`; the encoding comes from the cached classifier probabilities and
+features instead of running the network. The query's own image (and, for HAM10000, its lesion) is
+excluded from its retrieved cases. The prompt is ``agent.prompts.conversation(render_user(...))``
+with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
+``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
+
+    python -m training.reasoner_data --out runs/reasoner_data          # build and inspect (no training)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from pydantic import Field
+
+from agent.labels import HAM_CLASSES, derm7pt_to_ham
+from training.config import Strict
+
+TRAIN_SOURCES = ("derm7pt:train", "derm7pt:extra")
+REPORT_SOURCES = ("isic2018_val", "derm7pt:val")
+"""The sets reasoner results are reported on; nothing from them may enter training."""
+
+
+class ReasonerDataConfig(Strict):
+    """Which cases the reasoner trains on, and how they are rendered."""
+
+    derm7pt_splits: list[str] = Field(["train", "extra"], description="Derm7pt splits used for training ('val' is a report set and is refused).")
+    ham_classes: list[str] = Field(
+        ["akiec", "bcc", "df", "vasc"], description="HAM10000 classes added with perturbed classifier outputs (Derm7pt has no akiec and few df/vasc/bcc)."
+    )
+    ham_per_class: int = Field(30, ge=0, description="HAM10000 train-subset images per class in ham_classes (0: none).")
+    max_cases: int | None = Field(None, ge=1, description="Class-stratified, seeded subsample of the built cases (None: all).")
+    class_power: float = Field(1.0, ge=0, le=1, description="Subsampling class quotas ∝ count**class_power (1: data proportions, 0.5: rare classes up-weighted).")
+    agent_config: Path | None = Field(None, description="Agent YAML whose heads, indexes and fusion render the cases (None: the shipped defaults).")
+    profile_smoothing: float = Field(10.0, ge=0, description="Pseudo-counts pulling sparse confusion rows of the error profile towards the pooled one.")
+
+
+# --------------------------------------------------------------------------- case rows
+
+
+@dataclass
+class CaseRow:
+    """One image with its cached classifier outputs, before rendering."""
+
+    id: str
+    source: str
+    split: str
+    image: str  # relative to the source folder (the feature cache's id)
+    label: str  # HAM10000 code
+    probs: np.ndarray
+    features: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+    exclude: set[str] = field(default_factory=set)  # case-index ids the query must not retrieve
+    perturbed: bool = False
+
+
+def _features(source: str, feature_dir: Path) -> dict[str, np.ndarray]:
+    from training.data import load_features
+
+    return load_features(source, "full", feature_dir)
+
+
+def derm7pt_rows(splits: Iterable[str], feature_dir: Path) -> list[CaseRow]:
+    """Derm7pt cases of ``splits`` that have cached features and a HAM10000-mappable diagnosis."""
+    from training.data import aligned, source_table
+
+    splits = set(splits)
+    rows, f = aligned([r for r in source_table("derm7pt") if r["split"] in splits], _features("derm7pt", feature_dir))
+    out = []
+    for r, p, x in zip(rows, f["probs"], f["features"]):
+        label = derm7pt_to_ham(r["diagnosis"])
+        if label is None:
+            continue
+        cid = f"derm7pt:{r['case_index']}"
+        # The case index stores Derm7pt cases under this id and this image path.
+        out.append(CaseRow(cid, "derm7pt", r["split"], r["image"], label, p, x, exclude={cid}))
+    return out
+
+
+def isic_rows(feature_dir: Path, part: str = "all") -> list[CaseRow]:
+    """isic2018_val cases; ``part`` 'all', or the 'calib'/'report' half of ``training.calibrate_fusion.isic_split``."""
+    from training.calibrate_fusion import isic_split
+    from training.data import aligned, source_table
+
+    table = source_table("isic2018_val")
+    half = isic_split(table)
+    keep = [r for r in table if part == "all" or half[r["image_id"]] == part]
+    rows, f = aligned(keep, _features("isic2018_val", feature_dir))
+    return [CaseRow(f"isic2018_val:{r['image_id']}", "isic2018_val", half[r["image_id"]], r["image"], r["dx"], p, x,
+                    exclude={f"isic2018_val:{r['image_id']}"}) for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
+
+
+def report_rows(feature_dir: Path, isic_part: str = "all") -> list[CaseRow]:
+    """The report sets: isic2018_val (``isic_part``) and Derm7pt val."""
+    return isic_rows(feature_dir, isic_part) + derm7pt_rows(["val"], feature_dir)
+
+
+def _ham_metadata(r: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if r.get("age") not in (None, "", "nan"):
+        meta["age"] = float(r["age"])
+    if r.get("sex") in ("male", "female"):
+        meta["sex"] = r["sex"]
+    if r.get("localization") not in (None, "", "unknown"):
+        meta["site"] = r["localization"]
+    return meta
+
+
+def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: int) -> list[CaseRow]:
+    """Up to ``per_class`` HAM10000 ``train`` images of each class (seeded; one image per lesion), probabilities NOT yet perturbed."""
+    from training.data import aligned, source_table
+
+    table = source_table("ham10000")
+    rows, f = aligned([r for r in table if r["split"] == "train"], _features("ham10000", feature_dir))
+    by_lesion: dict[str, list[str]] = {}
+    for r in table:
+        by_lesion.setdefault(r["lesion_id"], []).append(f"ham10000:{r['image_id']}")
+    out = []
+    for c in classes:
+        idx = [i for i, r in enumerate(rows) if r["dx"] == c]
+        # One image per lesion: several images of one lesion are near-duplicates.
+        firsts, seen = [], set()
+        for i in sorted(idx, key=lambda i: _hash(seed, rows[i]["image_id"])):
+            if rows[i]["lesion_id"] not in seen:
+                seen.add(rows[i]["lesion_id"])
+                firsts.append(i)
+        for i in firsts[:per_class]:
+            r = rows[i]
+            out.append(CaseRow(f"ham10000:{r['image_id']}", "ham10000", "train", r["image"], c, f["probs"][i], f["features"][i],
+                               metadata=_ham_metadata(r), exclude=set(by_lesion[r["lesion_id"]])))  # fmt: skip
+    return out
+
+
+def _hash(seed: int, key: str) -> str:
+    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
+
+
+def check_no_report_leak(rows: Iterable[CaseRow]) -> None:
+    """Raise if any row belongs to a report set (isic2018_val, Derm7pt val)."""
+    bad = [r.id for r in rows if r.source == "isic2018_val" or (r.source == "derm7pt" and r.split == "val")]
+    if bad:
+        raise ValueError(f"{len(bad)} report-set cases in the training data (first: {bad[:3]})")
+
+
+# --------------------------------------------------------------------------- error profile of unseen images
+
+
+def measure_error_profile(feature_dir: Path, smoothing: float = 10.0) -> dict[str, Any]:
+    """The classifier's error profile on Derm7pt ``train`` (unseen by it; never the report sets).
+
+    Returns ``confusion`` (7x7 row-stochastic P(top = k | true = y), each row smoothed with
+    ``smoothing`` pseudo-counts towards the pooled profile: pooled accuracy on the diagonal, errors
+    spread by the pooled predicted-class marginal), ``mean_top`` (mean top probability), ``accuracy``
+    and per-class counts ``n``.
+    """
+    rows = derm7pt_rows(["train"], feature_dir)
+    y = np.array([HAM_CLASSES.index(r.label) for r in rows])
+    p = np.stack([r.probs for r in rows])
+    k = p.argmax(1)
+    counts = np.zeros((7, 7))
+    np.add.at(counts, (y, k), 1)
+    acc = float((k == y).mean())
+    marginal = np.bincount(k, minlength=7) + 1.0
+    conf = np.zeros((7, 7))
+    for c in range(7):
+        prior = marginal.copy()
+        prior[c] = 0
+        prior = (1 - acc) * prior / prior.sum()
+        prior[c] = acc
+        conf[c] = (counts[c] + smoothing * prior) / (counts[c].sum() + smoothing)
+    return {"confusion": conf.round(4).tolist(), "mean_top": float(p.max(1).mean()), "accuracy": acc,
+            "n": dict(zip(HAM_CLASSES, counts.sum(1).astype(int).tolist())), "measured_on": "derm7pt:train"}  # fmt: skip
+
+
+def fit_temperature(probs: np.ndarray, target_mean_top: float) -> float:
+    """Temperature T such that the mean top probability of ``probs ** (1/T)`` (renormalised) is ``target_mean_top``."""
+    logp = np.log(np.clip(probs, 1e-8, 1))
+
+    def mean_top(t: float) -> float:
+        z = logp / t
+        z = z - z.max(1, keepdims=True)
+        q = np.exp(z)
+        return float((q.max(1) / q.sum(1)).mean())
+
+    lo, hi = 0.25, 20.0
+    if mean_top(1.0) <= target_mean_top:
+        return 1.0  # never sharpen: only soften over-confident outputs
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_top(mid) > target_mean_top else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+def perturb_probs(probs: np.ndarray, label: str, profile: dict[str, Any], temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Classifier probabilities of a seen (HAM10000) image made to look like an unseen one: soften with
+    ``temperature``, draw the top class from the profile's confusion row of ``label`` and swap it in."""
+    z = np.log(np.clip(probs, 1e-8, 1)) / temperature
+    q = np.exp(z - z.max())
+    q = q / q.sum()
+    row = np.asarray(profile["confusion"][HAM_CLASSES.index(label)], dtype=float)
+    k = int(rng.choice(7, p=row / row.sum()))
+    top = int(q.argmax())
+    if k != top:
+        q[[k, top]] = q[[top, k]]
+    return q.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- rendering through the agent's nodes
+
+
+class _LeaveOut:
+    """The runtime's case retriever with the current query's own image(s) excluded from every search."""
+
+    def __init__(self, retriever: Any):
+        self.retriever = retriever
+        self.exclude: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.retriever, name)
+
+    def search(self, features, k: int = 8, *, exclude_ids=None, sources=None):
+        return self.retriever.search(features, k, exclude_ids=set(exclude_ids or ()) | self.exclude, sources=sources)
+
+
+def make_runtime(agent_config: Path | None = None):
+    """A real agent Runtime (heads, KB, case index, fusion) whose case search supports per-query exclusion."""
+    from agent.config import load_config
+    from agent.runtime import Runtime
+
+    return leave_out_runtime(Runtime(load_config(agent_config)))
+
+
+def leave_out_runtime(rt):
+    """``rt`` with its case retriever wrapped so that each query's ``exclude`` ids are never retrieved."""
+    if not isinstance(rt.cases, _LeaveOut):
+        # Runtime.cases is a cached_property: replacing the cached value is its documented override.
+        rt.__dict__["cases"] = _LeaveOut(rt.cases)
+    return rt
+
+
+def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
+    """Colour/texture statistics per row id: cached ``stats_<source>__full.npz`` when present, else from the image."""
+    from PIL import Image
+
+    from models.image_stats import image_stats
+    from models.paths import data_dir
+
+    out: dict[str, np.ndarray] = {}
+    for source in sorted({r.source for r in rows}):
+        cached: dict[str, np.ndarray] = {}
+        path = Path(feature_dir) / f"stats_{source}__full.npz"
+        if path.exists():
+            with np.load(path) as z:
+                cached = {str(i).removeprefix(f"{source}/"): s for i, s in zip(z["ids"], z["stats"])}
+        for r in rows:
+            if r.source == source:
+                s = cached.get(r.image)
+                if s is None:
+                    with Image.open(data_dir() / source / r.image) as im:
+                        s = image_stats(im.convert("RGB"))
+                out[r.id] = np.asarray(s, np.float32)
+    return out
+
+
+def render_state(row: CaseRow, stats: np.ndarray, rt):
+    """The agent's state after encode → modality → morphology → retrieval, from cached outputs."""
+    from agent.nodes.modality import classify_modality
+    from agent.nodes.morphology import describe
+    from agent.nodes.retrieve import retrieve
+    from agent.state import CaseState, ImageEncoding, PatientMetadata
+
+    enc = ImageEncoding(
+        model_id=getattr(rt.config.encoder.classifier, "model", "sklesion-xception"),
+        classifier_probs={c: float(p) for c, p in zip(HAM_CLASSES, row.probs)},
+        features=np.asarray(row.features, np.float32),
+        stats=stats,
+    )
+    state = CaseState(metadata=PatientMetadata.model_validate(row.metadata) if row.metadata else None, encoding=enc)
+    leave_out_runtime(rt).cases.exclude = set(row.exclude)
+    for node in (classify_modality, describe, retrieve):
+        state = state.model_copy(update=node(state, rt).update)
+    return state
+
+
+_OPENERS = ["{finding}", "The findings fit {name}: {finding}", "{Finding} point to {name}", "Dermoscopy shows {finding}, typical of {name}"]
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: dict[str, float] | None, rng: random.Random) -> str:
+    """A one-line rationale for ``label`` citing real [E#] tags: supporting findings (the KB's expected
+    7-point values the describer observed) with the KB passage, classifier agreement or disagreement,
+    and similar cases with that label. Always cites at least one tag."""
+    from agent.nodes.morphology import _PHRASES
+    from agent.prompts import evidence_tags
+
+    name = names[label]
+    tags = {v: k for k, v in evidence_tags(state.retrieval.evidence).items()}
+    entry = rt.knowledge.entry_for_label(label)
+    kb_tag = next((tags[ev.id] for ev in state.retrieval.evidence if ev.kind == "knowledge" and entry is not None
+                   and ev.label in {label, entry.id}), None)  # fmt: skip
+    case_tags = [tags[ev.id] for ev in state.retrieval.evidence if ev.kind == "case" and ev.label == label]
+    parts: list[str] = []
+
+    expected = entry.expected_7pt if entry is not None else {}
+    support = [f for f in (state.morphology.findings if state.morphology else [])
+               if f.value != "absent" and f.value in expected.get(f.criterion, ())]  # fmt: skip
+    if support:
+        phrases = [_PHRASES[f.criterion][f.value] for f in sorted(support, key=lambda f: -f.confidence)[:2]]
+        text = rng.choice(_OPENERS).format(finding=_join(phrases), Finding=_join(phrases)[:1].upper() + _join(phrases)[1:], name=name)
+        parts.append(text[:1].upper() + text[1:] + (f" [{kb_tag}]" if kb_tag else ""))
+    elif kb_tag:
+        parts.append(rng.choice([f"The knowledge base entry on {name} fits [{kb_tag}]", f"{name[:1].upper() + name[1:]} is described in [{kb_tag}]"]))
+
+    if clf_display:
+        top = max(clf_display, key=clf_display.get)
+        if top == label:
+            parts.append(rng.choice([f"the classifier agrees ({clf_display[label]:.2f})", f"the lesion classifier also favours it ({clf_display[label]:.2f})"]))
+        else:
+            parts.append(rng.choice([f"the classifier favours {names[top]} ({clf_display[top]:.2f}), but the evidence conflicts",
+                                     f"although the classifier prefers {names[top]} ({clf_display[top]:.2f})"]))  # fmt: skip
+
+    if case_tags:
+        cited = "".join(f"[{t}]" for t in case_tags[:3])
+        parts.append(rng.choice([f"similar cases {cited} were {name}", f"similar {name} cases {cited} match"]))
+    elif not any("[E" in p for p in parts):
+        nearest = next((ev for ev in state.retrieval.evidence), None)
+        if nearest is not None:
+            parts.append(f"the nearest evidence [{tags[nearest.id]}] is {names.get(nearest.label or '', nearest.label)}")
+
+    # One or two clauses: the agent writes the rationale with a ~40-token budget.
+    first, rest = parts[0], parts[1:]
+    if len(rest) > 1:
+        cited_rest = [p for p in rest if "[E" in p]
+        rest = [rng.choice(cited_rest if "[E" not in first and cited_rest else rest)]
+    text = first[:1].upper() + first[1:]
+    if rest:
+        text += "; " + rest[0]
+    return text + "."
+
+
+def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str, Any] | None:
+    """The training/eval record of one case (None when the modality head does not see dermoscopy:
+    the agent would then not ask the reasoner about HAM10000 classes)."""
+    from agent.nodes.reason import candidates_for, classifier_display
+    from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
+
+    state = render_state(row, stats, rt)
+    if state.modality.label != "dermoscopy":
+        return None
+    cands, names = candidates_for(state, rt.config.reasoner.max_candidates)
+    clf_display = classifier_display(state, rt, cands)
+    prompt = conversation(render_user(state, cands, names, clf_display, None))
+    rng = random.Random(_hash(seed, row.id))
+    rationale = target_rationale(state, rt, row.label, names, clf_display, rng)
+    target = f"{DIAGNOSIS_PREFIX}{names[row.label]}{RATIONALE_FIELD} {rationale}"
+    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    expected = {names[c]: dict(e.expected_7pt) for c in cands if (e := rt.knowledge.entry_for_label(c)) is not None}
+    tags = evidence_tags(state.retrieval.evidence)
+    return {
+        "id": row.id,
+        "source": row.source,
+        "split": row.split,
+        "image": f"{row.source}/{row.image}",
+        "label": row.label,
+        "label_name": names[row.label],
+        "perturbed": row.perturbed,
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": target}],
+        "candidates": [names[c] for c in cands],
+        "candidate_labels": list(cands),
+        "tags": sorted(tags, key=lambda t: int(t[1:])),
+        "evidence_ids": [tags[t] for t in sorted(tags, key=lambda t: int(t[1:]))],
+        "classifier_top": names[max(clf_display, key=clf_display.get)] if clf_display else "",
+        # JSON strings: variable-key dicts do not fit an Arrow schema.
+        "observed": json.dumps(observed, sort_keys=True),
+        "expected": json.dumps(expected, sort_keys=True),
+    }
+
+
+def render_cases(rows: list[CaseRow], rt, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render rows (in order); returns the records and the ids skipped as not dermoscopy."""
+    stats = _stats(rows, feature_dir)
+    out, skipped = [], []
+    for r in rows:
+        rec = render_case(r, stats[r.id], rt, seed)
+        if rec is None:
+            skipped.append(r.id)
+        else:
+            out.append(rec)
+    return out, skipped
+
+
+def stratified_subset(items: list, n: int | None, seed: int, power: float = 1.0, key: Callable[[Any], Any] | None = None) -> list:
+    """A seeded, class-stratified subset of ``n`` items (CaseRows or records with ``id`` and ``label``),
+    in a deterministic order. Class quotas are proportional to ``count ** power`` (1: as in the data,
+    0.5: rare classes up-weighted), at least one per class where ``n`` allows, never above the count.
+    ``key`` gives an item's stratum (default: its label)."""
+    def get(x, k):
+        return x[k] if isinstance(x, dict) else getattr(x, k)
+
+    key = key or (lambda x: get(x, "label"))
+
+    ordered = sorted(items, key=lambda x: _hash(seed, get(x, "id")))
+    if n is None or n >= len(items):
+        return ordered
+    by: dict[str, list] = {}
+    for x in ordered:
+        by.setdefault(key(x), []).append(x)
+    weight = {c: len(v) ** power for c, v in by.items()}
+    total = sum(weight.values())
+    quota = {c: min(len(by[c]), max(1, round(n * w / total))) for c, w in weight.items()}
+    while sum(quota.values()) > n:
+        quota[max(quota, key=lambda c: (quota[c], c))] -= 1
+    while sum(quota.values()) < n:
+        quota[max((c for c in by if quota[c] < len(by[c])), key=lambda c: (len(by[c]) - quota[c], c))] += 1
+    keep = {id(x) for c, v in by.items() for x in v[: quota[c]]}
+    return [x for x in ordered if id(x) in keep]
+
+
+def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int = 0, rt=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Training records (deterministic given ``seed``) and a summary of how they were built."""
+    if "val" in cfg.derm7pt_splits:
+        raise ValueError("Derm7pt 'val' is a report set: it cannot be used for reasoner training")
+    feature_dir = Path(feature_dir)
+    rows = derm7pt_rows(cfg.derm7pt_splits, feature_dir)
+    info: dict[str, Any] = {"derm7pt": len(rows)}
+    if cfg.ham_per_class and cfg.ham_classes:
+        profile = measure_error_profile(feature_dir, cfg.profile_smoothing)
+        ham = ham_rows(cfg.ham_classes, cfg.ham_per_class, feature_dir, seed)
+        all_ham = _features("ham10000", feature_dir)["probs"]
+        temperature = fit_temperature(all_ham, profile["mean_top"])
+        rng = np.random.default_rng(seed)
+        for r in ham:
+            r.probs = perturb_probs(r.probs, r.label, profile, temperature, rng)
+            r.perturbed = True
+        rows += ham
+        info.update(ham10000=len(ham), error_profile=profile, temperature=temperature)
+    check_no_report_leak(rows)
+    rows = stratified_subset(rows, cfg.max_cases, seed, cfg.class_power)
+    rt = rt or make_runtime(cfg.agent_config)
+    records, skipped = render_cases(rows, rt, feature_dir, seed)
+    info.update(cases=len(records), skipped_not_dermoscopy=len(skipped), labels=dict(sorted(Counter(r["label"] for r in records).items())))
+    return records, info
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.reasoner_data --out DIR [--config FILE.yaml] [--set data.key=value]``: build and write
+    ``cases.jsonl`` and ``build.json`` only (what the SFT trainer would train on)."""
+    import argparse
+
+    from training.config import load_train_config
+
+    p = argparse.ArgumentParser(prog="python -m training.reasoner_data")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="A reasoner-sft YAML (its seed, feature_dir and data sections are used).")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    a = p.parse_args(argv)
+    from training.reasoner_sft import Config
+
+    cfg = load_train_config(Config, a.config, a.sets)
+    records, info = build_training_cases(cfg.data, cfg.feature_dir, cfg.seed)
+    write_jsonl(records, a.out / "cases.jsonl")
+    (a.out / "build.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps({k: v for k, v in info.items() if k != "error_profile"}, indent=2))
+    if records:
+        print(records[0]["prompt"][1]["content"] + "\n---\n" + records[0]["completion"][0]["content"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

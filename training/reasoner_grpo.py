@@ -30,6 +30,7 @@ from training.reasoner_sft import (
     publish,
     save_adapter,
     setup_torch,
+    shared_trainer_args,
     token_lengths,
 )
 
@@ -146,7 +147,6 @@ def train(cfg: Config) -> dict:
     funcs, weights = reward_functions(cfg)
     batch = cfg.num_generations * cfg.prompts_per_step
     args = GRPOConfig(
-        output_dir=str(cfg.out_dir / "checkpoints"),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
@@ -157,16 +157,8 @@ def train(cfg: Config) -> dict:
         lr_scheduler_type="constant",
         beta=cfg.beta,
         reward_weights=weights,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         log_completions=False,
-        **prec,
+        **shared_trainer_args(cfg, prec),
     )
     model = load_causal_lm(where, device, prec["bf16"])
     peft_config = None

@@ -83,6 +83,23 @@ def setup_torch(cfg: Any) -> str:
     return resolve_device(cfg.device)
 
 
+def shared_trainer_args(cfg: Any, prec: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments both reasoner trainers (SFT, GRPO) set the same way: output, logging,
+    checkpointing, seeds, no dataloader workers or tqdm, and ``prec`` (from :func:`precision`)."""
+    return dict(
+        output_dir=str(cfg.out_dir / "checkpoints"),
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **prec,
+    )
+
+
 def precision(cfg: Any, device: str) -> dict[str, Any]:
     """TrainingArguments precision/memory kwargs: bf16 + gradient checkpointing on CUDA, fp32 on CPU
     (``bf16: true`` on a CPU with bf16 instructions autocasts the matmuls: about 2x faster)."""
@@ -213,7 +230,6 @@ def train(cfg: Config) -> dict:
 
     prec = precision(cfg, device)
     args = SFTConfig(
-        output_dir=str(cfg.out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -221,17 +237,9 @@ def train(cfg: Config) -> dict:
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
         max_length=cfg.max_length,
         completion_only_loss=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **prec,
+        **shared_trainer_args(cfg, prec),
     )
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), layers_to_transform=cfg.lora.layers, task_type="CAUSAL_LM")  # fmt: skip

@@ -113,3 +113,14 @@ def check_missing(ctx: Any, missing: int, total: int, allow_partial: bool) -> bo
         f"{missing} of {total} cases have no cached output in {getattr(ctx.cache, 'root', ctx.out_dir)}; "
         "run without --rescore, or --opt allow_partial=true to score only the cached ones"
     )
+
+
+def open_rgb(paths: Any) -> list[Any]:
+    """The images at ``paths`` as RGB PIL images, each file closed after decoding."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images

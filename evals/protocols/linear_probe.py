@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evals.linear_probe import DEFAULT_CS, linear_probe
 from evals.protocols.base import EvalCase, ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_file, with_ci
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, sha256_file, with_ci
 
 
 class Options(BaseModel):
@@ -103,8 +103,6 @@ def _rel_id(image: Path, root: Path) -> str | None:
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     """Encode (or read cached features of) the train and test cases, probe, report."""
-    from PIL import Image
-
     from evals.cache import case_key
     from evals.classification import fmt
     from evals.metrics import accuracy, balanced_accuracy, macro_f1, macro_roc_auc
@@ -175,10 +173,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     progress = Progress(ctx.log, "linear_probe features", len(todo))
     for start in range(0, len(todo), opts.batch_size):
         idx = todo[start : start + opts.batch_size]
-        images = []
-        for i in idx:
-            with Image.open(cases[i].image) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(cases[i].image for i in idx)
         out = encoder.embed_images(images)
         for i, v in zip(idx, out):
             rec = _pack(v)

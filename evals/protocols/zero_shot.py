@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.protocols.base import ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_file, with_ci
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, sha256_file, with_ci
 from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
 
 INVALID = "(invalid)"
@@ -63,7 +63,6 @@ def default_candidates(labels: list[str]) -> dict[str, str]:
 def run(ctx: ProtocolContext) -> ProtocolResult:
     """Ask the VLM about every labelled case and score the matched answers."""
     import numpy as np
-    from PIL import Image
 
     from evals import plots
     from evals.cache import case_key
@@ -114,10 +113,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     classifier = None
     for start in range(0, len(todo), opts.batch_size):
         idx = todo[start : start + opts.batch_size]
-        images = []
-        for i in idx:
-            with Image.open(cases[i].image) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(cases[i].image for i in idx)
         kwargs = {}
         if getattr(vlm, "needs_features", False):
             # Feature-based VLMs (models.backends.feature_vlm) read the lesion classifier's output, not pixels.

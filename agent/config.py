@@ -30,6 +30,11 @@ class EncoderConfig(_Strict):
 
 class ModalityConfig(_Strict):
     head: str = Field("modality-head", description="Registry id of the trained modality head.")
+    encoder: str | None = Field(
+        None,
+        description="Registry id or path of a fine-tuned encoder delta (dermgraph train modality with finetune:) whose features the head "
+        "was trained on. None: the shared lesion encoder's features, computed once per case.",
+    )
     min_confidence: float = Field(0.5, ge=0, le=1, description="Below this the modality is reported as uncertain.")
     ood_reject: bool = Field(True, description="Reject images whose features are farther from the training data than the head's calibrated OOD threshold.")
 

@@ -27,6 +27,37 @@ SEVEN_POINT: dict[str, tuple[str, ...]] = {
 }
 """Derm7pt criteria and their values (the heads' class lists are read from the artifact)."""
 
+SEVEN_POINT_PHRASES: dict[str, dict[str, str]] = {
+    "pigment_network": {"absent": "no pigment network", "typical": "a typical (regular) pigment network", "atypical": "an atypical pigment network"},
+    "streaks": {"absent": "no streaks", "regular": "regular streaks", "irregular": "irregular streaks"},
+    "pigmentation": {
+        "absent": "no blotches of pigmentation",
+        "diffuse regular": "diffuse regular pigmentation",
+        "diffuse irregular": "diffuse irregular pigmentation",
+        "localized irregular": "localized irregular pigmentation",
+    },
+    "regression_structures": {
+        "absent": "no regression structures",
+        "blue areas": "regression with blue (peppering) areas",
+        "white areas": "regression with white scar-like areas",
+        "combinations": "regression with combined blue and white areas",
+    },
+    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules", "irregular": "irregular dots and globules"},
+    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "a blue-whitish veil"},
+    "vascular_structures": {
+        "absent": "no visible vessels",
+        "arborizing": "arborizing vessels",
+        "comma": "comma vessels",
+        "hairpin": "hairpin vessels",
+        "dotted": "dotted vessels",
+        "linear irregular": "linear irregular vessels",
+        "within regression": "vessels within regression areas",
+        "wreath": "wreath vessels",
+    },
+}
+"""One phrase per Derm7pt criterion value: how the agent verbalises findings for the reasoner, and the describer's
+training targets; ``evals.morphology.parse_findings`` reads each back to its value (tested)."""
+
 # Findings that score in the 7-point checklist (Argenziano 1998): major = 2 points, minor = 1.
 SEVEN_POINT_SCORING: dict[tuple[str, str], int] = {
     ("pigment_network", "atypical"): 2,

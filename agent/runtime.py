@@ -62,6 +62,34 @@ class Runtime:
         return self._get("modality_heads", lambda: HeadSet.load(resolve_artifact(self.config.modality.head)))
 
     @functools.cached_property
+    def modality_encoder(self):
+        """The fine-tuned encoder the modality head needs, or None when it reads the shared features.
+
+        A head trained on tuned features records the encoder's sha256; a missing or different encoder is an error."""
+
+        def build():
+            needed = self.modality_heads.meta.get("encoder_sha256")
+            ref = self.config.modality.encoder
+            if ref is None:
+                if needed:
+                    raise ValueError(
+                        f"modality head {self.config.modality.head!r} was trained on the features of fine-tuned encoder "
+                        f"{self.modality_heads.meta.get('encoder')!r}: set modality.encoder to it"
+                    )
+                return None
+            from models.finetuned_encoder import FinetunedEncoder
+            from models.resolve import sha256_file
+
+            path = resolve_artifact(ref)
+            if needed and sha256_file(path) != needed:
+                raise ValueError(f"modality.encoder {ref!r} is not the encoder modality head {self.config.modality.head!r} was trained with (sha256 differs)")
+            if not needed:
+                raise ValueError(f"modality head {self.config.modality.head!r} was trained on the shared encoder's features; unset modality.encoder")
+            return FinetunedEncoder(path, device=self.config.device)
+
+        return self._get("modality_encoder", build)
+
+    @functools.cached_property
     def concept_heads(self):
         from models.heads import HeadSet
 

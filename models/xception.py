@@ -118,16 +118,46 @@ class Xception(nn.Module):
         self.block14_sepconv2 = SeparableConv2d(1536, 2048)
         self.block14_sepconv2_bn = _bn(2048, eps)
 
-    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The final (N, 2048, h, w) activation map."""
+    def _entry(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.block1_conv1_bn(self.block1_conv1(x)))
         x = F.relu(self.block1_conv2_bn(self.block1_conv2(x)))
-        x = self.block4(self.block3(self.block2(x)))
-        for block in self.middle:
-            x = block(x)
-        x = self.block13(x)
+        return self.block4(self.block3(self.block2(x)))
+
+    def _block14(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.block14_sepconv1_bn(self.block14_sepconv1(x)))
         return F.relu(self.block14_sepconv2_bn(self.block14_sepconv2(x)))
+
+    STAGES = ("entry", *(f"middle{i}" for i in range(8)), "block13", "block14")
+    """Stage names in forward order: the units a fine-tune can unfreeze from (see ``stage_modules``)."""
+
+    def stage_modules(self, name: str) -> list[nn.Module]:
+        """The modules whose parameters belong to stage ``name``."""
+        if name == "entry":
+            return [self.block1_conv1, self.block1_conv1_bn, self.block1_conv2, self.block1_conv2_bn, self.block2, self.block3, self.block4]
+        if name.startswith("middle"):
+            return [self.middle[int(name.removeprefix("middle"))]]
+        if name == "block13":
+            return [self.block13]
+        if name == "block14":
+            return [self.block14_sepconv1, self.block14_sepconv1_bn, self.block14_sepconv2, self.block14_sepconv2_bn]
+        raise ValueError(f"unknown stage {name!r}; valid: {list(self.STAGES)}")
+
+    def forward_stages(self, x: torch.Tensor, start: str = "entry", stop: str | None = None) -> torch.Tensor:
+        """Run stages ``start`` .. ``stop`` (exclusive; None = to the end) on ``x``, the previous stage's output."""
+        i = self.STAGES.index(start)
+        j = len(self.STAGES) if stop is None else self.STAGES.index(stop)
+        for name in self.STAGES[i:j]:
+            if name == "entry":
+                x = self._entry(x)
+            elif name.startswith("middle"):
+                x = self.middle[int(name.removeprefix("middle"))](x)
+            else:
+                x = self.block13(x) if name == "block13" else self._block14(x)
+        return x
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The final (N, 2048, h, w) activation map."""
+        return self.forward_stages(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_map(x).mean(dim=(2, 3))

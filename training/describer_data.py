@@ -1,7 +1,7 @@
 """Training turns for the feature VLM describer, built deterministically from Derm7pt and HAM10000.
 
-Derm7pt ``train`` + ``extra`` cases give descriptions that state all seven criteria (one canonical
-phrase per criterion, in a fixed order, that :func:`evals.morphology.parse_findings` reads back, with
+Derm7pt ``train`` + ``extra`` cases give descriptions that state all seven criteria (the agent's phrase
+per criterion value, ``agent.labels.SEVEN_POINT_PHRASES``, in a fixed order, with
 varied openers and closers around them) and yes/no or "describe the X" questions about single
 criteria. HAM10000 ``train`` images give questions about diagnosis, body site, age and sex: the
 sklesion features were fitted on HAM10000, so these teach the answer format more than vision, and
@@ -16,39 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_SCORING
+from agent.labels import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from models.feature_vlm import DESCRIBE_PROMPT
 from training.data import aligned, load_features, source_table
-
-# One phrase per (criterion, value); each is read back to the same value by parse_findings (tested).
-CANONICAL: dict[str, dict[str, str]] = {
-    "pigment_network": {"absent": "no pigment network", "typical": "a typical pigment network", "atypical": "an atypical pigment network"},
-    "streaks": {"absent": "no streaks", "regular": "regular streaks", "irregular": "irregular streaks"},
-    "pigmentation": {
-        "absent": "no blotches of pigmentation",
-        "diffuse regular": "diffuse regular pigmentation",
-        "diffuse irregular": "diffuse irregular pigmentation",
-        "localized irregular": "localized irregular pigmentation",
-    },
-    "regression_structures": {
-        "absent": "no regression structures",
-        "blue areas": "regression with blue areas",
-        "white areas": "regression with white scar-like areas",
-        "combinations": "combined regression structures, blue and white",
-    },
-    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules", "irregular": "irregular dots and globules"},
-    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "a blue-whitish veil"},
-    "vascular_structures": {
-        "absent": "no vessels",
-        "arborizing": "arborizing vessels",
-        "comma": "comma vessels",
-        "hairpin": "hairpin vessels",
-        "dotted": "dotted vessels",
-        "linear irregular": "linear irregular vessels",
-        "within regression": "vessels within regression",
-        "wreath": "wreath vessels",
-    },
-}
 
 DESCRIBE_PROMPTS = (
     DESCRIBE_PROMPT,  # the evaluation prompt
@@ -100,7 +70,7 @@ def describe(criteria: dict[str, str], rng: random.Random | None = None, opener:
     True
     """
     opener = opener or (rng.choice(OPENERS) if rng else OPENERS[0])
-    body = "; ".join(CANONICAL[c][criteria[c]] for c in SEVEN_POINT)
+    body = "; ".join(SEVEN_POINT_PHRASES[c][criteria[c]] for c in SEVEN_POINT)
     text = f"{opener} {body}."
     if rng is not None and rng.random() < 0.3:
         score = sum(SEVEN_POINT_SCORING.get((c, v), 0) for c, v in criteria.items())
@@ -110,7 +80,7 @@ def describe(criteria: dict[str, str], rng: random.Random | None = None, opener:
 
 def criterion_turn(criterion: str, value: str, rng: random.Random) -> tuple[str, str]:
     """A question about one criterion and its answer ("Yes: ..."/"No: ..." or "describe the X")."""
-    phrase = CANONICAL[criterion][value]
+    phrase = SEVEN_POINT_PHRASES[criterion][value]
     if rng.random() < 0.5:
         return _YES_NO[criterion], f"{'No' if value == 'absent' else 'Yes'}: {phrase}."
     return f"Describe the {_NAMES[criterion]}.", phrase[0].upper() + phrase[1:] + "."

@@ -16,14 +16,43 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.config import AgentConfig
 from training.cli import module_main
-from training.config import TrainConfig
+from training.config import Strict, TrainConfig
 
 CLASSES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
 LICENCE = "CC-BY-NC-SA-4.0 (derived from non-commercial training data)"
+
+
+class EncoderFinetune(Strict):
+    """Fine-tune the lesion encoder's last stages for the modality task, on images rather than cached features.
+
+    The encoder is trained end to end with a linear head (warm-started from the frozen-feature head),
+    then a logistic head is refitted on its features exactly as without fine-tuning. BatchNorm keeps
+    its running statistics (small CPU batches would corrupt them). Held-out-source folds fine-tune one
+    encoder per fold, so the before/after compares frozen and tuned features on the same images."""
+
+    unfreeze_from: str = Field("block14", description="First Xception stage to train (models.xception.Xception.STAGES): block14, block13, middle7 .. middle0, entry (all).")
+    steps: int = Field(60, ge=1, description="Optimiser steps per fine-tune (one per fold, plus the final one).")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the encoder stages.")
+    head_lr: float = Field(1e-3, gt=0, description="Learning rate of the linear head used while fine-tuning.")
+    weight_decay: float = Field(0.01, ge=0)
+    max_per_tag: int | None = Field(150, ge=1, description="Images per source/view (seeded sample) used for fine-tuning and its before/after; None = all.")
+    augment: bool = Field(True, description="Random flips and 90-degree rotations (orientation carries no modality information).")
+    embed_batch_size: int = Field(32, ge=1)
+    encoder_id: str = Field("modality-encoder", description="Id stored in the encoder delta and registered next to the head.")
+
+    @field_validator("unfreeze_from")
+    @classmethod
+    def _known_stage(cls, v: str) -> str:
+        from models.xception import Xception
+
+        if v not in Xception.STAGES:
+            raise ValueError(f"unknown Xception stage {v!r}; valid: {list(Xception.STAGES)}")
+        return v
 
 
 class Config(TrainConfig):
@@ -47,6 +76,8 @@ class Config(TrainConfig):
     image_root: Path | None = Field(None, description="Folder the image paths in `data` are relative to (default: the file's folder).")
     compare_with: str | None = Field(default_factory=lambda: AgentConfig().modality.head, description="Registry id of the shipped head (the agent's modality.head) for the before/after table.")
     artifact_id: str = Field("modality-head", description="Id stored in the artifact's metadata (shown in the agent's trace).")
+    finetune: EncoderFinetune | None = Field(None, description="Also fine-tune the encoder (None: a head on the shared encoder's cached features).")
+    encoder_artifact: Path | None = Field(None, description="With finetune: where to copy the encoder delta the agent loads (modality.encoder).")
 
 
 def _stats_for(source: str, view: str, ids: np.ndarray, feature_dir: Path, root: Path | None = None) -> np.ndarray:
@@ -88,10 +119,11 @@ def _synthetic(n_per_kind: int, feature_dir: Path, seed: int = 0) -> tuple[np.nd
 
 
 def build_dataset(cfg: Config):
-    """X, y, group (held out together), tag (source/view) for every training image, in a fixed order."""
+    """X, y, group (held out together), tag (source/view) and image ref (see ``load_image``) for every
+    training image, in a fixed order."""
     from training.data import load_features, read_table, source_table, user_features
 
-    xs, ys, groups, tags = [], [], [], []
+    xs, ys, groups, tags, refs = [], [], [], [], []
 
     def add(source, view, label, group_of):
         f = load_features(source, view, cfg.feature_dir)
@@ -100,6 +132,7 @@ def build_dataset(cfg: Config):
         ys.extend([label] * len(f["ids"]))
         groups.extend(group_of(i) for i in f["ids"])
         tags.extend([f"{source}:{view}"] * len(f["ids"]))
+        refs.extend(f"data:{source}:{view}:{i}" for i in f["ids"])
 
     k = cfg.n_folds
     for src in cfg.dermoscopy_sources:
@@ -117,6 +150,7 @@ def build_dataset(cfg: Config):
     ys.extend(["not_skin"] * len(sx))
     groups.extend(f"synthetic:{g}" for g in sg)
     tags.extend(["synthetic"] * len(sx))
+    refs.extend(f"synthetic:{cfg.n_synthetic}:{cfg.synthetic_seed}:{j}" for j in range(len(sx)))
     if cfg.data is not None:
         rows = read_table(cfg.data)
         bad = sorted({r.get("label", "") for r in rows} - set(CLASSES))
@@ -130,7 +164,38 @@ def build_dataset(cfg: Config):
         ys.extend(r["label"] for r in rows)
         groups.extend(f"user:{int(hashlib.sha1(str(p).encode()).hexdigest()[:8], 16) % k}" for p in paths)
         tags.extend(["user"] * len(rows))
-    return np.concatenate(xs).astype(np.float32), np.array(ys), np.array(groups), np.array(tags)
+        refs.extend(f"user:{i}" for i in f["ids"])
+    return np.concatenate(xs).astype(np.float32), np.array(ys), np.array(groups), np.array(tags), np.array(refs)
+
+
+def load_image(ref: str):
+    """The RGB image a ``build_dataset`` ref points at (the same view the cached features were computed on)."""
+    from PIL import Image
+
+    kind, _, rest = ref.partition(":")
+    if kind == "data":
+        from models.paths import data_dir
+        from training.views import make_view
+
+        source, view, image_id = rest.split(":", 2)
+        return make_view(Image.open(data_dir() / source / image_id).convert("RGB"), view)
+    if kind == "synthetic":
+        n, seed, j = (int(v) for v in rest.split(":"))
+        return _synthetic_images(n, seed)[j]
+    if kind == "user":
+        return Image.open(rest).convert("RGB")
+    raise ValueError(f"unknown image ref {ref!r}")
+
+
+_SYNTH_CACHE: dict[tuple[int, int], list] = {}
+
+
+def _synthetic_images(n: int, seed: int) -> list:
+    from training.synthetic import generate
+
+    if (n, seed) not in _SYNTH_CACHE:
+        _SYNTH_CACHE[(n, seed)] = [im for _, im in generate(n, seed)]
+    return _SYNTH_CACHE[(n, seed)]
 
 
 def _folds(groups: np.ndarray, cfg: Config) -> list[np.ndarray]:
@@ -172,23 +237,15 @@ def _accuracy_by_tag(y, pred, tags) -> dict[str, float]:
     return {t: round(float(np.mean(y[tags == t] == pred[tags == t])), 4) for t in sorted(set(tags))}
 
 
-def train(cfg: Config) -> dict:
-    """Cross-validate with whole sources held out, fit on everything, compare with the shipped head, save."""
-    from sklearn.metrics import confusion_matrix
-
-    from models.heads import Head, HeadSet, OODDetector
-    from training.outputs import MetricsLog, publish, write_registry_fragment
-
-    log = MetricsLog(cfg.out_dir)
-    x, y, groups, tags = build_dataset(cfg)
-    missing = [c for c in CLASSES if not (y == c).any()]
-    if missing:
-        raise ValueError(f"no training images for {missing}: check dermoscopy_sources / clinical_views / histology / data")
+def _crossval(features_of_fold, y: np.ndarray, groups: np.ndarray, cfg: Config, log, stage: str = "heads") -> tuple[np.ndarray, np.ndarray]:
+    """Held-out-source predictions and OOD distances. ``features_of_fold(k, held)`` gives every row's
+    features under fold k's encoder (the same array unless the encoder is fine-tuned per fold)."""
     pred = np.empty(len(y), dtype=object)
     dist_held = np.full(len(y), np.nan)
     for k, held in enumerate(_folds(groups, cfg)):
         if not held.any() or held.all():
             continue
+        x = features_of_fold(k, held)
         scaler, clf = fit(x[~held], y[~held], cfg.c, cfg.max_iter)
         xs = scaler.transform(x[held])
         pred[held] = clf.predict(xs)
@@ -199,17 +256,29 @@ def train(cfg: Config) -> dict:
         cents = np.stack([z_tr[y[~held] == c].mean(0) for c in CLASSES if (y[~held] == c).any()])
         z = pca.transform(xs)
         dist_held[held] = np.sqrt(((z[:, None] - cents[None]) ** 2).sum(-1)).min(1)
-        log.log(fold=k, n_train=int((~held).sum()), n_heldout=int(held.sum()), train_loss=round(_loss(clf, x_tr, y[~held]), 5),
+        log.log(stage=stage, fold=k, n_train=int((~held).sum()), n_heldout=int(held.sum()), train_loss=round(_loss(clf, x_tr, y[~held]), 5),
                 heldout_accuracy=round(float(np.mean(pred[held] == y[held])), 4))  # fmt: skip
+    return pred, dist_held
+
+
+def _heldout_metrics(y: np.ndarray, pred: np.ndarray, tags: np.ndarray, cfg: Config) -> dict:
+    from sklearn.metrics import confusion_matrix
+
     scored = np.array([p is not None for p in pred])
     pred_s = pred[scored].astype(str)
-    metrics = {
+    return {
         "heldout_accuracy": round(float(np.mean(y[scored] == pred_s)), 4),
         "heldout_accuracy_by_source": _accuracy_by_tag(y[scored], pred_s, tags[scored]),
         "confusion_matrix": {"labels": CLASSES, "matrix": confusion_matrix(y[scored], pred_s, labels=CLASSES).tolist()},
         "n": {c: int((y == c).sum()) for c in CLASSES},
         "protocol": f"{cfg.n_folds} folds, each holding out whole dermoscopy dataset(s), 1/{cfg.n_folds} of DermNet classes, of histology slides and of synthetic kinds",
     }
+
+
+def _fit_headset(x: np.ndarray, y: np.ndarray, dist_held: np.ndarray, cfg: Config, metrics: dict, inputs: str, meta: dict | None = None):
+    """The final head on every row plus the OOD detector, thresholded on held-out distances; adds
+    ``ood_threshold`` and ``train_loss`` to ``metrics``."""
+    from models.heads import Head, HeadSet, OODDetector
 
     scaler, clf = fit(x, y, cfg.c, cfg.max_iter)
     xs_all = scaler.transform(x)
@@ -228,21 +297,41 @@ def train(cfg: Config) -> dict:
     metrics["train_loss"] = round(_loss(clf, xs_all, y), 5)
     trained_on = f"{'+'.join(cfg.dermoscopy_sources)} (dermoscopy), dermnet {'+'.join(cfg.clinical_views)} (clinical), " + (
         "histology tiles, " if cfg.histology else "") + "synthetic not-skin" + (", user data" if cfg.data else "")  # fmt: skip
-    hs = HeadSet(
-        scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), {"modality": head}, inputs="sklesion features (2048) + image_stats (38)",
+    return HeadSet(
+        scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), {"modality": head}, inputs=inputs,
         ood=OODDetector(comps, cents_uncentred.astype(np.float32), threshold),
-        meta={"id": cfg.artifact_id, "C": cfg.c, "metrics": {k: v for k, v in metrics.items() if k != "train_loss"}, "trained_on": trained_on},
-    )
+        meta={"id": cfg.artifact_id, "C": cfg.c, "metrics": {k: v for k, v in metrics.items() if k != "train_loss"}, "trained_on": trained_on, **(meta or {})},
+    )  # fmt: skip
+
+
+HEAD_NOTES = "Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject."
+
+
+def train(cfg: Config) -> dict:
+    """Cross-validate with whole sources held out, fit on everything, compare with the shipped head, save."""
+    from training.outputs import MetricsLog, publish, write_registry_fragment
+
+    log = MetricsLog(cfg.out_dir)
+    x, y, groups, tags, refs = build_dataset(cfg)
+    missing = [c for c in CLASSES if not (y == c).any()]
+    if missing:
+        raise ValueError(f"no training images for {missing}: check dermoscopy_sources / clinical_views / histology / data")
+    if cfg.finetune is not None:
+        from training.modality_encoder import train_with_encoder
+
+        return train_with_encoder(cfg, x, y, groups, tags, refs, log)
+    pred, dist_held = _crossval(lambda k, held: x, y, groups, cfg, log)
+    metrics = _heldout_metrics(y, pred, tags, cfg)
+    hs = _fit_headset(x, y, dist_held, cfg, metrics, inputs="sklesion features (2048) + image_stats (38)")
     weights = cfg.out_dir / "modality_head.safetensors"
     hs.save(weights)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], ood_threshold=threshold)
+    log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], ood_threshold=metrics["ood_threshold"])
 
     before = _before_after(cfg, x, y, tags, hs, metrics)
     print(before["table"], flush=True)
     published = publish(weights, cfg.artifact, metrics)
-    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE,
-                                  notes="Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject.")  # fmt: skip
+    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=HEAD_NOTES)
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
 
 

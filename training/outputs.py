@@ -47,17 +47,25 @@ def publish(written: Path, artifact: Path | None, metrics: dict | None = None) -
     return artifact
 
 
-def write_registry_fragment(out_dir: Path, model_id: str | None, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors") -> Path | None:
+def registry_entry(out_dir: Path, model_id: str, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors") -> dict:
+    """One entry in the layout of ``models/registry.yaml``, its ``path:`` source relative to ``out_dir``."""
+    w, od = Path(weights).resolve(), Path(out_dir).resolve()
+    rel = w.relative_to(od) if w.is_relative_to(od) else w
+    return {"id": model_id, "role": role, "source": f"path:{rel.as_posix()}", "sha256": sha256_file(weights), "licence": licence, "format": fmt, "notes": notes}
+
+
+def write_registry_fragment(out_dir: Path, model_id: str | None, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors",
+                            extra: Sequence[dict] = ()) -> Path | None:  # fmt: skip
     """``<out_dir>/registry.yaml`` in the layout of ``models/registry.yaml`` with a ``path:`` source
-    relative to that file, so ``DERMGRAPH_MODELS=<out_dir>/registry.yaml`` makes ``model_id`` usable by config."""
+    relative to that file, so ``DERMGRAPH_MODELS=<out_dir>/registry.yaml`` makes ``model_id`` usable by config.
+    ``extra`` entries (from :func:`registry_entry`) are written after it."""
     if not model_id:
         return None
     import yaml
 
     out = Path(out_dir) / "registry.yaml"
-    rel = Path(weights).resolve().relative_to(Path(out_dir).resolve()) if Path(weights).resolve().is_relative_to(Path(out_dir).resolve()) else Path(weights).resolve()
-    entry = {"id": model_id, "role": role, "source": f"path:{rel.as_posix()}", "sha256": sha256_file(weights), "licence": licence, "format": fmt, "notes": notes}
-    out.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+    entry = registry_entry(out_dir, model_id, weights, role=role, licence=licence, notes=notes, fmt=fmt)
+    out.write_text(yaml.safe_dump({"models": [entry, *extra]}, sort_keys=False))
     return out
 
 

@@ -320,7 +320,7 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     """A one-line rationale for ``label`` citing real [E#] tags: supporting findings (the KB's expected
     7-point values the describer observed) with the KB passage, classifier agreement or disagreement,
     and similar cases with that label. Always cites at least one tag."""
-    from agent.nodes.morphology import _PHRASES
+    from agent.labels import SEVEN_POINT_PHRASES
     from agent.prompts import evidence_tags
 
     name = names[label]
@@ -335,7 +335,7 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     support = [f for f in (state.morphology.findings if state.morphology else [])
                if f.value != "absent" and f.value in expected.get(f.criterion, ())]  # fmt: skip
     if support:
-        phrases = [_PHRASES[f.criterion][f.value] for f in sorted(support, key=lambda f: -f.confidence)[:2]]
+        phrases = [SEVEN_POINT_PHRASES[f.criterion][f.value] for f in sorted(support, key=lambda f: -f.confidence)[:2]]
         text = rng.choice(_OPENERS).format(finding=_join(phrases), Finding=_join(phrases)[:1].upper() + _join(phrases)[1:], name=name)
         parts.append(text[:1].upper() + text[1:] + (f" [{kb_tag}]" if kb_tag else ""))
     elif kb_tag:

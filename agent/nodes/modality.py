@@ -16,7 +16,10 @@ def modality_inputs(features: np.ndarray, stats: np.ndarray) -> np.ndarray:
 def classify_modality(state: CaseState, rt) -> NodeOutput:
     cfg = rt.config.modality
     heads = rt.modality_heads
-    x = modality_inputs(state.encoding.features, state.encoding.stats)
+    encoder = rt.modality_encoder
+    # A head trained on a fine-tuned encoder reads that encoder's features, not the shared ones.
+    features = state.encoding.features if encoder is None else encoder.embed_images([state.image])[0]
+    x = modality_inputs(features, state.encoding.stats)
     head = heads.heads["modality"]
     p = heads.predict_proba(x)["modality"][0]
     probs = {c: round(float(v), 4) for c, v in zip(head.classes, p)}
@@ -46,7 +49,7 @@ def classify_modality(state: CaseState, rt) -> NodeOutput:
     )
     return NodeOutput(
         {"modality": result},
-        inputs={"uses": "encoder features + colour/texture stats"},
+        inputs={"uses": ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"},
         model_id=heads.meta.get("id", rt.config.modality.head),
         notes=notes,
     )

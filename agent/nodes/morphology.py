@@ -4,38 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT_SCORING
+from agent.labels import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, Finding, MorphologyResult
-
-_PHRASES = {
-    "pigment_network": {"absent": "no pigment network", "typical": "a typical (regular) pigment network", "atypical": "an atypical pigment network"},
-    "streaks": {"absent": "no streaks", "regular": "regular streaks", "irregular": "irregular streaks"},
-    "pigmentation": {
-        "absent": "no blotches of pigmentation",
-        "diffuse regular": "diffuse regular pigmentation",
-        "diffuse irregular": "diffuse irregular pigmentation",
-        "localized irregular": "localized irregular pigmentation",
-    },
-    "regression_structures": {
-        "absent": "no regression structures",
-        "blue areas": "regression with blue (peppering) areas",
-        "white areas": "regression with white scar-like areas",
-        "combinations": "regression with combined blue and white areas",
-    },
-    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules", "irregular": "irregular dots and globules"},
-    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "a blue-whitish veil"},
-    "vascular_structures": {
-        "absent": "no visible vessels",
-        "arborizing": "arborizing vessels",
-        "comma": "comma vessels",
-        "hairpin": "hairpin vessels",
-        "dotted": "dotted vessels",
-        "linear irregular": "linear irregular vessels",
-        "within regression": "vessels within regression areas",
-        "wreath": "wreath vessels",
-    },
-}
 
 
 def seven_point_score(findings: list[Finding]) -> int:
@@ -51,14 +22,14 @@ def verbalise(findings: list[Finding], min_confidence: float = 0.0) -> str:
     if present:
         parts.append(
             "Dermoscopy shows "
-            + "; ".join(f"{_PHRASES.get(f.criterion, {}).get(f.value, f.value)} (p={f.confidence:.2f})" for f in present)
+            + "; ".join(f"{SEVEN_POINT_PHRASES.get(f.criterion, {}).get(f.value, f.value)} (p={f.confidence:.2f})" for f in present)
             + "."
         )
     else:
         parts.append("Dermoscopy shows none of the seven-point structures with confidence.")
     if absent:
         parts.append(
-            "Not seen: " + ", ".join(f"{_PHRASES.get(f.criterion, {}).get('absent', f.criterion)} (p={f.confidence:.2f})" for f in absent) + "."
+            "Not seen: " + ", ".join(f"{SEVEN_POINT_PHRASES.get(f.criterion, {}).get('absent', f.criterion)} (p={f.confidence:.2f})" for f in absent) + "."
         )
     uncertain = [f.criterion.replace("_", " ") for f in findings if f.confidence < min_confidence]
     if uncertain:

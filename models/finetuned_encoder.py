@@ -95,9 +95,14 @@ class FinetunedEncoder:
 
             base = self.base
             if base is None:
+                from models.registry import get_spec
                 from models.resolve import resolve
 
-                base = resolve(self.info.get("base") or "sklesion-xception")
+                base_id = self.info.get("base") or "sklesion-xception"
+                recorded, current = self.info.get("base_sha256"), get_spec(base_id).sha256
+                if recorded and current and recorded != current:
+                    raise ValueError(f"{self.weights} was tuned from {base_id} with sha256 {recorded}, but the registry now points at {current}")
+                base = resolve(base_id)
             model = build_model(base, "cpu")
             tensors, _ = read_delta(self.weights)
             apply_delta(model, tensors)

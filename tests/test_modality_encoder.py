@@ -84,6 +84,10 @@ def test_an_untouched_delta_reproduces_the_shared_encoder_and_a_bad_one_is_refus
     save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata={"dermgraph": json.dumps({"format": "xception-delta"})})
     with pytest.raises(ValueError, match="does not fit"):
         FinetunedEncoder(tmp_path / "wrong.safetensors").embed_images(imgs[:1])
+    stale = {"format": "xception-delta", "base": "sklesion-xception", "base_sha256": "0" * 64}
+    save_file(keys, str(tmp_path / "stale.safetensors"), metadata={"dermgraph": json.dumps(stale)})
+    with pytest.raises(ValueError, match="registry now points at"):
+        FinetunedEncoder(tmp_path / "stale.safetensors").embed_images(imgs[:1])
     save_file({"x": torch.ones(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a dermgraph encoder delta"):
         FinetunedEncoder(tmp_path / "other.safetensors")

@@ -80,11 +80,11 @@ class Runtime:
             from models.finetuned_encoder import FinetunedEncoder
             from models.resolve import sha256_file
 
-            path = resolve_artifact(ref)
-            if needed and sha256_file(path) != needed:
-                raise ValueError(f"modality.encoder {ref!r} is not the encoder modality head {self.config.modality.head!r} was trained with (sha256 differs)")
             if not needed:
                 raise ValueError(f"modality head {self.config.modality.head!r} was trained on the shared encoder's features; unset modality.encoder")
+            path = resolve_artifact(ref)
+            if sha256_file(path) != needed:
+                raise ValueError(f"modality.encoder {ref!r} is not the encoder modality head {self.config.modality.head!r} was trained with (sha256 differs)")
             return FinetunedEncoder(path, device=self.config.device)
 
         return self._get("modality_encoder", build)

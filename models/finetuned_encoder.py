@@ -19,13 +19,10 @@ DELTA_FORMAT = "xception-delta"
 
 def trainable_prefixes(backbone, start: str) -> list[str]:
     """State-dict prefixes (relative to the backbone) of every stage from ``start`` to the end."""
-    names = list(backbone.STAGES[backbone.STAGES.index(start) :]) if start in backbone.STAGES else None
-    if names is None:
+    if start not in backbone.STAGES:
         raise ValueError(f"unknown stage {start!r}; valid: {list(backbone.STAGES)}")
-    ids = {id(m) for n in names for m in backbone.stage_modules(n)}
-    return sorted(name for name, m in backbone.named_children() if id(m) in ids) + sorted(
-        f"middle.{i}" for i, m in enumerate(backbone.middle) if id(m) in ids
-    )
+    ids = {id(m) for n in backbone.STAGES[backbone.STAGES.index(start) :] for m in backbone.stage_modules(n)}
+    return sorted(name for name, m in backbone.named_modules() if id(m) in ids)
 
 
 def delta_state_dict(backbone, start: str) -> dict[str, Any]:
@@ -45,17 +42,24 @@ def save_delta(backbone, start: str, path: Path, *, base_id: str, base_sha256: s
     return path
 
 
-def read_delta(path: Path) -> tuple[dict[str, Any], dict]:
-    """(tensors, metadata) of a delta file; a file that is not one raises ValueError."""
+def delta_info(path: Path) -> dict:
+    """The metadata of a delta file (no tensors read); a file that is not one raises ValueError."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("dermgraph")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(raw) if raw else {}
     if info.get("format") != DELTA_FORMAT:
         raise ValueError(f"{path} is not a dermgraph encoder delta (metadata format {info.get('format')!r}, expected {DELTA_FORMAT!r})")
-    return tensors, info
+    return info
+
+
+def read_delta(path: Path) -> tuple[dict[str, Any], dict]:
+    """(tensors, metadata) of a delta file; a file that is not one raises ValueError."""
+    from safetensors.torch import load_file
+
+    info = delta_info(path)
+    return load_file(str(path)), info
 
 
 def apply_delta(model, tensors: dict[str, Any]) -> None:
@@ -82,7 +86,7 @@ class FinetunedEncoder:
         self.device = device
         self.batch_size = int(batch_size)
         self._model = None
-        _, self.info = read_delta(self.weights)
+        self.info = delta_info(self.weights)
         self.model_id = str(self.info.get("id") or self.weights.stem)
 
     @property

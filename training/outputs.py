@@ -4,12 +4,13 @@ shipped artifact it is compared with, and the before/after table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from models.resolve import sha256_file
 
 
 class MetricsLog:
@@ -25,14 +26,6 @@ class MetricsLog:
         record = {"t": round(time.time() - self._t0, 2), **record}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def publish(written: Path, artifact: Path | None, metrics: dict | None = None) -> Path | None:

@@ -40,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evals.linear_probe import DEFAULT_CS, linear_probe
 from evals.protocols.base import EvalCase, ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, sha256_file, with_ci
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
+from models.resolve import sha256_file
 
 
 class Options(BaseModel):

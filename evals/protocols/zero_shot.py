@@ -31,8 +31,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.protocols.base import ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, sha256_file, with_ci
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
 from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
+from models.resolve import sha256_file
 
 INVALID = "(invalid)"
 HEADLINE = ("accuracy", "macro_precision", "balanced_accuracy")

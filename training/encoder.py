@@ -500,7 +500,7 @@ def train(cfg: Config) -> dict:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.5 * (1 + np.cos(np.pi * min(1.0, t)))
+        return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every"}), sort_keys=True).encode()).hexdigest()[:16]
@@ -558,9 +558,10 @@ def train(cfg: Config) -> dict:
             sched.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1
-            log(kind="step", epoch=ep, step=state["global_step"], lr=sched.get_last_lr()[0], loss={"total": float(loss.detach()), **parts})
+            parts_total = float(loss.detach())
+            log(kind="step", epoch=ep, step=state["global_step"], lr=sched.get_last_lr()[0], loss={"total": parts_total, **parts})
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{parts_total:.3f}")
             if state["global_step"] % cfg.checkpoint_every == 0:
                 checkpoint()
             if budget_s and state["elapsed_s"] + time.time() - t_mark[0] > budget_s:

@@ -113,3 +113,24 @@ def test_smoke_run_writes_expert_and_resumes(shared_data, tmp_path):
     # another configuration in the same folder is refused rather than mixed
     with pytest.raises(ValueError, match="another configuration"):
         run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=3", "lr=0.1"])
+
+
+@pytest.mark.data
+def test_eval_encoder_reports_every_heldout_figure(shared_data, tmp_path, monkeypatch):
+    from agent.labels import HAM_CLASSES, SEVEN_POINT
+    from models.efficientnet import multitask_net, save_expert
+    from training import eval_encoder
+
+    full, syn = encoder.build_tables, encoder._synthetic_records
+    monkeypatch.setattr(encoder, "build_tables", lambda cfg, root=None: (lambda s, c: ({k: v[:5] for k, v in s.items()}, c))(*full(cfg, root)))
+    monkeypatch.setattr(encoder, "_synthetic_records", lambda n, seed: syn(1, seed))
+    _, classes = full(encoder.Config(limit_per_source=1))
+    heads = {"ham": list(HAM_CLASSES), "dermnet": classes, "modality": encoder.MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+    path = save_expert(multitask_net(heads, pretrained=False), tmp_path / "e.safetensors", {"image_size": 48})
+    res = eval_encoder.evaluate(path, n_bootstrap=20, log=lambda m: None)
+    for key in ("val_isic2018/balanced_accuracy", "val_isic2018/mel_sensitivity", "val_derm7pt/accuracy", "val_dermnet/top1", "val_dermnet/top5",
+                "closeups/modality_acc", "modality_acc_whole_images", "val_histology/modality_acc", "val_not_skin/modality_acc"):  # fmt: skip
+        assert key in res, key
+    assert 0 <= res["val_dermnet/top1"] <= res["val_dermnet/top5"] <= 1
+    assert set(res["val_derm7pt/criteria_macro_f1"]) == {*SEVEN_POINT, "mean"}
+    assert sum(res["val_not_skin/modality_called"].values()) == 8

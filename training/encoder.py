@@ -15,7 +15,9 @@ augmented on the fly (random resized crops, flips, 90-degree rotations, colour j
 classes are sampled with weights ``n_c^-balance_power`` and the loss is weighted ``n_c^-(1-balance_power)``,
 so classes count equally in expectation. Seeds fix the sampling and the augmentation of every step, so
 an interrupted run resumes (``resume: true``) from ``<out_dir>/checkpoint.pt`` exactly where it stopped.
-``max_minutes`` bounds the wall time (the best epoch so far is kept).
+``max_minutes`` bounds the wall time: the cosine learning-rate schedule then follows whichever of steps or
+wall time is further along, so a run on a busy machine still anneals before it is stopped (the best
+epoch so far is kept). Only when that time budget binds does the result depend on the machine's speed.
 
     dermgraph train encoder --config configs/train/encoder_cpu.yaml
     python -m training.encoder --config configs/train/encoder_smoke.yaml
@@ -496,10 +498,12 @@ def train(cfg: Config) -> dict:
     steps_per_epoch = max(1, len(plan0) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
+    time_frac = [0.0]  # share of max_minutes used; the cosine follows whichever of steps or time is further
+
     def lr_factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        t = max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), time_frac[0])
         return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
@@ -555,6 +559,8 @@ def train(cfg: Config) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
+            if budget_s:
+                time_frac[0] = (state["elapsed_s"] + time.time() - t_mark[0]) / budget_s
             sched.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1

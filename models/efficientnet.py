@@ -233,8 +233,11 @@ class EfficientNetExpert:
 
     feature_dim = FEATURE_DIM
 
-    def __init__(self, weights: str | Path | None = None, model_id: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32):
-        self.model_id = model_id
+    def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32):
+        """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
+        if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
+            weights = model
+        self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
         self.weights = Path(weights) if weights is not None else None
         self.device = device
         self.batch_size = int(batch_size)

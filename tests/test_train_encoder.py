@@ -134,3 +134,18 @@ def test_eval_encoder_reports_every_heldout_figure(shared_data, tmp_path, monkey
     assert 0 <= res["val_dermnet/top1"] <= res["val_dermnet/top5"] <= 1
     assert set(res["val_derm7pt/criteria_macro_f1"]) == {*SEVEN_POINT, "mean"}
     assert sum(res["val_not_skin/modality_called"].values()) == 8
+
+
+@pytest.mark.data
+def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypatch):
+    from agent.labels import HAM_CLASSES
+    from models.efficientnet import multitask_net, save_expert
+    from training import data, eval_encoder
+
+    rows = data.source_table("isic2018_val")[:3]
+    monkeypatch.setattr(data, "source_table", lambda source, root=None: rows)
+    path = save_expert(multitask_net({"ham": list(HAM_CLASSES), "modality": encoder.MODALITIES}, pretrained=False), tmp_path / "e.safetensors", {"image_size": 48})
+    (out,) = eval_encoder.write_features(path, tmp_path, ["isic2018_val"], log=lambda m: None)
+    f = data.load_features("isic2018_val", "effnet", tmp_path)
+    assert list(f["ids"]) == [r["image"] for r in rows] and f["features"].shape == (3, 1280) and f["probs"].shape == (3, 7)
+    assert np.load(out)["probs_modality"].shape == (3, 4)

@@ -11,6 +11,7 @@ not the trainer's cache) and reports, with percentile-bootstrap 95% CIs:
 
     python -m training.eval_encoder eval --weights runs/train/encoder_cpu/best.safetensors --out runs/eval/encoder_cpu
     python -m training.eval_encoder bench --weights runs/train/encoder_cpu/best.safetensors
+    python -m training.eval_encoder features --weights ... --sources isic2018_val derm7pt dermnet   # for the fusion
 """
 
 from __future__ import annotations
@@ -148,14 +149,57 @@ def bench(weights: Path, n: int = 48, threads: int = 1) -> dict:
     return out
 
 
+def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print) -> list[Path]:
+    """The expert's outputs on every image of ``sources`` as ``<feature_dir>/<source>__effnet.npz`` in the
+    layout of ``training.data.load_features`` (ids, probs = HAM head, features) plus ``probs_<head>`` per head.
+    Outputs on images the expert trained on (HAM10000 train, Derm7pt train/extra, DermNet outside the
+    held-out sixth) are in-sample: only the held-out ones are deployment-like."""
+    from PIL import Image
+
+    from models.efficientnet import EfficientNetExpert
+    from models.paths import data_dir
+    from training.data import source_table
+    from training.views import make_view
+
+    expert = EfficientNetExpert(weights, batch_size=batch_size)
+    written = []
+    for source in sources:
+        rows = source_table(source)
+        view = "masked" if source == "dermnet" else "full"
+        ids, feats, probs = [], [], {}
+        t = time.time()
+        for lo in range(0, len(rows), 64):
+            chunk = rows[lo : lo + 64]
+            f, p = expert.predict_heads([make_view(Image.open(data_dir() / source / r["image"]).convert("RGB"), view) for r in chunk])
+            ids += [r["image"] for r in chunk]
+            feats.append(f.astype(np.float16))
+            for k, v in p.items():
+                probs.setdefault(k, []).append(v)
+        path = Path(feature_dir) / f"{source}__effnet.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, ids=np.array(ids), probs=np.concatenate(probs["ham"]), features=np.concatenate(feats),
+                 **{f"probs_{k}": np.concatenate(v) for k, v in probs.items()})  # fmt: skip
+        log(f"{source}: {len(ids)} images in {time.time() - t:.0f} s -> {path}")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.eval_encoder")
-    p.add_argument("what", choices=["eval", "bench"])
+    p.add_argument("what", choices=["eval", "bench", "features"])
+    p.add_argument("--sources", nargs="+", default=["isic2018_val", "derm7pt", "dermnet"], help="features: sources to encode")
+    p.add_argument("--feature-dir", type=Path, default=Path(".cache/features"))
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--n-bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.what == "features":
+        import torch
+
+        torch.set_num_threads(a.threads)
+        write_features(a.weights, a.feature_dir, a.sources)
+        return
     if a.what == "bench":
         res = bench(a.weights, threads=a.threads)
     else:

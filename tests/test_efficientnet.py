@@ -167,3 +167,18 @@ def test_parity_with_reference_implementation(tmp_path):
     assert torch.equal(logits.argmax(1), logits_ref.argmax(1))
     torch.testing.assert_close(feats, feats_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_expert_artifact():
+    """The committed expert resolves by registry id, is small fp16 and has every head."""
+    from models.efficientnet import EfficientNetExpert
+    from models.resolve import resolve
+
+    path = resolve("efficientnet-lite0-derm", progress=False)
+    assert path.stat().st_size < 10e6
+    info = E.expert_info(path)
+    assert info["base"] == E.BASE_ID and info["image_size"] == 160
+    assert len(info["heads"]["dermnet"]) == 56 and info["heads"]["modality"] == ["clinical", "dermoscopy", "histopathology", "not_skin"]
+    assert len([h for h in info["heads"] if h.startswith("crit_")]) == 7
+    expert = EfficientNetExpert()
+    assert expert.labels == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

@@ -85,6 +85,25 @@ class RetrievalResult(BaseModel):
     query: str = ""
 
 
+class ReasoningStep(BaseModel):
+    """One checkable step of the reasoning. ``evidence`` holds ids that exist in the case: retrieved or
+    consulted evidence (``kb:…``, ``case:…``), observed findings (``finding:<criterion>``) and experts
+    (``expert:<name>``)."""
+
+    kind: Literal["observation", "knowledge", "expert", "fusion", "verdict"]
+    text: str = Field(description="The step in words (rendered from ``data``; what the rationale is made of).")
+    evidence: list[str] = Field(default_factory=list)
+    data: dict[str, Any] = Field(default_factory=dict, description="The values the text states (finding, value, confidence, probabilities, ...).")
+
+
+class ClaimCheckResult(BaseModel):
+    """Outcome of the claim check of a generated text (see ``agent.claims``)."""
+
+    text: str
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+
 class DifferentialItem(BaseModel):
     label: str = Field(description="Candidate code (HAM10000 class or knowledge-base label).")
     name: str
@@ -100,6 +119,14 @@ class ReasonerResult(BaseModel):
     samples: list[str] = Field(default_factory=list, description="Top labels of the k perturbed re-scorings (confidence consistency).")
     round: int = 0
     notes: list[str] = Field(default_factory=list)
+    expert_probs: dict[str, dict[str, float]] = Field(default_factory=dict, description="Each expert's own distribution over the candidates (classifier, knn, morphology, llm).")
+    contributions: dict[str, dict[str, float]] = Field(default_factory=dict, description="Expert → candidate → its additive contribution to the fused logit (centred).")
+    prediction_set: list[str] = Field(default_factory=list, description="Split-conformal set: contains the true diagnosis with probability >= 1 - alpha.")
+    prediction_set_alpha: float | None = None
+    prediction_set_calibration: str | None = Field(None, description="The calibration data of the prediction set.")
+    steps: list[ReasoningStep] = Field(default_factory=list, description="Observation, knowledge, expert and fusion steps (the verifier adds the verdict).")
+    consulted: list[Evidence] = Field(default_factory=list, description="Knowledge-base passages looked up for the knowledge steps (citable like retrieved evidence).")
+    summary_check: ClaimCheckResult | None = Field(None, description="The LLM's summary and its claim check; shown only when it passed.")
 
     @property
     def top(self) -> DifferentialItem:
@@ -114,6 +141,10 @@ class Verdict(BaseModel):
     consistency_score: float | None = Field(None, description="Trained verifier's P(consistent | findings, top diagnosis), when verifier.consistency_model is set.")
     reasons: list[str] = Field(default_factory=list)
     feedback: str | None = Field(None, description="What the reasoner is asked to reconsider on 'revise'.")
+    acceptance_score: float | None = Field(None, description="Estimated probability that the top label is right (the acceptance model's score).")
+    acceptance_threshold: float | None = Field(None, description="SGR threshold for the modality's target accuracy (None: no calibration, abstain).")
+    target_accuracy: float | None = None
+    step: ReasoningStep | None = Field(None, description="The verdict as a reasoning step.")
 
 
 class TraceEntry(BaseModel):

@@ -183,7 +183,7 @@ class Agent:
 
         from agent.labels import HAM_CLASSES
         from agent.persistence import check_case_id
-        from agent.review import ReviewDecision
+        from agent.review import NotAwaitingReview, ReviewDecision
 
         check_case_id(thread_id)
         decision = decision if isinstance(decision, ReviewDecision) else ReviewDecision.model_validate(decision)
@@ -192,7 +192,7 @@ class Agent:
             if not snap.values:
                 raise KeyError(f"no case {thread_id!r}")
             if not snap.interrupts:
-                raise ValueError(f"case {thread_id!r} is not awaiting review")
+                raise NotAwaitingReview(f"case {thread_id!r} is not awaiting review")
             if decision.diagnosis:
                 known = set(HAM_CLASSES) | {d["label"] for d in snap.interrupts[0].value.get("differential", [])}
                 if decision.diagnosis not in known and self.runtime.knowledge.entry_for_label(decision.diagnosis) is None:

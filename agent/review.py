@@ -21,6 +21,10 @@ When = Literal["never", "always", "on_abstain", "on_revise"]
 Where = Literal["morphology", "verify"]
 
 
+class NotAwaitingReview(ValueError):
+    """The case exists but is not paused for review (finished, or never paused)."""
+
+
 class ReviewFinding(BaseModel):
     criterion: str
     value: str

@@ -9,8 +9,6 @@ and pixel limits, a per-token rate limit; uploads are re-encoded as PNG with no 
 the pixel hash; logs carry case ids and timings only, never metadata, questions or image content.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import secrets
@@ -22,6 +20,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
+
+try:
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+except ImportError as exc:  # pragma: no cover - depends on the extra
+    raise ImportError("the HTTP API needs the 'serve' extra: pip install 'dermgraph[serve]'") from exc
+
+from agent.imageio import ImageInputError, image_to_png_bytes, load_image
+from agent.persistence import check_case_id
+from agent.review import NotAwaitingReview, ReviewDecision
+from agent.state import PatientMetadata
 
 log = logging.getLogger("dermgraph.serve")
 STATIC = Path(__file__).with_name("static")
@@ -144,21 +156,9 @@ async def _too_large(send, limit: int):
 
 def create_app(agent, settings: Settings | None = None):
     """The FastAPI app around ``agent`` (an :class:`agent.Agent`, models loaded lazily, once)."""
-    try:
-        from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-        from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-        from fastapi.staticfiles import StaticFiles
-        from starlette.concurrency import run_in_threadpool
-    except ImportError as exc:  # pragma: no cover - depends on the extra
-        raise ImportError("the HTTP API needs the 'serve' extra: pip install 'dermgraph[serve]'") from exc
-
-    from agent.imageio import ImageInputError, image_to_png_bytes, load_image
-    from agent.persistence import check_case_id
-    from agent.review import NotAwaitingReview, ReviewDecision
-    from agent.state import PatientMetadata
-
     settings = settings or Settings()
+    # PIL logs EXIF tags at DEBUG while decoding: uploads' metadata must not reach the logs at any level.
+    logging.getLogger("PIL").setLevel(logging.INFO)
     if settings.auth and not settings.tokens:
         raise ValueError("authentication is on but no tokens are configured: set DERMGRAPH_API_TOKENS or --tokens-file (or --no-auth on loopback)")
     data_dir = settings.data_dir.expanduser()

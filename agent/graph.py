@@ -52,11 +52,11 @@ def after_retrieve(state: CaseState) -> Literal["reason", "verify"]:
     return "reason" if state.modality.label in ("dermoscopy", "clinical") else "verify"
 
 
-def _router(runtime, route, review_route):
+def _router(runtime, route, review_route, reviews: bool):
     """A router that first asks the run's review policy whether to pause (``config.configurable.review``)."""
 
     def decide(state: CaseState, config=None) -> str:
-        if runtime is not None and review_route(state, policy(runtime, config)):
+        if reviews and runtime is not None and review_route(state, policy(runtime, config)):
             return "review"
         return route(state)
 
@@ -77,10 +77,11 @@ def after_verify(state: CaseState) -> Literal["reason", "__end__"]:
     raise ValueError(f"unexpected verifier decision {decision!r}")
 
 
-def builder(runtime, input_schema=None, first: tuple[str, object] | None = None):
+def builder(runtime, input_schema=None, first: tuple[str, object] | None = None, reviews: bool = True):
     """The uncompiled graph with nodes bound to ``runtime`` (their backends).
 
-    ``first``: an extra (name, node) run before ``encode`` (the LangGraph server's input loader)."""
+    ``first``: an extra (name, node) run before ``encode`` (the LangGraph server's input loader).
+    ``reviews``: whether cases may pause (only where a checkpointer will hold them)."""
     from langgraph.graph import END, START, StateGraph
 
     g = StateGraph(CaseState, input_schema=input_schema) if input_schema is not None else StateGraph(CaseState)
@@ -94,17 +95,17 @@ def builder(runtime, input_schema=None, first: tuple[str, object] | None = None)
         g.add_edge(START, "encode")
     g.add_edge("encode", "modality")
     g.add_conditional_edges("modality", after_modality, {"morphology": "morphology", "verify": "verify"})
-    g.add_conditional_edges("morphology", _router(runtime, after_morphology, wants_review_after_morphology), {"retrieve": "retrieve", "review": "review"})
+    g.add_conditional_edges("morphology", _router(runtime, after_morphology, wants_review_after_morphology, reviews), {"retrieve": "retrieve", "review": "review"})
     g.add_conditional_edges("retrieve", after_retrieve, {"reason": "reason", "verify": "verify"})
     g.add_edge("reason", "verify")
-    g.add_conditional_edges("verify", _router(runtime, after_verify, wants_review_after_verify), {"reason": "reason", "review": "review", "__end__": END})
+    g.add_conditional_edges("verify", _router(runtime, after_verify, wants_review_after_verify, reviews), {"reason": "reason", "review": "review", "__end__": END})
     g.add_conditional_edges("review", after_review, {"retrieve": "retrieve", "reason": "reason", "__end__": END})
     return g
 
 
 def build_graph(runtime, checkpointer=None):
     """Compile the agent graph. A ``checkpointer`` is needed for review pauses (agent.persistence)."""
-    return builder(runtime).compile(checkpointer=checkpointer)
+    return builder(runtime, reviews=checkpointer is not None).compile(checkpointer=checkpointer)
 
 
 def mermaid() -> str:

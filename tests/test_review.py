@@ -136,3 +136,9 @@ def test_checkpoints_hold_no_pixels(store, tmp_path):
     blob = b"".join(p.read_bytes() for p in tmp_path.glob("cases.sqlite*"))  # the database and its WAL
     assert b"IHDR" not in blob and b"PIL" not in blob
     assert agent.case("c7").review_request is not None
+
+
+def test_stream_without_a_checkpointer_never_pauses(store):
+    agent = Agent(backends=backends(), overrides=[store, "review.when=always"])
+    events = list(agent.stream(img()))
+    assert [e.node for e in events[:-1]] == NODES and events[-1].diagnosis.status == "complete"

@@ -321,18 +321,13 @@ def app_from_env():
     import os
 
     from agent.agent import Agent
+    from agent.config import ReviewConfig, apply_overrides, load_config
     from serve.backends import load_backends
 
     spec = json.loads(os.environ.get(ENV_SETTINGS, "{}"))
     settings = Settings.model_validate(spec.get("settings", {}))
-    overrides = list(spec.get("overrides") or [])
-    agent = Agent(spec.get("config"), overrides=overrides, backends=load_backends(spec.get("backends")))
-    if not any(o.startswith("review.checkpointer=") for o in overrides) and (agent.config.review is None or agent.config.review.checkpointer == _default_checkpointer()):
-        agent = Agent(spec.get("config"), overrides=overrides + [f"review.checkpointer={settings.data_dir.expanduser() / 'cases.sqlite'}"], backends=agent.runtime._overrides)
-    return create_app(agent, settings)
-
-
-def _default_checkpointer() -> str:
-    from agent.config import ReviewConfig
-
-    return ReviewConfig().checkpointer
+    config = load_config(spec.get("config"), spec.get("overrides") or [])
+    if config.review is None or config.review.checkpointer == ReviewConfig().checkpointer:
+        # Unless the config names a case store, cases live next to their images.
+        config = apply_overrides(config, [f"review.checkpointer={settings.data_dir.expanduser() / 'cases.sqlite'}"])
+    return create_app(Agent(config, backends=load_backends(spec.get("backends"))), settings)

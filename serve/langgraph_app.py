@@ -39,13 +39,13 @@ class ServerInput(BaseModel):
 
 
 def decode_image_input(value: str) -> bytes | Path:
-    """A data URL or base64 → bytes; anything else is a path. Errors name the problem, never the content."""
+    """A data URL or base64 → bytes; an existing or path-like string → a path. Errors never echo base64 content."""
     if not isinstance(value, str) or not value.strip():
         raise ImageInputError("<input>", "image must be a non-empty string (path, base64 or data URL)")
     v = value.strip()
     if _DATA_URL.match(v):
         v = v.split(",", 1)[1]
-    elif len(v) < 512 or not _B64.match(v):
+    elif len(v) < 16 or Path(v).expanduser().exists() or not _B64.match(v) or len("".join(v.split())) % 4:
         return Path(v)
     try:
         return base64.b64decode(v, validate=False)

@@ -73,6 +73,11 @@ function render(r) {
     tr.children[1].append(sel);
     tbody.append(tr);
   }
+  if (!rows.length) {
+    const tr = el("tr");
+    tr.append(el("td", { colspan: "3", class: "muted" }, "No structured 7-point findings for this modality" + (d.limitations && d.limitations.length ? ": " + d.limitations[0] : ".")));
+    tbody.append(tr);
+  }
 
   const diff = $("differential");
   diff.replaceChildren();

@@ -41,9 +41,8 @@ def _sees_review(fn):
     return run
 
 
-for _name in ("retrieve", "reason", "verify"):
-    NODES[_name] = _sees_review(NODES[_name])
-NODES["review"] = review_node
+AFTER_REVIEW = ("retrieve", "reason", "verify")
+"""Nodes that can run after a review: they read the reviewer's findings (the model's stay in the state)."""
 
 
 def after_retrieve(state: CaseState) -> Literal["reason", "verify"]:
@@ -85,8 +84,8 @@ def builder(runtime, input_schema=None, first: tuple[str, object] | None = None,
     from langgraph.graph import END, START, StateGraph
 
     g = StateGraph(CaseState, input_schema=input_schema) if input_schema is not None else StateGraph(CaseState)
-    for name, fn in NODES.items():
-        g.add_node(name, traced(name, fn, runtime))
+    for name, fn in {**NODES, "review": review_node}.items():
+        g.add_node(name, traced(name, _sees_review(fn) if name in AFTER_REVIEW else fn, runtime))
     if first is not None:
         g.add_node(first[0], first[1])
         g.add_edge(START, first[0])

@@ -193,11 +193,14 @@ class Agent:
                 raise KeyError(f"no case {thread_id!r}")
             if not snap.interrupts:
                 raise NotAwaitingReview(f"case {thread_id!r} is not awaiting review")
+            request = snap.interrupts[0].value
+            if decision.findings and not request.get("findings"):
+                raise ValueError(f"case {thread_id!r} has no 7-point findings to correct (modality {request.get('modality')}); confirm or override the diagnosis")
             if decision.diagnosis:
-                known = set(HAM_CLASSES) | {d["label"] for d in snap.interrupts[0].value.get("differential", [])}
+                known = set(HAM_CLASSES) | {d["label"] for d in request.get("differential", [])}
                 if decision.diagnosis not in known and self.runtime.knowledge.entry_for_label(decision.diagnosis) is None:
                     raise ValueError(f"unknown diagnosis {decision.diagnosis!r}: use a HAM10000 code ({', '.join(HAM_CLASSES)}), a differential label or a knowledge-base label")
-            review = snap.interrupts[0].value.get("policy") or None
+            review = request.get("policy") or None
             self.persistent_graph.invoke(Command(resume=decision.model_dump(mode="json")), self._thread(thread_id, review))
         return self.case(thread_id)
 

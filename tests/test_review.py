@@ -142,3 +142,41 @@ def test_stream_without_a_checkpointer_never_pauses(store):
     agent = Agent(backends=backends(), overrides=[store, "review.when=always"])
     events = list(agent.stream(img()))
     assert [e.node for e in events[:-1]] == NODES and events[-1].diagnosis.status == "complete"
+
+
+def test_clinical_cases_have_no_findings_to_correct(store):
+    from tests.doubles import modality_heads
+
+    agent = Agent(backends=backends(modality_heads=modality_heads("clinical")), overrides=[store])
+    d = agent.diagnose(img(), thread_id="c8", review="always")
+    assert d.review_request.findings == []
+    with pytest.raises(ValueError, match="no 7-point findings"):
+        agent.resume("c8", {"reviewer": "x", "findings": {"blue_whitish_veil": "absent"}})
+    r = agent.resume("c8", {"reviewer": "x", "diagnosis": "Acne vulgaris"})
+    assert r.status == "complete" and r.review.last.action == "confirm"
+
+
+def test_postgres_needs_its_extra():
+    import importlib.util
+
+    from agent.persistence import open_checkpointer
+
+    if importlib.util.find_spec("langgraph.checkpoint.postgres") is not None:
+        pytest.skip("the postgres extra is installed")
+    with pytest.raises(ImportError, match=r"dermgraph\[postgres\]"):
+        open_checkpointer("postgresql://user@localhost/dermgraph")
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DERMGRAPH_TEST_POSTGRES"), reason="set DERMGRAPH_TEST_POSTGRES=postgresql://... to test the Postgres store")
+def test_postgres_store_pauses_and_resumes():
+    import os
+    import uuid
+
+    url = os.environ["DERMGRAPH_TEST_POSTGRES"]
+    case = "pg-" + uuid.uuid4().hex[:8]
+    agent = Agent(backends=backends(), overrides=[f"review.checkpointer={url}"])
+    d = agent.diagnose(img(), thread_id=case, review="always")
+    assert d.status == "awaiting_review" and case in agent.case_ids() and case in [p.case_id for p in agent.pending()]
+    again = Agent(backends=backends(), overrides=[f"review.checkpointer={url}"])
+    r = again.resume(case, {"reviewer": "dr-pg", "findings": {"blue_whitish_veil": "absent"}})
+    assert [t.node for t in r.trace][6] == "review" and r.review.records[0].changes[0].reviewer == "absent"

@@ -40,7 +40,7 @@ STATIC = Path(__file__).with_name("static")
 
 
 class Settings(BaseModel):
-    data_dir: Path = Field(Path("~/.local/share/dermgraph/serve"), description="Stored images (by pixel hash) and, by default, the case database.")
+    data_dir: Path = Field(Path("~/.local/share/dermgraph"), description="Stored images (by pixel hash) and, by default, the case database.")
     tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens.")
     auth: bool = Field(True, description="False only for loopback development (--no-auth).")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -108,7 +108,7 @@ def serve_command(
     port: int = typer.Option(8000, "--port"),
     tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="Bearer tokens, one per line (default: $DERMGRAPH_API_TOKENS, comma-separated)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="No authentication; only allowed on a loopback host."),
-    data_dir: Path = typer.Option(Path("~/.local/share/dermgraph/serve"), "--data-dir", help="Stored images and the case database."),
+    data_dir: Path = typer.Option(Path("~/.local/share/dermgraph"), "--data-dir", help="Stored images and the case database."),
     review: str = typer.Option("always", "--review", help="When API cases pause: never, always, on_abstain, on_revise."),
     where: str = typer.Option("verify", "--where", help="Where they pause: morphology or verify."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb"),

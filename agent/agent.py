@@ -172,7 +172,12 @@ class Agent:
         request = ReviewRequest.model_validate(snap.interrupts[0].value) if snap.interrupts else None
         if self._versions is None:
             self._versions = versions(self.config)
-        return Diagnosis.from_state(state, self._versions, thumbnail=thumbnail, case_id=thread_id, request=request)
+        d = Diagnosis.from_state(state, self._versions, thumbnail=thumbnail, case_id=thread_id, request=request)
+        if request is None and snap.next:
+            # Neither paused nor finished: the process running it stopped (its last checkpoint is kept).
+            d.status, d.verdict = "incomplete", "abstain"
+            d.reasons = [f"the run stopped before {', '.join(snap.next)} (process stopped); run the case again"]
+        return d
 
     def resume(self, thread_id: str, decision) -> Diagnosis:
         """Continue a paused case with a reviewer's decision (a ``ReviewDecision`` or a dict of its fields).

@@ -180,3 +180,17 @@ def test_postgres_store_pauses_and_resumes():
     again = Agent(backends=backends(), overrides=[f"review.checkpointer={url}"])
     r = again.resume(case, {"reviewer": "dr-pg", "findings": {"blue_whitish_veil": "absent"}})
     assert [t.node for t in r.trace][6] == "review" and r.review.records[0].changes[0].reviewer == "absent"
+
+
+def test_a_run_that_stopped_midway_is_reported_incomplete(store):
+    from tests.doubles import ScoringLLM
+
+    class Crash(ScoringLLM):
+        def score_continuations(self, *a, **k):
+            raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        Agent(backends=backends(llm=Crash()), overrides=[store]).diagnose(img(), thread_id="c9", review="always")
+    d = Agent(backends=backends(), overrides=[store]).case("c9")
+    assert d.status == "incomplete" and d.verdict == "abstain" and "reason" in d.reasons[0]
+    assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve"]

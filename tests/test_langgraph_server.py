@@ -41,14 +41,19 @@ def server(tmp_path):
     cmd = [langgraph_cli(), "dev", "--no-browser", "--no-reload", "--host", "127.0.0.1", "--port", str(port), "--config", str(tmp_path / "langgraph.json")]
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    import re
+
     import httpx
 
     deadline = time.time() + 90
     try:
         while True:
+            text = (tmp_path / "server.log").read_text(errors="replace")
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
+                raise RuntimeError(text[-3000:])
+            # `langgraph dev` moves to another port when the one asked for was taken meanwhile: read the one it uses.
+            m = re.search(r"API: \S*(http://127\.0\.0\.1:\d+)", text)
+            url = m.group(1) if m else f"http://127.0.0.1:{port}"
             try:
                 if httpx.get(f"{url}/ok", timeout=1).status_code == 200:
                     break

@@ -80,9 +80,12 @@ class PersistedCases:
             self._versions = versions(self.config)
         d = Diagnosis.from_state(state, self._versions, thumbnail=thumbnail, case_id=thread_id, request=request)
         if request is None and snap.next:
-            # Neither paused nor finished: the process running it stopped (its last checkpoint is kept).
-            d.status, d.verdict = "incomplete", "abstain"
-            d.reasons = [f"the run stopped before {', '.join(snap.next)} (process stopped); run the case again"]
+            if self._lock(thread_id).locked():
+                d.status, d.verdict, d.reasons = "running", "pending", [f"running: {', '.join(snap.next)} next"]
+            else:
+                # Neither paused, finished nor running here: the process that ran it stopped (its last checkpoint is kept).
+                d.status, d.verdict = "incomplete", "abstain"
+                d.reasons = [f"the run stopped before {', '.join(snap.next)} (process stopped); run the case again"]
         return d
 
     def resume(self, thread_id: str, decision) -> Diagnosis:

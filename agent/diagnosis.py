@@ -42,8 +42,8 @@ class Diagnosis(BaseModel):
     trace: list[TraceEntry] = Field(default_factory=list)
     versions: dict[str, Any] = Field(default_factory=dict)
     # Review (agent.review); left out of the JSON when the case was never paused, so batch records are unchanged.
-    status: Literal["complete", "awaiting_review", "incomplete"] = Field(
-        "complete", exclude_if=lambda v: v == "complete", description="'incomplete': a persisted run stopped before it finished (process killed)."
+    status: Literal["complete", "awaiting_review", "running", "incomplete"] = Field(
+        "complete", exclude_if=lambda v: v == "complete", description="'running': being run in this process; 'incomplete': a persisted run stopped before it finished (process killed)."
     )
     case_id: str | None = Field(None, exclude_if=lambda v: v is None, description="Thread id of a persisted case.")
     review_request: ReviewRequest | None = Field(None, exclude_if=lambda v: v is None, description="What the reviewer is asked (status awaiting_review).")

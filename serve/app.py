@@ -52,7 +52,7 @@ class Settings(BaseModel):
 
 class CaseSummary(BaseModel):
     case_id: str
-    status: Literal["complete", "awaiting_review", "incomplete"]
+    status: Literal["complete", "awaiting_review", "running", "incomplete"]
     stage: str | None = None
     modality: str | None = None
     label: str | None = None
@@ -65,7 +65,7 @@ class CaseSummary(BaseModel):
 
 class CaseResponse(BaseModel):
     case_id: str
-    status: Literal["complete", "awaiting_review", "incomplete"]
+    status: Literal["complete", "awaiting_review", "running", "incomplete"]
     diagnosis: dict[str, Any] = Field(description="The Diagnosis (see `dermgraph schema`); includes review_request while paused.")
     image_url: str | None = None
 
@@ -246,7 +246,7 @@ def create_app(agent, settings: Settings | None = None):
         return response(d)
 
     @app.get("/v1/cases", response_model=list[CaseSummary], tags=["cases"])
-    async def list_cases(status: Literal["awaiting_review", "complete", "incomplete"] | None = Query(None), _: str = Depends(authorised)) -> list[CaseSummary]:
+    async def list_cases(status: Literal["awaiting_review", "complete", "running", "incomplete"] | None = Query(None), _: str = Depends(authorised)) -> list[CaseSummary]:
         """Cases, oldest first; ``?status=awaiting_review`` is the review worklist."""
 
         def collect():

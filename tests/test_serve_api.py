@@ -114,3 +114,35 @@ def test_images_are_stored_by_hash_without_exif_and_nothing_private_is_logged(tm
     text = caplog.text
     assert "Jane Roe" not in text and "itchy" not in text and "SecretCameraMaker" not in text
     assert r.json()["case_id"] in text
+
+
+def test_model_calls_do_not_block_the_event_loop(tmp_path):
+    """While a case is inside a (blocked) model call, the server still answers other requests."""
+    import threading
+
+    import httpx
+
+    from tests.doubles import ScoringLLM, backends
+    from tests.serve_helpers import ServerThread, make_agent
+
+    entered, release = threading.Event(), threading.Event()
+
+    class BlockingLLM(ScoringLLM):
+        def score_continuations(self, *a, **k):
+            entered.set()
+            assert release.wait(60)
+            return super().score_continuations(*a, **k)
+
+    app = make_app(tmp_path, agent=make_agent(tmp_path, backends(llm=BlockingLLM())))
+    with ServerThread(app) as srv:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/cases", files={"image": ("x.png", png_bytes(), "image/png")}, headers=AUTH, timeout=60)))
+        t.start()
+        assert entered.wait(30)
+        assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
+        listed = httpx.get(f"{srv.url}/v1/cases", headers=AUTH, timeout=5)
+        assert listed.status_code == 200 and [c["status"] for c in listed.json()] == ["running"]
+        assert "r" not in result  # the case is still inside the model call
+        release.set()
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["status"] == "awaiting_review"

@@ -101,6 +101,18 @@ class VerifierConfig(_Strict):
     )
 
 
+class ReviewConfig(_Strict):
+    """Clinician in the loop (agent.review): when a case pauses for a reviewer, and where paused cases are kept."""
+
+    when: Literal["never", "always", "on_abstain", "on_revise"] = Field("never", description="Pause for review: never (batch), always, or when the verifier abstains / asks for a revision.")
+    where: Literal["morphology", "verify"] = Field("verify", description="After 'morphology' (correct findings before the diagnosis) or after 'verify' (sign off or override).")
+    max_reviews: int = Field(3, ge=1, le=20, description="At most this many pauses per case.")
+    checkpointer: str = Field(
+        "~/.local/share/dermgraph/cases.sqlite",
+        description="Where paused cases are kept: a SQLite file path, or a postgresql:// URL (extra 'postgres').",
+    )
+
+
 class AgentConfig(_Strict):
     """Everything the agent needs. Defaults are the shipped, offline, CPU configuration."""
 
@@ -112,6 +124,7 @@ class AgentConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    review: ReviewConfig | None = Field(None, description="None: never pause (the batch default).")
 
     def fingerprint(self) -> str:
         """Stable hash of the configuration (keys caches and result records).
@@ -121,7 +134,9 @@ class AgentConfig(_Strict):
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(_drop_none(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
+        # Review settings change who signs a case off, not what the models predict.
+        data = _drop_none(self.model_dump(mode="json", exclude={"review"}))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _drop_none(value: Any) -> Any:

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agent.state import CaseState, ClaimCheckResult, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, ReasoningStep, TraceEntry
+from agent.review import ReviewRequest, effective_findings, reviewed_view
+from agent.state import CaseState, ClaimCheckResult, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, ReasoningStep, ReviewLog, TraceEntry
 
 SCHEMA_VERSION = "2"
 
@@ -37,7 +38,7 @@ class Diagnosis(BaseModel):
     label_name: str | None = None
     rationale: str = ""
     reasoner_source: Literal["llm", "fallback"] | None = None
-    verdict: Literal["accept", "abstain"]
+    verdict: Literal["accept", "abstain", "pending"] = Field(description="'pending' while the case awaits review before any verdict.")
     confidence: float = Field(0.0, description="Probability of the top diagnosis.")
     self_consistency: float | None = None
     morphology_agreement: float | None = None
@@ -47,15 +48,33 @@ class Diagnosis(BaseModel):
     rounds: int = 0
     trace: list[TraceEntry] = Field(default_factory=list)
     versions: dict[str, Any] = Field(default_factory=dict)
+    # Review (agent.review); left out of the JSON when the case was never paused, so batch records are unchanged.
+    status: Literal["complete", "awaiting_review", "running", "incomplete"] = Field(
+        "complete", exclude_if=lambda v: v == "complete", description="'running': being run in this process; 'incomplete': a persisted run stopped before it finished (process killed)."
+    )
+    case_id: str | None = Field(None, exclude_if=lambda v: v is None, description="Thread id of a persisted case.")
+    review_request: ReviewRequest | None = Field(None, exclude_if=lambda v: v is None, description="What the reviewer is asked (status awaiting_review).")
+    review: ReviewLog | None = Field(None, exclude_if=lambda v: v is None, description="Reviews so far: who, when, changes, override.")
     thumbnail: str | None = Field(None, exclude=True, repr=False, description="PNG data URI for notebook rendering (never serialised).")
 
     @classmethod
-    def from_state(cls, state: CaseState, versions: dict[str, Any], thumbnail: str | None = None) -> "Diagnosis":
-        r, v, m = state.reasoning, state.verification, state.morphology
+    def from_state(
+        cls, state: CaseState, versions: dict[str, Any], thumbnail: str | None = None, *, case_id: str | None = None, request: ReviewRequest | None = None
+    ) -> "Diagnosis":
+        """``request``: the pending review request when the case is paused (status 'awaiting_review')."""
+        r, v = state.reasoning, state.verification
+        m = reviewed_view(state).morphology  # the findings the diagnosis rests on (the reviewer's, if edited)
         verdict = v.decision if v and v.decision in ("accept", "abstain") else "abstain"
         reasons = list(v.reasons) if v else ["verification did not complete"]
-        if v and v.decision == "revise":
+        if request is not None:
+            if request.stage == "morphology" or v is None:
+                verdict, reasons = "pending", ["awaiting review of the findings"]
+            else:
+                reasons.append("awaiting review")
+        elif v and v.decision == "revise":
             reasons.append("revision rounds exhausted")
+        if state.review is not None and state.review.override:
+            reasons.append(f"reviewer's diagnosis: {state.review.override} (overrides the model's {r.top.label if r else None})")
         return cls(
             image_sha256=state.image_sha256,
             image_size=state.image_size,
@@ -63,7 +82,7 @@ class Diagnosis(BaseModel):
             question=state.question,
             metadata=state.metadata,
             modality=state.modality,
-            findings=m.findings if m else [],
+            findings=effective_findings(state),
             description=m.description if m else "",
             limitations=m.limitations if m else [],
             seven_point_score=m.seven_point_score if m else None,
@@ -90,12 +109,23 @@ class Diagnosis(BaseModel):
             trace=state.trace,
             versions=versions,
             thumbnail=thumbnail,
+            status="awaiting_review" if request is not None else "complete",
+            case_id=case_id,
+            review_request=request,
+            review=state.review,
         )
+
+    @property
+    def final_label(self) -> str | None:
+        """The reviewer's overriding diagnosis if there is one, else the model's top label."""
+        return self.review.override if self.review is not None and self.review.override else self.label
 
     def summary(self) -> str:
         """A few human-readable lines (what the CLI prints)."""
         mod = self.modality
         lines = [f"modality: {mod.label} (p={mod.confidence:.2f})" if mod else "modality: -"]
+        if self.case_id:
+            lines.insert(0, f"case: {self.case_id}" + (" (AWAITING REVIEW)" if self.status == "awaiting_review" else ""))
         if self.description:
             lines.append(f"findings: {self.description}")
         if self.differential:

@@ -6,7 +6,8 @@ import operator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from langgraph.channels.untracked_value import UntrackedValue
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
 
 Modality = Literal["clinical", "dermoscopy", "histopathology", "not_skin"]
 Decision = Literal["accept", "revise", "abstain"]
@@ -42,8 +43,22 @@ class ImageEncoding(BaseModel):
 
     model_id: str
     classifier_probs: dict[str, float] = Field(description="Raw lesion-classifier probabilities (uncalibrated).")
-    features: Any = Field(default=None, exclude=True, repr=False, description="Pooled image features (np.ndarray).")
-    stats: Any = Field(default=None, exclude=True, repr=False, description="Colour/texture statistics (np.ndarray).")
+    features: Any = Field(default=None, repr=False, description="Pooled image features (np.ndarray).")
+    stats: Any = Field(default=None, repr=False, description="Colour/texture statistics (np.ndarray).")
+
+    @field_serializer("features", "stats", when_used="json")
+    def _no_arrays(self, value):
+        return None
+
+    @model_serializer(mode="wrap")
+    def _arrays_stay_in_python(self, handler, info):
+        # JSON output (trace, Diagnosis) never carries the arrays; a python dump keeps them so that a
+        # checkpointer can restore a paused case's features for retrieval after the review.
+        data = handler(self)
+        if info.mode_is_json():
+            data.pop("features", None)
+            data.pop("stats", None)
+        return data
 
 
 class ModalityResult(BaseModel):
@@ -158,12 +173,45 @@ class TraceEntry(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class FindingChange(BaseModel):
+    criterion: str
+    model: str | None = Field(description="The model's value (None when it reported none).")
+    reviewer: str
+    model_confidence: float | None = None
+
+
+class ReviewRecord(BaseModel):
+    """One completed review (agent.review): who, when, and what changed relative to the model."""
+
+    reviewer: str
+    at: datetime
+    stage: Literal["morphology", "verify"]
+    action: Literal["confirm", "edit", "override"]
+    changes: list[FindingChange] = Field(default_factory=list)
+    model_label: str | None = Field(None, description="The model's top diagnosis when the reviewer decided.")
+    override: str | None = Field(None, description="The reviewer's diagnosis when it differs from the model's.")
+    note: str | None = None
+
+
+class ReviewLog(BaseModel):
+    """The review node's field: every review of the case and the findings now in force."""
+
+    records: list[ReviewRecord] = Field(default_factory=list)
+    findings: list[Finding] | None = Field(None, description="Findings after the reviewers' edits; None = the model's findings.")
+    override: str | None = Field(None, description="The latest overriding diagnosis (the model's differential is kept).")
+
+    @property
+    def last(self) -> ReviewRecord | None:
+        return self.records[-1] if self.records else None
+
+
 class CaseState(BaseModel):
     """The graph state. Inputs first, then one field per node, then the trace."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    image: Any = Field(default=None, exclude=True, repr=False, description="The RGB PIL image (never serialised).")
+    # Untracked: a checkpointer (paused review cases) never stores pixels; no node after a review reads them.
+    image: Annotated[Any, UntrackedValue(Any)] = Field(default=None, exclude=True, repr=False, description="The RGB PIL image (never serialised).")
     image_sha256: str = ""
     image_size: tuple[int, int] = (0, 0)
     input_warnings: list[str] = Field(default_factory=list)
@@ -177,4 +225,5 @@ class CaseState(BaseModel):
     reasoning: ReasonerResult | None = None
     verification: Verdict | None = None
     round: int = Field(0, description="Reasoner rounds so far (the verifier bounds it).")
+    review: ReviewLog | None = Field(None, description="Reviewer decisions (agent.review); None unless the case was reviewed.")
     trace: Annotated[list[TraceEntry], operator.add] = Field(default_factory=list)

@@ -56,7 +56,12 @@ def test_pause_after_verify_then_edit_findings_reruns_and_records_diff(store):
     assert "no blue-whitish veil" in [t for t in r.trace if t.node == "retrieve"][-1].outputs["retrieval"]["query"]
     assert r.trace[2].outputs["morphology"]["findings"][5]["value"] == "present"
     assert {f.criterion: f.value for f in r.findings}["blue_whitish_veil"] == "absent"
-    assert r.verdict != "accept"  # the corrected findings contradict melanoma
+    # The corrected findings contradict melanoma: the findings model now favours a nevus and melanoma's fused probability drops.
+    reasons = [t.outputs["reasoning"] for t in r.trace if t.node == "reason"]
+    morph = reasons[-1]["expert_probs"]["morphology"]
+    assert max(morph, key=morph.get) == "nv"
+    p_mel = lambda x: next(d["probability"] for d in x["differential"] if d["label"] == "mel")  # noqa: E731
+    assert p_mel(reasons[-1]) < p_mel(reasons[0])
     # where=verify: the updated answer comes back for sign-off
     assert r.status == "awaiting_review" and r.review_request.verdict == r.verdict
 
@@ -95,14 +100,15 @@ def test_pause_after_morphology_before_any_diagnosis(store):
 def test_on_abstain_pauses_only_abstentions(store):
     agent = Agent(backends=backends(), overrides=[store, "review.when=on_abstain"])
     assert agent.diagnose(img()).status == "complete"
-    doubtful = Agent(backends=backends(concept_heads=concept_heads({"pigment_network": "typical"})), overrides=[store, "review.when=on_abstain"])
+    strict = "verifier.target_accuracy={dermoscopy: 0.95}"  # findings against melanoma + a strict target: not accepted
+    doubtful = Agent(backends=backends(concept_heads=concept_heads({"pigment_network": "typical"})), overrides=[store, "review.when=on_abstain", strict, "verifier.max_rounds=1"])
     d = doubtful.diagnose(img())
     assert d.status == "awaiting_review" and d.review_request.verdict == "abstain" and d.case_id
 
 
 def test_on_revise_pauses_before_the_revision(store):
     b = backends(concept_heads=concept_heads({"pigment_network": "typical"}))
-    agent = Agent(backends=b, overrides=[store])
+    agent = Agent(backends=b, overrides=[store, "verifier.target_accuracy={dermoscopy: 0.95}"])
     d = agent.diagnose(img(), thread_id="c5", review="on_revise")
     assert d.review_request.verdict == "revise" and [t.node for t in d.trace] == NODES
     r = agent.resume("c5", {"reviewer": "dr-e"})  # no edits: the revision round goes on

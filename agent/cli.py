@@ -126,7 +126,7 @@ def schema():
 
 @app.command()
 def train(
-    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, encoder."),
+    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, fusion, encoder."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (configs/train/*.yaml)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set max_steps=10 (repeatable)."),
 ):
@@ -149,6 +149,11 @@ def _eval_command():
 
 
 app.command("eval")(_eval_command())
+
+from serve.cli import review_app, serve_command  # noqa: E402  (typer only at import; the serve extra when run)
+
+app.add_typer(review_app, name="review")
+app.command("serve")(serve_command)
 
 
 @models_app.command("list")

@@ -453,7 +453,7 @@ def learning_curves(metrics_path: Path, out: Path) -> Path | None:
 def train(cfg: Config) -> dict:
     import torch
 
-    from models.efficientnet import BASE_ID, multitask_net, save_expert
+    from models.efficientnet import BASE_ID, EXPERT_FORMAT, multitask_net, save_expert
     from models.registry import get_spec
     from training.outputs import publish, write_registry_fragment
 
@@ -591,7 +591,7 @@ def train(cfg: Config) -> dict:
     best = state["best"] or {}
     card = model_card(cfg, best, state, sizes, wall_s=state["elapsed_s"], device=device, stopped_early=stopped_early)
     (out / "MODEL_CARD.md").write_text(card)
-    reg = write_registry_fragment(out, cfg.register_as, weights, role="classifier", licence=LICENCE, fmt=EXPERT_FORMAT_NAME,
+    reg = write_registry_fragment(out, cfg.register_as, weights, role="classifier", licence=LICENCE, fmt=EXPERT_FORMAT,
                                   notes=f"EfficientNet-Lite0 multi-task expert fine-tuned by dermgraph train encoder (best epoch {state['best_epoch']}).")  # fmt: skip
     published = publish(weights, cfg.artifact, best)
     if published is not None:
@@ -611,8 +611,6 @@ def train(cfg: Config) -> dict:
         "learning_curves": str(out / "learning_curves.png"),
     }
 
-
-EXPERT_FORMAT_NAME = "efficientnet-lite0-multitask"
 
 
 def model_card(cfg: Config, best: dict, state: dict, sizes: dict, *, wall_s: float, device: str, stopped_early: bool) -> str:

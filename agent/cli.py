@@ -84,6 +84,11 @@ def batch(
     image_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the input file's folder)."),
     label_column: str = typer.Option("label", help="Column holding the true label, if any."),
     limit: Optional[int] = typer.Option(None, help="Only the first N cases."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Micro-batch: images per encoder forward / FAISS query matrix (1: one case at a time)."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data actor pool; extra 'ray')."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray runtime)."),
+    actors: int = typer.Option(2, "--actors", help="Ray: actors, each with one loaded agent."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="Ray: GPUs per actor (set device=cuda with --set)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ):
@@ -95,17 +100,48 @@ def batch(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     cases = cases[:limit] if limit else cases
-    agent = _agent(config, overrides)
+    if engine == "ray":
+        from agent.ray_engine import run_ray_batch
 
-    def run(case):
-        d = agent.diagnose(case.image, question=case.question, metadata=case.metadata or None)
-        return json.loads(d.model_dump_json())
+        cfg = _agent(config, overrides).config  # validates the configuration before starting Ray
+        try:
+            stats = run_ray_batch(cases, out, cfg, resume=resume, address=address, actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
+        except (FileExistsError, ImportError) as exc:
+            _fail(str(exc))
+        typer.echo(json.dumps(stats), err=True)
+        return
+    if engine != "local":
+        _fail(f"unknown engine {engine!r} (valid: local, ray)")
+    agent = _agent(config, overrides)
+    from agent.batched import batched_case_diagnose
+
+    run = batched_case_diagnose(agent, cases, max(1, batch_size))
 
     try:
         stats = run_batch(cases, out, run, resume=resume)
     except FileExistsError as exc:
         _fail(str(exc))
     typer.echo(json.dumps(stats), err=True)
+
+
+@app.command()
+def bench(
+    input: Optional[Path] = typer.Argument(None, help="Folder of images or CSV/JSONL (default: examples/lesion.jpg repeated)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (e.g. ../shared/data/isic2018_val/images)."),
+    n: int = typer.Option(64, "-n", help="Cases."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    modes: str = typer.Option("sequential,batched", "--modes", help="Comma list of: sequential, batched."),
+    latency: int = typer.Option(5, "--latency", help="Warm single-case Agent.diagnose repeats (0: skip)."),
+    as_json: bool = typer.Option(False, "--json"),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """Throughput benchmark: per-node wall time, cases/s, isolated model floors, overhead, peak RSS."""
+    from agent.bench import format_report, run_bench
+
+    report = run_bench(input or images, n=n, batch_size=batch_size, modes=[m.strip() for m in modes.split(",") if m.strip()],
+                       latency_repeats=latency, config=config, overrides=overrides)  # fmt: skip
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @app.command()

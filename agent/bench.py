@@ -87,6 +87,7 @@ def _run_mode(agent, cases, mode: str, batch_size: int) -> tuple[dict[str, Any],
         "cases_per_s": round(len(cases) / wall, 3),
         "nodes_s": {k: round(v, 3) for k, v in nodes.items()},
         "verdicts": dict(verdicts),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),  # of the process so far (ru_maxrss never decreases)
     }
     if mode == "batched":
         out["prefetch_errors"] = runner.prefetch_errors
@@ -139,7 +140,7 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         for i in range(0, len(texts), batch_size):
             emb.embed(texts[i : i + batch_size])
         floors["KB text embedding"] = time.perf_counter() - t0
-    return {k: round(v, 3) for k, v in floors.items()}
+    return {k: round(v, 4) for k, v in floors.items()}
 
 
 def _llm_used(agent) -> list[str]:
@@ -160,11 +161,13 @@ def run_bench(
     batch_size: int = 16,
     modes: Sequence[str] = ("sequential", "batched"),
     latency_repeats: int = 5,
+    repeats: int = 1,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
     agent=None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the report dict (see module docstring)."""
+    """Run the benchmark; returns the report dict (see module docstring). With ``repeats`` > 1 the modes
+    run alternately that many times and the fastest run of each (and the smallest floors) is reported."""
     import os
     import platform
 
@@ -196,14 +199,23 @@ def run_bench(
             agent.diagnose(c.image, question=c.question, metadata=c.metadata or None)
             times.append(time.perf_counter() - t0)
         report["warm_latency_s"] = {"median": round(statistics.median(times), 3), "min": round(min(times), 3), "max": round(max(times), 3), "repeats": latency_repeats}
-    records = {}
+    records: dict[str, list] = {}
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(max(1, repeats)):  # modes alternate so that load on a shared machine hits them alike
+        for mode in modes:
+            res, recs = _run_mode(agent, cases, mode, batch_size)
+            floors = _floors(agent, cases, res["batch_size"])
+            if mode not in best or res["wall_s"] < best[mode]["wall_s"]:
+                prev = best.get(mode, {}).get("floors_s", floors)
+                best[mode], records[mode] = res, recs
+                res["floors_s"] = prev
+            best[mode]["floors_s"] = {k: min(v, best[mode]["floors_s"].get(k, v)) for k, v in floors.items()}
+    report["repeats"] = max(1, repeats)
     for mode in modes:
-        res, records[mode] = _run_mode(agent, cases, mode, batch_size)
-        res["floors_s"] = _floors(agent, cases, res["batch_size"])
+        res = best[mode]
         floor = sum(res["floors_s"].values())
         res["floor_sum_s"] = round(floor, 3)
         res["overhead_ratio"] = round(res["wall_s"] / floor - 1, 3) if floor > 0 else None
-        res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         report["modes"].append(res)
     if "sequential" in records and "batched" in records:
         a, b = [_strip(r) for r in records["sequential"]], [_strip(r) for r in records["batched"]]
@@ -227,7 +239,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"dermgraph bench: {r['cases']} cases ({r['input']}), config {r['config_fingerprint']}, device {r['device']}",
         f"host: {r['host']}  (shared machines: compare modes of the same run only)",
-        f"LLM: {r['llm_used']}",
+        f"LLM: {r['llm_used']}; best of {r.get('repeats', 1)} alternating run(s) per mode",
     ]
     for m in r["modes"]:
         lines.append(f"\n[{m['mode']}] batch {m['batch_size']}: {m['wall_s']:.2f} s, {m['cases_per_s']:.3f} cases/s, peak RSS {m['peak_rss_mb']:.0f} MB")
@@ -235,7 +247,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  node {k:55s} {v:8.3f} s")
         for k, v in m["floors_s"].items():
             lines.append(f"  floor {k:54s} {v:8.3f} s")
-        lines.append(f"  floor sum {m['floor_sum_s']:.3f} s; agent overhead over floor: {m['overhead_ratio']:.1%}")
+        ratio = "n/a" if m["overhead_ratio"] is None else f"{m['overhead_ratio']:.1%}"
+        lines.append(f"  floor sum {m['floor_sum_s']:.3f} s; agent overhead over floor (wall / floor sum - 1): {ratio}")
     if "batched_equals_sequential" in r:
         e = r["batched_equals_sequential"]
         lines.append(f"\nbatched vs sequential: {e['identical_records']}/{e['of']} records identical (timings excluded), max |numeric diff| {e['max_abs_numeric_diff']:.2e}")

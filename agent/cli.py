@@ -132,6 +132,7 @@ def bench(
     batch_size: int = typer.Option(16, "--batch-size"),
     modes: str = typer.Option("sequential,batched", "--modes", help="Comma list of: sequential, batched."),
     latency: int = typer.Option(5, "--latency", help="Warm single-case Agent.diagnose repeats (0: skip)."),
+    repeats: int = typer.Option(1, "--repeats", help="Run the modes alternately this many times; report the best of each."),
     as_json: bool = typer.Option(False, "--json"),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
@@ -140,7 +141,7 @@ def bench(
     from agent.bench import format_report, run_bench
 
     report = run_bench(input or images, n=n, batch_size=batch_size, modes=[m.strip() for m in modes.split(",") if m.strip()],
-                       latency_repeats=latency, config=config, overrides=overrides)  # fmt: skip
+                       latency_repeats=latency, repeats=repeats, config=config, overrides=overrides)  # fmt: skip
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

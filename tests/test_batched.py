@@ -124,3 +124,20 @@ def test_caching_embedder_answers_prefetched_texts_and_falls_through():
     assert np.array_equal(e.embed(["bb"]), [[2, 1]]) and e.model_id == "e"
     assert np.array_equal(e.embed(["ccc"]), [[3, 1]])
     assert e.inner.calls == [["a", "bb"], ["ccc"]] and (e.hits, e.misses) == (1, 1)
+
+
+def test_bench_reports_modes_floors_and_equality(tmp_path):
+    from agent.bench import format_report, run_bench
+
+    paths = _images(tmp_path, 3)
+    agent = Agent(backends=backends(classifier=VaryingClassifier(), fusion=no_llm_fusion()))
+    r = run_bench(tmp_path, n=5, batch_size=2, latency_repeats=2, repeats=2, agent=agent)
+    assert r["cases"] == 5 and r["config_fingerprint"] == agent.config.fingerprint() and r["repeats"] == 2
+    assert [m["mode"] for m in r["modes"]] == ["sequential", "batched"] and [m["batch_size"] for m in r["modes"]] == [1, 2]
+    for m in r["modes"]:
+        assert {"encoder forward", "FAISS case search"} <= set(m["floors_s"]) and m["cases_per_s"] > 0 and m["peak_rss_mb"] > 0
+        assert {"encode", "retrieve", "reason", "verify"} <= set(m["nodes_s"])
+    assert r["batched_equals_sequential"] == {"identical_records": 5, "of": 5, "max_abs_numeric_diff": 0.0}
+    assert r["warm_latency_s"]["repeats"] == 2 and "overhead" in format_report(r) and len(paths) == 3
+    # the batched mode leaves the runtime as it found it
+    assert type(agent.runtime.classifier).__name__ == "VaryingClassifier"

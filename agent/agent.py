@@ -72,8 +72,12 @@ class Agent:
     def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
         from agent.imageio import load_image, thumbnail_data_uri
 
+        from agent.limits import InputLimits, check_metadata, check_question
+
+        limits = self.config.limits or InputLimits()
+        question = check_question(question, limits)  # text first: cheap, and no model has loaded yet
+        meta = check_metadata(metadata, limits)
         loaded = load_image(img)
-        meta = metadata if isinstance(metadata, PatientMetadata) or metadata is None else PatientMetadata.model_validate(metadata)
         state = CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,
@@ -90,7 +94,8 @@ class Agent:
         return Diagnosis.from_state(final, self._versions, thumbnail=thumb)
 
     def diagnose(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Diagnosis:
-        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input."""
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input and
+        ``agent.limits.InputError`` for a question or metadata outside the configured limits."""
         state, thumb = self._initial_state(img, question, metadata)
         final = self.graph.invoke(state)
         return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)

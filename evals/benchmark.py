@@ -195,7 +195,10 @@ def load_cases(bench: Benchmark, limit: int | None = None, check_images: bool = 
         if cid in seen:
             raise BenchmarkError(f"{where}: duplicate case id {cid!r} (row {i + 1}); set dataset.id_column")
         seen.add(cid)
-        meta = _metadata({k: row.get(col) for k, col in spec.metadata.items()})
+        try:
+            meta = _metadata({k: row.get(col) for k, col in spec.metadata.items()})
+        except ValueError as exc:
+            raise BenchmarkError(f"{where}: row {i + 1}: {exc}") from None
         groups = {name: "unknown" if _missing(row.get(col)) else str(row.get(col)).strip() for name, col in spec.group_columns.items()}
         cases.append(EvalCase(
             id=cid, image=image, label=label, metadata=meta, groups=groups,

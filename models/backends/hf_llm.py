@@ -107,7 +107,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return ensure_derived(key, build)
+    return ensure_derived(key, build, source=gguf)  # the marker records the GGUF's sha256 and every output file's
 
 
 def locate_causal_lm(model: str, gguf_file: str | None = None) -> str:

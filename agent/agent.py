@@ -103,7 +103,7 @@ class Agent:
         limits = self.config.limits or InputLimits()
         question = check_question(question, limits)  # text first: cheap, and no model has loaded yet
         meta = check_metadata(metadata, limits)
-        loaded = load_image(img)
+        loaded = load_image(img, max_pixels=limits.max_image_pixels)
         state = CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,

@@ -114,7 +114,7 @@ def diagnose(
         _fail(str(exc))
     for img in images:
         try:
-            load_image(img)
+            load_image(img, max_pixels=limits.max_image_pixels)
         except ImageInputError as exc:
             _fail(str(exc))
     with _user_errors():

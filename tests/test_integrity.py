@@ -4,6 +4,7 @@ message; damaged shipped artifacts refused by name. Works on a temporary cache, 
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,22 @@ def test_diagnosis_versions_name_the_sha256_of_models_used(tmp_path, monkeypatch
     Image.new("RGB", (64, 64), (150, 90, 80)).save(img)
     d = agent.diagnose(img)
     assert d.versions["sha256"] == {"fusion": sha(fusion)}  # doubles load nothing; the resolved fusion is named
+
+
+@pytest.mark.weights
+def test_tampered_copy_of_the_real_cache_is_repaired_from_the_verified_wheel(tmp_path, monkeypatch, capfd):
+    """The issue's attack on the real classifier, on a COPY of the user's cache (never the cache itself)."""
+    from models import paths
+
+    real = R.resolve("sklesion-xception", progress=False)  # makes sure the user cache holds a kept, verified wheel
+    src_root = paths.cache_dir() / "pypi"
+    copy = tmp_path / "cache" / "pypi"
+    shutil.copytree(src_root / "sklesion-0.2.2", copy / "sklesion-0.2.2")
+    shutil.copytree(src_root / "_wheels", copy / "_wheels", ignore=lambda d, names: [n for n in names if not n.startswith("sklesion")])
+    monkeypatch.setenv("DERMGRAPH_CACHE", str(tmp_path / "cache"))
+    integrity.reset_memory()
+    target = copy / "sklesion-0.2.2" / "sklesion" / "model.keras"
+    _flip(target)
+    assert R.resolve("sklesion-xception", progress=False) == target
+    assert "no longer matches the sha256 recorded when it was extracted" in capfd.readouterr().err
+    assert sha(target) == sha(real)

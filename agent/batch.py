@@ -190,7 +190,7 @@ def read_cases(
     for n, row, error in _read_rows(src):
         where = f"{src.name}:{unit} {n}"
         if row is None:
-            cases.append(Case(id=where, image=None, error=error))
+            cases.append(Case(id=where, image=None, error=f"{src.name}: {error}"))
             continue
         raw_id = row.get("id") or row.get("image_id")
         image = row.get("image")

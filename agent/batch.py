@@ -415,13 +415,22 @@ def summary_line(stats: dict[str, Any]) -> str:
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a results JSONL (lines that are not JSON objects are skipped; ``--resume`` quarantines them)."""
+    """Records of a results JSONL. Lines that are not JSON objects are skipped with a warning that counts
+    them (``dermgraph batch --resume`` moves them to the quarantine file)."""
+    import warnings
+
+    bad = 0
     with Path(path).open() as f:
         for line in f:
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    yield rec
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                yield rec
+            else:
+                bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON records (run dermgraph batch --resume to quarantine them)", stacklevel=2)

@@ -23,8 +23,9 @@ def diagnosis_html(d) -> str:
     # A Diagnosis loaded from a record may carry any string here: only a base64 image data URI is rendered.
     ok = isinstance(d.thumbnail, str) and _DATA_URI.fullmatch(d.thumbnail) is not None
     thumb = f'<img src="{html.escape(d.thumbnail, quote=True)}" style="max-width:192px;border-radius:4px;float:right;margin-left:10px"/>' if ok else ""
+    in_set = set(d.prediction_set)
     diff = "".join(
-        f"<tr><td>{html.escape(x.name)}</td><td><div style='background:#7b6cf6;height:10px;width:{int(200 * x.probability)}px'></div></td>"
+        f"<tr><td>{html.escape(x.name)}{' ◆' if x.label in in_set else ''}</td><td><div style='background:#7b6cf6;height:10px;width:{int(200 * x.probability)}px'></div></td>"
         f"<td>{x.probability:.3f}</td></tr>" for x in d.differential
     )
     steps = "".join(
@@ -33,6 +34,14 @@ def diagnosis_html(d) -> str:
               + ("<i>" + html.escape("; ".join(t.notes)) + "</i>" if t.notes else ""))
         for t in d.trace
     )
+    set_note = (f"<div style='font-size:0.85em'>◆ {round((1 - d.prediction_set_alpha) * 100)}% prediction set "
+                f"(split-conformal; {html.escape(d.prediction_set_calibration or '')})</div>") if d.prediction_set and d.prediction_set_alpha else ""
+    reasoning = "<ol>" + "".join(
+        f"<li><b>{html.escape(st.kind)}</b>: {html.escape(st.text)} <span style='color:#777'>{html.escape(', '.join(st.evidence))}</span></li>"
+        for st in d.reasoning_steps
+    ) + "</ol>"
+    if d.summary_check is not None and not d.summary_check.passed:
+        reasoning += "<i>LLM summary withheld (failed the claim check): " + html.escape("; ".join(d.summary_check.failures)) + "</i>"
     evidence = "".join(
         f"<li><code>{html.escape(e.id)}</code>{' ★' if e.id in d.cited else ''} ({e.kind}, {e.score:.2f}) {html.escape(e.title)}: {html.escape(e.text[:200])}</li>"
         for e in d.evidence
@@ -41,8 +50,8 @@ def diagnosis_html(d) -> str:
         f"<div style='font-family:sans-serif;max-width:900px'>{thumb}"
         + _card("Verdict", head + reasons, verdict_colour)
         + _card("Findings", html.escape(d.description or "—"))
-        + _card("Differential", f"<table>{diff}</table>")
-        + _card("Rationale", html.escape(d.rationale or "—"))
+        + _card("Differential", f"<table>{diff}</table>{set_note}")
+        + (_card("Reasoning steps", reasoning) if d.reasoning_steps else _card("Rationale", html.escape(d.rationale or "—")))
         + _card("Evidence (★ cited)", f"<ul>{evidence}</ul>")
         + "<details><summary>Trace</summary>" + steps + "</details>"
         + "<details><summary>Graph</summary><pre>" + html.escape(mermaid()) + "</pre></details></div>"

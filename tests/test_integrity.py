@@ -138,14 +138,13 @@ def test_shipped_artifacts_match_the_registry():
 
 
 def test_diagnosis_versions_name_the_sha256_of_models_used(tmp_path, monkeypatch):
-    from doubles import FUSION, backends
+    from doubles import backends, fusion_model
     from PIL import Image
 
     from agent.agent import Agent
 
     monkeypatch.setenv("DERMGRAPH_CACHE", str(tmp_path / "cache"))
-    fusion = tmp_path / "fusion.json"
-    fusion.write_text(json.dumps(FUSION))
+    fusion = fusion_model().save(tmp_path / "fusion.json")
     reg = write_registry(tmp_path / "m.yaml", [{"id": "my-fusion", "role": "calibration", "source": f"path:{fusion}", "sha256": sha(fusion)}])
     monkeypatch.setenv("DERMGRAPH_MODELS", str(reg))
     b = backends()

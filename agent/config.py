@@ -66,7 +66,11 @@ class ReasonerConfig(_Strict):
         0.2214, gt=0, le=1, description="The prompt shows the classifier's probabilities raised to this power and renormalised (the LLM's scores were calibrated on prompts rendered so)."
     )
     conformal_alpha: float = Field(0.1, gt=0, lt=1, description="Miscoverage of the prediction set: it holds the true diagnosis with probability >= 1 - alpha.")
-    llm_summary: bool = Field(True, description="Ask the LLM for a one-line summary; shown only if it passes the claim check (agent.claims).")
+    llm_summary: bool = Field(
+        False,
+        description="Ask the LLM for a one-line summary of the steps, shown only if it passes the claim check (agent.claims). Off by default: "
+        "the untuned 135M LLM mostly writes claims the check cannot verify, and it costs ~2 s per case on a CPU.",
+    )
     knowledge_steps: int = Field(3, ge=0, le=10, description="Candidates (top and prediction set, in order) that get a knowledge-base step.")
     rationale_tokens: int = Field(40, ge=8, le=1024, description="Token budget of the rationale (a 135M model drifts when it writes long).")
     retries: int = Field(2, ge=0, le=5, description="Re-asks of the LLM when its output is unusable.")

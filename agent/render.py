@@ -40,6 +40,8 @@ def diagnosis_html(d) -> str:
         f"<li><b>{html.escape(st.kind)}</b>: {html.escape(st.text)} <span style='color:#777'>{html.escape(', '.join(st.evidence))}</span></li>"
         for st in d.reasoning_steps
     ) + "</ol>"
+    if d.summary_check is not None and d.summary_check.passed:
+        reasoning += "<div><b>Summary</b> (LLM, claim-checked): " + html.escape(d.summary_check.text) + "</div>"
     if d.summary_check is not None and not d.summary_check.passed:
         reasoning += "<i>LLM summary withheld (failed the claim check): " + html.escape("; ".join(d.summary_check.failures)) + "</i>"
     evidence = "".join(

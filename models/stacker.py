@@ -110,7 +110,16 @@ class ModalityFusion:
     acceptance_intercept: float = 0.0
     acceptance_kappa: np.ndarray = field(default_factory=lambda: np.zeros(0))
     acceptance_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    decision_weights: dict[str, float] = field(default_factory=dict)  # label = argmax p_c·w_c (missing: 1)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def rank(self, probs: Mapping[str, float]) -> list[str]:
+        """Candidates in decision order: by p_c·w_c, the cost-sensitive rule that trades a little accuracy for
+        sensitivity to rare classes while the probabilities themselves stay calibrated."""
+        return sorted(probs, key=lambda c: -probs[c] * self.decision_weights.get(c, 1.0))
+
+    def decide(self, probs: Mapping[str, float]) -> str:
+        return self.rank(probs)[0]
 
     # ------------------------------------------------------------------ fusion
     def fuse(self, candidates: Sequence[str], outputs: Mapping[str, Mapping[str, float] | None]) -> Fused:
@@ -194,6 +203,7 @@ class ModalityFusion:
             acceptance_intercept=float(acc.get("intercept", 0.0)),
             acceptance_kappa=np.asarray(acc.get("kappa", []), float),
             acceptance_correct=np.asarray(acc.get("correct", []), bool),
+            decision_weights={k: float(v) for k, v in (d.get("decision_weights") or {}).items()},
             meta=dict(d.get("meta", {})),
         )
 
@@ -211,6 +221,7 @@ class ModalityFusion:
             "acceptance": {"features": list(ACCEPTANCE_FEATURES), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
                            "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
                            "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip
+            "decision_weights": {k: round(v, 6) for k, v in self.decision_weights.items()},
             "meta": self.meta,
         }
 
@@ -221,14 +232,16 @@ def _sgr_cached(kappa: bytes, correct: bytes, target_risk: float, delta: float) 
 
 
 def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], expert_tops: Mapping[str, str | None],
-                        morphology: Mapping[str, float] | None) -> dict[str, float]:  # fmt: skip
-    """The acceptance model's signals for a fused distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
-    ranked = sorted(probs.values(), reverse=True)
-    top = max(probs, key=probs.get)
+                        morphology: Mapping[str, float] | None, label: str | None = None) -> dict[str, float]:  # fmt: skip
+    """The acceptance model's signals for the decided ``label`` (default: the most probable) under a fused
+    distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
+    top = label if label is not None else max(probs, key=probs.get)
+    p_top = probs.get(top, 0.0)
+    other = max((p for c, p in probs.items() if c != top), default=0.0)
     tops = [t for t in expert_tops.values() if t is not None]
     return {
-        "log_top": math.log(max(ranked[0], 1e-6)),
-        "margin": ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0),
+        "log_top": math.log(max(p_top, 1e-6)),
+        "margin": p_top - other,
         "set_size": float(len(pred_set)),
         "expert_agreement": (sum(t == top for t in tops) / len(tops)) if tops else 0.0,
         "morphology_top": float(morphology.get(top, 0.0)) if morphology else 0.0,

@@ -258,6 +258,9 @@ def reason(state: CaseState, rt) -> NodeOutput:
         rationale += f" Summary: {summary}"
     cited = [i for i in dict.fromkeys(e for s in steps for e in s.evidence) if not i.startswith(("finding:", "expert:"))]
 
+    drain = getattr(rt.llm, "drain_notes", None)  # e.g. "prompt truncated to the LLM's context"
+    notes += list(dict.fromkeys(drain())) if callable(drain) else []
+
     differential = [DifferentialItem(label=c, name=names[c], probability=fused.probs[c]) for c in order]
     result = ReasonerResult(
         differential=differential,

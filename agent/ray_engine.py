@@ -24,8 +24,11 @@ def _import_ray():
     return ray
 
 
-def _done_ids(out: Path) -> set[str]:
-    """Ids with a complete record in ``out`` (read only; run_batch itself repairs and locks the file)."""
+def _done_ids(out: Path, retry_errors: bool = False) -> set[str]:
+    """Ids with a complete record in ``out`` (read only: run_batch itself locks, repairs and quarantines the
+    file, and decides again; a case it wants that Ray did not run becomes an error record, never a loss)."""
+    from agent.batch import _is_retryable
+
     done: set[str] = set()
     if not out.exists():
         return done
@@ -35,7 +38,7 @@ def _done_ids(out: Path) -> set[str]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and "id" in rec and line.endswith(b"\n"):
+            if isinstance(rec, dict) and "id" in rec and line.endswith(b"\n") and not (retry_errors and _is_retryable(rec)):
                 done.add(str(rec["id"]))
     return done
 
@@ -84,6 +87,7 @@ def run_ray_batch(
     config,
     *,
     resume: bool = False,
+    retry_errors: bool = False,
     address: str | None = None,
     actors: int = 2,
     gpus_per_actor: float = 0.0,
@@ -106,7 +110,7 @@ def run_ray_batch(
         raise FileExistsError(f"{out} exists: pass --resume to continue it, or choose another --out")
     if not ray.is_initialized():
         ray.init(address=address, **(init_kwargs or {}))
-    done = _done_ids(out) if resume else set()
+    done = _done_ids(out, retry_errors) if resume or retry_errors else set()
     todo = [c for c in cases if c.id not in done and getattr(c, "image", None) is not None and not getattr(c, "error", None)]
     results: dict[str, tuple[str, Any]] = {}
     actor_pids: set[int] = set()
@@ -127,7 +131,9 @@ def run_ray_batch(
 
     def diagnose(case) -> dict[str, Any]:
         while case.id not in results:
-            row = next(stream)  # StopIteration here would mean Ray lost a case: it propagates as an error record
+            row = next(stream, None)
+            if row is None:
+                raise RuntimeError(f"the Ray dataset returned no result for case {case.id!r}")
             actor_pids.add(int(row["actor"]))
             results[str(row["id"])] = pickle.loads(row["payload"])
         status, value = results.pop(case.id)
@@ -135,6 +141,7 @@ def run_ray_batch(
             raise value
         return value
 
-    stats = run_batch(list(cases), out, diagnose, resume=resume, progress=progress)
+    # No per-case timeout on the driver: it only waits for results the actors produce.
+    stats = run_batch(list(cases), out, diagnose, resume=resume, retry_errors=retry_errors, progress=progress)
     stats.update(engine="ray", actors=actors, actors_seen=len(actor_pids), batch_size=batch_size)
     return stats

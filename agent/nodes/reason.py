@@ -206,7 +206,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
             llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
             for i in range(1, cfg.num_samples):
                 p_i = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=rt.config.seed + i)
-                samples.append(mf.decide(mf.fuse(cands, {**experts, "llm": p_i}).probs))
+                samples.append(mf.fuse(cands, {**experts, "llm": p_i}).order[0])
         except NotImplementedError:
             notes.append("backend cannot score continuations: asked for JSON")
             llm_probs, _, json_notes = _json_answer(rt, state, cands, names, clf_display, feedback, cfg.retries)
@@ -217,7 +217,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
         experts["llm"] = llm_probs
 
     fused = mf.fuse(cands, experts)
-    order = mf.rank(fused.probs)  # decision order (calibrated probabilities, cost-sensitive ranking)
+    order = fused.order  # the decided label first, then by calibrated probability
     top = order[0]
     samples = [top] + samples
     if cfg.num_samples == 1 or source == "fallback":
@@ -257,6 +257,9 @@ def reason(state: CaseState, rt) -> NodeOutput:
     if summary:
         rationale += f" Summary: {summary}"
     cited = [i for i in dict.fromkeys(e for s in steps for e in s.evidence) if not i.startswith(("finding:", "expert:"))]
+
+    drain = getattr(rt.llm, "drain_notes", None)  # e.g. "prompt truncated to the LLM's context"
+    notes += list(dict.fromkeys(drain())) if callable(drain) else []
 
     differential = [DifferentialItem(label=c, name=names[c], probability=fused.probs[c]) for c in order]
     result = ReasonerResult(

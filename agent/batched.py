@@ -163,6 +163,7 @@ class BatchedAgent:
             self._pending[_request_key(img, q, m)].append(i)
         self._attempted: set[int] = set()
         self._prepared: dict[int, tuple[Any, str]] = {}
+        self._handoff: tuple[Any, str] | None = None
         self.backends: dict[str, _Delegate] = {}
         self.prefetch_seconds = 0.0
         self.stage_seconds: dict[str, float] = defaultdict(float)
@@ -174,11 +175,8 @@ class BatchedAgent:
     def close(self) -> None:
         """Remove the caching wrappers from the agent's runtime."""
         uninstall_caches(self.agent.runtime)
+        self.agent.__dict__.pop("_initial_state", None)
         self.backends, self._prepared = {}, {}
-
-    def _plain(self) -> bool:
-        cfg = self.agent.config
-        return cfg.review is None or cfg.review.when == "never"
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """Load, encode and search for the requests at ``indices`` in batches; failures leave them unprepared."""
@@ -205,7 +203,7 @@ class BatchedAgent:
             for i in indices:
                 img, q, m = self.requests[i]
                 try:
-                    states[i] = self.agent._initial_state(img, q, m)
+                    states[i] = type(self.agent)._initial_state(self.agent, img, q, m)
                 except Exception:  # the case's own diagnose call reports it, as in the sequential path
                     continue
             if not states:
@@ -246,23 +244,27 @@ class BatchedAgent:
         finally:
             self.prefetch_seconds += time.perf_counter() - t0
 
+    def _initial_state_hook(self, img, question, metadata):
+        handoff, self._handoff = self._handoff, None
+        return handoff if handoff is not None else type(self.agent)._initial_state(self.agent, img, question, metadata)
+
     def diagnose(self, img, question: str | None = None, metadata: dict | None = None, **kw):
+        """``Agent.diagnose`` itself (same arguments, errors and result); a prefetched case skips re-loading its image."""
         key = _request_key(img, question, metadata)
         queue = self._pending.get(key)
-        if kw or not queue or not self._plain():
+        if not queue:
             return self.agent.diagnose(img, question=question, metadata=metadata, **kw)
         i = queue.popleft()
         if i not in self._attempted:
             window = [j for j in range(i, len(self.requests)) if j not in self._attempted][: self.batch_size]
             self.prefetch(window)
-        prepared = self._prepared.pop(i, None)
-        if prepared is None:
-            return self.agent.diagnose(img, question=question, metadata=metadata)
-        state, thumb = prepared
-        from agent.state import CaseState
-
-        final = self.agent.graph.invoke(state)
-        return self.agent._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+        self._handoff = self._prepared.pop(i, None)
+        if self._handoff is not None and self.agent.__dict__.get("_initial_state") is None:
+            self.agent._initial_state = self._initial_state_hook  # the prepared state enters Agent.diagnose here
+        try:
+            return self.agent.diagnose(img, question=question, metadata=metadata, **kw)
+        finally:
+            self._handoff = None
 
 
 def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int = 16):

@@ -267,8 +267,23 @@ class BatchedAgent:
             self._handoff = None
 
 
-def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int = 16):
-    """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches."""
+def default_batch_size(device: str) -> int:
+    """Micro-batch size used when none is given: 16 on a GPU; 1 (plain per-case path) on a CPU, where
+    ``dermgraph bench`` measured no gain (one thread: the Xception forward is no faster per image in a
+    batch, and the filtered FAISS search returns the whole index per query row either way)."""
+    return 16 if str(device).startswith("cuda") else 1
+
+
+def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = None):
+    """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches
+    (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`)."""
+    batch_size = default_batch_size(agent.config.device) if batch_size is None else batch_size
+    if batch_size <= 1:
+
+        def plain(case) -> dict[str, Any]:
+            return json.loads(agent.diagnose(case.image, question=case.question, metadata=case.metadata or None).model_dump_json())
+
+        return plain
     usable = [c for c in cases if getattr(c, "image", None) is not None and not getattr(c, "error", None)]
     ba = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in usable], batch_size)
 

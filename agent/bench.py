@@ -219,7 +219,9 @@ def run_bench(
         report["modes"].append(res)
     if "sequential" in records and "batched" in records:
         a, b = [_strip(r) for r in records["sequential"]], [_strip(r) for r in records["batched"]]
+        decision = lambda r: (r.get("label"), r.get("verdict"), [x["label"] for x in r.get("differential", [])], r.get("prediction_set"))  # noqa: E731
         report["batched_equals_sequential"] = {"identical_records": sum(x == y for x, y in zip(a, b)), "of": len(a),
+                                               "identical_decisions": sum(decision(x) == decision(y) for x, y in zip(a, b)),
                                                "max_abs_numeric_diff": max((_max_diff(x, y) for x, y in zip(a, b)), default=0.0)}  # fmt: skip
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report
@@ -251,7 +253,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  floor sum {m['floor_sum_s']:.3f} s; agent overhead over floor (wall / floor sum - 1): {ratio}")
     if "batched_equals_sequential" in r:
         e = r["batched_equals_sequential"]
-        lines.append(f"\nbatched vs sequential: {e['identical_records']}/{e['of']} records identical (timings excluded), max |numeric diff| {e['max_abs_numeric_diff']:.2e}")
+        lines.append(f"\nbatched vs sequential: {e['identical_records']}/{e['of']} records identical (timings excluded), "
+                     f"{e.get('identical_decisions', '?')}/{e['of']} decisions (label, verdict, ranking, prediction set), max |numeric diff| {e['max_abs_numeric_diff']:.2e}")
     if "warm_latency_s" in r:
         w = r["warm_latency_s"]
         lines.append(f"warm single-case latency (Agent.diagnose): median {w['median']:.3f} s (min {w['min']:.3f}, max {w['max']:.3f}, {w['repeats']} runs)")

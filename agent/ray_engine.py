@@ -46,7 +46,7 @@ def _done_ids(out: Path, retry_errors: bool = False) -> set[str]:
 class AgentActor:
     """One loaded agent per Ray actor; ``__call__`` diagnoses a micro-batch (rows: id, image, question, metadata)."""
 
-    def __init__(self, config_json: str, batch_size: int = 16, agent_factory: Callable | None = None):
+    def __init__(self, config_json: str, batch_size: int | None = None, agent_factory: Callable | None = None):
         import os
 
         from agent.config import AgentConfig
@@ -58,7 +58,9 @@ class AgentActor:
             self.agent = Agent(config)
         else:
             self.agent = agent_factory(config)
-        self.batch_size = batch_size
+        from agent.batched import default_batch_size
+
+        self.batch_size = batch_size or default_batch_size(config.device)
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -66,7 +68,7 @@ class AgentActor:
 
         rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
         reqs = [(r["image"], r["question"] or None, json.loads(r["metadata"]) or None) for r in rows]
-        ba = BatchedAgent(self.agent, reqs, self.batch_size)
+        ba = BatchedAgent(self.agent, reqs, self.batch_size) if self.batch_size > 1 else self.agent
         payloads = []
         for (img, q, m) in reqs:
             try:
@@ -77,7 +79,8 @@ class AgentActor:
                     payloads.append(pickle.dumps(("error", exc)))
                 except Exception:  # an exception that does not pickle: keep its type name and message
                     payloads.append(pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}"))))
-        ba.close()
+        if ba is not self.agent:
+            ba.close()
         return {"id": [r["id"] for r in rows], "payload": payloads, "actor": [self.pid] * len(rows)}
 
 
@@ -92,7 +95,7 @@ def run_ray_batch(
     actors: int = 2,
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     agent_factory: Callable | None = None,
     progress: bool = True,
     init_kwargs: dict[str, Any] | None = None,
@@ -121,7 +124,7 @@ def run_ray_batch(
         ds = ds.map_batches(
             AgentActor,
             fn_constructor_kwargs={"config_json": config.model_dump_json(), "batch_size": batch_size, "agent_factory": agent_factory},
-            batch_size=batch_size,
+            batch_size=batch_size or 16,  # cases per actor call; the actor prefetches micro-batches of batch_size (default by device)
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus_per_actor or None,
@@ -143,5 +146,5 @@ def run_ray_batch(
 
     # No per-case timeout on the driver: it only waits for results the actors produce.
     stats = run_batch(list(cases), out, diagnose, resume=resume, retry_errors=retry_errors, progress=progress)
-    stats.update(engine="ray", actors=actors, actors_seen=len(actor_pids), batch_size=batch_size)
+    stats.update(engine="ray", actors=actors, actors_seen=len(actor_pids), batch_size=batch_size or 16)
     return stats

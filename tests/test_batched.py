@@ -137,7 +137,7 @@ def test_bench_reports_modes_floors_and_equality(tmp_path):
     for m in r["modes"]:
         assert {"encoder forward", "FAISS case search"} <= set(m["floors_s"]) and m["cases_per_s"] > 0 and m["peak_rss_mb"] > 0
         assert {"encode", "retrieve", "reason", "verify"} <= set(m["nodes_s"])
-    assert r["batched_equals_sequential"] == {"identical_records": 5, "of": 5, "max_abs_numeric_diff": 0.0}
+    assert r["batched_equals_sequential"] == {"identical_records": 5, "of": 5, "identical_decisions": 5, "max_abs_numeric_diff": 0.0}
     assert r["warm_latency_s"]["repeats"] == 2 and "overhead" in format_report(r) and len(paths) == 3
     # the batched mode leaves the runtime as it found it
     assert type(agent.runtime.classifier).__name__ == "VaryingClassifier"

@@ -139,6 +139,7 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
     from agent.steps import consulted_passage, knowledge_step
 
     observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    retrieved = {e.id for e in state.retrieval.evidence} if state.retrieval else set()
     steps, consulted = [], []
     for c in labels:
         entry = rt.knowledge.entry_for_label(c)
@@ -154,7 +155,8 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
 
             steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
                                        evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
-        consulted.append(passage)
+        if passage.id not in retrieved and passage.id not in {p.id for p in consulted}:
+            consulted.append(passage)  # cited like retrieved evidence; a passage retrieval already found is not repeated
     return steps, consulted
 
 

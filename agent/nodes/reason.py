@@ -153,8 +153,10 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
         else:
             from agent.state import ReasoningStep
 
-            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
-                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
+            # No structured findings to compare (clinical photographs): cite the description, do not quote it, since
+            # its free text names other diagnoses and features the case has not shown.
+            steps.append(ReasoningStep(kind="knowledge", text=f"The knowledge base's {passage.id.split('#')[-1]} description of {names[c]} is cited for the reader [{passage.id}].",
+                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id, "excerpt": _first_sentences(passage.text)}))  # fmt: skip
         if passage.id not in retrieved and passage.id not in {p.id for p in consulted}:
             consulted.append(passage)  # cited like retrieved evidence; a passage retrieval already found is not repeated
     return steps, consulted

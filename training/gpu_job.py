@@ -519,7 +519,7 @@ class Job:
                 if stage != "effnet" and end - time.time() < 1.0:
                     self.summary["stages"][stage] = {"status": "skipped", "why": "no time left"}
                     continue
-                self.log(f"=== {stage}: {end - time.time():.0f} s of {self.clock.left():.0f} s left ===")
+                self.log(f"=== {stage}: {max(0.0, end - time.time()):.0f} s of {self.clock.left():.0f} s left ===")
                 t = time.time()
                 try:
                     res = getattr(self, f"stage_{stage}")(end)

@@ -22,6 +22,7 @@ the job, the earlier ones by calls that only stash them (see ``CALLS.md`` writte
 
     python -m training.gpu_pack build --config configs/train/gpu_pack.yaml      # -> .gpu_pack/
     python -m training.gpu_pack wheels                                          # -> .gpu_wheels/
+    python -m training.gpu_pack preflight                                       # each call's size, now
 """
 
 from __future__ import annotations
@@ -448,6 +449,22 @@ def build(cfg: PackConfig, smoke: bool = False) -> dict[str, Any]:
     return manifest
 
 
+def preflight(pack: Path = Path(".gpu_pack"), limit_mib: float = 64.0) -> list[dict[str, Any]]:
+    """What each device call of the pack would send now (this work tree + its carried paths) against the limit:
+    run it right before the GPU session, in the checkout the device tool sends."""
+    from training.gpu_manifest import find_manifest
+
+    manifest = json.loads(find_manifest([pack]).read_text())
+    tree = tree_bytes()
+    rows = []
+    for call in manifest["calls"]:
+        carried = sum(dir_bytes(Path(c)) if Path(c).is_dir() else (Path(c).stat().st_size if Path(c).exists() else 0) for c in call["carry"])
+        total = tree + carried
+        rows.append({"call": call["what"], "tree_mib": round(tree / MiB, 1), "carried_mib": round(carried / MiB, 1), "total_mib": round(total / MiB, 1),
+                     "ok": total <= limit_mib * MiB and all(Path(c).exists() for c in call["carry"])})  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------- wheels
 
 
@@ -475,7 +492,13 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--smoke", action="store_true", help="mark the pack as a rehearsal pack (tiny settings come from the config)")
     w = sub.add_parser("wheels", help="download the wheels the GPU image lacks")
     w.add_argument("--out", type=Path, default=Path(".gpu_wheels"))
+    f = sub.add_parser("preflight", help="check that every device call of the pack fits (work tree as it is now + carried paths)")
+    f.add_argument("--pack", type=Path, default=Path(".gpu_pack"))
     a = p.parse_args(argv)
+    if a.cmd == "preflight":
+        rows = preflight(a.pack)
+        print(json.dumps(rows, indent=1))
+        sys.exit(0 if all(r["ok"] for r in rows) else 1)
     if a.cmd == "wheels":
         sizes = download_wheels(a.out)
         print(json.dumps({**{k: round(v / MiB, 2) for k, v in sizes.items()}, "total_mib": round(sum(sizes.values()) / MiB, 2)}, indent=1))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,6 +112,36 @@ def test_job_configs_validate():
     assert gpu.reasoner_grpo["max_steps"] >= 300 and gpu.reasoner_grpo["num_generations"] >= 8
 
 
+NOT_ON_GPU = ("langgraph", "langchain_core", "faiss", "open_clip", "h5py")
+"""What the GPU job must not import: the pack replaces the agent's graph, indexes and image models (h5py: the Keras weights)."""
+
+_BLOCKED = """
+import importlib.abc, sys
+class NotOnGpu(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError(name + ' is not available to the GPU job')
+sys.meta_path.insert(0, NotOnGpu())
+"""
+
+
+def _run_blocked(code: str, timeout: float) -> subprocess.CompletedProcess:
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    return subprocess.run([sys.executable, "-c", _BLOCKED.format(blocked=NOT_ON_GPU) + code], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_job_imports_nothing_the_gpu_image_lacks():
+    code = """
+from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards
+from models.backends import hf_llm
+import models.feature_vlm, models.heads, training.concepts, evals.morphology
+gpu_job.load_job_config(gpu_job.CONFIG, [])
+"""
+    r = _run_blocked(code, 120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_clock_gives_unused_time_to_later_stages():
     from training.gpu_job import Clock, SliceStop
 
@@ -126,7 +158,7 @@ def test_clock_gives_unused_time_to_later_stages():
 def test_smoke_job_runs_every_stage_and_returns_at_most_8_small_files(tiny_features, tmp_path):
     """The CPU rehearsal: a smoke pack from the tiny feature cache, then the job's code path with tiny settings."""
     from training.config import load_train_config
-    from training.gpu_job import MAX_OUT_BYTES, extract_outputs, main
+    from training.gpu_job import MAX_OUT_BYTES, extract_outputs
     from training.gpu_pack import PackConfig, build
 
     cfg = load_train_config(PackConfig, "configs/train/gpu_pack_smoke.yaml", [f"out={tmp_path / 'pack'}", f"feature_dir={tiny_features}"])
@@ -138,11 +170,14 @@ def test_smoke_job_runs_every_stage_and_returns_at_most_8_small_files(tiny_featu
 
     out = tmp_path / "out"
     t1 = time.time()
-    rc = main(["--pack", str(tmp_path / "pack"), "--stash", str(tmp_path / "nostash"), "--out", str(out), "--budget-s", "600", "--smoke"])
+    # In a fresh interpreter that cannot import the agent's graph, indexes or Keras weights, as on the GPU.
+    args = ["--pack", str(tmp_path / "pack"), "--stash", str(tmp_path / "nostash"), "--out", str(out), "--budget-s", "600", "--smoke"]
+    r = _run_blocked(f"from training.gpu_job import main; sys.exit(main({args!r}))", 900)
+    rc = r.returncode
     t_job = time.time() - t1
     print(f"smoke: pack {t_pack:.0f} s, job {t_job:.0f} s")
     summary = json.loads((out / "summary.json").read_text())
-    assert rc == 0, json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str)[:4000]
+    assert rc == 0, r.stderr[-3000:] + json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str)[:3000]
     assert {s: r["status"] for s, r in summary["stages"].items()} == {
         "reasoner_sft": "done", "reasoner_grpo": "done", "describer": "done", "encoder": "done", "effnet": "skipped", "eval": "done"}  # fmt: skip
     files = sorted(p.name for p in out.iterdir())

@@ -157,12 +157,20 @@ def pack_llm(cfg: PackConfig, staging: Path) -> dict[str, Any]:
     marker = json.loads((root / ".complete").read_text())
     dest = staging / "llm" / (gguf.name + (".xz" if cfg.llm_codec == "xz" else ""))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    sha = sha256_file(gguf)
     if cfg.llm_codec == "xz":
-        with open(gguf, "rb") as src, lzma.open(dest, "wb", preset=6) as out:
-            shutil.copyfileobj(src, out, 1 << 22)
+        # Compressing takes minutes on a busy CPU: the result is kept in .gpu_pack_cache/ keyed by the GGUF's sha256.
+        cached = Path(".gpu_pack_cache") / f"{sha}.xz"
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            with open(gguf, "rb") as src, lzma.open(tmp, "wb", preset=6) as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+            os.replace(tmp, cached)
+        shutil.copyfile(cached, dest)
     else:
         shutil.copyfile(gguf, dest)
-    return {"member": f"llm/{gguf.name}", "stored": dest, "codec": cfg.llm_codec, "sha256": sha256_file(gguf), "bytes": gguf.stat().st_size,
+    return {"member": f"llm/{gguf.name}", "stored": dest, "codec": cfg.llm_codec, "sha256": sha, "bytes": gguf.stat().st_size,
             "info": {"id": cfg.llm, "cache_entry": rel.as_posix(), "file": spec.file, "marker": marker}}  # fmt: skip
 
 

@@ -116,12 +116,17 @@ NOT_ON_GPU = ("langgraph", "langchain_core", "faiss", "open_clip", "h5py")
 """What the GPU job must not import: the pack replaces the agent's graph, indexes and image models (h5py: the Keras weights)."""
 
 _BLOCKED = """
-import importlib.abc, sys
+import importlib.abc, importlib.util, sys
+BLOCKED = {blocked!r}
 class NotOnGpu(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {blocked!r}:
-            raise ImportError(name + ' is not available to the GPU job')
+        if name.split('.')[0] in BLOCKED:
+            raise ModuleNotFoundError(name + ' is not available to the GPU job', name=name)
 sys.meta_path.insert(0, NotOnGpu())
+_find_spec = importlib.util.find_spec
+def find_spec(name, package=None):  # libraries probing for optional packages see them as absent
+    return None if name.split('.')[0] in BLOCKED else _find_spec(name, package)
+importlib.util.find_spec = find_spec
 """
 
 
@@ -136,6 +141,7 @@ def test_job_imports_nothing_the_gpu_image_lacks():
 from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards
 from models.backends import hf_llm
 import models.feature_vlm, models.heads, training.concepts, evals.morphology
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # datasets probes for faiss
 gpu_job.load_job_config(gpu_job.CONFIG, [])
 """
     r = _run_blocked(code, 120)

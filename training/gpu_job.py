@@ -408,7 +408,7 @@ class Job:
 
         from training import modality
         from training.gpu_pack import load_xception, read_encoder_images
-        from training.modality_encoder import train_with_encoder
+        from training.modality_encoder import embed, train_with_encoder
         from training.outputs import MetricsLog
 
         out = self.work / "encoder"
@@ -417,10 +417,11 @@ class Job:
         mcfg = modality.Config.model_validate({**info["modality_config"], "seed": self.cfg.seed, "out_dir": out, "device": self.device, "artifact": None,
                                                "encoder_artifact": None, "finetune": {**ft, "max_per_tag": None}})  # fmt: skip
         with np.load(self.member("encoder/dataset.npz")) as z:
-            x = np.concatenate([z["features"].astype(np.float32), z["stats"]], axis=1)
-            y, groups, tags, refs = z["y"], z["groups"], z["tags"], z["refs"]
+            stats, y, groups, tags, refs = z["stats"], z["y"], z["groups"], z["tags"], z["refs"]
         images = read_encoder_images(self.member("encoder/images.zip"))
         xcp = self.member(next(n for n in self.v.manifest["members"] if n.startswith("xception/")))
+        # Frozen features of the very images the encoder is tuned on, so frozen vs tuned differ in the encoder only.
+        x = np.concatenate([embed(load_xception(xcp, self.device), images, self.cfg.encoder.embed_batch_size), stats], axis=1)
         stop = SliceStop(end - (end - time.time()) * self.cfg.encoder_eval_share, mcfg.n_folds + 1)
         out.mkdir(parents=True, exist_ok=True)
         res = train_with_encoder(mcfg, x, y, groups, tags, refs, MetricsLog(out), images=images, load_base=lambda device: load_xception(xcp, device), should_stop=stop)

@@ -15,7 +15,7 @@ The device machine sees the work tree and what a call carries (64 MiB per call, 
 * ``describer/``: the Derm7pt 7-point rows and HAM10000 rows with their cached features, from which
   :mod:`training.describer_data` builds the feature/text turns on the GPU.
 * ``encoder/``: the modality images (a seeded sample per source/view) at the encoder's 254x254 input as
-  JPEG, with their labels, groups and cached frozen features + statistics.
+  JPEG, with their labels, groups and colour/texture statistics.
 
 Files are assigned to parts that each fit one device call; the last part is carried by the call that runs
 the job, the earlier ones by calls that only stash them (see ``CALLS.md`` written into the pack).
@@ -65,11 +65,11 @@ class PackConfig(Strict):
     reasoner: ReasonerDataConfig = Field(default_factory=ReasonerDataConfig, description="Reasoner training cases (default: every case).")
     eval_sets: list[Literal["isic2018_val", "derm7pt:val"]] = Field(["isic2018_val", "derm7pt:val"], description="Report sets rendered for the job's evaluation.")
     eval_limit: int | None = Field(None, ge=1, description="Seeded subset of the report cases, stratified by set and class (None: all).")
-    describer_ham_rows: int = Field(800, ge=0, description="HAM10000 train rows (seeded) for the describer's stage-1 format turns (0: none).")
+    describer_ham_rows: int = Field(400, ge=0, description="HAM10000 train rows (seeded) for the describer's stage-1 format turns (0: none).")
     encoder: Path | None = Field(Path("configs/train/modality_finetune.yaml"), description="Modality config whose images the encoder stage tunes on (None: no encoder data).")
     encoder_set: list[str] = Field(default_factory=list, description="key=value overrides of that modality config (e.g. sources whose features exist).")
-    encoder_max_per_tag: int | None = Field(120, ge=1, description="Images per source/view (seeded sample; None: all).")
-    jpeg_quality: int = Field(90, ge=50, le=100)
+    encoder_max_per_tag: int | None = Field(100, ge=1, description="Images per source/view (seeded sample; None: all).")
+    jpeg_quality: int = Field(85, ge=50, le=100)
     llm: str = Field("smollm2-135m-instruct", description="Registry id of the base LLM (a GGUF resolved into the cache).")
     llm_codec: Literal["xz", "none"] = Field("xz", description="xz saves ~10 MB of the GGUF (~2 min to compress); none for quick rehearsals.")
     xception: str | None = Field("sklesion-xception", description="Registry id of the Keras Xception (None: no encoder stage).")
@@ -278,7 +278,7 @@ def _uint8_image(img) -> np.ndarray:
 
 
 def pack_encoder(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
-    """The modality images at the encoder's input size (JPEG) with labels, groups, tags and frozen features."""
+    """The modality images at the encoder's input size (JPEG) with labels, groups, tags and colour/texture statistics."""
     from PIL import Image
 
     from training import modality
@@ -296,8 +296,8 @@ def pack_encoder(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
             Image.fromarray(_uint8_image(modality.load_image(str(ref)))).save(buf, format="JPEG", quality=cfg.jpeg_quality)
             zf.writestr(f"{i:05d}.jpg", buf.getvalue())
     npz = staging / "encoder" / "dataset.npz"
-    np.savez_compressed(npz, features=x[:, :N_FEATURES].astype(np.float16), stats=x[:, N_FEATURES:].astype(np.float32),
-                        y=y.astype(str), groups=groups.astype(str), tags=tags.astype(str), refs=refs.astype(str))  # fmt: skip
+    # No frozen features: the job computes them from these very images (as the tuned ones), which also saves ~4 KB an image.
+    np.savez_compressed(npz, stats=x[:, N_FEATURES:].astype(np.float32), y=y.astype(str), groups=groups.astype(str), tags=tags.astype(str), refs=refs.astype(str))
     counts = {t: int((tags == t).sum()) for t in sorted(set(tags))}
     info = {"images": len(refs), "by_tag": counts, "size": [254, 254], "jpeg_quality": cfg.jpeg_quality,
             "modality_config": mcfg.model_dump(mode="json", exclude={"finetune"})}  # fmt: skip

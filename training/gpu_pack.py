@@ -74,6 +74,7 @@ class PackConfig(Strict):
     llm_codec: Literal["xz", "none"] = Field("xz", description="xz saves ~10 MB of the GGUF (~2 min to compress); none for quick rehearsals.")
     xception: str | None = Field("sklesion-xception", description="Registry id of the Keras Xception (None: no encoder stage).")
     xception_dtype: Literal["float16", "float32"] = "float16"
+    xception_codec: Literal["xz", "none"] = Field("xz", description="xz saves ~3 MB of the float16 weights; none for quick rehearsals.")
     call_limit_mib: float = Field(64.0, gt=1, description="What one device call may carry, work tree included.")
     tree_bytes: int | None = Field(None, ge=0, description="Size of the work tree that travels with every call (None: measured with git here).")
     margin_mib: float = Field(1.0, ge=0)
@@ -144,6 +145,20 @@ def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def xz_copy(src: Path, dest: Path, sha: str) -> Path:
+    """``dest`` = ``src`` xz-compressed. Compressing ~100 MB takes minutes on a busy CPU, so the result is kept
+    in ``.gpu_pack_cache/`` under the source's sha256 (``sha``) and reused by later builds."""
+    cached = Path(".gpu_pack_cache") / f"{sha}.xz"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        with open(src, "rb") as f, lzma.open(tmp, "wb", preset=6) as out:
+            shutil.copyfileobj(f, out, 1 << 22)
+        os.replace(tmp, cached)
+    shutil.copyfile(cached, dest)
+    return dest
+
+
 def pack_llm(cfg: PackConfig, staging: Path) -> dict[str, Any]:
     """The resolver's cache entry of the LLM: the GGUF (compressed) and its completion marker."""
     from models.paths import cache_dir
@@ -159,15 +174,7 @@ def pack_llm(cfg: PackConfig, staging: Path) -> dict[str, Any]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     sha = sha256_file(gguf)
     if cfg.llm_codec == "xz":
-        # Compressing takes minutes on a busy CPU: the result is kept in .gpu_pack_cache/ keyed by the GGUF's sha256.
-        cached = Path(".gpu_pack_cache") / f"{sha}.xz"
-        if not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            with open(gguf, "rb") as src, lzma.open(tmp, "wb", preset=6) as out:
-                shutil.copyfileobj(src, out, 1 << 22)
-            os.replace(tmp, cached)
-        shutil.copyfile(cached, dest)
+        xz_copy(gguf, dest, sha)
     else:
         shutil.copyfile(gguf, dest)
     return {"member": f"llm/{gguf.name}", "stored": dest, "codec": cfg.llm_codec, "sha256": sha, "bytes": gguf.stat().st_size,
@@ -218,9 +225,18 @@ def pack_xception(cfg: PackConfig, staging: Path) -> dict[str, Any]:
 
     keras = resolve(cfg.xception, progress=False)
     spec = get_spec(cfg.xception)
-    out = save_xception(keras, staging / "xception" / f"{cfg.xception}.{cfg.xception_dtype}.safetensors", cfg.xception_dtype,
+    raw = save_xception(keras, staging / "xception.tmp" / f"{cfg.xception}.{cfg.xception_dtype}.safetensors", cfg.xception_dtype,
                         meta={"base_id": cfg.xception, "base_sha256": spec.sha256})  # fmt: skip
-    return {"member": f"xception/{out.name}", "stored": out, "info": {"id": cfg.xception, "base_sha256": spec.sha256, "dtype": cfg.xception_dtype}}
+    sha, size = sha256_file(raw), raw.stat().st_size
+    out = staging / "xception" / (raw.name + (".xz" if cfg.xception_codec == "xz" else ""))  # float16 weights still lose ~8% to xz
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.xception_codec == "xz":
+        xz_copy(raw, out, sha)
+    else:
+        shutil.copyfile(raw, out)
+    shutil.rmtree(raw.parent)
+    return {"member": f"xception/{raw.name}", "stored": out, "codec": cfg.xception_codec, "sha256": sha, "bytes": size,
+            "info": {"id": cfg.xception, "base_sha256": spec.sha256, "dtype": cfg.xception_dtype}}  # fmt: skip
 
 
 def pack_reasoner(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from agent.cases import PersistedCases
 from agent.config import AgentConfig, apply_overrides, load_config
 from agent.diagnosis import Diagnosis
 from agent.state import CaseState, PatientMetadata, TraceEntry
@@ -42,7 +43,7 @@ def versions(config: AgentConfig) -> dict[str, Any]:
     return out
 
 
-class Agent:
+class Agent(PersistedCases):
     """The dermgraph agent. Models load lazily on the first case.
 
     >>> agent = Agent()                                  # shipped offline CPU defaults
@@ -89,11 +90,27 @@ class Agent:
             self._versions = versions(self.config)
         return Diagnosis.from_state(final, self._versions, thumbnail=thumb)
 
-    def diagnose(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Diagnosis:
-        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input."""
+    def diagnose(
+        self,
+        img,
+        question: str | None = None,
+        metadata: dict | PatientMetadata | None = None,
+        *,
+        thread_id: str | None = None,
+        review: str | dict | None = None,
+    ) -> Diagnosis:
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input.
+
+        With a ``thread_id`` or a review policy (``review="always"``, ``{"when": "on_abstain", "where": "morphology"}``,
+        or the config's ``review`` section) the case is persisted in the checkpointer under that id (a new
+        uuid when none is given) and may come back with ``status == "awaiting_review"`` and its
+        ``review_request``; continue it with :meth:`resume`."""
         state, thumb = self._initial_state(img, question, metadata)
-        final = self.graph.invoke(state)
-        return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+        configured = self.config.review is not None and self.config.review.when != "never"
+        if thread_id is None and review is None and not configured:
+            final = self.graph.invoke(state)
+            return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+        return self._diagnose_persisted(state, thumb, thread_id, review)
 
     def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""

@@ -159,5 +159,8 @@ class Runtime:
         return self._get("llm", lambda: _backend("llm", self.config.reasoner.llm, self.config.device))
 
     @functools.cached_property
-    def fusion(self) -> dict[str, Any]:
-        return self._get("fusion", lambda: json.loads(resolve_artifact(self.config.reasoner.fusion).read_text()))
+    def fusion(self):
+        """The fusion artifact (:class:`models.stacker.FusionModel`)."""
+        from models.stacker import FusionModel
+
+        return self._get("fusion", lambda: FusionModel.load(resolve_artifact(self.config.reasoner.fusion)))

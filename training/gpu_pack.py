@@ -68,7 +68,7 @@ class PackConfig(Strict):
     describer_ham_rows: int = Field(400, ge=0, description="HAM10000 train rows (seeded) for the describer's stage-1 format turns (0: none).")
     encoder: Path | None = Field(Path("configs/train/modality_finetune.yaml"), description="Modality config whose images the encoder stage tunes on (None: no encoder data).")
     encoder_set: list[str] = Field(default_factory=list, description="key=value overrides of that modality config (e.g. sources whose features exist).")
-    encoder_max_per_tag: int | None = Field(100, ge=1, description="Images per source/view (seeded sample; None: all).")
+    encoder_max_per_tag: int | None = Field(80, ge=1, description="Images per source/view (seeded sample; None: all).")
     jpeg_quality: int = Field(85, ge=50, le=100)
     llm: str = Field("smollm2-135m-instruct", description="Registry id of the base LLM (a GGUF resolved into the cache).")
     llm_codec: Literal["xz", "none"] = Field("xz", description="xz saves ~10 MB of the GGUF (~2 min to compress); none for quick rehearsals.")

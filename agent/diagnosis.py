@@ -133,6 +133,8 @@ class Diagnosis(BaseModel):
         if self.prediction_set and self.prediction_set_alpha is not None:
             names = {d.label: d.name for d in self.differential}
             lines.append(f"{round((1 - self.prediction_set_alpha) * 100)}% prediction set: {{{', '.join(names.get(c, c) for c in self.prediction_set)}}}")
+        elif self.prediction_set_calibration:
+            lines.append(f"prediction set: none calibrated ({self.prediction_set_calibration})")
         lines.append(f"verdict: {self.verdict.upper()}" + (f" — {self.label_name} (p={self.confidence:.2f})" if self.label_name else ""))
         lines += [f"  - {r}" for r in self.reasons]
         if self.reasoning_steps:
@@ -140,6 +142,8 @@ class Diagnosis(BaseModel):
             lines += [f"  {i}. [{st.kind}] {st.text}" for i, st in enumerate(self.reasoning_steps, 1)]
         elif self.rationale:
             lines.append(f"rationale: {self.rationale}")
+        if self.summary_check is not None and self.summary_check.passed:
+            lines.append(f"summary (LLM, claim-checked): {self.summary_check.text}")
         if self.summary_check is not None and not self.summary_check.passed:
             lines.append(f"(LLM summary withheld: failed the claim check: {'; '.join(self.summary_check.failures)})")
         return "\n".join(lines)

@@ -112,15 +112,20 @@ def expert_steps(experts: Mapping[str, Mapping[str, float] | None], names: Mappi
 
 
 def fusion_step(probs: Mapping[str, float], contributions: Mapping[str, Mapping[str, float]], pred_set: Sequence[str], alpha: float | None,
-                names: Mapping[str, str], missing: Sequence[str] = ()) -> ReasoningStep:  # fmt: skip
-    top = max(probs, key=probs.get)
+                names: Mapping[str, str], missing: Sequence[str] = (), top: str | None = None) -> ReasoningStep:  # fmt: skip
+    top = top or max(probs, key=probs.get)
     drivers = sorted(((e, c.get(top, 0.0)) for e, c in contributions.items()), key=lambda kv: -abs(kv[1]))
     driver_txt = ", ".join(f"{EXPERT_NAMES.get(e, e)} {v:+.2f}" for e, v in drivers if abs(v) >= 0.01)
     text = f"Fused: {_fmt(probs, names)}."
+    if top != max(probs, key=probs.get):
+        text += (f" Decision: {names.get(top, top)} (the class-weighted decision model, which keeps rare and costly diagnoses "
+                 f"from being drowned by the most common one).")
     if driver_txt:
         text += f" Contributions to {names.get(top, top)}: {driver_txt}."
     if pred_set and alpha is not None:
         text += f" {round((1 - alpha) * 100)}% prediction set: {', '.join(names.get(c, c) for c in pred_set)}."
+    elif pred_set:
+        text += " No calibrated prediction set: the candidates did not hold the true diagnosis often enough in calibration."
     if missing:
         text += f" Not available: {', '.join(EXPERT_NAMES.get(m, m) for m in missing)}."
     return ReasoningStep(kind="fusion", text=text, evidence=[expert_id(e) for e in contributions],

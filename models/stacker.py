@@ -89,6 +89,7 @@ class Fused:
     contributions: dict[str, dict[str, float]]  # expert → candidate → additive logit contribution (centred)
     experts_used: list[str]
     missing: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # decision order: the label first (see ModalityFusion.decision_coef)
 
 
 @dataclass
@@ -110,6 +111,11 @@ class ModalityFusion:
     acceptance_intercept: float = 0.0
     acceptance_kappa: np.ndarray = field(default_factory=lambda: np.zeros(0))
     acceptance_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    # The decision model (multinomial only): a class-weighted stacker over the same inputs whose argmax is the
+    # label, so that rare, costly diagnoses are not drowned by the majority class, while ``probs`` (what is shown,
+    # the conformal sets and the acceptance model) stay those of the calibrated, unweighted stacker.
+    decision_coef: np.ndarray | None = None
+    decision_intercept: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fusion
@@ -124,7 +130,7 @@ class ModalityFusion:
         C = len(self.classes)
         z = np.array(self.intercept, float).copy()
         contrib: dict[str, dict[str, float]] = {}
-        used, missing = [], []
+        used, missing, xs = [], [], []
         for j, e in enumerate(self.experts):
             x = log_probs(outputs.get(e), self.classes, self.eps)
             if x is None:
@@ -132,15 +138,22 @@ class ModalityFusion:
                 x = self.centre[e]
             else:
                 used.append(e)
+            xs.append(x)
             w = self.coef[:, j * C:(j + 1) * C]
             z += w @ x
             delta = w @ (x - self.centre[e])
             contrib[e] = {c: round(float(d), 4) for c, d in zip(self.classes, delta)}
         p = softmax(z)
-        probs = {c: float(v) for c, v in zip(self.classes, p) if c in set(candidates)}
+        cands = set(candidates)
+        probs = {c: float(v) for c, v in zip(self.classes, p) if c in cands}
         total = sum(probs.values()) or 1.0
         probs = dict(sorted(((c, v / total) for c, v in probs.items()), key=lambda kv: -kv[1]))
-        return Fused(probs, contrib, used, missing)
+        order = list(probs)
+        if self.decision_coef is not None:
+            zd = self.decision_intercept + self.decision_coef @ np.concatenate(xs)
+            label = max((c for c in self.classes if c in cands), key=lambda c: zd[self.classes.index(c)])
+            order = [label] + [c for c in order if c != label]
+        return Fused(probs, contrib, used, missing, order)
 
     def _fuse_conditional(self, candidates, outputs) -> Fused:
         cands = list(candidates)
@@ -157,7 +170,7 @@ class ModalityFusion:
             contrib[e] = {c: round(float(self.coef[j] * (v - x.mean())), 4) for c, v in zip(cands, x)}
         p = softmax(z) if len(cands) else z
         probs = dict(sorted(((c, float(v)) for c, v in zip(cands, p)), key=lambda kv: -kv[1]))
-        return Fused(probs, contrib, used, missing)
+        return Fused(probs, contrib, used, missing, list(probs))
 
     # ------------------------------------------------------------------ sets and acceptance
     def qhat(self, alpha: float) -> float:
@@ -194,6 +207,8 @@ class ModalityFusion:
             acceptance_intercept=float(acc.get("intercept", 0.0)),
             acceptance_kappa=np.asarray(acc.get("kappa", []), float),
             acceptance_correct=np.asarray(acc.get("correct", []), bool),
+            decision_coef=np.asarray(d["decision"]["coef"], float) if d.get("decision") else None,
+            decision_intercept=np.asarray(d["decision"]["intercept"], float) if d.get("decision") else None,
             meta=dict(d.get("meta", {})),
         )
 
@@ -211,6 +226,8 @@ class ModalityFusion:
             "acceptance": {"features": list(ACCEPTANCE_FEATURES), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
                            "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
                            "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip
+            "decision": None if self.decision_coef is None else {"coef": np.asarray(self.decision_coef).round(6).tolist(),
+                                                                 "intercept": np.asarray(self.decision_intercept).round(6).tolist()},  # fmt: skip
             "meta": self.meta,
         }
 
@@ -221,14 +238,16 @@ def _sgr_cached(kappa: bytes, correct: bytes, target_risk: float, delta: float) 
 
 
 def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], expert_tops: Mapping[str, str | None],
-                        morphology: Mapping[str, float] | None) -> dict[str, float]:  # fmt: skip
-    """The acceptance model's signals for a fused distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
-    ranked = sorted(probs.values(), reverse=True)
-    top = max(probs, key=probs.get)
+                        morphology: Mapping[str, float] | None, label: str | None = None) -> dict[str, float]:  # fmt: skip
+    """The acceptance model's signals for the decided ``label`` (default: the most probable) under a fused
+    distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
+    top = label if label is not None else max(probs, key=probs.get)
+    p_top = probs.get(top, 0.0)
+    other = max((p for c, p in probs.items() if c != top), default=0.0)
     tops = [t for t in expert_tops.values() if t is not None]
     return {
-        "log_top": math.log(max(ranked[0], 1e-6)),
-        "margin": ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0),
+        "log_top": math.log(max(p_top, 1e-6)),
+        "margin": p_top - other,
         "set_size": float(len(pred_set)),
         "expert_agreement": (sum(t == top for t in tops) / len(tops)) if tops else 0.0,
         "morphology_top": float(morphology.get(top, 0.0)) if morphology else 0.0,

@@ -114,9 +114,15 @@ def test_json_path_for_chat_only_backends():
     assert reason_out["llm_probs"]["nv"] == pytest.approx(0.7)
 
 
+def test_no_summary_by_default():
+    llm = ScoringLLM()
+    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    assert llm.chats == [] and d.summary_check is None and "Summary:" not in d.rationale
+
+
 def test_unusable_summary_is_retried_then_left_out():
     llm = ScoringLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
-    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert len(llm.chats) == 3  # 1 + retries(2)
     assert d.rationale.startswith("Image modality") and "Summary:" not in d.rationale
     assert d.cited
@@ -124,7 +130,7 @@ def test_unusable_summary_is_retried_then_left_out():
 
 def test_summary_failing_the_claim_check_is_withheld_and_traced():
     llm = ScoringLLM(replies=["Melanoma is a type of benign keratosis with arborizing vessels [case:nowhere]."])
-    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert "Summary:" not in d.rationale and "type of benign keratosis" not in d.rationale
     assert d.summary_check is not None and not d.summary_check.passed
     kinds = {f.split(":")[0] for f in d.summary_check.failures}
@@ -134,7 +140,7 @@ def test_summary_failing_the_claim_check_is_withheld_and_traced():
 
 def test_supported_summary_is_shown():
     llm = ScoringLLM(replies=["The atypical pigment network and the blue-whitish veil fit melanoma [E1]."])
-    d = Agent(backends=backends(llm=llm)).diagnose(img())
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert d.summary_check.passed and "Summary: The atypical pigment network" in d.rationale
 
 
@@ -176,6 +182,18 @@ def test_clinical_disagreement_abstains_and_says_what_would_help():
     assert "dermoscopic image" in d.reasoning_steps[-1].text
     ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=ScoringLLM(prefer={"Acne vulgaris": -1.0}), cases=cases))
     assert ok.diagnose(img()).verdict == "accept"
+
+
+def test_rendered_thumbnail_is_escaped_and_must_be_an_image_data_uri():
+    from agent.diagnosis import Diagnosis
+    from agent.render import diagnosis_html
+
+    base = {"image_sha256": "0" * 64, "image_size": (8, 8), "verdict": "abstain"}
+    evil = '" onerror="alert(1)'
+    assert 'onerror="alert' not in diagnosis_html(Diagnosis(**base, thumbnail=evil))
+    assert "<img" not in diagnosis_html(Diagnosis(**base, thumbnail="javascript:alert(1)"))
+    good = "data:image/png;base64,iVBORw0KGgo="
+    assert f'<img src="{good}"' in diagnosis_html(Diagnosis(**base, thumbnail=good))
 
 
 def test_modality_without_calibration_abstains_and_says_so():

@@ -5,8 +5,8 @@ Input: the experts' first-round outputs on images the lesion classifier has not 
 
 * **fit** (dermoscopy): the ``calib`` half of isic2018_val + Derm7pt ``train``/``extra``;
   **evaluation** (never fitted on): the ``report`` half of isic2018_val and Derm7pt ``val``.
-* **fit** (clinical): the even half (by content hash) of the DermNet photos held out of the case index;
-  **evaluation**: the odd half.
+* **fit** (clinical): the DermNet photos held out of the case index whose content hash ends in an even
+  digit; **evaluation**: the odd ones.
 
 Everything calibrated is cross-fitted: the morphology expert is refitted without each fold's Derm7pt
 cases, the stacker's out-of-fold probabilities give the conformal scores, and the acceptance model's
@@ -46,8 +46,8 @@ class Config(TrainConfig):
     folds: int = Field(5, ge=2)
     eps: float = Field(1e-3, gt=0, lt=0.1, description="Probability floor before taking logs.")
     c_grid: list[float] = Field([0.001, 0.01, 0.1, 1.0], description="Inverse L2 strengths of the per-class weight deviations tried (cross-validated).")
-    gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Class weights ∝ n_c^-γ tried (0: none, 1: balanced).")
-    max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the (C, γ) of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
+    gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Class weights of the decision model ∝ n_c^-γ tried (0: none, 1: balanced).")
+    max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the γ of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
     morphology_c_grid: list[float] = Field([0.03, 0.1, 0.3, 1.0, 3.0])
     conformal_score: str = Field("lac", pattern="^(lac|aps)$")
     alphas: list[float] = Field([0.05, 0.1, 0.2], description="Miscoverage levels reported.")
@@ -68,7 +68,7 @@ def load_parts(path: Path) -> dict[str, list[dict]]:
     for r in read_records(path):
         if r["source"] == "dermnet":
             if r["modality"] == "clinical" and not r["modality_rejected"]:
-                parts["clin_fit" if int(r["id"].split(":")[1][:8], 16) % 2 == 0 else "clin_eval"].append(r)
+                parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
         elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
             if r["source"] == "isic2018_val":
                 parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)
@@ -229,7 +229,11 @@ def _outputs(r: dict, experts: Sequence[str]) -> dict[str, Any]:
 
 
 def fuse_records(model: ModalityFusion, recs: list[dict]) -> list[dict[str, float]]:
-    return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)).probs for r in recs]
+    return [f.probs for f in fuse_all(model, recs)]
+
+
+def fuse_all(model: ModalityFusion, recs: list[dict]):
+    return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)) for r in recs]
 
 
 def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> list[dict[str, float]]:
@@ -244,10 +248,10 @@ def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> lis
     return out
 
 
-def top_metrics(y: Sequence[str], probs: list[dict[str, float]]) -> dict[str, float]:
+def top_metrics(y: Sequence[str], probs: list[dict[str, float]], order: list[list[str]] | None = None) -> dict[str, float]:
     from evals.metrics import diagnosis_metrics
 
-    pred = [max(p, key=p.get) if p else "" for p in probs]
+    pred = decide_all(probs, order)
     return {k: round(float(v), 4) for k, v in diagnosis_metrics(list(y), pred).items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
@@ -260,21 +264,44 @@ def reference_accuracy(recs: list[dict], experts: Sequence[str]) -> float:
         return single_expert(recs, "classifier")["accuracy"] if "classifier" in experts else 0.0
 
 
-def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, float, list[dict]]:
-    """(C, γ) by cross-validation on the fit part: the best CV balanced accuracy among settings whose CV
-    accuracy is at most ``max_accuracy_drop`` below :func:`reference_accuracy` (the issue's constraint:
-    balanced accuracy up, accuracy down by at most 2 points)."""
+def decide_all(probs: list[dict[str, float]], order: list[list[str]] | None = None) -> list[str]:
+    """The decided labels: the decision order's first where given, else the most probable."""
+    if order is not None:
+        return [o[0] if o else "" for o in order]
+    return [max(p, key=p.get) if p else "" for p in probs]
+
+
+def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, list[dict], list[dict[str, float]]]:
+    """C by cross-validated log-loss (unweighted fit: calibrated probabilities); returns (C, grid, OOF probabilities)."""
     y = [r["label"] for r in recs]
     fold = _folds(y, cfg.folds, cfg.seed)
-    grid = []
+    grid, oofs = [], {}
+    for c in cfg.c_grid:
+        oof = oof_multinomial(recs, experts, c, 0.0, cfg.eps, fold, cfg.seed)
+        nll = float(np.mean([-math.log(max(p.get(t, 0.0), 1e-9)) for p, t in zip(oof, y)]))
+        grid.append({"C": c, "log_loss": round(nll, 4), **top_metrics(y, oof)})
+        oofs[c] = oof
+    best = min(grid, key=lambda g: g["log_loss"])
+    return best["C"], grid, oofs[best["C"]]
+
+
+def choose_decision(recs: list[dict], experts, cfg: Config) -> tuple[float, float, list[dict], list[str]]:
+    """(C, γ) of the decision model (a class-weighted stacker, sample weights ∝ n_class^-γ): the best CV
+    balanced accuracy among settings whose CV accuracy is at most ``max_accuracy_drop`` below
+    :func:`reference_accuracy` (the issue's constraint: balanced accuracy up, accuracy down by at most 2
+    points). Returns (C, γ, grid, out-of-fold decided labels)."""
+    y = [r["label"] for r in recs]
+    fold = _folds(y, cfg.folds, cfg.seed)
+    reference = reference_accuracy(recs, experts)
+    grid, labels = [], {}
     for c in cfg.c_grid:
         for g in cfg.gamma_grid:
-            m = top_metrics(y, oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed))
-            grid.append({"C": c, "gamma": g, **m})
-    reference = reference_accuracy(recs, experts)
+            oof = oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed)
+            grid.append({"C": c, "gamma": g, **top_metrics(y, oof)})
+            labels[(c, g)] = decide_all(oof)
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
     best = max(ok, key=lambda g: (g["balanced_accuracy"], g["accuracy"]))
-    return best["C"], best["gamma"], grid
+    return best["C"], best["gamma"], grid + [{"reference_accuracy": round(reference, 4)}], labels[(best["C"], best["gamma"])]
 
 
 def fit_conditional(recs: list[dict], experts: Sequence[str], eps: float) -> ModalityFusion:
@@ -329,9 +356,9 @@ def conformal_scores(recs: list[dict], probs: list[dict[str, float]], score: str
     return np.array(out)
 
 
-def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str]) -> dict[str, float]:
+def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str], label: str) -> dict[str, float]:
     tops = {e: (max(r[e], key=r[e].get) if r.get(e) else None) for e in experts}
-    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"))  # type: ignore[arg-type]
+    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label)  # type: ignore[arg-type]
 
 
 def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int):
@@ -344,15 +371,16 @@ def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int):
     return m.coef_[0], float(m.intercept_[0])
 
 
-def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str) -> None:
+def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str, labels: list[str] | None = None) -> None:
     """Conformal scores and cross-fitted acceptance calibration, written into ``model``."""
     model.conformal_score = cfg.conformal_score
     model.calibration_scores = conformal_scores(recs, oof, cfg.conformal_score)
     model.calibration_source = source
     qhat = conformal_quantile(model.calibration_scores, cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
-    sig = [signals(r, p, qhat, cfg.conformal_score, experts) for r, p in zip(recs, oof)]
-    correct = np.array([max(p, key=p.get) == r["label"] for r, p in zip(recs, oof)])
+    labels = labels or decide_all(oof)
+    sig = [signals(r, p, qhat, cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
+    correct = np.array([lab == r["label"] for r, lab in zip(recs, labels)])
     fold = np.random.default_rng(cfg.seed).permutation(len(recs)) % cfg.folds
     kappa = np.zeros(len(recs))
     for j in range(cfg.folds):
@@ -373,10 +401,12 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
 
     if not recs:
         return {"n": 0}
-    probs = fuse_records(model, recs)
+    fused = fuse_all(model, recs)
+    probs = [f.probs for f in fused]
+    orders = [f.order for f in fused]
     y = [r["label"] for r in recs]
-    pred = [max(p, key=p.get) for p in probs]
-    out: dict[str, Any] = {"n": len(recs), **top_metrics(y, probs)}
+    pred = decide_all(probs, orders)
+    out: dict[str, Any] = {"n": len(recs), **top_metrics(y, probs, orders)}
     yp = (np.array(y), np.array(pred))
     for name in ("accuracy", "balanced_accuracy"):
         out[f"{name}_ci"] = [round(v, 4) for v in bootstrap_ci(lambda a, b, n=name: diagnosis_metrics(list(a), list(b))[n], *yp, n=cfg.n_bootstrap)]
@@ -389,7 +419,7 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
     out["prediction_sets"] = sets
     qhat = model.qhat(cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
-    kappa = np.array([model.acceptance_score(signals(r, p, qhat, cfg.conformal_score, experts)) for r, p in zip(recs, probs)])
+    kappa = np.array([model.acceptance_score(signals(r, p, qhat, cfg.conformal_score, experts, lab)) for r, p, lab in zip(recs, probs, pred)])
     correct = np.array([a == b for a, b in zip(y, pred)])
     theta, info = model.threshold(cfg.target_accuracy, cfg.delta)
     acc = kappa >= theta
@@ -462,13 +492,16 @@ def train(cfg: Config) -> dict[str, Any]:
     fit = parts["derm_fit"]
     y = [r["label"] for r in fit]
     experts = list(cfg.dermoscopy_experts)
-    c, gamma, grid = choose_stacker(fit, experts, cfg)
+    c, grid, oof = choose_stacker(fit, experts, cfg)
+    dc, gamma, dgrid, oof_labels = choose_decision(fit, experts, cfg)
     fold = _folds(y, cfg.folds, cfg.seed)
-    oof = oof_multinomial(fit, experts, c, gamma, cfg.eps, fold, cfg.seed)
     x, _ = derm_design(fit, experts, cfg.eps)
-    derm = fit_multinomial(x, y, c, gamma, experts, cfg.eps, cfg.seed)
-    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)")
-    derm.meta.update({"cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, oof)})
+    derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
+    dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
+    derm.decision_coef, derm.decision_intercept = dec.coef, dec.intercept
+    derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_expert_weights": dec.meta["expert_weights"], "decision_grid": dgrid})
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)", oof_labels)
+    derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
     # Clinical.
     modalities = {"dermoscopy": derm}
@@ -478,8 +511,9 @@ def train(cfg: Config) -> dict[str, Any]:
         cfold = np.random.default_rng(cfg.seed).permutation(len(clin_fit)) % cfg.folds
         coof = oof_conditional(clin_fit, cexp, cfg.eps, cfold)
         clin = fit_conditional(clin_fit, cexp, cfg.eps)
-        calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} held-out DermNet photos (even half by hash)")
+        calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} held-out DermNet photos (even last hash digit)")
         clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
+        clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
         modalities["clinical"] = clin
 
     model = FusionModel(morph, modalities, {"id": cfg.artifact_id})
@@ -496,7 +530,7 @@ def train(cfg: Config) -> dict[str, Any]:
             for drop in experts:
                 keep = [e for e in experts if e != drop]
                 xf, _ = derm_design(fit, keep, cfg.eps)
-                m = fit_multinomial(xf, y, c, gamma, keep, cfg.eps, cfg.seed)
+                m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed)  # the decision model without that expert
                 ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs))
             ev["ablation"] = ablation
         evals[name] = ev

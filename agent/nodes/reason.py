@@ -12,6 +12,9 @@ summary is shown only when it passes the claim check (``agent.claims``).
 
 from __future__ import annotations
 
+import math
+import re
+
 from pydantic import BaseModel, Field
 
 from agent.fusion import fuse, softmax_scores
@@ -139,10 +142,20 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
         else:
             from agent.state import ReasoningStep
 
-            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {passage.text[:200].rstrip('.')}. [{passage.id}]",
+            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
                                        evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
         consulted.append(passage)
     return steps, consulted
+
+
+def _first_sentences(text: str, limit: int = 220) -> str:
+    """Whole sentences of ``text`` up to ``limit`` characters (at least the first)."""
+    out = ""
+    for sentence in re.split(r"(?<=[.;])\s+", text.strip()):
+        if out and len(out) + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out if out.endswith((".", ";")) else out + "."
 
 
 def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, evidence_ids, tags) -> tuple[str | None, object, int]:
@@ -183,7 +196,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
             llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
             for i in range(1, cfg.num_samples):
                 p_i = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=rt.config.seed + i)
-                samples.append(next(iter(mf.fuse(cands, {**experts, "llm": p_i}).probs)))
+                samples.append(mf.fuse(cands, {**experts, "llm": p_i}).order[0])
         except NotImplementedError:
             notes.append("backend cannot score continuations: asked for JSON")
             llm_probs, _, json_notes = _json_answer(rt, state, cands, names, clf_display, feedback, cfg.retries)
@@ -194,12 +207,22 @@ def reason(state: CaseState, rt) -> NodeOutput:
         experts["llm"] = llm_probs
 
     fused = mf.fuse(cands, experts)
-    top = next(iter(fused.probs))
+    order = fused.order  # the decided label first, then by calibrated probability
+    top = order[0]
     samples = [top] + samples
     if cfg.num_samples == 1 or source == "fallback":
         # Confidence consistency without LLM re-scorings: agreement of each available single expert with the fused answer.
         samples += [max(p, key=p.get) for p in experts.values() if p]
     pred_set = mf.prediction_set(fused.probs, cfg.conformal_alpha)
+    set_source = mf.calibration_source
+    set_alpha: float | None = cfg.conformal_alpha
+    if math.isinf(mf.qhat(cfg.conformal_alpha)):
+        recall = mf.meta.get("candidate_recall")
+        set_source = (f"{1 - cfg.conformal_alpha:.0%} coverage is not attainable for {mod} images: the candidate list held the true diagnosis in "
+                      f"{recall:.0%} of calibration cases; the set is every candidate ({mf.calibration_source})") if recall is not None else \
+                     f"{1 - cfg.conformal_alpha:.0%} coverage is not attainable with this calibration; the set is every candidate ({mf.calibration_source})"  # fmt: skip
+        notes.append(set_source)
+        set_alpha = None
     used = {e: fused.contributions[e] for e in fused.experts_used if e in fused.contributions}
 
     steps = observation_steps(state)
@@ -207,7 +230,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
     k_steps, consulted = _knowledge(state, rt, knowledge_labels, names)
     steps += k_steps
     steps += expert_steps({e: p for e, p in experts.items() if p}, names, state, cands)
-    steps.append(fusion_step(fused.probs, used, pred_set, cfg.conformal_alpha, names, fused.missing))
+    steps.append(fusion_step(fused.probs, used, pred_set, set_alpha, names, fused.missing, top))
 
     expert_probs = {e: {c: round(float(v), 5) for c, v in p.items() if c in set(cands)} for e, p in experts.items() if p}
     evidence_ids = {e.id for e in (state.retrieval.evidence if state.retrieval else [])} | {e.id for e in consulted}
@@ -225,7 +248,10 @@ def reason(state: CaseState, rt) -> NodeOutput:
         rationale += f" Summary: {summary}"
     cited = [i for i in dict.fromkeys(e for s in steps for e in s.evidence) if not i.startswith(("finding:", "expert:"))]
 
-    differential = [DifferentialItem(label=c, name=names[c], probability=p) for c, p in fused.probs.items()]
+    drain = getattr(rt.llm, "drain_notes", None)  # e.g. "prompt truncated to the LLM's context"
+    notes += list(dict.fromkeys(drain())) if callable(drain) else []
+
+    differential = [DifferentialItem(label=c, name=names[c], probability=fused.probs[c]) for c in order]
     result = ReasonerResult(
         differential=differential,
         rationale=rationale.strip(),
@@ -238,8 +264,8 @@ def reason(state: CaseState, rt) -> NodeOutput:
         expert_probs=expert_probs,
         contributions=used,
         prediction_set=pred_set,
-        prediction_set_alpha=cfg.conformal_alpha,
-        prediction_set_calibration=mf.calibration_source,
+        prediction_set_alpha=set_alpha,
+        prediction_set_calibration=set_source,
         steps=steps,
         consulted=consulted,
         summary_check=check,

@@ -93,7 +93,7 @@ def verify(state: CaseState, rt) -> NodeOutput:
         return NodeOutput({"verification": verdict}, inputs=inputs, model_id="risk-control")
 
     tops = {e: (max(p, key=p.get) if p else None) for e, p in r.expert_probs.items() if e != "morphology"}
-    signals = acceptance_features({d.label: d.probability for d in r.differential}, r.prediction_set, tops, r.expert_probs.get("morphology"))
+    signals = acceptance_features({d.label: d.probability for d in r.differential}, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label)
     score = mf.acceptance_score(signals)
     theta, info = mf.threshold(target, cfg.risk_delta)
     extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}

@@ -129,6 +129,7 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
     from agent.steps import consulted_passage, knowledge_step
 
     observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    retrieved = {e.id for e in state.retrieval.evidence} if state.retrieval else set()
     steps, consulted = [], []
     for c in labels:
         entry = rt.knowledge.entry_for_label(c)
@@ -142,9 +143,12 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
         else:
             from agent.state import ReasoningStep
 
-            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
-                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
-        consulted.append(passage)
+            # No structured findings to compare (clinical photographs): cite the description, do not quote it, since
+            # its free text names other diagnoses and features the case has not shown.
+            steps.append(ReasoningStep(kind="knowledge", text=f"The knowledge base's {passage.id.split('#')[-1]} description of {names[c]} is cited for the reader [{passage.id}].",
+                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id, "excerpt": _first_sentences(passage.text)}))  # fmt: skip
+        if passage.id not in retrieved and passage.id not in {p.id for p in consulted}:
+            consulted.append(passage)  # cited like retrieved evidence; a passage retrieval already found is not repeated
     return steps, consulted
 
 

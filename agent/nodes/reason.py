@@ -20,10 +20,9 @@ from pydantic import BaseModel, Field
 from agent.fusion import fuse, softmax_scores
 from agent.labels import HAM_CLASSES, HAM_NAMES
 from agent.nodes.base import NodeOutput
-from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
+from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG as _TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user
+from agent.prompts import usable_rationale as _usable
 from agent.state import CaseState, DifferentialItem, ReasonerResult
-
-_TAG = re.compile(r"\[(E\d+)\]")
 
 
 class LLMAnswer(BaseModel):
@@ -53,15 +52,6 @@ def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str,
     if not clf:
         return None
     return fuse(candidates, {"w_classifier": rt.config.reasoner.classifier_display_weight}, classifier=clf)
-
-
-def _usable(text: str) -> bool:
-    t = text.strip()
-    if len(t) < 20 or sum(ch.isalpha() for ch in t) < 15:
-        return False
-    # Untuned small models echo the prompt template instead of answering.
-    echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
-    return not any(e in t for e in echoes)
 
 
 def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str, float]:

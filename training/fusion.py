@@ -40,6 +40,9 @@ class Config(TrainConfig):
     """Fusion refit (see the module docstring)."""
 
     experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
+    extra_experts: list[str] = Field([], description="Extra expert files next to experts_file (<stem>_<name>.jsonl), e.g. 'effnet' (second visual expert: HAM head for dermoscopy, DermNet head for clinical photos).")
+    fit_sources: list[str] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
+    clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
     clinical_experts: list[str] = Field(list(CLIN_EXPERTS), description="Experts of the clinical stacker.")
@@ -60,12 +63,17 @@ class Config(TrainConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_parts(path: Path) -> dict[str, list[dict]]:
+def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0) -> dict[str, list[dict]]:
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit, clin_eval."""
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval")}
-    for r in read_records(path):
+    for r in read_records(path, tuple(extra)):
+        if r.get("modality") == "clinical" and "effnet_dermnet" in r:
+            r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
+            if clinical_extra_candidates:
+                ranked = sorted(r["effnet"], key=r["effnet"].get, reverse=True)
+                r["candidates"] = list(r["candidates"]) + [c for c in ranked if c not in r["candidates"]][:clinical_extra_candidates]
         if r["source"] == "dermnet":
             if r["modality"] == "clinical" and not r["modality_rejected"]:
                 parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
@@ -482,14 +490,14 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
     morph, morph_info = add_morphology_outputs(parts, cfg)
 
     # Dermoscopy.
-    fit = parts["derm_fit"]
+    fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources]
     y = [r["label"] for r in fit]
     experts = list(cfg.dermoscopy_experts)
     c, grid, oof = choose_stacker(fit, experts, cfg)

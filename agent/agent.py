@@ -43,6 +43,32 @@ def versions(config: AgentConfig) -> dict[str, Any]:
     return out
 
 
+def model_hashes(config: AgentConfig) -> dict[str, str]:
+    """sha256 of every model artifact this process resolved for ``config`` (role → sha256): the registry's
+    verified hash (the wheel for ``pypi:``, the file or directory manifest for ``pkg:``/``path:``), or the hash
+    of a local path. Models that were never loaded (test doubles, skipped nodes) are absent."""
+    from models.integrity import used_sha256
+
+    refs = {
+        "classifier": config.encoder.classifier.model,
+        "modality_head": config.modality.head,
+        "modality_encoder": config.modality.encoder,
+        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "text_embedder": config.retrieval.text_embedder,
+        "kb_index": config.retrieval.kb_index,
+        "case_index": config.retrieval.case_index,
+        "llm": config.reasoner.llm.model,
+        "fusion": config.reasoner.fusion,
+        "consistency_model": config.verifier.consistency_model,
+    }
+    out = {}
+    for role, ref in refs.items():
+        sha = used_sha256(ref) if isinstance(ref, str) else None
+        if sha:
+            out[role] = sha
+    return out
+
+
 class Agent(PersistedCases):
     """The dermgraph agent. Models load lazily on the first case.
 
@@ -72,9 +98,12 @@ class Agent(PersistedCases):
 
     def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
         from agent.imageio import load_image, thumbnail_data_uri
+        from agent.limits import InputLimits, check_metadata, check_question
 
-        loaded = load_image(img)
-        meta = metadata if isinstance(metadata, PatientMetadata) or metadata is None else PatientMetadata.model_validate(metadata)
+        limits = self.config.limits or InputLimits()
+        question = check_question(question, limits)  # text first: cheap, and no model has loaded yet
+        meta = check_metadata(metadata, limits)
+        loaded = load_image(img, max_pixels=limits.max_image_pixels)
         state = CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,
@@ -88,7 +117,9 @@ class Agent(PersistedCases):
     def _finish(self, final: CaseState, thumb: str) -> Diagnosis:
         if self._versions is None:
             self._versions = versions(self.config)
-        return Diagnosis.from_state(final, self._versions, thumbnail=thumb)
+        shas = model_hashes(self.config)  # per case: a node skipped on the first case may load its model later
+        vers = {**self._versions, "sha256": shas} if shas else self._versions
+        return Diagnosis.from_state(final, vers, thumbnail=thumb)
 
     def diagnose(
         self,
@@ -99,7 +130,8 @@ class Agent(PersistedCases):
         thread_id: str | None = None,
         review: str | dict | None = None,
     ) -> Diagnosis:
-        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input.
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input and
+        ``agent.limits.InputError`` for a question or metadata outside the configured limits.
 
         With a ``thread_id`` or a review policy (``review="always"``, ``{"when": "on_abstain", "where": "morphology"}``,
         or the config's ``review`` section) the case is persisted in the checkpointer under that id (a new

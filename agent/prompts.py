@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+import re
+from typing import TYPE_CHECKING, Sequence
 
-from agent.state import CaseState, Evidence
+if TYPE_CHECKING:  # annotations only: scoring answers (training.rewards, the GPU job) needs no graph state or LangGraph
+    from agent.state import CaseState, Evidence
 
 SYSTEM = (
     "You are a careful dermatology assistant. Reason only from the evidence provided: the image findings, "
@@ -14,6 +16,18 @@ SYSTEM = (
 )
 DIAGNOSIS_PREFIX = "Diagnosis: "
 RATIONALE_FIELD = "\nRationale:"
+EVIDENCE_TAG = re.compile(r"\[(E\d+)\]")
+"""An evidence citation in the model's answer, e.g. [E2]."""
+
+
+def usable_rationale(text: str) -> bool:
+    """Whether a generated rationale is worth keeping: long enough, and not an echo of the prompt template."""
+    t = text.strip()
+    if len(t) < 20 or sum(ch.isalpha() for ch in t) < 15:
+        return False
+    # Untuned small models echo the prompt template instead of answering.
+    echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
+    return not any(e in t for e in echoes)
 
 
 def evidence_tags(evidence: Sequence[Evidence]) -> dict[str, str]:

@@ -295,12 +295,21 @@ def test_prompt_is_exactly_the_agents(built, runtime, tiny_features):
     from training.reasoner_data import _stats
 
     state = render_state(row, _stats([row], tiny_features)[row.id], runtime)
+    from tests.doubles import fusion_model
+
     recorder = Recorder()
     runtime.__dict__["llm"] = recorder
+    had_fusion = "fusion" in runtime.__dict__
+    saved = runtime.__dict__.get("fusion")
+    runtime.__dict__["fusion"] = fusion_model()  # a stacker that fuses the LLM (the shipped one may not)
     try:
         reason(state, runtime)
     finally:
         runtime.__dict__.pop("llm")
+        if had_fusion:
+            runtime.__dict__["fusion"] = saved
+        else:
+            runtime.__dict__.pop("fusion")
     assert recorder.convs[0] == rec["prompt"]
     target = rec["completion"][0]["content"]
     assert target.startswith(f"Diagnosis: {rec['label_name']}\nRationale: ")

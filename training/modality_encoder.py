@@ -54,10 +54,13 @@ def _augment(x, gen):
     return torch.stack(out)
 
 
-def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndarray, cfg: Config, log, stage: str):
+def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndarray, cfg: Config, log, stage: str, load_base=None, should_stop=None):
     """Fine-tune the stages from ``cfg.finetune.unfreeze_from`` on with class-balanced cross-entropy
     through a linear head on [pooled features, statistics], warm-started from the frozen-feature
-    logistic head. Returns the tuned ``SklesionNet`` (eval mode, on CPU)."""
+    logistic head. Returns the tuned ``SklesionNet`` (eval mode, on CPU).
+
+    ``load_base(device)`` builds the base network (default: the registry's Keras weights);
+    ``should_stop(stage, step)`` ends the loop early (a time budget)."""
     import torch
     import torch.nn.functional as F
 
@@ -68,7 +71,7 @@ def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndar
     ft = cfg.finetune
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    net = build_model(resolve(BASE_ID, progress=False), device)
+    net = load_base(device) if load_base is not None else build_model(resolve(BASE_ID, progress=False), device)
     bb = net.backbone
     start = ft.unfreeze_from
     net.requires_grad_(False)
@@ -97,6 +100,9 @@ def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndar
     use_bf16 = device == "cuda"
     t0 = time.time()
     for step in range(ft.steps):
+        if should_stop is not None and should_stop(stage, step):
+            log.log(stage=stage, event="stopped_early", steps_done=step)
+            break
         idx = torch.randint(len(yi), (min(ft.batch_size, len(yi)),), generator=gen)
         xb = images[idx]
         if ft.augment:
@@ -128,8 +134,11 @@ def embed(net, images, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, N_FEATURES), np.float32)
 
 
-def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
-    """Fine-tune per fold and once on everything; save the encoder delta and the refitted head."""
+def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log, images=None, load_base=None, should_stop=None) -> dict:
+    """Fine-tune per fold and once on everything; save the encoder delta and the refitted head.
+
+    ``images``: the inputs of the rows of ``x`` when preloaded (else read through ``refs``);
+    ``load_base`` / ``should_stop``: see :func:`finetune_encoder`."""
     from models.finetuned_encoder import save_delta
     from models.registry import get_spec
     from models.resolve import sha256_file
@@ -140,14 +149,14 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
     x, y, groups, tags, refs = x[sel], y[sel], groups[sel], tags[sel], refs[sel]
     stats = x[:, N_FEATURES:]
     t0 = time.time()
-    images = load_tensors(refs)
+    images = load_tensors(refs) if images is None else images[sel]
     log.log(event="images_loaded", n=len(refs), seconds=round(time.time() - t0, 1))
 
     frozen_pred, _ = _crossval(lambda k, held: x, y, groups, cfg, log, stage="frozen")
     frozen = _heldout_metrics(y, frozen_pred, tags, cfg)
 
     def tuned_features(k, held):
-        net = finetune_encoder(images[~held], stats[~held], y[~held], x[~held], cfg, log, stage=f"finetune_fold{k}")
+        net = finetune_encoder(images[~held], stats[~held], y[~held], x[~held], cfg, log, stage=f"finetune_fold{k}", load_base=load_base, should_stop=should_stop)
         return np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
 
     t_cv = time.time()
@@ -158,7 +167,7 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
     metrics["finetune"] = {**ft.model_dump(), "n_images": int(len(y)), "crossval_seconds": round(time.time() - t_cv, 1)}
 
     t_final = time.time()
-    net = finetune_encoder(images, stats, y, x, cfg, log, stage="finetune_final")
+    net = finetune_encoder(images, stats, y, x, cfg, log, stage="finetune_final", load_base=load_base, should_stop=should_stop)
     xt = np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
     metrics["finetune"]["final_seconds"] = round(time.time() - t_final, 1)
     delta = save_delta(net.backbone, ft.unfreeze_from, cfg.out_dir / "modality_encoder.safetensors", base_id=BASE_ID,

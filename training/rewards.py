@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.consistency import morphology_agreement
-from agent.nodes.reason import _TAG, _usable
+from agent.prompts import EVIDENCE_TAG as _TAG
+from agent.prompts import usable_rationale as _usable
 
 MIN_AGREEMENT = 0.35
 """The verifier's default ``min_morphology_agreement``: below it the findings contradict the diagnosis."""
@@ -96,7 +97,7 @@ def _json(value: Any) -> Any:
 
 def format_checks(text: str, candidates: Sequence[str], tags: Sequence[str]) -> dict[str, bool]:
     """The four format checks: a candidate after ``Diagnosis:``; a ``Rationale:`` line the agent would
-    use (``agent.nodes.reason._usable``: long enough, no template echo); at least one [E#] tag; every
+    use (``agent.prompts.usable_rationale``: long enough, no template echo); at least one [E#] tag; every
     cited tag shown in the prompt."""
     diagnosis, rationale = parse_answer(text)
     cited = _TAG.findall(rationale or "")

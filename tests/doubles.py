@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, MODALITIES, SEVEN_POINT
 from models.heads import Head, HeadSet, OODDetector
 from models.image_stats import STATS_DIM
 from models.protocols import ClassifierOutput
+from models.vocabulary import HAM_CLASSES, MODALITIES, SEVEN_POINT
 
 FEAT = 2048
 

@@ -113,7 +113,7 @@ def test_shipped_benchmarks_validate():
 
 @pytest.mark.data
 def test_shipped_benchmarks_read_the_shared_data(shared_data):
-    from agent.labels import derm7pt_to_ham
+    from models.vocabulary import derm7pt_to_ham
     from training.data import is_dermnet_heldout
 
     d7 = load_benchmark("derm7pt_val")

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import SEVEN_POINT
-from evals.morphology import parse_findings
+from models.vocabulary import SEVEN_POINT, parse_findings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +117,7 @@ def test_generate_uses_the_features_and_round_trips_through_save(tiny_vlm, tmp_p
 
 
 def test_canonical_targets_parse_back_to_the_source_criteria():
-    from agent.labels import SEVEN_POINT_PHRASES
+    from models.vocabulary import SEVEN_POINT_PHRASES
     from training.describer_data import criterion_turn, describe
 
     rng = random.Random(0)

@@ -109,7 +109,7 @@ def test_cli_train_verifier_with_overrides(tiny_features, tmp_path):
 def test_concepts_from_a_user_csv_extracts_features_on_the_fly(shared_data, tmp_path):
     import csv
 
-    from agent.labels import SEVEN_POINT
+    from models.vocabulary import SEVEN_POINT
     from training.data import source_table
 
     rows = [r for r in source_table("derm7pt") if r["split"] in ("train", "val")][:10]

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from agent import Agent
-from agent.labels import SEVEN_POINT
 from models.verifier import ConsistencyModel
+from models.vocabulary import SEVEN_POINT
 from retrieval.kb import KnowledgeBase
 from tests.doubles import backends
 from training import verifier as tv

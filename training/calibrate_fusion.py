@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from agent.labels import HAM_CLASSES, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, derm7pt_to_ham
 from training.data import aligned, load_features, source_table
 
 app = typer.Typer(add_completion=False)

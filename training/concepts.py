@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from agent.labels import SEVEN_POINT
 from agent.config import AgentConfig
+from models.vocabulary import SEVEN_POINT
 from training.cli import module_main
 from training.config import TrainConfig
 

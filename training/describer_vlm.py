@@ -5,7 +5,7 @@ TRL's ``SFTTrainer`` (the model is the LLM itself, with the projector as a submo
 pre-hook that splices the projected features in; see :mod:`models.feature_vlm`). Data: Derm7pt train +
 extra (and HAM10000 train questions in stage 1), from :mod:`training.describer_data`. Evaluation
 generates a description for every Derm7pt ``val`` case, reads the seven criteria back with
-:func:`evals.morphology.parse_findings` and scores them like the concept heads.
+:func:`models.vocabulary.parse_findings` and scores them like the concept heads.
 
     dermgraph train describer --config configs/train/describer.yaml
     python -m training.describer_vlm --config configs/train/describer.yaml eval_only=models/artifacts/feature_vlm_describer
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from agent.labels import SEVEN_POINT
+from models.vocabulary import SEVEN_POINT
 from training.cli import module_main
 from training.config import Strict, TrainConfig, resolve_device
 
@@ -283,7 +283,7 @@ def _val_cases(cfg: Config):
 def criteria_from_text(texts: list[str]) -> tuple[dict[str, list[str]], float]:
     """Per-criterion predictions read from generated text; a criterion the text does not mention counts
     as 'absent' (descriptions usually omit what is not there). Also the fraction that was mentioned."""
-    from evals.morphology import parse_findings
+    from models.vocabulary import parse_findings
 
     parsed = [parse_findings(t) for t in texts]
     pred = {c: [p.get(c, "absent") for p in parsed] for c in SEVEN_POINT}

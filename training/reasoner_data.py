@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from pydantic import Field
 
-from agent.labels import HAM_CLASSES, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, derm7pt_to_ham
 from training.config import Strict
 
 TRAIN_SOURCES = ("derm7pt:train", "derm7pt:extra")
@@ -320,7 +320,7 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     """A one-line rationale for ``label`` citing real [E#] tags: supporting findings (the KB's expected
     7-point values the describer observed) with the KB passage, classifier agreement or disagreement,
     and similar cases with that label. Always cites at least one tag."""
-    from agent.labels import SEVEN_POINT_PHRASES
+    from models.vocabulary import SEVEN_POINT_PHRASES
     from agent.prompts import evidence_tags
 
     name = names[label]

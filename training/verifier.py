@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.config import AgentConfig
-from agent.labels import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
 from training.cli import module_main
 from training.config import TrainConfig
 

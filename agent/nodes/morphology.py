@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, Finding, MorphologyResult
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING, parse_findings
 
 
 def seven_point_score(findings: list[Finding]) -> int:
@@ -86,8 +86,6 @@ def describe_concepts(state: CaseState, rt) -> NodeOutput:
 
 
 def describe_vlm(state: CaseState, rt) -> NodeOutput:
-    from evals.morphology import parse_findings
-
     cfg = rt.config.morphology
     prompt = cfg.vlm_prompt
     if state.question:

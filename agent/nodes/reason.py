@@ -15,10 +15,10 @@ from pydantic import BaseModel, Field
 
 from agent.consistency import morphology_agreement
 from agent.fusion import fuse, softmax_scores
-from agent.labels import HAM_CLASSES, HAM_NAMES
 from agent.nodes.base import NodeOutput
 from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
 from agent.state import CaseState, DifferentialItem, ReasonerResult
+from models.vocabulary import HAM_CLASSES, HAM_NAMES
 
 _TAG = re.compile(r"\[(E\d+)\]")
 

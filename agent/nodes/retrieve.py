@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.labels import HAM_CLASSES
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, Evidence, RetrievalResult
+from models.vocabulary import HAM_CLASSES
 
 CASE_SOURCES = {"dermoscopy": ("ham10000", "derm7pt", "isic2018"), "clinical": ("dermnet",)}
 """Case-index sources searched for each modality: a clinical photo's neighbours among dermoscopy images are not evidence."""

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import MODALITIES
 from evals.classification import fmt, headline_names, score
 from evals.protocols.base import ProtocolContext, ProtocolResult
+from models.vocabulary import MODALITIES
 
 
 def modality_of(record: dict[str, Any]) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 Predictions come from the structured findings of the concept heads, or, when the describer is a VLM
 (``morphology.kind: vlm``) or a record has no structured findings, are parsed from the free-text
-description with :func:`evals.morphology.parse_findings`. A criterion the text does not mention is
+description with :func:`models.vocabulary.parse_findings`. A criterion the text does not mention is
 read as ``absent`` (option ``unmentioned``: 'absent' or 'skip'). Per-criterion accuracy and macro-F1
 are :func:`training.concepts.criteria_metrics` (the same numbers as the concept heads' model card);
 the means get bootstrap CIs. A full agent record of the case is used when cached (e.g. imported from
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT
 from evals.protocols.base import ProtocolContext, ProtocolResult
+from models.vocabulary import SEVEN_POINT, parse_findings
 
 
 def morphology_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -32,8 +32,6 @@ def predicted_criteria(morph: dict[str, Any], free_text: bool = False) -> tuple[
     """Criterion → value, and where it came from ('structured' or 'text')."""
     if morph["findings"] and not free_text:
         return {f["criterion"]: f["value"] for f in morph["findings"]}, "structured"
-    from evals.morphology import parse_findings
-
     return parse_findings(morph["description"]), "text"
 
 

@@ -13,7 +13,7 @@ Options (``options:`` in the benchmark YAML, or ``--opt``):
   features and probabilities of each image); ``options`` are constructor arguments (``device``,
   ``base_url``, ...).
 - ``candidates``: label → name shown in the prompt, or a list of labels. Default: the benchmark's
-  labels with their readable names (``agent.labels.HAM_NAMES`` for HAM10000 codes).
+  labels with their readable names (``models.vocabulary.HAM_NAMES`` for HAM10000 codes).
 - ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.zeroshot.MMSKIN_PROMPT``).
 - ``max_new_tokens`` (32), ``batch_size`` (8 images per ``generate`` call).
 - ``n_bootstrap`` (1000 resamples for the 95% CIs; 0 = none), ``seed`` (0, the bootstrap's).
@@ -56,7 +56,7 @@ class Options(BaseModel):
 
 def default_candidates(labels: list[str]) -> dict[str, str]:
     """label → readable name: HAM10000 codes get ``HAM_NAMES``; other labels are shown as written."""
-    from agent.labels import HAM_NAMES
+    from models.vocabulary import HAM_NAMES
 
     return {label: HAM_NAMES.get(label, label.replace("_", " ")) for label in labels}
 

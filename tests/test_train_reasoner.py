@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from agent.prompts import parse_answer, write_answer
 from training.rewards import (
     calibration_reward,
     completion_text,
@@ -17,7 +18,6 @@ from training.rewards import (
     format_reward,
     is_format_valid,
     make_consistency_reward,
-    parse_answer,
 )
 
 CANDS = ["melanoma", "melanocytic nevus", "basal cell carcinoma"]
@@ -40,6 +40,7 @@ def kw(n: int, **over):
 
 def test_parse_answer_and_completion_forms():
     assert parse_answer(GOOD) == ("melanoma", "A blue-whitish veil [E1] and similar melanoma cases [E3] fit.")
+    assert parse_answer(write_answer(*parse_answer(GOOD))) == parse_answer(GOOD)
     assert parse_answer("melanoma, because [E1]") == (None, None)
     assert completion_text([{"role": "assistant", "content": GOOD}]) == GOOD
     assert correctness_reward([None], [[{"role": "assistant", "content": GOOD}]], **kw(1)) == [1.0]

@@ -372,7 +372,7 @@ def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str,
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
     from agent.nodes.reason import candidates_for, classifier_display
-    from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
+    from agent.prompts import conversation, evidence_tags, render_user, write_answer
 
     state = render_state(row, stats, rt)
     if state.modality.label != "dermoscopy":
@@ -382,7 +382,7 @@ def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str,
     prompt = conversation(render_user(state, cands, names, clf_display, None))
     rng = random.Random(_hash(seed, row.id))
     rationale = target_rationale(state, rt, row.label, names, clf_display, rng)
-    target = f"{DIAGNOSIS_PREFIX}{names[row.label]}{RATIONALE_FIELD} {rationale}"
+    target = write_answer(names[row.label], rationale)
     observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
     expected = {names[c]: dict(e.expected_7pt) for c in cands if (e := rt.knowledge.entry_for_label(c)) is not None}
     tags = evidence_tags(state.retrieval.evidence)

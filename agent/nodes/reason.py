@@ -9,19 +9,14 @@ when the LLM output is unusable the node falls back to the fusion of the other e
 
 from __future__ import annotations
 
-import re
-
 from pydantic import BaseModel, Field
 
 from agent.consistency import morphology_agreement
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
-from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
+from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, TAG, conversation, evidence_tags, render_user, usable_rationale
 from agent.state import CaseState, DifferentialItem, ReasonerResult
 from models.vocabulary import HAM_CLASSES, HAM_NAMES
-
-_TAG = re.compile(r"\[(E\d+)\]")
-
 
 class LLMAnswer(BaseModel):
     """JSON answer requested from backends that cannot score continuations."""
@@ -67,15 +62,6 @@ def expected_agreements(state: CaseState, rt, candidates: list[str]) -> dict[str
     return out
 
 
-def _usable(text: str) -> bool:
-    t = text.strip()
-    if len(t) < 20 or sum(ch.isalpha() for ch in t) < 15:
-        return False
-    # Untuned small models echo the prompt template instead of answering.
-    echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
-    return not any(e in t for e in echoes)
-
-
 def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str, float]:
     conv = conversation(render_user(state, cands, names, clf_display, feedback, shuffle_seed=seed))
     scores = rt.llm.score_continuations(conv, DIAGNOSIS_PREFIX, [names[c] for c in cands])
@@ -111,14 +97,14 @@ def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) ->
         temperature = 0.0 if attempt == 0 else 0.7
         text = rt.llm.chat([conv], max_new_tokens=cfg.rationale_tokens, temperature=temperature, seed=rt.config.seed + attempt,
                            assistant_prefix=prefix, stop=["\n"])[0]
-        if _usable(text):
+        if usable_rationale(text):
             return text.strip(), attempt + 1
     return None, cfg.retries + 1
 
 
 def _cite(text: str, tags: dict[str, str]) -> tuple[str, list[str]]:
-    cited = [tags[t] for t in _TAG.findall(text) if t in tags]
-    return _TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
+    cited = [tags[t] for t in TAG.findall(text) if t in tags]
+    return TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
 
 
 def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
@@ -171,7 +157,7 @@ def reason(state: CaseState, rt) -> NodeOutput:
 
     rationale, cited = "", []
     if source == "llm":
-        if llm_text and _usable(llm_text):
+        if llm_text and usable_rationale(llm_text):
             rationale = llm_text
         else:
             text, attempts = _rationale(rt, state, cands, names, clf_display, feedback, names[top], cfg)

@@ -58,54 +58,73 @@ class Agent:
         from agent.runtime import Runtime
 
         self.runtime = Runtime(self.config, backends)
-        self._graph = None
+        self._graphs: dict[tuple[str | None, str | None], Any] = {}
         self._versions: dict[str, Any] | None = None
 
     @property
     def graph(self):
-        if self._graph is None:
+        """The whole compiled graph."""
+        return self.graph_part()
+
+    def graph_part(self, start_at: str | None = None, stop_after: str | None = None):
+        """The compiled graph from node ``start_at`` to node ``stop_after`` (see ``agent.graph.build_graph``)."""
+        key = (start_at, stop_after)
+        if key not in self._graphs:
             from agent.graph import build_graph
 
-            self._graph = build_graph(self.runtime)
-        return self._graph
+            self._graphs[key] = build_graph(self.runtime, start_at=start_at, stop_after=stop_after)
+        return self._graphs[key]
 
-    def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
-        from agent.imageio import load_image, thumbnail_data_uri
+    @staticmethod
+    def prepare(img, question: str | None = None, metadata: dict | PatientMetadata | None = None, *, exclude_cases=()) -> CaseState:
+        """The input state of a case: the image read and validated (``ImageInputError`` if it cannot be),
+        the question, the patient metadata; ``exclude_cases``: case-index ids retrieval must never return
+        (leave-one-out evaluation)."""
+        from agent.imageio import load_image
 
         loaded = load_image(img)
         meta = metadata if isinstance(metadata, PatientMetadata) or metadata is None else PatientMetadata.model_validate(metadata)
-        state = CaseState(
+        return CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,
             image_size=tuple(loaded.image.size),
             input_warnings=list(loaded.warnings),
             question=question,
             metadata=meta,
+            exclude_cases=sorted(exclude_cases),
         )
-        return state, thumbnail_data_uri(loaded.image)
 
-    def _finish(self, final: CaseState, thumb: str) -> Diagnosis:
+    def run(self, case, question: str | None = None, metadata: dict | PatientMetadata | None = None, *,
+            start_at: str | None = None, until: str | None = None) -> CaseState:
+        """Run the graph on ``case`` (an image, or a :class:`CaseState` from :meth:`prepare` or built
+        from cached outputs) from node ``start_at`` up to and including node ``until``; returns the state.
+
+        >>> state = agent.run("lesion.jpg", until="morphology")    # encode, modality, morphology only
+        """
+        state = case if isinstance(case, CaseState) else self.prepare(case, question, metadata)
+        final = self.graph_part(start_at, until).invoke(state)
+        return CaseState.model_validate(final) if isinstance(final, dict) else final
+
+    def _finish(self, final: CaseState) -> Diagnosis:
+        from agent.imageio import thumbnail_data_uri
+
         if self._versions is None:
             self._versions = versions(self.config)
-        return Diagnosis.from_state(final, self._versions, thumbnail=thumb)
+        return Diagnosis.from_state(final, self._versions, thumbnail=thumbnail_data_uri(final.image))
 
     def diagnose(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Diagnosis:
         """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input."""
-        state, thumb = self._initial_state(img, question, metadata)
-        final = self.graph.invoke(state)
-        return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+        return self._finish(self.run(img, question, metadata))
 
     def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""
-        state, thumb = self._initial_state(img, question, metadata)
-        current = state.model_dump()
-        current["image"] = state.image
-        for update in self.graph.stream(state, stream_mode="updates"):
-            for node, delta in update.items():
-                delta = delta or {}
-                for key, value in delta.items():
-                    current[key] = current.get(key, []) + value if key == "trace" else value
-                entries = delta.get("trace") or [None]
+        final = None
+        for mode, chunk in self.graph.stream(self.prepare(img, question, metadata), stream_mode=["updates", "values"]):
+            if mode == "values":
+                final = chunk
+                continue
+            for node, delta in chunk.items():
+                entries = (delta or {}).get("trace") or [None]
                 yield StepEvent(node=node, entry=entries[-1])
-        final = CaseState.model_validate(current)
-        yield StepEvent(node="__end__", entry=None, diagnosis=self._finish(final, thumb))
+        state = CaseState.model_validate(final) if isinstance(final, dict) else final
+        yield StepEvent(node="__end__", entry=None, diagnosis=self._finish(state))

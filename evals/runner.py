@@ -22,8 +22,8 @@ MODALITY = "modality"
 DESCRIBE = "describe"
 """Kind of a record with the encoder, modality and morphology nodes run."""
 
-PARTIAL_NODES = {MODALITY: ("encode", "modality"), DESCRIBE: ("encode", "modality", "morphology")}
-PARTIAL_SECTIONS = {MODALITY: ("device", "seed", "encoder", "modality"), DESCRIBE: ("device", "seed", "encoder", "modality", "morphology")}
+UNTIL = {MODALITY: "modality", DESCRIBE: "morphology"}
+"""The last node a partial record runs (``Agent.run(..., until=...)``)."""
 
 
 class MissingPredictions(RuntimeError):
@@ -33,10 +33,12 @@ class MissingPredictions(RuntimeError):
 def fingerprint_for(config, kind: str) -> str:
     """The configuration fingerprint a record of ``kind`` depends on: the whole config for the full
     agent, only the sections its nodes read for partial runs (so changing the LLM keeps them valid)."""
+    from agent.graph import config_sections
+
     if kind == AGENT:
         return config.fingerprint()
     data = config.model_dump(mode="json")
-    part = {s: data[s] for s in PARTIAL_SECTIONS[kind]}
+    part = {s: data[s] for s in config_sections(stop_after=UNTIL[kind])}
     return kind + ":" + hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -66,26 +68,19 @@ def predict(agent, case: EvalCase, kind: str) -> dict[str, Any]:
             d = agent.diagnose(case.image, question=case.question, metadata=case.metadata or None)
             record.update(status="ok", diagnosis=json.loads(d.model_dump_json()))
         else:
-            record.update(status="ok", **_run_nodes(agent, case, PARTIAL_NODES[kind]))
+            record.update(status="ok", **_partial(agent, case, UNTIL[kind]))
     except Exception as exc:  # one bad case must not stop the run; its record says what failed
         record.update(_error_record(exc))
     return record
 
 
-def _run_nodes(agent, case: EvalCase, nodes: Sequence[str]) -> dict[str, Any]:
-    """Run the graph's first ``nodes`` in order on the agent's runtime (same code as the graph)."""
-    from agent.graph import NODES
-    from agent.nodes.base import traced
+def _partial(agent, case: EvalCase, until: str) -> dict[str, Any]:
+    """The graph run up to node ``until``: the image hash, each node's output field and the trace."""
+    from agent.graph import nodes_between
 
-    state, _ = agent._initial_state(case.image, case.question, case.metadata or None)
+    state = agent.run(case.image, case.question, case.metadata or None, until=until)
     out: dict[str, Any] = {"image_sha256": state.image_sha256}
-    for name in nodes:
-        update = traced(name, NODES[name], agent.runtime)(state)
-        trace = update.pop("trace")
-        state = state.model_copy(update={**update, "trace": state.trace + trace})
-        if name == "modality" and state.modality.rejected:
-            break  # the graph stops describing rejected images too
-    for name in nodes[1:]:
+    for name in nodes_between(stop_after=until)[1:]:
         value = getattr(state, name, None)
         out[name] = value.model_dump(mode="json") if value is not None else None
     out["trace"] = [t.model_dump(mode="json") for t in state.trace]

@@ -94,9 +94,9 @@ class FakeCases:
     def __init__(self, hits: list[tuple[str, str, float]] | None = None):
         self.hits = hits or [("ham10000:a", "mel", 0.9), ("ham10000:b", "mel", 0.85), ("ham10000:c", "nv", 0.8), ("dermnet:d", "Acne vulgaris", 0.7)]
 
-    def search(self, features, k=8, sources=None):
+    def search(self, features, k=8, *, exclude_ids=None, sources=None):
         out = [FakeHit(i, s, {"id": i, "label": lab, "caption": f"case {i}", "source": i.split(":")[0]}) for i, lab, s in self.hits]
-        out = [h for h in out if sources is None or h.record["source"] in sources][:k]
+        out = [h for h in out if (sources is None or h.record["source"] in sources) and h.id not in set(exclude_ids or ())][:k]
         return [out for _ in range(len(features))]
 
 

@@ -113,6 +113,9 @@ def test_stream_yields_each_step_then_the_diagnosis():
     events = list(Agent(backends=backends()).stream(img()))
     assert [e.node for e in events[:-1]] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
     assert events[-1].diagnosis is not None and len(events[-1].diagnosis.trace) == 6
+    assert [e.entry.node for e in events[:-1]] == [t.node for t in events[-1].diagnosis.trace]
+    d = Agent(backends=backends()).diagnose(img())
+    assert events[-1].diagnosis.differential == d.differential and events[-1].diagnosis.rationale == d.rationale
 
 
 def test_metadata_is_validated():
@@ -137,3 +140,29 @@ def test_clinical_needs_every_expert_to_agree():
     assert any("disagree" in r for r in d.reasons)
     ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=ScoringLLM(prefer={"Acne vulgaris": -1.0}), cases=cases))
     assert ok.diagnose(img()).verdict == "accept"
+
+
+def test_partial_runs_stop_where_asked_and_keep_the_routing():
+    b = backends()
+    agent = Agent(backends=b)
+    state = agent.run(img(), until="morphology")
+    assert [t.node for t in state.trace] == ["encode", "modality", "morphology"]
+    assert state.morphology is not None and state.retrieval is None and b["llm"].scored == 0
+    full = agent.diagnose(img())
+    assert state.morphology.findings == full.findings and state.modality == full.modality
+    # A rejected image ends the run at the modality node, as the whole graph skips the describer.
+    rejected = Agent(backends=backends(modality_heads=modality_heads("not_skin"))).run(img(), until="morphology")
+    assert [t.node for t in rejected.trace] == ["encode", "modality"] and rejected.verification is None
+    with pytest.raises(ValueError, match="unknown node 'retrieval'; valid: encode, modality"):
+        agent.run(img(), until="retrieval")
+
+
+def test_a_run_can_start_from_given_encoder_outputs_and_leave_cases_out():
+    agent = Agent(backends=backends())
+    encoded = agent.run(img(), until="encode")
+    state = encoded.model_copy(update={"exclude_cases": ["ham10000:a"]})
+    after = agent.run(state, start_at="modality", until="retrieve")
+    assert [t.node for t in after.trace] == ["encode", "modality", "morphology", "retrieve"]
+    ids = [e.id for e in after.retrieval.evidence if e.kind == "case"]
+    assert ids and "case:ham10000:a" not in ids
+    assert "case:ham10000:a" in [e.id for e in agent.run(img(), until="retrieve").retrieval.evidence]

@@ -208,19 +208,19 @@ def test_adapter_merges_into_the_transformers_backend(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    from training.reasoner_data import make_runtime
+def agent():
+    from training.reasoner_data import make_agent
 
-    return make_runtime()
+    return make_agent()
 
 
 @pytest.fixture(scope="module")
-def built(tiny_features, runtime):
+def built(tiny_features, agent):
     from training.reasoner_data import ReasonerDataConfig, build_training_cases
 
     cfg = ReasonerDataConfig(ham_classes=["akiec", "df"], ham_per_class=2)
-    a = build_training_cases(cfg, tiny_features, seed=3, rt=runtime)
-    b = build_training_cases(cfg, tiny_features, seed=3, rt=runtime)
+    a = build_training_cases(cfg, tiny_features, seed=3, agent=agent)
+    b = build_training_cases(cfg, tiny_features, seed=3, agent=agent)
     return a, b
 
 
@@ -243,7 +243,7 @@ def test_cases_are_deterministic_and_keep_report_sets_out(built, tiny_features):
 @pytest.mark.weights
 @pytest.mark.data
 @pytest.mark.slow
-def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
+def test_no_case_retrieves_its_own_image(built, agent, tiny_features):
     from agent.nodes.retrieve import CASE_SOURCES
     from training.reasoner_data import derm7pt_rows
 
@@ -253,7 +253,7 @@ def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
         assert any(e.startswith("case:") for e in r["evidence_ids"])
     # Without the exclusion the query's own image is its nearest case: the leak is real.
     row = derm7pt_rows(["train"], tiny_features)[0]
-    hits = runtime.cases.retriever.search(row.features[None], k=3, sources=CASE_SOURCES["dermoscopy"])[0]
+    hits = agent.runtime.cases.search(row.features[None], k=3, sources=CASE_SOURCES["dermoscopy"])[0]
     assert hits[0].id == row.id
     # HAM10000 cases exclude every image of their lesion (near-duplicates).
     from training.data import source_table
@@ -270,10 +270,10 @@ def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
 @pytest.mark.weights
 @pytest.mark.data
 @pytest.mark.slow
-def test_prompt_is_exactly_the_agents(built, runtime, tiny_features):
-    """The agent's reason() node, on the same state, sends the LLM exactly the training prompt; the target
+def test_prompt_is_exactly_the_agents(built, agent, tiny_features):
+    """The agent's reason node, on the same state, sends the LLM exactly the training prompt; the target
     names the truth and cites tags shown in the prompt."""
-    from agent.nodes.reason import reason
+    from agent.agent import Agent
     from training.reasoner_data import derm7pt_rows, render_state
     from training.rewards import is_format_valid
 
@@ -295,13 +295,9 @@ def test_prompt_is_exactly_the_agents(built, runtime, tiny_features):
     rec = records[row.id]
     from training.reasoner_data import _stats
 
-    state = render_state(row, _stats([row], tiny_features)[row.id], runtime)
+    state = render_state(row, _stats([row], tiny_features)[row.id], agent)
     recorder = Recorder()
-    runtime.__dict__["llm"] = recorder
-    try:
-        reason(state, runtime)
-    finally:
-        runtime.__dict__.pop("llm")
+    Agent(agent.config, backends={"llm": recorder}).run(state, start_at="reason", until="reason")
     assert recorder.convs[0] == rec["prompt"]
     target = rec["completion"][0]["content"]
     assert target.startswith(f"Diagnosis: {rec['label_name']}\nRationale: ")

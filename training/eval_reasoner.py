@@ -61,7 +61,7 @@ def adapter_key(adapter: str | None) -> str:
 
 def eval_cases(cfg: Config) -> list[dict[str, Any]]:
     """The held-out records (rendered like the training data), subset as configured."""
-    from training.reasoner_data import derm7pt_rows, isic_rows, make_runtime, render_cases, stratified_subset
+    from training.reasoner_data import derm7pt_rows, isic_rows, make_agent, render_cases, stratified_subset
 
     rows = []
     if "isic2018_val" in cfg.sets:
@@ -69,7 +69,7 @@ def eval_cases(cfg: Config) -> list[dict[str, Any]]:
     if "derm7pt:val" in cfg.sets:
         rows += derm7pt_rows(["val"], cfg.feature_dir)
     rows = stratified_subset(rows, cfg.limit, cfg.seed, key=lambda r: (r.source, r.label))
-    records, _ = render_cases(rows, make_runtime(cfg.agent_config), cfg.feature_dir, cfg.seed)
+    records, _ = render_cases(rows, make_agent(cfg.agent_config), cfg.feature_dir, cfg.seed)
     return records
 
 

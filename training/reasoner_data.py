@@ -17,10 +17,10 @@ Training cases (``TRAIN_SOURCES``):
 Report sets, never used for training: ``isic2018_val`` (all of it) and Derm7pt ``val``
 (:func:`report_rows`); :func:`check_no_report_leak` enforces it.
 
-Each case goes through the agent's own nodes (modality, morphology, retrieval) with a real
-:class:`agent.runtime.Runtime`; the encoding comes from the cached classifier probabilities and
+Each case goes through the agent's own graph (modality, morphology, retrieval: ``Agent.run(state,
+start_at="modality", until="retrieve")``); the state starts from the cached classifier probabilities and
 features instead of running the network. The query's own image (and, for HAM10000, its lesion) is
-excluded from its retrieved cases. The prompt is ``agent.prompts.conversation(render_user(...))``
+excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt is ``agent.prompts.conversation(render_user(...))``
 with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
 ``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
 
@@ -235,34 +235,11 @@ def perturb_probs(probs: np.ndarray, label: str, profile: dict[str, Any], temper
 # --------------------------------------------------------------------------- rendering through the agent's nodes
 
 
-class _LeaveOut:
-    """The runtime's case retriever with the current query's own image(s) excluded from every search."""
+def make_agent(agent_config: Path | None = None):
+    """The agent (real heads, KB, case index, fusion) whose first nodes render the cases."""
+    from agent.agent import Agent
 
-    def __init__(self, retriever: Any):
-        self.retriever = retriever
-        self.exclude: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.retriever, name)
-
-    def search(self, features, k: int = 8, *, exclude_ids=None, sources=None):
-        return self.retriever.search(features, k, exclude_ids=set(exclude_ids or ()) | self.exclude, sources=sources)
-
-
-def make_runtime(agent_config: Path | None = None):
-    """A real agent Runtime (heads, KB, case index, fusion) whose case search supports per-query exclusion."""
-    from agent.config import load_config
-    from agent.runtime import Runtime
-
-    return leave_out_runtime(Runtime(load_config(agent_config)))
-
-
-def leave_out_runtime(rt):
-    """``rt`` with its case retriever wrapped so that each query's ``exclude`` ids are never retrieved."""
-    if not isinstance(rt.cases, _LeaveOut):
-        # Runtime.cases is a cached_property: replacing the cached value is its documented override.
-        rt.__dict__["cases"] = _LeaveOut(rt.cases)
-    return rt
+    return Agent(agent_config)
 
 
 def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
@@ -289,24 +266,20 @@ def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def render_state(row: CaseRow, stats: np.ndarray, rt):
-    """The agent's state after encode → modality → morphology → retrieval, from cached outputs."""
-    from agent.nodes.modality import classify_modality
-    from agent.nodes.morphology import describe
-    from agent.nodes.retrieve import retrieve
+def render_state(row: CaseRow, stats: np.ndarray, agent):
+    """The agent's state after modality → morphology → retrieval, run by the agent's graph from the cached
+    encoder outputs, with the row's own image(s) left out of its retrieved cases."""
     from agent.state import CaseState, ImageEncoding, PatientMetadata
 
     enc = ImageEncoding(
-        model_id=getattr(rt.config.encoder.classifier, "model", "sklesion-xception"),
+        model_id=getattr(agent.config.encoder.classifier, "model", "sklesion-xception"),
         classifier_probs={c: float(p) for c, p in zip(HAM_CLASSES, row.probs)},
         features=np.asarray(row.features, np.float32),
         stats=stats,
     )
-    state = CaseState(metadata=PatientMetadata.model_validate(row.metadata) if row.metadata else None, encoding=enc)
-    leave_out_runtime(rt).cases.exclude = set(row.exclude)
-    for node in (classify_modality, describe, retrieve):
-        state = state.model_copy(update=node(state, rt).update)
-    return state
+    metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
+    state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))
+    return agent.run(state, start_at="modality", until="retrieve")
 
 
 _OPENERS = ["{finding}", "The findings fit {name}: {finding}", "{Finding} point to {name}", "Dermoscopy shows {finding}, typical of {name}"]
@@ -368,13 +341,13 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     return text + "."
 
 
-def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str, Any] | None:
+def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[str, Any] | None:
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
     from agent.nodes.reason import candidates_for, classifier_display
     from agent.prompts import conversation, evidence_tags, render_user, write_answer
 
-    state = render_state(row, stats, rt)
+    state, rt = render_state(row, stats, agent), agent.runtime
     if state.modality.label != "dermoscopy":
         return None
     cands, names = candidates_for(state, rt.config.reasoner.max_candidates)
@@ -407,12 +380,12 @@ def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str,
     }
 
 
-def render_cases(rows: list[CaseRow], rt, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
-    """Render rows (in order); returns the records and the ids skipped as not dermoscopy."""
+def render_cases(rows: list[CaseRow], agent, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render rows (in order) through ``agent``; returns the records and the ids skipped as not dermoscopy."""
     stats = _stats(rows, feature_dir)
     out, skipped = [], []
     for r in rows:
-        rec = render_case(r, stats[r.id], rt, seed)
+        rec = render_case(r, stats[r.id], agent, seed)
         if rec is None:
             skipped.append(r.id)
         else:
@@ -447,7 +420,7 @@ def stratified_subset(items: list, n: int | None, seed: int, power: float = 1.0,
     return [x for x in ordered if id(x) in keep]
 
 
-def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int = 0, rt=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int = 0, agent=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training records (deterministic given ``seed``) and a summary of how they were built."""
     if "val" in cfg.derm7pt_splits:
         raise ValueError("Derm7pt 'val' is a report set: it cannot be used for reasoner training")
@@ -467,8 +440,7 @@ def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int =
         info.update(ham10000=len(ham), error_profile=profile, temperature=temperature)
     check_no_report_leak(rows)
     rows = stratified_subset(rows, cfg.max_cases, seed, cfg.class_power)
-    rt = rt or make_runtime(cfg.agent_config)
-    records, skipped = render_cases(rows, rt, feature_dir, seed)
+    records, skipped = render_cases(rows, agent or make_agent(cfg.agent_config), feature_dir, seed)
     info.update(cases=len(records), skipped_not_dermoscopy=len(skipped), labels=dict(sorted(Counter(r["label"] for r in records).items())))
     return records, info
 

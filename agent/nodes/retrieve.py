@@ -40,7 +40,7 @@ def retrieve(state: CaseState, rt) -> NodeOutput:
     if cfg.k_cases and modality in ("clinical", "dermoscopy") and state.encoding is not None:
         from retrieval.cases import knn_label_distribution
 
-        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, sources=CASE_SOURCES[modality])[0]
+        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases, sources=CASE_SOURCES[modality])[0]
         for h in same:
             evidence.append(
                 Evidence(

@@ -362,6 +362,15 @@ def resolve(ref: str, *, cache_dir: Path | None = None, progress: bool = True) -
     return _with_file(path, spec)
 
 
+def resolve_artifact(ref: str) -> Path:
+    """A local path as it is, else a registry id or source URI resolved by :func:`resolve` (downloaded and
+    cached on first use): how the agent and the trainers turn a configured artifact into a file."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    return resolve(ref)
+
+
 def pull(id: str, *, cache_dir: Path | None = None) -> Path:
     """Fetch (if needed) and return the weights for ``id``, showing progress."""
     return resolve(id, cache_dir=cache_dir, progress=True)

@@ -166,3 +166,8 @@ def test_a_run_can_start_from_given_encoder_outputs_and_leave_cases_out():
     ids = [e.id for e in after.retrieval.evidence if e.kind == "case"]
     assert ids and "case:ham10000:a" not in ids
     assert "case:ham10000:a" in [e.id for e in agent.run(img(), until="retrieve").retrieval.evidence]
+
+
+def test_unknown_backend_roles_are_rejected_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown backend role\(s\) 'lmm'; valid: classifier, .*llm"):
+        Agent(backends={**backends(), "lmm": ScoringLLM()})

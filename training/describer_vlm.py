@@ -311,7 +311,7 @@ def evaluate_describer(vlm: Any, cfg: Config, predictions: Path | None = None) -
 
 def concept_head_eval(cfg: Config) -> dict[str, Any]:
     """The shipped concept heads on the same val cases (argmax per criterion)."""
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.heads import HeadSet
     from training.concepts import criteria_metrics
 

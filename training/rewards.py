@@ -127,7 +127,7 @@ def rule_consistency(observed: Mapping[str, Mapping[str, float]], expected: Mapp
 def verifier_scorer(ref: str) -> ConsistencyScorer:
     """The trained consistency verifier (``models.verifier.ConsistencyModel``, registry id or path) as a
     scorer: its calibrated P(consistent | findings, stated diagnosis) replaces the rule score."""
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.verifier import ConsistencyModel
     from models.vocabulary import HAM_NAMES
 

@@ -442,7 +442,7 @@ def _report_main(argv: list[str]) -> None:
     """``python -m training.verifier --report FILE... --model PATH|ID [--set-name NAME] [--threshold T]``."""
     import argparse
 
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.verifier import ConsistencyModel
 
     p = argparse.ArgumentParser(prog="python -m training.verifier --report")

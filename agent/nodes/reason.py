@@ -15,6 +15,7 @@ from agent.consistency import morphology_agreement
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
 from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, TAG, conversation, evidence_tags, render_user, usable_rationale
+from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
 from models.vocabulary import HAM_CLASSES, HAM_NAMES
 
@@ -117,7 +118,7 @@ def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
     return [ev.id for ev in sorted(evs, key=lambda e: -e.score)[:k]]
 
 
-def reason(state: CaseState, rt) -> NodeOutput:
+def reason(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.reasoner
     round_ = state.round + 1
     feedback = state.verification.feedback if state.verification and state.verification.decision == "revise" else None

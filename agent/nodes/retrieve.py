@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, Evidence, RetrievalResult
 from models.vocabulary import HAM_CLASSES
 
@@ -19,7 +20,7 @@ def _query_text(state: CaseState) -> str:
     return " ".join(parts)
 
 
-def retrieve(state: CaseState, rt) -> NodeOutput:
+def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.retrieval
     modality = state.modality.label
     query = _query_text(state)

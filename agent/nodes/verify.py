@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent.consistency import contradictions, morphology_agreement, self_consistency
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, Verdict
 
 REFER = "refer to a dermatologist"
@@ -13,7 +14,7 @@ def _abstain(reasons: list[str], confidence: float = 0.0, consistency: float = 0
     return Verdict(decision="abstain", confidence=confidence, self_consistency=consistency, morphology_agreement=agreement, consistency_score=score, reasons=reasons + [REFER])
 
 
-def trained_consistency(state: CaseState, rt) -> tuple[float | None, float | None, str | None]:
+def trained_consistency(state: CaseState, rt: Backends) -> tuple[float | None, float | None, str | None]:
     """(P(consistent), threshold, model id) from the trained verifier, or Nones when it is not configured
     or cannot score this case (no findings, or a diagnosis it has no expected findings for)."""
     cfg = rt.config.verifier
@@ -30,7 +31,7 @@ def trained_consistency(state: CaseState, rt) -> tuple[float | None, float | Non
     return score, threshold, model.model_id
 
 
-def verify(state: CaseState, rt) -> NodeOutput:
+def verify(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.verifier
     mod = state.modality
     if mod is None or mod.rejected:

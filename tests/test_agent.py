@@ -8,7 +8,7 @@ from PIL import Image
 
 from agent import Agent
 from agent.diagnosis import Diagnosis
-from tests.doubles import NoScoreLLM, ScoringLLM, backends, modality_heads
+from agent.testing import TestLLM, backends, modality_heads
 
 
 def img(colour=(150, 90, 70)):
@@ -69,7 +69,7 @@ def test_clinical_uses_clinical_neighbours_only():
 
 def test_contradicting_findings_trigger_revision_then_bounded_rounds():
     # Findings say nevus (typical network, no veil) but classifier and LLM say melanoma.
-    from tests.doubles import concept_heads
+    from agent.testing import concept_heads
 
     b = backends(concept_heads=concept_heads({"pigment_network": "typical"}))
     agent = Agent(backends=b, overrides=["verifier.max_rounds=2"])
@@ -85,7 +85,7 @@ def test_contradicting_findings_trigger_revision_then_bounded_rounds():
 
 
 def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
-    llm = NoScoreLLM(replies=["Candidates: melanoma; nevus", "{{{", "Image modality: dermoscopy"])
+    llm = TestLLM(["Candidates: melanoma; nevus", "{{{", "Image modality: dermoscopy"], scores=None)
     d = Agent(backends=backends(llm=llm)).diagnose(img())
     assert d.reasoner_source == "fallback"
     reason_trace = [t for t in d.trace if t.node == "reason"][0]
@@ -95,14 +95,14 @@ def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
 
 def test_json_path_for_chat_only_backends():
     reply = '{"diagnosis": "melanocytic nevus", "differential": {"melanocytic nevus": 0.7, "melanoma": 0.3}, "rationale": "Regular structures [E2] favour a nevus over melanoma."}'
-    d = Agent(backends=backends(llm=NoScoreLLM(replies=[reply]))).diagnose(img())
+    d = Agent(backends=backends(llm=TestLLM([reply], scores=None))).diagnose(img())
     assert d.reasoner_source == "llm"
     reason_out = [t for t in d.trace if t.node == "reason"][0].outputs["reasoning"]
     assert reason_out["llm_probs"]["nv"] == pytest.approx(0.7)
 
 
 def test_echoing_rationale_is_retried_then_replaced():
-    llm = ScoringLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
+    llm = TestLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
     d = Agent(backends=backends(llm=llm)).diagnose(img())
     assert len(llm.chats) == 3  # 1 + retries(2)
     assert d.rationale.startswith("Evidence fusion ranks")
@@ -124,21 +124,21 @@ def test_metadata_is_validated():
 
 
 def test_self_consistency_uses_k_samples():
-    llm = ScoringLLM()
+    llm = TestLLM()
     Agent(backends=backends(llm=llm), overrides=["reasoner.num_samples=4"]).diagnose(img())
     assert llm.scored == 4
 
 
 def test_clinical_needs_every_expert_to_agree():
     # The LLM prefers something the retrieved cases do not: at k=1 a clinical case must abstain.
-    llm = ScoringLLM(prefer={"Acne vulgaris": -5.0, "melanoma": -1.0})
-    from tests.doubles import FakeCases
+    llm = TestLLM(scores={"Acne vulgaris": -5.0, "melanoma": -1.0})
+    from agent.testing import FakeCases
 
     cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Acne vulgaris", 0.88), ("dermnet:c", "mel", 0.5)])
     d = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=llm, cases=cases)).diagnose(img())
     assert d.label == "Acne vulgaris" and d.verdict == "abstain"
     assert any("disagree" in r for r in d.reasons)
-    ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=ScoringLLM(prefer={"Acne vulgaris": -1.0}), cases=cases))
+    ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=TestLLM(scores={"Acne vulgaris": -1.0}), cases=cases))
     assert ok.diagnose(img()).verdict == "accept"
 
 
@@ -170,4 +170,4 @@ def test_a_run_can_start_from_given_encoder_outputs_and_leave_cases_out():
 
 def test_unknown_backend_roles_are_rejected_with_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown backend role\(s\) 'lmm'; valid: classifier, .*llm"):
-        Agent(backends={**backends(), "lmm": ScoringLLM()})
+        Agent(backends={**backends(), "lmm": TestLLM()})

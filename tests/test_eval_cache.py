@@ -6,8 +6,8 @@ from PIL import Image
 
 from agent import Agent
 from agent.batch import read_cases, run_batch
+from agent.testing import backends
 from evals.cache import AGENT, PredictionCache, case_key
-from tests.doubles import backends
 
 
 def test_case_key_is_stable_and_sensitive():

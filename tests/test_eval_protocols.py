@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from agent import Agent
+from agent.testing import backends, concept_heads, modality_heads
 from evals.runner import MissingPredictions, run_benchmark
-from tests.doubles import backends, concept_heads, modality_heads
 
 CALLS: list[str] = []
 

@@ -181,7 +181,7 @@ def test_adapter_merges_into_the_transformers_backend(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from models.backends.hf_llm import TransformersLLM
-    from tests.fakes import build_tiny_llama
+    from agent.testing import build_tiny_llama
 
     base_dir = build_tiny_llama(tmp_path / "tiny")
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

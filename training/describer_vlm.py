@@ -293,7 +293,7 @@ def criteria_from_text(texts: list[str]) -> tuple[dict[str, list[str]], float]:
 
 def evaluate_describer(vlm: Any, cfg: Config, predictions: Path | None = None) -> dict[str, Any]:
     """Generate the description of every val case, parse the criteria, score them (criteria_metrics)."""
-    from training.concepts import criteria_metrics
+    from evals.metrics import criteria_metrics
 
     rows, x = _val_cases(cfg)
     feats, probs = x[:, : vlm.cfg.feature_dim], x[:, vlm.cfg.feature_dim :]
@@ -313,7 +313,7 @@ def concept_head_eval(cfg: Config) -> dict[str, Any]:
     """The shipped concept heads on the same val cases (argmax per criterion)."""
     from models.resolve import resolve_artifact
     from models.heads import HeadSet
-    from training.concepts import criteria_metrics
+    from evals.metrics import criteria_metrics
 
     rows, x = _val_cases(cfg)
     heads = HeadSet.load(resolve_artifact(cfg.concept_heads))

@@ -24,7 +24,7 @@ excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt is `
 with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
 ``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
 
-    python -m training.reasoner_data --out runs/reasoner_data          # build and inspect (no training)
+    dermgraph train reasoner-sft --config configs/train/reasoner_sft.yaml --set build_only=true   # build and inspect (no training)
 """
 
 from __future__ import annotations
@@ -456,30 +456,3 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m training.reasoner_data --out DIR [--config FILE.yaml] [--set data.key=value]``: build and write
-    ``cases.jsonl`` and ``build.json`` only (what the SFT trainer would train on)."""
-    import argparse
-
-    from training.config import load_train_config
-
-    p = argparse.ArgumentParser(prog="python -m training.reasoner_data")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="A reasoner-sft YAML (its seed, feature_dir and data sections are used).")
-    p.add_argument("--set", dest="sets", action="append", default=[])
-    a = p.parse_args(argv)
-    from training.reasoner_sft import Config
-
-    cfg = load_train_config(Config, a.config, a.sets)
-    records, info = build_training_cases(cfg.data, cfg.feature_dir, cfg.seed)
-    write_jsonl(records, a.out / "cases.jsonl")
-    (a.out / "build.json").write_text(json.dumps(info, indent=2))
-    print(json.dumps({k: v for k, v in info.items() if k != "error_profile"}, indent=2))
-    if records:
-        print(records[0]["prompt"][1]["content"] + "\n---\n" + records[0]["completion"][0]["content"])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

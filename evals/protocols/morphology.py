@@ -4,7 +4,7 @@ Predictions come from the structured findings of the concept heads, or, when the
 (``morphology.kind: vlm``) or a record has no structured findings, are parsed from the free-text
 description with :func:`models.vocabulary.parse_findings`. A criterion the text does not mention is
 read as ``absent`` (option ``unmentioned``: 'absent' or 'skip'). Per-criterion accuracy and macro-F1
-are :func:`training.concepts.criteria_metrics` (the same numbers as the concept heads' model card);
+are :func:`evals.metrics.criteria_metrics` (the same numbers as the concept heads' model card);
 the means get bootstrap CIs. A full agent record of the case is used when cached (e.g. imported from
 ``dermgraph batch``); otherwise only encode → modality → morphology run.
 """
@@ -58,7 +58,7 @@ def _mean_metric(sizes: list[int], name: str):
 def run(ctx: ProtocolContext) -> ProtocolResult:
     from evals.report import md_table
     from evals.runner import DESCRIBE, ensure_predictions
-    from training.concepts import criteria_metrics
+    from evals.metrics import criteria_metrics
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))

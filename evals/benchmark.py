@@ -18,7 +18,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
-from evals.protocols.base import Benchmark, EvalCase
+from evals.base import Benchmark, EvalCase
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 

@@ -237,3 +237,18 @@ def criteria_metrics(truth: dict[str, list[str]], pred: dict[str, list[str]]) ->
     if out:
         out["mean"] = {m: round(float(np.mean([v[m] for v in out.values()])), 4) for m in ("accuracy", "macro_f1")}
     return out
+
+
+def with_ci(metric: Callable[..., float], *arrays: Any, n: int = 1000, seed: int = 0, digits: int = 4) -> dict[str, Any]:
+    """``{"value": metric(*arrays), "ci95": [lo, hi]}`` with a percentile bootstrap over cases
+    (``ci95`` None for ``n=0`` or fewer than two cases; both None when the value is undefined)."""
+    import math
+
+    value = float(metric(*arrays))
+    if not math.isfinite(value):
+        return {"value": None, "ci95": None}
+    out: dict[str, Any] = {"value": round(value, digits), "ci95": None}
+    if n > 0 and len(arrays[0]) > 1:
+        lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
+        out["ci95"] = [round(lo, digits), round(hi, digits)]
+    return out

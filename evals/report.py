@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.base import ProtocolContext, ProtocolResult
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -1,12 +1,12 @@
 """Helpers for testing evaluation protocols without files or models: an in-memory prediction store and
-a :class:`~evals.protocols.base.ProtocolContext` over given cases (backend doubles: :mod:`agent.testing`)."""
+a :class:`~evals.base.ProtocolContext` over given cases (backend doubles: :mod:`agent.testing`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from evals.protocols.base import Benchmark, DatasetSpec, EvalCase, ProtocolContext
+from evals.base import Benchmark, DatasetSpec, EvalCase, ProtocolContext
 
 
 class DictStore:

@@ -138,7 +138,7 @@ def test_readme_example_benchmark_validates():
 
     import yaml
 
-    from evals.protocols.base import Benchmark
+    from evals.base import Benchmark
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```yaml\n(name: my_clinic.*?)```", readme, re.S).group(1)

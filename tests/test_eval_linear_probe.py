@@ -9,10 +9,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from agent.testing import ColourEmbedder
-from evals.linear_probe import linear_probe
+from evals.base import EvalCase
 from evals.metrics import macro_roc_auc
+from evals.probe import linear_probe
 from evals.protocols import linear_probe as probe_protocol
-from evals.protocols.base import EvalCase
 from evals.testing import DictStore, make_ctx
 from models.backends import BACKENDS
 
@@ -181,7 +181,7 @@ def test_rescore_never_loads_the_encoder(tmp_path, colour_encoder):
     ctx.rescore = True
     probe_protocol.run(ctx)
     assert ColourEmbedder.calls == []
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     ctx = make_ctx("linear_probe", cases, tmp_path / "c", opts, DictStore())
     ctx.rescore = True

@@ -7,8 +7,8 @@ import pytest
 import sacrebleu
 
 from agent.testing import EchoLLM
+from evals.base import EvalCase
 from evals.protocols import vqa_text
-from evals.protocols.base import EvalCase
 from evals.testing import DictStore, make_ctx
 from evals.text_metrics import bertscore, corpus_bleu_from_items, meteor_wordnet, text_metrics, token_recall
 from models.backends import BACKENDS
@@ -171,7 +171,7 @@ def test_protocol_samples_with_a_seed(tmp_path, echo_llm):
 
 
 def test_protocol_rescore_and_option_errors(tmp_path, echo_llm):
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     opts = {"llm": echo_llm, "token_encoder": None, "n_bootstrap": 0}
     ctx = make_ctx("vqa_text", _qa_cases(), tmp_path, opts)

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from agent.testing import ColourVLM
+from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.base import EvalCase
 from evals.protocols import zero_shot
-from evals.protocols.base import EvalCase
 from evals.testing import DictStore, make_ctx
-from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
 from models.backends import BACKENDS
 
 HAM = {"mel": "melanoma", "nv": "melanocytic nevus", "bkl": "benign keratosis",

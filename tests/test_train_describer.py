@@ -47,7 +47,7 @@ def tiny_vlm():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.feature_vlm import FeatureVLM, FeatureVLMConfig
+    from models.backends.feature_vlm_net import FeatureVLM, FeatureVLMConfig
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

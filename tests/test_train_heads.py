@@ -95,7 +95,7 @@ def test_unknown_config_key_is_a_validation_error(node):
 @pytest.mark.slow
 @pytest.mark.weights
 def test_cli_train_verifier_with_overrides(tiny_features, tmp_path):
-    from agent.cli import app
+    from dermgraph.cli import app
 
     res = CliRunner().invoke(app, ["train", "verifier", "--config", str(CONFIGS / "verifier_smoke.yaml"),
                                    "--set", f"feature_dir={tiny_features}", "--set", f"out_dir={tmp_path}", "--set", "c_grid=[0.3]"])  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.feature_vlm import DESCRIBE_PROMPT
+from models.backends.feature_vlm_net import DESCRIBE_PROMPT
 from models.vocabulary import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from training.data import aligned, load_features, source_table
 

@@ -2,7 +2,7 @@
 
 Stage 1 trains the projector only (LLM frozen), stage 2 the projector plus a LoRA adapter, both with
 TRL's ``SFTTrainer`` (the model is the LLM itself, with the projector as a submodule and a decoder
-pre-hook that splices the projected features in; see :mod:`models.feature_vlm`). Data: Derm7pt train +
+pre-hook that splices the projected features in; see :mod:`models.backends.feature_vlm_net`). Data: Derm7pt train +
 extra (and HAM10000 train questions in stage 1), from :mod:`training.describer_data`. Evaluation
 generates a description for every Derm7pt ``val`` case, reads the seven criteria back with
 :func:`models.vocabulary.parse_findings` and scores them like the concept heads.
@@ -86,7 +86,7 @@ class TurnCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from models.feature_vlm import encode_turn
+        from models.backends.feature_vlm_net import encode_turn
 
         tok, cfg = self.vlm.tokenizer, self.vlm.cfg
         ids, labels = [], []
@@ -195,7 +195,7 @@ def _load_base(cfg: Config, device: str):
 def train(cfg: Config) -> dict:
     import torch
 
-    from models.feature_vlm import FeatureVLM, FeatureVLMConfig
+    from models.backends.feature_vlm_net import FeatureVLM, FeatureVLMConfig
     from training.describer_data import build_turns, load_cases
     from training.outputs import MetricsLog
 
@@ -339,7 +339,7 @@ def comparison_table(evals: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_saved(cfg: Config, device: str) -> dict[str, Any]:
     """``eval_only``: the saved describer vs the concept heads; prints the table."""
-    from models.feature_vlm import FeatureVLM
+    from models.backends.feature_vlm_net import FeatureVLM
 
     vlm = FeatureVLM.load(cfg.eval_only, device=device)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -72,32 +72,15 @@ class Progress:
         return time.perf_counter() - self.t0
 
 
-def with_ci(metric: Callable[..., float], *arrays: Any, n: int = 1000, seed: int = 0, digits: int = 4) -> dict[str, Any]:
-    """``{"value": metric(*arrays), "ci95": [lo, hi]}`` with a percentile bootstrap over cases
-    (``ci95`` None for ``n=0`` or fewer than two cases; both None when the value is undefined)."""
-    import math
-
-    from evals.metrics import bootstrap_ci
-
-    value = float(metric(*arrays))
-    if not math.isfinite(value):
-        return {"value": None, "ci95": None}
-    out: dict[str, Any] = {"value": round(value, digits), "ci95": None}
-    if n > 0 and len(arrays[0]) > 1:
-        lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
-        out["ci95"] = [round(lo, digits), round(hi, digits)]
-    return out
-
-
 def check_missing(ctx: Any, missing: int, total: int, allow_partial: bool) -> bool:
     """Under ``--rescore`` (score from the cache only) cases without a cached output raise
-    ``evals.runner.MissingPredictions`` unless ``allow_partial``; returns True when they are to be dropped."""
+    ``evals.predictions.MissingPredictions`` unless ``allow_partial``; returns True when they are to be dropped."""
     if not getattr(ctx, "rescore", False) or not missing:
         return False
     if allow_partial:
         ctx.log(f"PARTIAL: {missing} of {total} cases have no cached output and are not scored (allow_partial)")
         return True
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     raise MissingPredictions(
         f"{missing} of {total} cases have no cached output in {getattr(ctx.cache, 'root', ctx.out_dir)}; "

@@ -2,7 +2,7 @@
 
 Features of every case come from an ``ImageEmbedder`` (``models.protocols``) built from the
 ``image_embedder`` registry in ``models.backends``, cached per image (sha256 of its bytes) and
-encoder; :func:`evals.linear_probe.linear_probe` picks C by cross-validated macro ROC-AUC on the
+encoder; :func:`evals.probe.linear_probe` picks C by cross-validated macro ROC-AUC on the
 training cases, refits and scores the test cases once.
 
 Options (``options:`` in the benchmark YAML, or ``--opt``):
@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.linear_probe import DEFAULT_CS, linear_probe
-from evals.protocols.base import EvalCase, ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
+from evals.base import EvalCase, ProtocolContext, ProtocolResult
+from evals.metrics import with_ci
+from evals.probe import DEFAULT_CS, linear_probe
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb
 from models.resolve import sha256_file
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.base import ProtocolContext, ProtocolResult
 from models.vocabulary import SEVEN_POINT, parse_findings
 
 
@@ -57,7 +57,7 @@ def _mean_metric(sizes: list[int], name: str):
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     from evals.report import md_table
-    from evals.runner import DESCRIBE, ensure_predictions
+    from evals.predictions import DESCRIBE, ensure_predictions
     from evals.metrics import criteria_metrics
 
     opts = ctx.options

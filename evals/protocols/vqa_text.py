@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.base import ProtocolContext, ProtocolResult
 from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_text
 from evals.text_metrics import DEFAULT_TOKEN_ENCODER
 

@@ -1,7 +1,7 @@
 """Zero-shot candidate-list classification for any VLM backend (MM-Skin protocol).
 
 Each image is shown to the VLM with MM-Skin's prompt listing the candidate names; the answer is
-mapped to a label with :func:`evals.zeroshot.match_candidate` (no match or several labels: invalid,
+mapped to a label with :func:`evals.answers.match_candidate` (no match or several labels: invalid,
 scored as wrong). Answers are cached per image (sha256 of its bytes) and configuration, so
 re-scoring, a changed candidate matcher or a resumed run never calls the VLM again for a done image.
 
@@ -14,7 +14,7 @@ Options (``options:`` in the benchmark YAML, or ``--opt``):
   ``base_url``, ...).
 - ``candidates``: label → name shown in the prompt, or a list of labels. Default: the benchmark's
   labels with their readable names (``models.vocabulary.HAM_NAMES`` for HAM10000 codes).
-- ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.zeroshot.MMSKIN_PROMPT``).
+- ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.answers.MMSKIN_PROMPT``).
 - ``max_new_tokens`` (32), ``batch_size`` (8 images per ``generate`` call).
 - ``n_bootstrap`` (1000 resamples for the 95% CIs; 0 = none), ``seed`` (0, the bootstrap's).
 - ``allow_partial`` (false): with ``--rescore``, score only the cases with a cached answer.
@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
-from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.base import ProtocolContext, ProtocolResult
+from evals.metrics import with_ci
+from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb
 from models.resolve import sha256_file
 
 INVALID = "(invalid)"

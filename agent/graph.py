@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from agent.config import AgentConfig
 from agent.nodes.base import traced
 from agent.nodes.encode import encode
 from agent.nodes.modality import classify_modality
@@ -31,8 +32,8 @@ NODES = {
 CONFIG_READ = {
     "encode": ("device", "seed", "encoder"),
     "modality": ("modality",),
-    "morphology": ("morphology",),
-    "retrieve": ("retrieval",),
+    "morphology": ("morphology", "routing"),
+    "retrieve": ("retrieval", "routing"),
     "reason": ("reasoner",),
     "verify": ("verifier",),
 }
@@ -63,10 +64,10 @@ def after_modality(state: CaseState) -> Literal["morphology", "verify"]:
     return "verify" if state.modality.rejected else "morphology"
 
 
-def after_retrieve(state: CaseState) -> Literal["reason", "verify"]:
-    # Only dermoscopy and clinical photos have diagnosis models; histopathology goes to the verifier
-    # (which abstains with the reason) after its findings and evidence have been gathered.
-    return "reason" if state.modality.label in ("dermoscopy", "clinical") else "verify"
+def after_retrieve(state: CaseState, config: AgentConfig) -> Literal["reason", "verify"]:
+    # Modalities without a diagnosis route (histopathology) go to the verifier, which abstains with the
+    # reason, after their findings and evidence have been gathered.
+    return "reason" if config.route(state.modality.label).reasoner else "verify"
 
 
 def after_verify(state: CaseState) -> Literal["reason", "__end__"]:
@@ -105,7 +106,12 @@ def build_graph(runtime, *, start_at: str | None = None, stop_after: str | None 
     edge("encode", "modality")
     branch("modality", after_modality, "morphology", "verify")
     edge("morphology", "retrieve")
-    branch("retrieve", after_retrieve, "reason", "verify")
+    config = runtime.config if runtime is not None else AgentConfig()
+
+    def reason_or_verify(state: CaseState) -> Literal["reason", "verify"]:
+        return after_retrieve(state, config)
+
+    branch("retrieve", reason_or_verify, "reason", "verify")
     edge("reason", "verify")
     branch("verify", after_verify, "reason", "__end__")
     return g.compile()

@@ -38,7 +38,8 @@ def fingerprint_for(config, kind: str) -> str:
     if kind == AGENT:
         return config.fingerprint()
     data = config.model_dump(mode="json")
-    part = {s: data[s] for s in config_sections(stop_after=UNTIL[kind])}
+    # A section left at None (routing: the default table) is left out, as the whole-config fingerprint does.
+    part = {s: data[s] for s in dict.fromkeys(config_sections(stop_after=UNTIL[kind])) if data[s] is not None}
     return kind + ":" + hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

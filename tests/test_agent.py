@@ -171,3 +171,22 @@ def test_a_run_can_start_from_given_encoder_outputs_and_leave_cases_out():
 def test_unknown_backend_roles_are_rejected_with_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown backend role\(s\) 'lmm'; valid: classifier, .*llm"):
         Agent(backends={**backends(), "lmm": TestLLM()})
+
+
+def test_routing_is_one_table_in_the_config():
+    from agent.config import DEFAULT_ROUTING, AgentConfig
+
+    table = {m: r.model_dump() for m, r in DEFAULT_ROUTING.items()}
+    assert AgentConfig().route("dermoscopy").classifier and not AgentConfig().route("clinical").classifier
+    # A clinical photo routed to no reasoner is described and retrieved, then the verifier abstains.
+    table["clinical"]["reasoner"] = False
+    cfg = AgentConfig.model_validate({"routing": table})
+    b = backends(modality_heads=modality_heads("clinical"))
+    d = Agent(cfg, backends=b).diagnose(img())
+    assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve", "verify"] and d.verdict == "abstain"
+    assert b["llm"].scored == 0 and any(e.kind == "case" for e in d.evidence)
+    # Dermoscopy without case retrieval: no case evidence, the rest unchanged.
+    table["dermoscopy"]["case_sources"] = []
+    d = Agent(AgentConfig.model_validate({"routing": table}), backends=backends()).diagnose(img())
+    assert d.evidence and not any(e.kind == "case" for e in d.evidence)
+    assert AgentConfig().fingerprint() == AgentConfig.model_validate({"routing": None}).fingerprint()

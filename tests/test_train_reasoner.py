@@ -244,7 +244,7 @@ def test_cases_are_deterministic_and_keep_report_sets_out(built, tiny_features):
 @pytest.mark.data
 @pytest.mark.slow
 def test_no_case_retrieves_its_own_image(built, agent, tiny_features):
-    from agent.nodes.retrieve import CASE_SOURCES
+    from agent.config import DEFAULT_ROUTING
     from training.reasoner_data import derm7pt_rows
 
     records = built[0][0]
@@ -253,7 +253,7 @@ def test_no_case_retrieves_its_own_image(built, agent, tiny_features):
         assert any(e.startswith("case:") for e in r["evidence_ids"])
     # Without the exclusion the query's own image is its nearest case: the leak is real.
     row = derm7pt_rows(["train"], tiny_features)[0]
-    hits = agent.runtime.cases.search(row.features[None], k=3, sources=CASE_SOURCES["dermoscopy"])[0]
+    hits = agent.runtime.cases.search(row.features[None], k=3, sources=DEFAULT_ROUTING["dermoscopy"].case_sources)[0]
     assert hits[0].id == row.id
     # HAM10000 cases exclude every image of their lesion (near-duplicates).
     from training.data import source_table

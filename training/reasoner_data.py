@@ -350,7 +350,7 @@ def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[s
     state, rt = render_state(row, stats, agent), agent.runtime
     if state.modality.label != "dermoscopy":
         return None
-    cands, names = candidates_for(state, rt.config.reasoner.max_candidates)
+    cands, names = candidates_for(state, rt.config)
     clf_display = classifier_display(state, rt, cands)
     prompt = conversation(render_user(state, cands, names, clf_display, None))
     rng = random.Random(_hash(seed, row.id))

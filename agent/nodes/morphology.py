@@ -64,7 +64,7 @@ def _not_learned(state: CaseState, what_is_assessed: str) -> NodeOutput:
 
 def describe_concepts(state: CaseState, rt: Backends) -> NodeOutput:
     modality = state.modality.label
-    if modality != "dermoscopy":
+    if not rt.config.route(modality).describer:
         return _not_learned(state, "shipped describer only assesses the seven dermoscopic 7-point criteria")
 
     heads = rt.concept_heads

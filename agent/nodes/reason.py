@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from agent.config import AgentConfig
 from agent.consistency import morphology_agreement
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
@@ -27,10 +28,12 @@ class LLMAnswer(BaseModel):
     rationale: str = ""
 
 
-def candidates_for(state: CaseState, max_candidates: int) -> tuple[list[str], dict[str, str]]:
-    """Candidate labels and their display names for this case's modality."""
-    if state.modality.label == "dermoscopy":
+def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], dict[str, str]]:
+    """Candidate labels and their display names: the classifier's classes where the modality's route
+    has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``)."""
+    if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
+    max_candidates = config.reasoner.max_candidates
     knn = state.retrieval.knn_probs if state.retrieval else {}
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
     if not labels and state.retrieval:
@@ -40,8 +43,9 @@ def candidates_for(state: CaseState, max_candidates: int) -> tuple[list[str], di
 
 def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
     """The classifier's probabilities as the prompt shows them: temperature-scaled by the fusion's
-    ``w_classifier`` (dermoscopy only; None otherwise). Training renders cases with this same function."""
-    clf = state.encoding.classifier_probs if state.modality.label == "dermoscopy" and state.encoding else None
+    ``w_classifier`` (modalities routed to the classifier only; None otherwise). Training renders cases
+    with this same function."""
+    clf = state.encoding.classifier_probs if rt.config.route(state.modality.label).classifier and state.encoding else None
     if not clf:
         return None
     params = rt.fusion.get(state.modality.label, {})
@@ -122,9 +126,9 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.reasoner
     round_ = state.round + 1
     feedback = state.verification.feedback if state.verification and state.verification.decision == "revise" else None
-    cands, names = candidates_for(state, cfg.max_candidates)
+    cands, names = candidates_for(state, rt.config)
     params = rt.fusion.get(state.modality.label, {})
-    clf = state.encoding.classifier_probs if state.modality.label == "dermoscopy" else None
+    clf = state.encoding.classifier_probs if rt.config.route(state.modality.label).classifier else None
     clf_display = classifier_display(state, rt, cands)
     knn = state.retrieval.knn_probs or None if state.retrieval else None
     agreements = expected_agreements(state, rt, cands) if feedback else None

@@ -15,7 +15,6 @@ generates a description for every Derm7pt ``val`` case, reads the seven criteria
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -257,8 +256,12 @@ def train(cfg: Config) -> dict:
     vcfg.meta["metrics_val"] = metrics.get("vlm_stage2", {})
     (final / "feature_vlm.json").write_text(json.dumps({**json.loads((final / "feature_vlm.json").read_text()), "meta": vcfg.meta}, indent=2))
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    summary["artifact"] = str(publish_dir(final, cfg.artifact)) if cfg.artifact else None
-    summary["registry"] = str(write_registry(cfg.out_dir, cfg.register_as, final)) if cfg.register_as else None
+    from training.outputs import publish, write_registry_fragment
+
+    summary["artifact"] = str(publish(final, cfg.artifact, files=(*ARTIFACT_FILES, "metrics.json"))) if cfg.artifact else None
+    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, final, role="vlm", licence=LICENCE, fmt="feature-vlm",
+                                  notes="Feature VLM describer (sklesion features -> projector -> SmolLM2-135M-Instruct + LoRA).")  # fmt: skip
+    summary["registry"] = str(reg) if reg else None
     heads_f1 = heads["metrics"]["mean"]["macro_f1"]
     vlm_f1 = summary["eval"].get("vlm_stage2", {}).get("metrics", {}).get("mean", {}).get("macro_f1")
     summary["beats_concept_heads"] = vlm_f1 is not None and vlm_f1 > heads_f1
@@ -347,32 +350,6 @@ def evaluate_saved(cfg: Config, device: str) -> dict[str, Any]:
     evals = {"concept_heads": evals["concept_heads"], Path(cfg.eval_only).name: evals["vlm_stage2"]}
     out = {"eval": evals, "table": comparison_table(evals)}
     print(out["table"])
-    return out
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def publish_dir(src: Path, dest: Path) -> Path:
-    """Copy the describer's files (and metrics.json) from ``src`` into the directory ``dest``."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in (*ARTIFACT_FILES, "metrics.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
-    return dest
-
-
-def write_registry(out_dir: Path, model_id: str, weights_dir: Path) -> Path:
-    """``<out_dir>/registry.yaml``: ``DERMGRAPH_MODELS=<that file>`` makes ``model_id`` usable as
-    ``morphology.vlm: {backend: feature-vlm, model: <model_id>}``."""
-    import yaml
-
-    out = Path(out_dir) / "registry.yaml"
-    rel = Path(weights_dir).resolve().relative_to(Path(out_dir).resolve())
-    entry = {"id": model_id, "role": "vlm", "source": f"path:{rel.as_posix()}", "sha256": None, "licence": LICENCE, "format": "feature-vlm",
-             "notes": "Feature VLM describer (sklesion features -> projector -> SmolLM2-135M-Instruct + LoRA)."}  # fmt: skip
-    out.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
     return out
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +72,64 @@ class Progress:
     @property
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.t0
+
+
+@dataclass
+class CachedMap:
+    """What :func:`cached_map` found and did."""
+
+    records: dict[str, dict[str, Any]]
+    """Key -> record (cached or computed now); keys dropped under ``allow_partial`` are absent."""
+    missing: int
+    """Cases whose record was computed this run."""
+    computed: int
+    """Distinct keys computed this run."""
+    seconds: float
+    """Time spent computing."""
+
+    def kept(self, keys: Sequence[str]) -> list[int]:
+        """Indices of ``keys`` that have a record."""
+        return [i for i, k in enumerate(keys) if k in self.records]
+
+
+def cached_map(
+    ctx: Any,
+    keys: Sequence[str],
+    compute: Callable[[list[str]], Sequence[dict[str, Any]]],
+    *,
+    what: str,
+    batch_size: int,
+    allow_partial: bool,
+    prepare: Callable[[int, int], None] | None = None,
+) -> CachedMap:
+    """The cached record of each of ``keys`` (one per case), computing what the cache lacks: the one
+    cache-fill loop of the model-running protocols.
+
+    Distinct missing keys are computed once, ``batch_size`` at a time: ``compute(chunk)`` returns one
+    record per key of ``chunk``, which is cached as it comes, with progress lines. ``prepare(n_missing,
+    n_todo)`` (cases without a record, distinct keys to compute) runs once before the first batch:
+    build the backend there, so a fully cached run loads no model. Under ``--rescore`` missing records
+    raise ``MissingPredictions`` unless ``allow_partial`` (:func:`check_missing`); they are then absent
+    from the result."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        rec = ctx.cache.get(key)
+        if rec is not None:
+            found[key] = rec
+    missing = sum(k not in found for k in keys)
+    if check_missing(ctx, missing, len(keys), allow_partial):
+        return CachedMap(found, 0, 0, 0.0)
+    todo = list(dict.fromkeys(k for k in keys if k not in found))
+    if todo and prepare is not None:
+        prepare(missing, len(todo))
+    progress = Progress(ctx.log, what, len(todo))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        for key, rec in zip(chunk, compute(chunk), strict=True):
+            ctx.cache.put(key, rec)
+            found[key] = rec
+        progress.update(len(chunk), len(chunk))
+    return CachedMap(found, missing, len(todo), progress.elapsed_s)
 
 
 def check_missing(ctx: Any, missing: int, total: int, allow_partial: bool) -> bool:

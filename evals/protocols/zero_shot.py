@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
 from evals.base import ProtocolContext, ProtocolResult
 from evals.metrics import with_ci
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb
+from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
 from models.resolve import sha256_file
 
 INVALID = "(invalid)"
@@ -97,39 +97,33 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     # The answer depends on the VLM, its options, the prompt and the generation length; matching is redone every run.
     cfg = config_hash({"vlm": opts.vlm.model_dump(), "prompt": prompt, "max_new_tokens": opts.max_new_tokens})
     keys = [case_key(sha256_file(c.image), cfg, kind="zero_shot") for c in cases]
-    answers: list[str | None] = [None] * len(cases)
-    for i, key in enumerate(keys):
-        rec = ctx.cache.get(key)
-        if rec is not None:
-            answers[i] = rec["answer"]
-    todo = [i for i, a in enumerate(answers) if a is None]
-    if check_missing(ctx, len(todo), len(cases), opts.allow_partial):
-        keep = [i for i, a in enumerate(answers) if a is not None]
-        cases, keys, answers, todo = [cases[i] for i in keep], [keys[i] for i in keep], [answers[i] for i in keep], []
-    model_id = None
-    if todo:
-        vlm = opts.vlm.create("vlm")
-        model_id = vlm.model_id
-        ctx.log(f"zero_shot: {len(cases)} cases, {len(cases) - len(todo)} cached, {len(todo)} to ask {model_id}")
-    progress = Progress(ctx.log, "zero_shot", len(todo))
-    classifier = None
-    for start in range(0, len(todo), opts.batch_size):
-        idx = todo[start : start + opts.batch_size]
-        images = open_rgb(cases[i].image for i in idx)
+    case_of = dict(zip(keys, cases))
+    backend: dict[str, Any] = {}
+
+    def prepare(missing: int, todo: int) -> None:
+        backend["vlm"] = vlm = opts.vlm.create("vlm")
+        ctx.log(f"zero_shot: {len(cases)} cases, {len(cases) - missing} cached, {missing} to ask {vlm.model_id}")
+
+    def ask(chunk: list[str]) -> list[dict[str, Any]]:
+        vlm = backend["vlm"]
+        images = open_rgb(case_of[k].image for k in chunk)
         kwargs = {}
         if getattr(vlm, "needs_features", False):
             # Feature-based VLMs (models.backends.feature_vlm) read the lesion classifier's output, not pixels.
-            if classifier is None:
+            if "classifier" not in backend:
                 from models.sklesion import SklesionClassifier
 
-                classifier = SklesionClassifier()
-            enc = classifier.predict(images)
+                backend["classifier"] = SklesionClassifier()
+            enc = backend["classifier"].predict(images)
             kwargs = {"features": enc.features, "probs": enc.probs}
-        out = vlm.generate(images, [prompt] * len(idx), max_new_tokens=opts.max_new_tokens, temperature=0.0, **kwargs)
-        for i, text in zip(idx, out):
-            answers[i] = text
-            ctx.cache.put(keys[i], {"kind": "zero_shot", "case_id": cases[i].id, "status": "ok", "answer": text, "model_id": model_id})
-        progress.update(len(idx), len(idx))
+        out = vlm.generate(images, [prompt] * len(chunk), max_new_tokens=opts.max_new_tokens, temperature=0.0, **kwargs)
+        return [{"kind": "zero_shot", "case_id": case_of[k].id, "status": "ok", "answer": text, "model_id": vlm.model_id} for k, text in zip(chunk, out)]
+
+    filled = cached_map(ctx, keys, ask, what="zero_shot", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
+    keep = filled.kept(keys)
+    cases, keys = [cases[i] for i in keep], [keys[i] for i in keep]
+    answers = [filled.records[k]["answer"] for k in keys]
+    model_id = backend["vlm"].model_id if "vlm" in backend else None
 
     y = [c.label for c in cases]
     matched = [match_candidate(a or "", candidates, ctx.bench.aliases) for a in answers]
@@ -170,10 +164,10 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     notes = [
         f"Prompt: {prompt!r}. Answers are matched to the candidates case-insensitively, whole words, longest match; "
         "an answer naming no candidate, or several, is invalid and counted as wrong.",
-        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {len(todo)} answers generated this run, {len(cases) - len(todo)} from the cache.",
+        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {filled.missing} answers generated this run, {len(cases) - filled.missing} from the cache.",
     ]
     if skipped:
         notes.append(f"{skipped} cases without a label or image were skipped.")
-    if todo:
-        notes.append(f"Throughput: {len(todo) / max(progress.elapsed_s, 1e-9):.2f} images/s ({model_id}).")
+    if filled.computed:
+        notes.append(f"Throughput: {filled.computed / max(filled.seconds, 1e-9):.2f} images/s ({model_id}).")
     return ProtocolResult(metrics=metrics, tables=tables, plots=figs, n_cases=len(cases), notes=notes)

@@ -1,12 +1,15 @@
 """Golden outputs of the default agent: a fixed set of 40 isic2018_val + 20 Derm7pt val cases.
 
-    OMP_NUM_THREADS=1 python scripts/make_golden.py            # (re)write tests/golden/*.jsonl
-    OMP_NUM_THREADS=1 python scripts/make_golden.py --check    # compare against them, exit 1 on any difference
+    python scripts/make_golden.py            # (re)write tests/golden/*.jsonl
+    python scripts/make_golden.py --check    # compare against them, exit 1 on any difference
 
 A record is the case's Diagnosis JSON without what is not behaviour: trace timings (``started_at``,
 ``duration_s``) and the package/config versions (only the model ids of ``versions`` are kept).
 ``tests/test_golden.py`` runs the comparison (marked weights, data, slow). Regenerate after a
 deliberate behaviour change; a refactor must leave every byte as it is.
+
+The script re-runs itself with ``PYTHONHASHSEED=0`` and one thread: the knowledge base's BM25 sums
+its query terms in set order, so the last bits of a score depend on the string hash seed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,23 +74,34 @@ def run(data: Path, agent=None) -> dict[str, list[str]]:
     return out
 
 
+PINNED_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(os.environ.get(k) != v for k, v in PINNED_ENV.items()):
+        # Hash seed and threads are fixed at interpreter start: run again under them.
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, **PINNED_ENV, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root) if p)}
+        return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
+
     from models.paths import data_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="Compare with tests/golden instead of writing it.")
+    ap.add_argument("--check", action="store_true", help="Compare with the golden records instead of writing them.")
+    ap.add_argument("--golden", type=Path, default=GOLDEN, help="Folder of the records (default: tests/golden).")
     ap.add_argument("--data", type=Path, default=None, help="Shared data folder (default: ../shared/data).")
     args = ap.parse_args(argv)
     result = run(args.data or data_dir())
     if not args.check:
-        GOLDEN.mkdir(parents=True, exist_ok=True)
+        args.golden.mkdir(parents=True, exist_ok=True)
         for name, lines in result.items():
-            (GOLDEN / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-        print(f"wrote {sum(map(len, result.values()))} records to {GOLDEN}")
+            (args.golden / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        print(f"wrote {sum(map(len, result.values()))} records to {args.golden}")
         return 0
     bad = 0
     for name, lines in result.items():
-        want = (GOLDEN / f"{name}.jsonl").read_text().splitlines()
+        want = (args.golden / f"{name}.jsonl").read_text().splitlines()
         for got, exp in zip(lines, want):
             if got != exp:
                 bad += 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Agent", "AgentConfig", "Diagnosis", "ImageInputError", "load_config"]
+__all__ = ["Agent", "AgentConfig", "Diagnosis", "ImageInputError", "ReviewDecision", "load_config"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.agent import Agent
     from agent.config import AgentConfig, load_config
     from agent.diagnosis import Diagnosis
     from agent.imageio import ImageInputError
+    from agent.review import ReviewDecision
 
 _WHERE = {
     "Agent": "agent.agent",
@@ -18,6 +19,7 @@ _WHERE = {
     "load_config": "agent.config",
     "Diagnosis": "agent.diagnosis",
     "ImageInputError": "agent.imageio",
+    "ReviewDecision": "agent.review",
 }
 
 

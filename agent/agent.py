@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from agent.cases import PersistedCases
 from agent.config import AgentConfig, apply_overrides, load_config
-from agent.diagnosis import Diagnosis
+from agent.diagnosis import Diagnosis, versions  # noqa: F401  (versions: also imported from here)
 from agent.state import CaseState, PatientMetadata, TraceEntry
 
 
@@ -20,29 +21,7 @@ class StepEvent:
     diagnosis: Diagnosis | None = None
 
 
-def versions(config: AgentConfig) -> dict[str, Any]:
-    """Package and model versions recorded with every result."""
-    from importlib import metadata
-
-    out: dict[str, Any] = {"config": config.fingerprint()}
-    for pkg in ("dermgraph", "torch", "transformers", "langgraph", "faiss-cpu"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    out["models"] = {
-        "classifier": config.encoder.classifier.model,
-        "modality_head": config.modality.head,
-        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
-        "kb_index": config.retrieval.kb_index,
-        "case_index": config.retrieval.case_index,
-        "llm": config.reasoner.llm.model,
-        "fusion": config.reasoner.fusion,
-    }
-    return out
-
-
-class Agent:
+class Agent(PersistedCases):
     """The dermgraph agent. Models load lazily on the first case.
 
     >>> agent = Agent()                                  # shipped offline CPU defaults
@@ -112,9 +91,28 @@ class Agent:
             self._versions = versions(self.config)
         return Diagnosis.from_state(final, self._versions, thumbnail=thumbnail_data_uri(final.image))
 
-    def diagnose(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Diagnosis:
-        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input."""
-        return self._finish(self.run(img, question, metadata))
+    def diagnose(
+        self,
+        img,
+        question: str | None = None,
+        metadata: dict | PatientMetadata | None = None,
+        *,
+        thread_id: str | None = None,
+        review: str | dict | None = None,
+    ) -> Diagnosis:
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input.
+
+        With a ``thread_id`` or a review policy (``review="always"``, ``{"when": "on_abstain", "where": "morphology"}``,
+        or the config's ``review`` section) the case is persisted in the checkpointer under that id (a new
+        uuid when none is given) and may come back with ``status == "awaiting_review"`` and its
+        ``review_request``; continue it with :meth:`resume`."""
+        configured = self.config.review is not None and self.config.review.when != "never"
+        if thread_id is None and review is None and not configured:
+            return self._finish(self.run(img, question, metadata))
+        from agent.imageio import thumbnail_data_uri
+
+        state = self.prepare(img, question, metadata)
+        return self._diagnose_persisted(state, thumbnail_data_uri(state.image), thread_id, review)
 
     def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""

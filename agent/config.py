@@ -59,7 +59,17 @@ class RetrievalConfig(_Strict):
 
 class ReasonerConfig(_Strict):
     llm: BackendRef = Field(default_factory=lambda: BackendRef(backend="transformers", model="smollm2-135m-instruct"))
-    fusion: str = Field("fusion-calibration", description="Registry id of the calibrated fusion weights.")
+    fusion: str = Field("fusion-stacker", description="Registry id or path of the fusion artifact (stacker, conformal scores, risk control; `dermgraph train fusion`).")
+    classifier_display_weight: float = Field(
+        0.2214, gt=0, le=1, description="The prompt shows the classifier's probabilities raised to this power and renormalised (the LLM's scores were calibrated on prompts rendered so)."
+    )
+    conformal_alpha: float = Field(0.1, gt=0, lt=1, description="Miscoverage of the prediction set: it holds the true diagnosis with probability >= 1 - alpha.")
+    llm_summary: bool = Field(
+        False,
+        description="Ask the LLM for a one-line summary of the steps, shown only if it passes the claim check (agent.claims). Off by default: "
+        "the untuned 135M LLM mostly writes claims the check cannot verify, and it costs ~2 s per case on a CPU.",
+    )
+    knowledge_steps: int = Field(3, ge=0, le=10, description="Candidates (top and prediction set, in order) that get a knowledge-base step.")
     rationale_tokens: int = Field(40, ge=8, le=1024, description="Token budget of the rationale (a 135M model drifts when it writes long).")
     retries: int = Field(2, ge=0, le=5, description="Re-asks of the LLM when its output is unusable.")
     num_samples: int = Field(
@@ -76,13 +86,13 @@ class ReasonerConfig(_Strict):
 
 
 class VerifierConfig(_Strict):
-    accept_confidence: float = Field(0.45, ge=0, le=1, description="Accept only when the top probability reaches this.")
-    min_self_consistency: float = Field(0.5, ge=0, le=1, description="Share of the samples (LLM re-scorings, or single experts when k=1) that must agree with the top label.")
-    min_self_consistency_by_modality: dict[str, float] = Field(
-        default_factory=lambda: {"clinical": 1.0},
-        description="Per-modality override of min_self_consistency. Clinical photos have no calibrated classifier, only retrieved cases and the LLM, so both must agree.",
+    target_accuracy: dict[str, float] = Field(
+        default_factory=lambda: {"dermoscopy": 0.85, "clinical": 0.85},
+        description="Per modality, the accuracy accepted cases must reach (the risk the SGR threshold controls). A modality "
+        "not listed here, or without calibration data in the fusion artifact, always abstains.",
     )
-    min_morphology_agreement: float = Field(0.35, ge=0, le=1, description="Below this the findings contradict the top diagnosis.")
+    risk_delta: float = Field(0.1, gt=0, lt=1, description="SGR confidence: the accepted-case risk bound holds with probability 1 - delta over the calibration draw.")
+    min_morphology_agreement: float = Field(0.35, ge=0, le=1, description="Below this the findings contradict a diagnosis (phrases the revise feedback; the MAVIC reward).")
     max_rounds: int = Field(2, ge=1, le=5, description="Reasoner rounds before the verifier must accept or abstain.")
     consistency_model: str | None = Field(
         None,
@@ -115,6 +125,18 @@ candidates come from them (the classifier is a dermoscopy network); histopatholo
 A clinical photo's neighbours among dermoscopy images are not evidence."""
 
 
+class ReviewConfig(_Strict):
+    """Clinician in the loop (agent.review): when a case pauses for a reviewer, and where paused cases are kept."""
+
+    when: Literal["never", "always", "on_abstain", "on_revise"] = Field("never", description="Pause for review: never (batch), always, or when the verifier abstains / asks for a revision.")
+    where: Literal["morphology", "verify"] = Field("verify", description="After 'morphology' (correct findings before the diagnosis) or after 'verify' (sign off or override).")
+    max_reviews: int = Field(3, ge=1, le=20, description="At most this many pauses per case.")
+    checkpointer: str = Field(
+        "~/.local/share/dermgraph/cases.sqlite",
+        description="Where paused cases are kept: a SQLite file path, or a postgresql:// URL (extra 'postgres').",
+    )
+
+
 class AgentConfig(_Strict):
     """Everything the agent needs. Defaults are the shipped, offline, CPU configuration."""
 
@@ -126,6 +148,7 @@ class AgentConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    review: ReviewConfig | None = Field(None, description="None: never pause (the batch default).")
     routing: dict[str, Route] | None = Field(
         None, description="Per-modality routing (which experts run for each modality), replacing the whole table. None: DEFAULT_ROUTING."
     )
@@ -142,7 +165,9 @@ class AgentConfig(_Strict):
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(_drop_none(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
+        # Review settings change who signs a case off, not what the models predict.
+        data = _drop_none(self.model_dump(mode="json", exclude={"review"}))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _drop_none(value: Any) -> Any:

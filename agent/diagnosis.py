@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agent.state import CaseState, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, TraceEntry
+from agent.review import ReviewRequest, effective_findings, reviewed_view
+from agent.state import CaseState, ClaimCheckResult, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, ReasoningStep, ReviewLog, TraceEntry
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+
+def versions(config: AgentConfig) -> dict[str, Any]:
+    """Package and model versions recorded with every result."""
+    from importlib import metadata
+
+    out: dict[str, Any] = {"config": config.fingerprint()}
+    for pkg in ("dermgraph", "torch", "transformers", "langgraph", "faiss-cpu"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    out["models"] = {
+        "classifier": config.encoder.classifier.model,
+        "modality_head": config.modality.head,
+        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "kb_index": config.retrieval.kb_index,
+        "case_index": config.retrieval.case_index,
+        "llm": config.reasoner.llm.model,
+        "fusion": config.reasoner.fusion,
+    }
+    return out
 
 
 class Diagnosis(BaseModel):
@@ -25,30 +51,55 @@ class Diagnosis(BaseModel):
     description: str = ""
     limitations: list[str] = Field(default_factory=list)
     seven_point_score: int | None = None
-    evidence: list[Evidence] = Field(default_factory=list, description="All retrieved evidence.")
+    evidence: list[Evidence] = Field(default_factory=list, description="All retrieved evidence, then the knowledge-base passages the reasoning consulted.")
     cited: list[str] = Field(default_factory=list, description="Ids of the evidence the rationale cites.")
     differential: list[DifferentialItem] = Field(default_factory=list, description="Ranked candidates; probabilities sum to 1.")
+    prediction_set: list[str] = Field(default_factory=list, description="Conformal prediction set: holds the true diagnosis with probability >= 1 - prediction_set_alpha.")
+    prediction_set_alpha: float | None = None
+    prediction_set_calibration: str | None = None
+    reasoning_steps: list[ReasoningStep] = Field(default_factory=list, description="Observation, knowledge, expert, fusion and verdict steps; each cites ids that exist in the case.")
+    summary_check: ClaimCheckResult | None = Field(None, description="The LLM's summary and its claim check (shown in the rationale only when it passed).")
     label: str | None = Field(None, description="Top diagnosis (also given when the verdict is 'abstain', for evaluation).")
     label_name: str | None = None
     rationale: str = ""
     reasoner_source: Literal["llm", "fallback"] | None = None
-    verdict: Literal["accept", "abstain"]
+    verdict: Literal["accept", "abstain", "pending"] = Field(description="'pending' while the case awaits review before any verdict.")
     confidence: float = Field(0.0, description="Probability of the top diagnosis.")
     self_consistency: float | None = None
     morphology_agreement: float | None = None
+    acceptance_score: float | None = Field(None, description="Estimated probability that the label is right (risk-controlled acceptance).")
+    acceptance_threshold: float | None = Field(None, description="The score the modality's target accuracy requires (None: not calibrated).")
     reasons: list[str] = Field(default_factory=list)
     rounds: int = 0
     trace: list[TraceEntry] = Field(default_factory=list)
     versions: dict[str, Any] = Field(default_factory=dict)
+    # Review (agent.review); left out of the JSON when the case was never paused, so batch records are unchanged.
+    status: Literal["complete", "awaiting_review", "running", "incomplete"] = Field(
+        "complete", exclude_if=lambda v: v == "complete", description="'running': being run in this process; 'incomplete': a persisted run stopped before it finished (process killed)."
+    )
+    case_id: str | None = Field(None, exclude_if=lambda v: v is None, description="Thread id of a persisted case.")
+    review_request: ReviewRequest | None = Field(None, exclude_if=lambda v: v is None, description="What the reviewer is asked (status awaiting_review).")
+    review: ReviewLog | None = Field(None, exclude_if=lambda v: v is None, description="Reviews so far: who, when, changes, override.")
     thumbnail: str | None = Field(None, exclude=True, repr=False, description="PNG data URI for notebook rendering (never serialised).")
 
     @classmethod
-    def from_state(cls, state: CaseState, versions: dict[str, Any], thumbnail: str | None = None) -> "Diagnosis":
-        r, v, m = state.reasoning, state.verification, state.morphology
+    def from_state(
+        cls, state: CaseState, versions: dict[str, Any], thumbnail: str | None = None, *, case_id: str | None = None, request: ReviewRequest | None = None
+    ) -> "Diagnosis":
+        """``request``: the pending review request when the case is paused (status 'awaiting_review')."""
+        r, v = state.reasoning, state.verification
+        m = reviewed_view(state).morphology  # the findings the diagnosis rests on (the reviewer's, if edited)
         verdict = v.decision if v and v.decision in ("accept", "abstain") else "abstain"
         reasons = list(v.reasons) if v else ["verification did not complete"]
-        if v and v.decision == "revise":
+        if request is not None:
+            if request.stage == "morphology" or v is None:
+                verdict, reasons = "pending", ["awaiting review of the findings"]
+            else:
+                reasons.append("awaiting review")
+        elif v and v.decision == "revise":
             reasons.append("revision rounds exhausted")
+        if state.review is not None and state.review.override:
+            reasons.append(f"reviewer's diagnosis: {state.review.override} (overrides the model's {r.top.label if r else None})")
         return cls(
             image_sha256=state.image_sha256,
             image_size=state.image_size,
@@ -56,40 +107,70 @@ class Diagnosis(BaseModel):
             question=state.question,
             metadata=state.metadata,
             modality=state.modality,
-            findings=m.findings if m else [],
+            findings=effective_findings(state),
             description=m.description if m else "",
             limitations=m.limitations if m else [],
             seven_point_score=m.seven_point_score if m else None,
-            evidence=state.retrieval.evidence if state.retrieval else [],
+            evidence=(list(state.retrieval.evidence) if state.retrieval else []) + (list(r.consulted) if r else []),
             cited=r.cited if r else [],
             differential=r.differential if r else [],
+            prediction_set=r.prediction_set if r else [],
+            prediction_set_alpha=r.prediction_set_alpha if r else None,
+            prediction_set_calibration=r.prediction_set_calibration if r else None,
+            reasoning_steps=(list(r.steps) if r else []) + ([v.step] if v and v.step else []),
+            summary_check=r.summary_check if r else None,
             label=r.top.label if r else None,
             label_name=r.top.name if r else None,
-            rationale=r.rationale if r else "",
+            rationale=" ".join(x for x in ((r.rationale if r else ""), (v.step.text if v and v.step else "")) if x),
             reasoner_source=r.source if r else None,
             verdict=verdict,
             confidence=v.confidence if v else 0.0,
             self_consistency=v.self_consistency if v and r else None,
             morphology_agreement=v.morphology_agreement if v else None,
+            acceptance_score=v.acceptance_score if v else None,
+            acceptance_threshold=v.acceptance_threshold if v else None,
             reasons=reasons,
             rounds=state.round,
             trace=state.trace,
             versions=versions,
             thumbnail=thumbnail,
+            status="awaiting_review" if request is not None else "complete",
+            case_id=case_id,
+            review_request=request,
+            review=state.review,
         )
+
+    @property
+    def final_label(self) -> str | None:
+        """The reviewer's overriding diagnosis if there is one, else the model's top label."""
+        return self.review.override if self.review is not None and self.review.override else self.label
 
     def summary(self) -> str:
         """A few human-readable lines (what the CLI prints)."""
         mod = self.modality
         lines = [f"modality: {mod.label} (p={mod.confidence:.2f})" if mod else "modality: -"]
+        if self.case_id:
+            lines.insert(0, f"case: {self.case_id}" + (" (AWAITING REVIEW)" if self.status == "awaiting_review" else ""))
         if self.description:
             lines.append(f"findings: {self.description}")
         if self.differential:
             lines.append("differential: " + ", ".join(f"{d.name} {d.probability:.2f}" for d in self.differential[:4]))
+        if self.prediction_set and self.prediction_set_alpha is not None:
+            names = {d.label: d.name for d in self.differential}
+            lines.append(f"{round((1 - self.prediction_set_alpha) * 100)}% prediction set: {{{', '.join(names.get(c, c) for c in self.prediction_set)}}}")
+        elif self.prediction_set_calibration:
+            lines.append(f"prediction set: none calibrated ({self.prediction_set_calibration})")
         lines.append(f"verdict: {self.verdict.upper()}" + (f" — {self.label_name} (p={self.confidence:.2f})" if self.label_name else ""))
         lines += [f"  - {r}" for r in self.reasons]
-        if self.rationale:
+        if self.reasoning_steps:
+            lines.append("reasoning:")
+            lines += [f"  {i}. [{st.kind}] {st.text}" for i, st in enumerate(self.reasoning_steps, 1)]
+        elif self.rationale:
             lines.append(f"rationale: {self.rationale}")
+        if self.summary_check is not None and self.summary_check.passed:
+            lines.append(f"summary (LLM, claim-checked): {self.summary_check.text}")
+        if self.summary_check is not None and not self.summary_check.passed:
+            lines.append(f"(LLM summary withheld: failed the claim check: {'; '.join(self.summary_check.failures)})")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

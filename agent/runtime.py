@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import AgentConfig, BackendRef
@@ -13,6 +12,7 @@ from models.resolve import resolve_artifact
 if TYPE_CHECKING:
     from models.heads import HeadSet
     from models.protocols import LLM, VLM, ImageClassifier, TextEmbedder
+    from models.stacker import FusionModel
 
 
 def _backend(kind: str, ref: BackendRef, device: str) -> Any:
@@ -45,14 +45,14 @@ class Backends(Protocol):
     consistency_model: Any
     cases: Any
     llm: LLM
-    fusion: dict[str, Any]
+    fusion: FusionModel
 
 
 class Runtime:
     """Holds the agent's backends. Each property builds its backend once, when a node first needs it.
 
     Ready-made backends (test doubles, a served model) are given by role in ``overrides``, e.g.
-    ``{"llm": ScoringLLM()}``; a key that names no role is an error listing the valid ones.
+    ``{"llm": TestLLM()}``; a key that names no role is an error listing the valid ones.
     """
 
     def __init__(self, config: AgentConfig, overrides: dict[str, Any] | None = None):
@@ -175,8 +175,11 @@ class Runtime:
         return self._get("llm", lambda: _backend("llm", self.config.reasoner.llm, self.config.device))
 
     @functools.cached_property
-    def fusion(self) -> dict[str, Any]:
-        return self._get("fusion", lambda: json.loads(resolve_artifact(self.config.reasoner.fusion).read_text()))
+    def fusion(self):
+        """The fusion artifact (:class:`models.stacker.FusionModel`)."""
+        from models.stacker import FusionModel
+
+        return self._get("fusion", lambda: FusionModel.load(resolve_artifact(self.config.reasoner.fusion)))
 
 
 BACKEND_ROLES: tuple[str, ...] = tuple(n for n, v in vars(Runtime).items() if isinstance(v, functools.cached_property))

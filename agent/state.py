@@ -6,7 +6,8 @@ import operator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from langgraph.channels.untracked_value import UntrackedValue
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
 
 Modality = Literal["clinical", "dermoscopy", "histopathology", "not_skin"]
 Decision = Literal["accept", "revise", "abstain"]
@@ -42,8 +43,22 @@ class ImageEncoding(BaseModel):
 
     model_id: str
     classifier_probs: dict[str, float] = Field(description="Raw lesion-classifier probabilities (uncalibrated).")
-    features: Any = Field(default=None, exclude=True, repr=False, description="Pooled image features (np.ndarray).")
-    stats: Any = Field(default=None, exclude=True, repr=False, description="Colour/texture statistics (np.ndarray).")
+    features: Any = Field(default=None, repr=False, description="Pooled image features (np.ndarray).")
+    stats: Any = Field(default=None, repr=False, description="Colour/texture statistics (np.ndarray).")
+
+    @field_serializer("features", "stats", when_used="json")
+    def _no_arrays(self, value):
+        return None
+
+    @model_serializer(mode="wrap")
+    def _arrays_stay_in_python(self, handler, info):
+        # JSON output (trace, Diagnosis) never carries the arrays; a python dump keeps them so that a
+        # checkpointer can restore a paused case's features for retrieval after the review.
+        data = handler(self)
+        if info.mode_is_json():
+            data.pop("features", None)
+            data.pop("stats", None)
+        return data
 
 
 class ModalityResult(BaseModel):
@@ -85,6 +100,25 @@ class RetrievalResult(BaseModel):
     query: str = ""
 
 
+class ReasoningStep(BaseModel):
+    """One checkable step of the reasoning. ``evidence`` holds ids that exist in the case: retrieved or
+    consulted evidence (``kb:…``, ``case:…``), observed findings (``finding:<criterion>``) and experts
+    (``expert:<name>``)."""
+
+    kind: Literal["observation", "knowledge", "expert", "fusion", "verdict"]
+    text: str = Field(description="The step in words (rendered from ``data``; what the rationale is made of).")
+    evidence: list[str] = Field(default_factory=list)
+    data: dict[str, Any] = Field(default_factory=dict, description="The values the text states (finding, value, confidence, probabilities, ...).")
+
+
+class ClaimCheckResult(BaseModel):
+    """Outcome of the claim check of a generated text (see ``agent.claims``)."""
+
+    text: str
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+
 class DifferentialItem(BaseModel):
     label: str = Field(description="Candidate code (HAM10000 class or knowledge-base label).")
     name: str
@@ -100,6 +134,14 @@ class ReasonerResult(BaseModel):
     samples: list[str] = Field(default_factory=list, description="Top labels of the k perturbed re-scorings (confidence consistency).")
     round: int = 0
     notes: list[str] = Field(default_factory=list)
+    expert_probs: dict[str, dict[str, float]] = Field(default_factory=dict, description="Each expert's own distribution over the candidates (classifier, knn, morphology, llm).")
+    contributions: dict[str, dict[str, float]] = Field(default_factory=dict, description="Expert → candidate → its additive contribution to the fused logit (centred).")
+    prediction_set: list[str] = Field(default_factory=list, description="Split-conformal set: contains the true diagnosis with probability >= 1 - alpha.")
+    prediction_set_alpha: float | None = None
+    prediction_set_calibration: str | None = Field(None, description="The calibration data of the prediction set.")
+    steps: list[ReasoningStep] = Field(default_factory=list, description="Observation, knowledge, expert and fusion steps (the verifier adds the verdict).")
+    consulted: list[Evidence] = Field(default_factory=list, description="Knowledge-base passages looked up for the knowledge steps (citable like retrieved evidence).")
+    summary_check: ClaimCheckResult | None = Field(None, description="The LLM's summary and its claim check; shown only when it passed.")
 
     @property
     def top(self) -> DifferentialItem:
@@ -114,6 +156,10 @@ class Verdict(BaseModel):
     consistency_score: float | None = Field(None, description="Trained verifier's P(consistent | findings, top diagnosis), when verifier.consistency_model is set.")
     reasons: list[str] = Field(default_factory=list)
     feedback: str | None = Field(None, description="What the reasoner is asked to reconsider on 'revise'.")
+    acceptance_score: float | None = Field(None, description="Estimated probability that the top label is right (the acceptance model's score).")
+    acceptance_threshold: float | None = Field(None, description="SGR threshold for the modality's target accuracy (None: no calibration, abstain).")
+    target_accuracy: float | None = None
+    step: ReasoningStep | None = Field(None, description="The verdict as a reasoning step.")
 
 
 class TraceEntry(BaseModel):
@@ -127,12 +173,45 @@ class TraceEntry(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class FindingChange(BaseModel):
+    criterion: str
+    model: str | None = Field(description="The model's value (None when it reported none).")
+    reviewer: str
+    model_confidence: float | None = None
+
+
+class ReviewRecord(BaseModel):
+    """One completed review (agent.review): who, when, and what changed relative to the model."""
+
+    reviewer: str
+    at: datetime
+    stage: Literal["morphology", "verify"]
+    action: Literal["confirm", "edit", "override"]
+    changes: list[FindingChange] = Field(default_factory=list)
+    model_label: str | None = Field(None, description="The model's top diagnosis when the reviewer decided.")
+    override: str | None = Field(None, description="The reviewer's diagnosis when it differs from the model's.")
+    note: str | None = None
+
+
+class ReviewLog(BaseModel):
+    """The review node's field: every review of the case and the findings now in force."""
+
+    records: list[ReviewRecord] = Field(default_factory=list)
+    findings: list[Finding] | None = Field(None, description="Findings after the reviewers' edits; None = the model's findings.")
+    override: str | None = Field(None, description="The latest overriding diagnosis (the model's differential is kept).")
+
+    @property
+    def last(self) -> ReviewRecord | None:
+        return self.records[-1] if self.records else None
+
+
 class CaseState(BaseModel):
     """The graph state. Inputs first, then one field per node, then the trace."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    image: Any = Field(default=None, exclude=True, repr=False, description="The RGB PIL image (never serialised).")
+    # Untracked: a checkpointer (paused review cases) never stores pixels; no node after a review reads them.
+    image: Annotated[Any, UntrackedValue(Any)] = Field(default=None, exclude=True, repr=False, description="The RGB PIL image (never serialised).")
     image_sha256: str = ""
     image_size: tuple[int, int] = (0, 0)
     input_warnings: list[str] = Field(default_factory=list)
@@ -147,4 +226,5 @@ class CaseState(BaseModel):
     reasoning: ReasonerResult | None = None
     verification: Verdict | None = None
     round: int = Field(0, description="Reasoner rounds so far (the verifier bounds it).")
+    review: ReviewLog | None = Field(None, description="Reviewer decisions (agent.review); None unless the case was reviewed.")
     trace: Annotated[list[TraceEntry], operator.add] = Field(default_factory=list)

@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 from typing import Any, Self
 
 import numpy as np
@@ -105,16 +104,28 @@ class FakeKB:
 
 
 class FakeKnowledge:
-    """Expected 7-point findings per label (as the knowledge base provides them)."""
+    """A two-entry knowledge base (real :class:`retrieval.kb.KBEntry` objects) with known expected findings."""
 
     expected = {
         "mel": {"pigment_network": ["atypical"], "blue_whitish_veil": ["present"]},
         "nv": {"pigment_network": ["typical", "absent"], "blue_whitish_veil": ["absent"]},
     }
 
+    def __init__(self):
+        from retrieval.kb import KBEntry, Morphology
+
+        self.entries = {
+            "mel": KBEntry(id="kb:melanoma", name="Melanoma", aliases=["mel", "melanoma"], ham_class="mel", malignant=True, categories=["melanocytic"],
+                           morphology=Morphology(clinical="An asymmetric, multicoloured macule."), expected_7pt=self.expected["mel"]),
+            "nv": KBEntry(id="kb:nevus", name="Melanocytic nevus", aliases=["nv", "melanocytic nevus"], ham_class="nv", malignant=False,
+                          categories=["melanocytic", "benign"], morphology=Morphology(clinical="A symmetric brown macule."), expected_7pt=self.expected["nv"]),
+        }  # fmt: skip
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
     def entry_for_label(self, label):
-        exp = self.expected.get(label)
-        return SimpleNamespace(id=f"kb:{label}", ham_class=label, expected_7pt=exp) if exp else None
+        return self.entries.get(label)
 
 
 @dataclass
@@ -134,10 +145,36 @@ class FakeCases:
         return [out for _ in range(len(features))]
 
 
-FUSION = {
-    "dermoscopy": {"w_classifier": 1.0, "w_knn": 0.5, "w_llm": 0.5, "bias": {}},
-    "clinical": {"w_knn": 1.0, "w_llm": 0.3},
-}
+def _calibration(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic calibration: conformal scores, and (κ, correct) pairs with P(correct | κ) = min(1, κ + 0.3)."""
+    rng = np.random.default_rng(seed)
+    kappa = np.linspace(0.01, 0.99, n)
+    return rng.uniform(0, 0.8, n), kappa, rng.uniform(size=n) < np.clip(kappa + 0.3, 0, 1)
+
+
+def fusion_model(w_classifier: float = 1.0, w_knn: float = 0.5, w_morphology: float = 0.5, w_llm: float = 0.5, clinical=(1.0, 0.3)):
+    """A fusion artifact (:class:`models.stacker.FusionModel`) with product-of-experts weights and synthetic
+    calibration: acceptance needs a confident top label that the experts agree on."""
+    from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert
+
+    C = len(HAM_CLASSES)
+    experts = ["classifier", "knn", "morphology", "llm"]
+    coef = np.concatenate([w * np.eye(C) for w in (w_classifier, w_knn, w_morphology, w_llm)], axis=1)
+    centre = {e: np.full(C, np.log(1.0 / C)) for e in experts}
+    scores, kappa, correct = _calibration()
+    acc = dict(acceptance_coef=np.array([6.0 if k == "log_top" else 3.0 if k == "expert_agreement" else 0.0 for k in ACCEPTANCE_FEATURES]),
+               acceptance_intercept=-3.0, acceptance_kappa=kappa, acceptance_correct=correct)  # fmt: skip
+    derm = ModalityFusion("dermoscopy", "multinomial", experts, 1e-3, list(HAM_CLASSES), coef, np.zeros(C), centre,
+                          calibration_scores=scores, calibration_source="synthetic (test double)", **acc)  # fmt: skip
+    clin = ModalityFusion("clinical", "conditional_logit", ["knn", "llm"], 1e-3, coef=np.array(clinical), intercept=np.zeros(0),
+                          calibration_scores=scores, calibration_source="synthetic (test double)", **acc)  # fmt: skip
+    inputs = [(c, v) for c, vals in SEVEN_POINT.items() for v in vals]
+    # Findings model: an atypical network and a veil point to melanoma, a typical network to a nevus.
+    mcoef = np.zeros((2, len(inputs)))
+    mcoef[0, inputs.index(("pigment_network", "atypical"))] = mcoef[0, inputs.index(("blue_whitish_veil", "present"))] = 2.0
+    mcoef[1, inputs.index(("pigment_network", "typical"))] = mcoef[1, inputs.index(("blue_whitish_veil", "absent"))] = 2.0
+    morph = MorphologyExpert(inputs, ["mel", "nv"], mcoef, np.zeros(2), list(HAM_CLASSES))
+    return FusionModel(morph, {"dermoscopy": derm, "clinical": clin}, {"id": "fusion-double"})
 
 
 def backends(**over):
@@ -150,7 +187,7 @@ def backends(**over):
         "knowledge": FakeKnowledge(),
         "cases": FakeCases(),
         "llm": TestLLM(),
-        "fusion": FUSION,
+        "fusion": fusion_model(),
     }
     base.update(over)
     return base

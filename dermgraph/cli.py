@@ -150,6 +150,11 @@ def _eval_command():
 
 app.command("eval")(_eval_command())
 
+from serve.cli import review_app, serve_command  # noqa: E402  (typer only at import; the serve extra when run)
+
+app.add_typer(review_app, name="review")
+app.command("serve")(serve_command)
+
 
 @models_app.command("list")
 def models_list():

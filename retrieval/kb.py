@@ -63,6 +63,7 @@ class KBEntry(BaseModel):
     aliases: list[str] = Field(default_factory=list, description="Synonyms and the exact dataset label strings.")
     ham_class: Literal["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] | None = None
     malignant: bool | None = None
+    categories: list[str] = Field(default_factory=list, description="Groups the diagnosis belongs to (e.g. 'keratinocyte carcinoma', 'melanocytic', 'benign keratosis'): what category claims are checked against.")
     morphology: Morphology
     expected_7pt: dict[str, list[str]] = Field(default_factory=dict)
     sites: list[str] = Field(default_factory=list)

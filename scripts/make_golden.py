@@ -56,8 +56,9 @@ def record(case: dict, diagnosis) -> dict:
     return {"id": case["id"], "label": case["label"], "diagnosis": d}
 
 
-def run(data: Path, agent=None) -> dict[str, list[str]]:
-    """Each set's records as JSON lines, from the default agent (single-threaded torch for reproducible floats)."""
+def run(data: Path, agent=None, sink=None) -> dict[str, list[str]]:
+    """Each set's records as JSON lines, from the default agent (single-threaded torch for reproducible
+    floats); ``sink(name, line)`` receives each record as it is made."""
     import torch
 
     from agent import Agent
@@ -69,6 +70,8 @@ def run(data: Path, agent=None) -> dict[str, list[str]]:
         lines = []
         for case in select_cases(data, name):
             lines.append(json.dumps(record(case, agent.diagnose(case["image"])), sort_keys=True))
+            if sink is not None:
+                sink(name, lines[-1])
             print(f"{name}: {len(lines)}", file=sys.stderr, flush=True)
         out[name] = lines
     return out
@@ -92,13 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--golden", type=Path, default=GOLDEN, help="Folder of the records (default: tests/golden).")
     ap.add_argument("--data", type=Path, default=None, help="Shared data folder (default: ../shared/data).")
     args = ap.parse_args(argv)
-    result = run(args.data or data_dir())
     if not args.check:
         args.golden.mkdir(parents=True, exist_ok=True)
-        for name, lines in result.items():
-            (args.golden / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        files = {name: open(args.golden / f"{name}.jsonl", "w") for name in SETS}
+
+        def write(name: str, line: str) -> None:
+            files[name].write(line + "\n")
+            files[name].flush()
+
+        result = run(args.data or data_dir(), sink=write)
+        for fh in files.values():
+            fh.close()
         print(f"wrote {sum(map(len, result.values()))} records to {args.golden}")
         return 0
+    result = run(args.data or data_dir())
     bad = 0
     for name, lines in result.items():
         want = (args.golden / f"{name}.jsonl").read_text().splitlines()

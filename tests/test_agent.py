@@ -23,7 +23,7 @@ def test_dermoscopy_case_is_accepted_with_cited_evidence():
     assert [x.probability for x in d.differential] == sorted((x.probability for x in d.differential), reverse=True)
     evidence_ids = {e.id for e in d.evidence}
     assert d.cited and set(d.cited) <= evidence_ids
-    assert "[kb:melanoma#dermoscopy]" in d.rationale  # [E1] tag rewritten to the real id
+    assert "[kb:melanoma#checklist]" in d.rationale  # the knowledge step cites the passage it consulted
     assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
     assert [t.step for t in d.trace] == list(range(1, 7))
     assert all(t.duration_s >= 0 for t in d.trace)
@@ -67,12 +67,12 @@ def test_clinical_uses_clinical_neighbours_only():
     assert not d.findings
 
 
-def test_contradicting_findings_trigger_revision_then_bounded_rounds():
-    # Findings say nevus (typical network, no veil) but classifier and LLM say melanoma.
+def test_real_disagreement_triggers_revision_then_bounded_rounds():
+    # Findings say nevus (typical network, no veil); classifier, cases and LLM say melanoma; a strict target.
     from agent.testing import concept_heads
 
     b = backends(concept_heads=concept_heads({"pigment_network": "typical"}))
-    agent = Agent(backends=b, overrides=["verifier.max_rounds=2"])
+    agent = Agent(backends=b, overrides=["verifier.max_rounds=2", "verifier.target_accuracy={dermoscopy: 0.95}"])
     d = agent.diagnose(img())
     nodes = [t.node for t in d.trace]
     assert nodes.count("reason") == 2 and nodes.count("verify") == 2
@@ -82,6 +82,19 @@ def test_contradicting_findings_trigger_revision_then_bounded_rounds():
     second_reason = [t for t in d.trace if t.node == "reason"][1]
     assert second_reason.inputs["feedback"]
     assert d.rounds == 2 and d.verdict in ("accept", "abstain")
+    assert d.reasoning_steps[-1].kind == "verdict"
+
+
+def test_findings_enter_the_decision_in_the_first_round():
+    # Identical classifier/cases/LLM; only the findings differ: the fused melanoma probability moves with them.
+    from agent.testing import concept_heads
+
+    mel = Agent(backends=backends()).diagnose(img())
+    nev = Agent(backends=backends(concept_heads=concept_heads({"pigment_network": "typical"}))).diagnose(img())
+    p = lambda d: {x.label: x.probability for x in d.differential}["mel"]  # noqa: E731
+    assert p(nev) < p(mel)
+    first = [t for t in nev.trace if t.node == "reason"][0].outputs["reasoning"]
+    assert first["round"] == 1 and "morphology" in first["expert_probs"]
 
 
 def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
@@ -101,12 +114,44 @@ def test_json_path_for_chat_only_backends():
     assert reason_out["llm_probs"]["nv"] == pytest.approx(0.7)
 
 
-def test_echoing_rationale_is_retried_then_replaced():
-    llm = TestLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
+def test_no_summary_by_default():
+    llm = TestLLM()
     d = Agent(backends=backends(llm=llm)).diagnose(img())
+    assert llm.chats == [] and d.summary_check is None and "Summary:" not in d.rationale
+
+
+def test_unusable_summary_is_retried_then_left_out():
+    llm = TestLLM(["Candidates: melanoma", "Image modality: x", "Give the most likely"])
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert len(llm.chats) == 3  # 1 + retries(2)
-    assert d.rationale.startswith("Evidence fusion ranks")
+    assert d.rationale.startswith("Image modality") and "Summary:" not in d.rationale
     assert d.cited
+
+
+def test_summary_failing_the_claim_check_is_withheld_and_traced():
+    llm = TestLLM(["Melanoma is a type of benign keratosis with arborizing vessels [case:nowhere]."])
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
+    assert "Summary:" not in d.rationale and "type of benign keratosis" not in d.rationale
+    assert d.summary_check is not None and not d.summary_check.passed
+    kinds = {f.split(":")[0] for f in d.summary_check.failures}
+    assert {"citation", "finding"} <= kinds
+    assert any("claim check" in n for n in [t for t in d.trace if t.node == "reason"][0].notes)
+
+
+def test_supported_summary_is_shown():
+    llm = TestLLM(["The atypical pigment network and the blue-whitish veil fit melanoma [E1]."])
+    d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
+    assert d.summary_check.passed and "Summary: The atypical pigment network" in d.rationale
+
+
+def test_steps_cite_only_evidence_of_the_case():
+    d = Agent(backends=backends()).diagnose(img())
+    ids = {e.id for e in d.evidence} | {f"finding:{f.criterion}" for f in d.findings} | {f"expert:{e}" for e in ("classifier", "knn", "morphology", "llm")}
+    kinds = [s.kind for s in d.reasoning_steps]
+    assert kinds[0] == "observation" and kinds[-1] == "verdict" and {"knowledge", "expert", "fusion"} <= set(kinds)
+    for step in d.reasoning_steps:
+        assert set(step.evidence) <= ids, step
+    assert d.prediction_set and d.prediction_set[0] == d.label and d.prediction_set_alpha == 0.1
 
 
 def test_stream_yields_each_step_then_the_diagnosis():
@@ -129,17 +174,28 @@ def test_self_consistency_uses_k_samples():
     assert llm.scored == 4
 
 
-def test_clinical_needs_every_expert_to_agree():
-    # The LLM prefers something the retrieved cases do not: at k=1 a clinical case must abstain.
+def test_clinical_disagreement_abstains_and_says_what_would_help():
+    # The LLM prefers something the retrieved cases do not: the acceptance score drops below the threshold.
     llm = TestLLM(scores={"Acne vulgaris": -5.0, "melanoma": -1.0})
     from agent.testing import FakeCases
 
     cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Acne vulgaris", 0.88), ("dermnet:c", "mel", 0.5)])
     d = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=llm, cases=cases)).diagnose(img())
-    assert d.label == "Acne vulgaris" and d.verdict == "abstain"
-    assert any("disagree" in r for r in d.reasons)
+    assert d.verdict == "abstain"
+    assert "dermoscopic image" in d.reasoning_steps[-1].text
     ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=TestLLM(scores={"Acne vulgaris": -1.0}), cases=cases))
     assert ok.diagnose(img()).verdict == "accept"
+
+
+def test_modality_without_calibration_abstains_and_says_so():
+    from agent.testing import fusion_model
+
+    fm = fusion_model()
+    del fm.modalities["clinical"]
+    with pytest.raises(ValueError, match="no stacker for 'clinical'"):
+        Agent(backends=backends(modality_heads=modality_heads("clinical"), fusion=fm)).diagnose(img())
+    d = Agent(backends=backends(), overrides=["verifier.target_accuracy={clinical: 0.85}"]).diagnose(img())
+    assert d.verdict == "abstain" and any("no risk calibration for dermoscopy" in r for r in d.reasons)
 
 
 def test_partial_runs_stop_where_asked_and_keep_the_routing():

@@ -70,7 +70,10 @@ def test_diagnosis_run_cache_resume_rescore(tmp_path):
     assert len(keys) == 6 == len(set(keys))
     assert any("cases/s" in m for m in logs)
     m = summary["metrics"]
-    assert m["n_scored"] == 6 and set(m["systems"]) == {"classifier", "knn", "llm", "agent"}
+    assert m["n_scored"] == 6 and set(m["systems"]) == {"classifier", "knn", "morphology", "llm", "agent"}
+    assert m["prediction_sets"]["n_with_calibrated_set"] == 6 and 0 <= m["prediction_sets"]["coverage"] <= 1
+    g = m["grounding"]
+    assert g["n"] == 6 and g["citations_exist"] == 6 and g["unsupported_claims"] == 0 and g["claims_checked"] > 0
     # the doubles: classifier says mel, every system ends on mel
     assert m["systems"]["classifier"]["headline"]["accuracy"]["value"] == pytest.approx(3 / 6)
     assert m["headline"]["mel_sensitivity"]["value"] == 1.0
@@ -126,10 +129,12 @@ def test_ablations_from_one_record():
         ],
     }  # fmt: skip
     p = system_predictions(diag)
-    assert p == {"classifier": ("nv", 0.7), "knn": ("nv", 0.5), "llm": ("bcc", 0.9), "agent": ("mel", 0.6)}
+    assert p == {"classifier": ("nv", 0.7), "knn": ("nv", 0.5), "morphology": (None, None), "llm": ("bcc", 0.9), "agent": ("mel", 0.6)}
     assert system_predictions({"label": None, "trace": [{"node": "encode", "outputs": {"encoding": {"classifier_probs": {"nv": 1.0}}}}]})["llm"] == (None, None)
     s = selective_scores(diag)
     assert s["confidence"] == 0.6 and s["confidence_x_consistency"] == 0.3 and s["verdict_then_confidence"] == 0.6
+    assert s["acceptance"] == 0.6  # no acceptance score in the record: falls back to the confidence
+    assert selective_scores({**diag, "acceptance_score": 0.2})["acceptance"] == 0.2
 
 
 def test_fairness_worst_group_and_gap():

@@ -116,7 +116,8 @@ def test_inconsistent_trained_score_sends_back_then_abstains():
     assert d.verdict == "abstain" and any("P(consistent) 0.05 < 0.50" in r for r in d.reasons)
 
 
-def test_default_config_keeps_the_rules():
+def test_default_config_uses_risk_control_without_the_trained_score():
     d = Agent(backends=backends()).diagnose(_img())
     v = [t for t in d.trace if t.node == "verify"][-1]
-    assert v.model_id == "consistency-rules" and v.outputs["verification"]["consistency_score"] is None
+    assert v.model_id == "risk-control" and v.outputs["verification"]["consistency_score"] is None
+    assert v.outputs["verification"]["acceptance_score"] is not None

@@ -20,6 +20,7 @@ TRAINERS: dict[str, str] = {
     "describer": "training.describer_vlm",
     "reasoner-sft": "training.reasoner_sft",
     "reasoner-grpo": "training.reasoner_grpo",
+    "fusion": "training.fusion",
 }
 
 

@@ -268,7 +268,8 @@ def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
 
 def render_state(row: CaseRow, stats: np.ndarray, agent):
     """The agent's state after modality → morphology → retrieval, run by the agent's graph from the cached
-    encoder outputs, with the row's own image(s) left out of its retrieved cases."""
+    encoder outputs, with the row's own image(s) left out of its retrieved cases. Every expert runs, on a
+    rejected image too (the whole graph would send it to the verifier): training data records them all."""
     from agent.state import CaseState, ImageEncoding, PatientMetadata
 
     enc = ImageEncoding(
@@ -279,7 +280,8 @@ def render_state(row: CaseRow, stats: np.ndarray, agent):
     )
     metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
     state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))
-    return agent.run(state, start_at="modality", until="retrieve")
+    state = agent.run(state, start_at="modality", until="modality")
+    return agent.run(state, start_at="morphology", until="retrieve")
 
 
 _OPENERS = ["{finding}", "The findings fit {name}: {finding}", "{Finding} point to {name}", "Dermoscopy shows {finding}, typical of {name}"]

@@ -1,24 +1,30 @@
-"""Diagnosis reasoner: the LLM ranks the candidates from the evidence and writes a cited rationale.
+"""Diagnosis reasoner: every expert's distribution over the candidates, a calibrated stacker, a conformal
+prediction set, and the reasoning as checkable steps.
 
-Scoring backends (transformers, vLLM) give the LLM's distribution over candidates by scoring each
-candidate as the continuation of ``Diagnosis: ``: decoding is constrained to the candidate list, so the
-output is always well formed. Backends that cannot score are asked for JSON with retries. The LLM's
-distribution is fused with the classifier and retrieved cases by calibrated weights (``agent.fusion``);
-when the LLM output is unusable the node falls back to the fusion of the other experts and says so.
+Experts: the lesion classifier (dermoscopy), similar cases (kNN votes), the findings model
+(P(diagnosis | 7-point findings), learned from Derm7pt) and the LLM. Scoring backends (transformers,
+vLLM) give the LLM's distribution by scoring each candidate as the continuation of ``Diagnosis: ``;
+backends that cannot score are asked for JSON with retries. The stacker (``models.stacker``, fitted by
+``dermgraph train fusion`` on images the classifier has not seen) fuses them; a missing expert
+contributes nothing and the steps say so. The rationale is rendered from the steps; the LLM's own
+summary is shown only when it passes the claim check (``agent.claims``).
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 from pydantic import BaseModel, Field
 
 from agent.config import AgentConfig
-from agent.consistency import morphology_agreement
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
 from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, TAG, conversation, evidence_tags, render_user, usable_rationale
 from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
 from models.vocabulary import HAM_CLASSES, HAM_NAMES
+
 
 class LLMAnswer(BaseModel):
     """JSON answer requested from backends that cannot score continuations."""
@@ -31,9 +37,9 @@ class LLMAnswer(BaseModel):
 def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], dict[str, str]]:
     """Candidate labels and their display names: the classifier's classes where the modality's route
     has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``)."""
+    max_candidates = config.reasoner.max_candidates
     if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
-    max_candidates = config.reasoner.max_candidates
     knn = state.retrieval.knn_probs if state.retrieval else {}
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
     if not labels and state.retrieval:
@@ -42,29 +48,13 @@ def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], di
 
 
 def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
-    """The classifier's probabilities as the prompt shows them: temperature-scaled by the fusion's
-    ``w_classifier`` (modalities routed to the classifier only; None otherwise). Training renders cases
-    with this same function."""
+    """The classifier's probabilities as the prompt shows them: raised to the power
+    ``reasoner.classifier_display_weight`` and renormalised (modalities routed to the classifier only; None
+    otherwise). Training renders cases with this same function."""
     clf = state.encoding.classifier_probs if rt.config.route(state.modality.label).classifier and state.encoding else None
     if not clf:
         return None
-    params = rt.fusion.get(state.modality.label, {})
-    return fuse(candidates, {"w_classifier": params.get("w_classifier", 1.0)}, classifier=clf)
-
-
-def expected_agreements(state: CaseState, rt, candidates: list[str]) -> dict[str, float]:
-    """Morphology agreement of each candidate with the observed findings (candidates with KB expectations only)."""
-    if not state.morphology or not state.morphology.findings:
-        return {}
-    observed = {f.criterion: f.probs for f in state.morphology.findings}
-    out = {}
-    for c in candidates:
-        entry = rt.knowledge.entry_for_label(c)
-        if entry is not None and entry.expected_7pt:
-            score = morphology_agreement(observed, entry.expected_7pt)
-            if score is not None:
-                out[c] = score
-    return out
+    return fuse(candidates, {"w_classifier": rt.config.reasoner.classifier_display_weight}, classifier=clf)
 
 
 def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str, float]:
@@ -122,66 +112,146 @@ def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
     return [ev.id for ev in sorted(evs, key=lambda e: -e.score)[:k]]
 
 
+def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[str, float] | None]:
+    """Every non-LLM expert's distribution over ``cands`` that the modality's stacker reads."""
+    mod = state.modality.label
+    mf = model.modalities[mod]
+    out: dict[str, dict[str, float] | None] = {}
+    if "classifier" in mf.experts:
+        out["classifier"] = dict(state.encoding.classifier_probs) if state.encoding and rt.config.route(mod).classifier else None
+    if "knn" in mf.experts:
+        out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
+    if "morphology" in mf.experts:
+        observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+        out["morphology"] = model.morphology_expert.predict(observed) if model.morphology_expert is not None and observed else None
+    return out
+
+
+def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
+    """Knowledge steps (and the passages they cite) for ``labels``."""
+    from agent.steps import consulted_passage, knowledge_step
+
+    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    steps, consulted = [], []
+    for c in labels:
+        entry = rt.knowledge.entry_for_label(c)
+        if entry is None:
+            continue
+        passage = consulted_passage(entry, state.modality.label)
+        if passage is None:
+            continue
+        if state.modality.label == "dermoscopy" and entry.expected_7pt and observed:
+            steps.append(knowledge_step(c, names[c], entry, passage, observed))
+        else:
+            from agent.state import ReasoningStep
+
+            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
+                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
+        consulted.append(passage)
+    return steps, consulted
+
+
+def _first_sentences(text: str, limit: int = 220) -> str:
+    """Whole sentences of ``text`` up to ``limit`` characters (at least the first)."""
+    out = ""
+    for sentence in re.split(r"(?<=[.;])\s+", text.strip()):
+        if out and len(out) + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out if out.endswith((".", ";")) else out + "."
+
+
+def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, evidence_ids, tags) -> tuple[str | None, object, int]:
+    """The LLM's one-line summary, claim-checked: (text to show or None, the check result, attempts)."""
+    from agent.claims import check_text
+    from agent.state import ClaimCheckResult
+
+    text, attempts = _rationale(rt, state, cands, names, clf_display, feedback, names[top], cfg)
+    if text is None:
+        return None, None, attempts
+    text, _ = _cite(text, tags)
+    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    check = check_text(text, candidates=cands, observed=observed, kb=rt.knowledge, evidence_ids=evidence_ids)
+    result = ClaimCheckResult(text=text, passed=check.passed, failures=check.reasons())
+    return (text if check.passed else None), result, attempts
+
+
 def reason(state: CaseState, rt: Backends) -> NodeOutput:
+    from agent.steps import expert_id, expert_steps, fusion_step, observation_steps, render_rationale
+
     cfg = rt.config.reasoner
     round_ = state.round + 1
+    mod = state.modality.label
     feedback = state.verification.feedback if state.verification and state.verification.decision == "revise" else None
     cands, names = candidates_for(state, rt.config)
-    params = rt.fusion.get(state.modality.label, {})
-    clf = state.encoding.classifier_probs if rt.config.route(state.modality.label).classifier else None
+    model = rt.fusion
+    if mod not in model.modalities:
+        raise ValueError(f"fusion artifact {cfg.fusion!r} has no stacker for {mod!r} images (calibrated: {', '.join(model.modalities)})")
+    mf = model.modalities[mod]
     clf_display = classifier_display(state, rt, cands)
-    knn = state.retrieval.knn_probs or None if state.retrieval else None
-    agreements = expected_agreements(state, rt, cands) if feedback else None
-    morph_w = float(params.get("w_morphology_on_revise", 1.0)) if feedback else 0.0
     notes: list[str] = []
     tags = evidence_tags(state.retrieval.evidence) if state.retrieval else {}
+    experts = _experts(state, rt, model, cands)
 
-    llm_probs, llm_text, source, samples = None, "", "llm", []
-    try:
-        llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
-        for i in range(1, cfg.num_samples):
-            p_i = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=rt.config.seed + i)
-            fused_i = fuse(cands, params, classifier=clf, knn=knn, llm=p_i, agreement=agreements, morph_weight=morph_w)
-            samples.append(next(iter(fused_i)))
-    except NotImplementedError:
-        notes.append("backend cannot score continuations: asked for JSON")
-        llm_probs, llm_text, json_notes = _json_answer(rt, state, cands, names, clf_display, feedback, cfg.retries)
-        notes += json_notes
-    if llm_probs is None:
-        source = "fallback"
-        notes.append("LLM output unusable after retries: evidence-fusion ranking used")
+    llm_probs, source, samples = None, "llm", []
+    if "llm" in mf.experts:
+        try:
+            llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
+            for i in range(1, cfg.num_samples):
+                p_i = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=rt.config.seed + i)
+                samples.append(mf.decide(mf.fuse(cands, {**experts, "llm": p_i}).probs))
+        except NotImplementedError:
+            notes.append("backend cannot score continuations: asked for JSON")
+            llm_probs, _, json_notes = _json_answer(rt, state, cands, names, clf_display, feedback, cfg.retries)
+            notes += json_notes
+        if llm_probs is None:
+            source = "fallback"
+            notes.append("LLM output unusable after retries: fused without it")
+        experts["llm"] = llm_probs
 
-    fused = fuse(cands, params, classifier=clf, knn=knn, llm=llm_probs, agreement=agreements, morph_weight=morph_w)
-    top = next(iter(fused))
+    fused = mf.fuse(cands, experts)
+    order = mf.rank(fused.probs)  # decision order (calibrated probabilities, cost-sensitive ranking)
+    top = order[0]
     samples = [top] + samples
-    if source == "fallback" or cfg.num_samples == 1:
-        # Without LLM re-scorings, confidence consistency is the agreement of each available single
-        # expert (classifier, retrieved cases, the LLM's own ranking) with the fused answer.
-        experts = {"classifier": clf, "knn": knn, "llm": llm_probs}
+    if cfg.num_samples == 1 or source == "fallback":
+        # Confidence consistency without LLM re-scorings: agreement of each available single expert with the fused answer.
         samples += [max(p, key=p.get) for p in experts.values() if p]
+    pred_set = mf.prediction_set(fused.probs, cfg.conformal_alpha)
+    set_source = mf.calibration_source
+    set_alpha: float | None = cfg.conformal_alpha
+    if math.isinf(mf.qhat(cfg.conformal_alpha)):
+        recall = mf.meta.get("candidate_recall")
+        set_source = (f"{1 - cfg.conformal_alpha:.0%} coverage is not attainable for {mod} images: the candidate list held the true diagnosis in "
+                      f"{recall:.0%} of calibration cases; the set is every candidate ({mf.calibration_source})") if recall is not None else \
+                     f"{1 - cfg.conformal_alpha:.0%} coverage is not attainable with this calibration; the set is every candidate ({mf.calibration_source})"  # fmt: skip
+        notes.append(set_source)
+        set_alpha = None
+    used = {e: fused.contributions[e] for e in fused.experts_used if e in fused.contributions}
 
-    rationale, cited = "", []
-    if source == "llm":
-        if llm_text and usable_rationale(llm_text):
-            rationale = llm_text
-        else:
-            text, attempts = _rationale(rt, state, cands, names, clf_display, feedback, names[top], cfg)
-            if text is None:
-                notes.append(f"rationale unusable after {attempts} attempts: evidence summary used instead")
-            else:
-                rationale = text
-        rationale, cited = _cite(rationale, tags)
-    support = _supporting(state, rt, top)
-    if not rationale:
-        clf_txt = f"classifier {clf_display[top]:.2f}" if clf_display and top in clf_display else "no classifier"
-        knn_txt = f"similar cases {knn.get(top, 0):.2f}" if knn else "no similar cases"
-        rationale = f"Evidence fusion ranks {names[top]} first ({clf_txt}; {knn_txt})."
-    missing = [i for i in support if i not in cited]
-    if missing:
-        rationale += " Supporting evidence: " + ", ".join(f"[{i}]" for i in missing) + "."
-        cited += missing
+    steps = observation_steps(state)
+    knowledge_labels = list(dict.fromkeys([top, *pred_set]))[: cfg.knowledge_steps]
+    k_steps, consulted = _knowledge(state, rt, knowledge_labels, names)
+    steps += k_steps
+    steps += expert_steps({e: p for e, p in experts.items() if p}, names, state, cands)
+    steps.append(fusion_step(fused.probs, used, pred_set, set_alpha, names, fused.missing, top))
 
-    differential = [DifferentialItem(label=c, name=names[c], probability=p) for c, p in fused.items()]
+    expert_probs = {e: {c: round(float(v), 5) for c, v in p.items() if c in set(cands)} for e, p in experts.items() if p}
+    evidence_ids = {e.id for e in (state.retrieval.evidence if state.retrieval else [])} | {e.id for e in consulted}
+    evidence_ids |= {expert_id(e) for e in expert_probs} | {f"finding:{f.criterion}" for f in (state.morphology.findings if state.morphology else [])}
+
+    summary, check = None, None
+    if cfg.llm_summary and source == "llm":
+        summary, check, attempts = _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, evidence_ids, tags)
+        if check is None:
+            notes.append(f"LLM summary unusable after {attempts} attempts: not shown")
+        elif not check.passed:
+            notes.append("LLM summary failed the claim check (not shown): " + "; ".join(check.failures))
+    rationale = render_rationale(steps)
+    if summary:
+        rationale += f" Summary: {summary}"
+    cited = [i for i in dict.fromkeys(e for s in steps for e in s.evidence) if not i.startswith(("finding:", "expert:"))]
+
+    differential = [DifferentialItem(label=c, name=names[c], probability=fused.probs[c]) for c in order]
     result = ReasonerResult(
         differential=differential,
         rationale=rationale.strip(),
@@ -191,6 +261,14 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
         samples=samples,
         round=round_,
         notes=notes,
+        expert_probs=expert_probs,
+        contributions=used,
+        prediction_set=pred_set,
+        prediction_set_alpha=set_alpha,
+        prediction_set_calibration=set_source,
+        steps=steps,
+        consulted=consulted,
+        summary_check=check,
     )
     return NodeOutput(
         {"reasoning": result, "round": round_},
@@ -198,8 +276,8 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
             "candidates": cands,
             "evidence_ids": list(tags.values()),
             "feedback": feedback,
-            "classifier_top": max(clf, key=clf.get) if clf else None,
+            "experts": sorted(expert_probs),
         },
-        model_id=getattr(rt.llm, "model_id", None),
+        model_id=getattr(rt.llm, "model_id", None) if "llm" in mf.experts else model.meta.get("id"),
         notes=notes,
     )

@@ -1,17 +1,35 @@
-"""Consistency verifier: accept, send back to the reasoner with the disagreement, or abstain."""
+"""Consistency verifier: accept only what the calibration says it can stand behind; send real
+disagreements back to the reasoner; otherwise abstain and say what would resolve the case.
+
+Acceptance is risk-controlled: the fusion artifact's acceptance model scores the probability that the
+top label is right from every signal (fused confidence, margin, prediction-set size, expert agreement,
+the findings model), and the case is accepted only when that score reaches the SGR threshold
+(Geifman & El-Yaniv 2017) for the modality's ``verifier.target_accuracy``: on the calibration data the
+accuracy of accepted cases then meets the target with probability >= 1 - ``risk_delta``.
+"""
 
 from __future__ import annotations
+
+import math
 
 from agent.consistency import contradictions, morphology_agreement, self_consistency
 from agent.nodes.base import NodeOutput
 from agent.runtime import Backends
-from agent.state import CaseState, Verdict
+from agent.state import CaseState, ReasoningStep, Verdict
 
 REFER = "refer to a dermatologist"
 
 
-def _abstain(reasons: list[str], confidence: float = 0.0, consistency: float = 0.0, agreement=None, score=None) -> Verdict:
-    return Verdict(decision="abstain", confidence=confidence, self_consistency=consistency, morphology_agreement=agreement, consistency_score=score, reasons=reasons + [REFER])
+def _abstain(reasons: list[str], confidence: float = 0.0, consistency: float = 0.0, agreement=None, score=None, resolve: str | None = None, **extra) -> Verdict:
+    text = "Abstained: " + "; ".join(reasons) + f". Recommendation: {REFER}."
+    if resolve:
+        text += f" What would help: {resolve}."
+    return Verdict(decision="abstain", confidence=confidence, self_consistency=consistency, morphology_agreement=agreement, consistency_score=score,
+                   reasons=reasons + [REFER], step=ReasoningStep(kind="verdict", text=text, data={"decision": "abstain", **extra}), **_scores(extra))  # fmt: skip
+
+
+def _scores(extra: dict) -> dict:
+    return {k: extra[k] for k in ("acceptance_score", "acceptance_threshold", "target_accuracy") if k in extra}
 
 
 def trained_consistency(state: CaseState, rt: Backends) -> tuple[float | None, float | None, str | None]:
@@ -31,59 +49,84 @@ def trained_consistency(state: CaseState, rt: Backends) -> tuple[float | None, f
     return score, threshold, model.model_id
 
 
+def _resolution(state: CaseState, names: dict[str, str]) -> str:
+    """What would let the agent (or a reader) decide an abstained case."""
+    r = state.reasoning
+    mod = state.modality.label
+    if mod == "clinical":
+        return "a dermoscopic image of the lesion (the clinical-photo path is not calibrated to the target accuracy), or a dermatologist's examination"
+    if len(r.prediction_set) > 1:
+        return "distinguishing " + " from ".join(names.get(c, c) for c in r.prediction_set[:3]) + " needs a dermatologist's examination or a biopsy"
+    return "a dermatologist's examination (the experts do not agree with enough confidence)"
+
+
 def verify(state: CaseState, rt: Backends) -> NodeOutput:
+    from models.stacker import acceptance_features
+
     cfg = rt.config.verifier
     mod = state.modality
     if mod is None or mod.rejected:
-        verdict = _abstain([f"image rejected: {mod.reason if mod else 'unreadable'}"])
+        verdict = _abstain([f"image rejected: {mod.reason if mod else 'unreadable'}"], resolve="a sharp, well-lit image of the skin lesion")
         return NodeOutput({"verification": verdict}, inputs={"modality": mod.label if mod else None})
     if state.reasoning is None:
-        verdict = _abstain([f"no diagnosis model for {mod.label} images; findings and evidence are reported for a specialist"])
+        verdict = _abstain([f"no diagnosis model for {mod.label} images; findings and evidence are reported for a specialist"],
+                           resolve="review by a dermatopathologist" if mod.label == "histopathology" else None)  # fmt: skip
         return NodeOutput({"verification": verdict}, inputs={"modality": mod.label})
 
     r = state.reasoning
     top = r.top
+    names = {d.label: d.name for d in r.differential}
     consistency = self_consistency(top.label, r.samples[1:])
+    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology and state.morphology.findings else {}
     agreement, contra = None, []
-    if state.morphology and state.morphology.findings:
-        entry = rt.knowledge.entry_for_label(top.label)
-        if entry is not None and entry.expected_7pt:
-            observed = {f.criterion: f.probs for f in state.morphology.findings}
-            agreement = morphology_agreement(observed, entry.expected_7pt)
-            contra = contradictions(observed, entry.expected_7pt)
+    entry = rt.knowledge.entry_for_label(top.label)
+    if observed and entry is not None and entry.expected_7pt:
+        agreement = morphology_agreement(observed, entry.expected_7pt)
+        contra = contradictions(observed, entry.expected_7pt, threshold=cfg.min_morphology_agreement)
 
-    score, threshold, model_id = trained_consistency(state, rt)
+    model = rt.fusion
+    mf = model.modalities.get(mod.label)
+    target = cfg.target_accuracy.get(mod.label)
+    inputs = {"top": top.label, "p": top.probability, "round": state.round, "samples": r.samples, "prediction_set": r.prediction_set}
+    if mf is None or target is None or not len(mf.acceptance_kappa):
+        why = f"no risk calibration for {mod.label} images" + ("" if target is not None else " (no target accuracy configured)")
+        verdict = _abstain([why], top.probability, consistency, agreement, resolve=_resolution(state, names))
+        return NodeOutput({"verification": verdict}, inputs=inputs, model_id="risk-control")
+
+    tops = {e: (max(p, key=p.get) if p else None) for e, p in r.expert_probs.items() if e != "morphology"}
+    signals = acceptance_features({d.label: d.probability for d in r.differential}, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label)
+    score = mf.acceptance_score(signals)
+    theta, info = mf.threshold(target, cfg.risk_delta)
+    extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}
     problems = []
-    if top.probability < cfg.accept_confidence:
-        problems.append(f"low confidence in {top.name} (p={top.probability:.2f} < {cfg.accept_confidence})")
-    min_consistency = cfg.min_self_consistency_by_modality.get(mod.label, cfg.min_self_consistency)
-    if consistency < min_consistency:
-        problems.append(f"sampled answers disagree with {top.label} (consistency {consistency:.2f} < {min_consistency}; samples {r.samples[1:]})")
-    if score is not None:
-        # The trained score replaces the rule score; rule contradictions only phrase the feedback.
-        morphology_problem = score < threshold
-        if morphology_problem:
-            problems.append(f"findings do not match {top.name} (P(consistent) {score:.2f} < {threshold:.2f}, {model_id})")
-            contra = contra or [f"the findings fit {top.name} poorly (P(consistent)={score:.2f})"]
-        else:
-            contra = []
-    elif agreement is not None and agreement < cfg.min_morphology_agreement:
-        problems.append(f"findings do not match {top.name} (agreement {agreement:.2f} < {cfg.min_morphology_agreement})")
+    if score < theta:
+        problems.append(f"acceptance score {score:.2f} below the threshold {'∞' if math.isinf(theta) else f'{theta:.2f}'} that keeps accepted {mod.label} cases ≥ {target:.0%} accurate")
     if mod.confidence < rt.config.modality.min_confidence:
         problems.append(f"modality uncertain (p={mod.confidence:.2f})")
+    cscore, cthreshold, cmodel = trained_consistency(state, rt)
+    if cscore is not None and cscore < cthreshold:
+        problems.append(f"findings do not match {top.name} (P(consistent) {cscore:.2f} < {cthreshold:.2f}, {cmodel})")
+        contra = contra or [f"the findings fit {top.name} poorly (P(consistent)={cscore:.2f})"]
 
-    inputs = {"top": top.label, "p": top.probability, "round": state.round, "samples": r.samples}
+    llm_top = max(r.llm_probs, key=r.llm_probs.get) if r.llm_probs else None
+    disagreement = llm_top is not None and llm_top != top.label
+    # A revision can only change the answer where the LLM (which reads the feedback) is one of the fused experts.
+    can_revise = "llm" in mf.experts
     if not problems:
-        summary = f"{top.name}: p={top.probability:.2f}, consistency {consistency:.2f}"
-        if agreement is not None:
-            summary += f", morphology agreement {agreement:.2f}"
-        if score is not None:
-            summary += f", P(consistent) {score:.2f}"
-        verdict = Verdict(decision="accept", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement, consistency_score=score, reasons=[summary])
-    elif state.round < cfg.max_rounds and (contra or consistency < min_consistency):
-        feedback = "; ".join(contra) if contra else "the ranking is unstable under re-ordering of the evidence"
-        verdict = Verdict(decision="revise", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement, consistency_score=score,
-                          reasons=problems, feedback=f"{top.name} is questionable: {feedback}. Weigh candidates whose expected morphology matches the findings.")  # fmt: skip
+        text = (f"Accepted {top.name} (p={top.probability:.2f}): acceptance score {score:.2f} ≥ {theta:.2f}, the threshold at which accepted "
+                f"{mod.label} cases reached {target:.0%} accuracy on calibration data ({info.get('accepted')} of {info.get('n')} accepted).")  # fmt: skip
+        verdict = Verdict(decision="accept", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement, consistency_score=cscore,
+                          reasons=[text], step=ReasoningStep(kind="verdict", text=text, data={"decision": "accept", **extra}), **extra)  # fmt: skip
+    elif can_revise and state.round < cfg.max_rounds and (disagreement or contra):
+        why = []
+        if contra:
+            why.append("; ".join(contra))
+        if disagreement:
+            why.append(f"the language model prefers {names.get(llm_top, llm_top)} while the experts' fusion prefers {top.name}")
+        feedback = f"{top.name} is questionable: {'; '.join(why)}. Weigh candidates whose expected morphology matches the findings."
+        text = f"Sent back to the reasoner: {'; '.join(problems)}; {'; '.join(why)}."
+        verdict = Verdict(decision="revise", confidence=top.probability, self_consistency=consistency, morphology_agreement=agreement, consistency_score=cscore,
+                          reasons=problems, feedback=feedback, step=ReasoningStep(kind="verdict", text=text, data={"decision": "revise", **extra}), **extra)  # fmt: skip
     else:
-        verdict = _abstain(problems, top.probability, consistency, agreement, score)
-    return NodeOutput({"verification": verdict}, inputs=inputs, model_id=model_id or "consistency-rules")
+        verdict = _abstain(problems, top.probability, consistency, agreement, cscore, resolve=_resolution(state, names), **extra)
+    return NodeOutput({"verification": verdict}, inputs=inputs, model_id=cmodel or "risk-control")

@@ -25,7 +25,7 @@ from evals.cache import AGENT
 from evals.classification import fmt, headline_names, score
 from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
 
-SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "llm": "LLM reasoner alone", "agent": "full agent"}
+SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "morphology": "findings model alone", "llm": "LLM reasoner alone", "agent": "full agent"}
 NO_ANSWER = "none"
 """Prediction of a system that gave no answer for a case (counts as wrong)."""
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
@@ -55,17 +55,35 @@ def system_predictions(diagnosis: dict[str, Any]) -> dict[str, tuple[str | None,
     return {
         "classifier": _top(enc.get("classifier_probs")),
         "knn": _top(ret.get("knn_probs")),
+        "morphology": _top((rea.get("expert_probs") or {}).get("morphology")),
         "llm": _top(rea.get("llm_probs")),
         "agent": (diagnosis.get("label"), agent_p if diagnosis.get("label") else None),
     }
 
 
+def grounding(diagnosis: dict[str, Any], kb) -> dict[str, Any]:
+    """Whether every reasoning step cites ids that exist in the case, and the claim check of the rationale."""
+    from agent.claims import check_text
+
+    ids = {e["id"] for e in diagnosis.get("evidence") or []}
+    ids |= {f"finding:{f['criterion']}" for f in diagnosis.get("findings") or []}
+    ids |= {f"expert:{e}" for e in ("classifier", "knn", "morphology", "llm")}
+    steps = diagnosis.get("reasoning_steps") or []
+    missing = sorted({e for st in steps for e in st.get("evidence", []) if e not in ids})
+    observed = {f["criterion"]: f.get("probs") or {f["value"]: f["confidence"]} for f in diagnosis.get("findings") or []}
+    check = check_text(diagnosis.get("rationale") or "", candidates=[d["label"] for d in diagnosis.get("differential") or []], observed=observed, kb=kb, evidence_ids=ids)
+    return {"citations_exist": not missing, "missing_citations": missing, "claims": len(check.claims), "unsupported": check.reasons()}
+
+
 def selective_scores(diagnosis: dict[str, Any]) -> dict[str, float]:
-    """Scores for selective prediction from the verifier's verdict: its confidence (the top label's
-    probability), confidence x self-consistency, and accepted-before-abstained (then confidence)."""
+    """Scores for selective prediction from the verifier's verdict: its acceptance score (the estimated
+    probability that the label is right; the confidence where there is none), its confidence (the top
+    label's probability), confidence x self-consistency, and accepted-before-abstained (then confidence)."""
     conf = float(diagnosis.get("confidence") or 0.0)
     cons = diagnosis.get("self_consistency")
+    acc = diagnosis.get("acceptance_score")
     return {
+        "acceptance": float(acc) if acc is not None else conf,
         "confidence": conf,
         "confidence_x_consistency": conf * (1.0 if cons is None else float(cons)),
         "verdict_then_confidence": conf + (1.0 if diagnosis.get("verdict") == "accept" else 0.0),
@@ -101,7 +119,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     preds = [system_predictions(d) for d in diags]
 
     systems: dict[str, Any] = {}
-    for s in SYSTEMS:
+    for s in [s for s in SYSTEMS if s == "agent" or any(x[s][0] is not None for x in preds)]:
         p = [canon(x[s][0]) or NO_ANSWER for x in preds]
         res = score(y, p, labels, names, positive, n_boot, seed)
         res["n_no_answer"] = sum(x[s][0] is None for x in preds)
@@ -123,8 +141,8 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         lo, hi = bootstrap_ci(lambda k, a: k[a].mean() if a.any() else np.nan, correct, accepted, n=n_boot, seed=seed)
         abst["accuracy_on_accepted_ci95"] = [round(lo, 4), round(hi, 4)]
     coverages = [float(c) for c in opts.get("coverages", DEFAULT_COVERAGES)]
-    all_scores = {k: np.array([selective_scores(d)[k] for d in diags]) for k in ("confidence", "confidence_x_consistency", "verdict_then_confidence")}
-    main_score = str(opts.get("selective_score", "confidence"))
+    all_scores = {k: np.array([selective_scores(d)[k] for d in diags]) for k in ("acceptance", "confidence", "confidence_x_consistency", "verdict_then_confidence")}
+    main_score = str(opts.get("selective_score", "acceptance"))
     if main_score not in all_scores:
         raise ValueError(f"selective_score {main_score!r}; valid: {', '.join(all_scores)}")
     selective: dict[str, Any] = {"score": main_score, "by_score": {}}
@@ -145,9 +163,27 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         curves[name] = (cov[::step].tolist() + [float(cov[-1])], risk[::step].tolist() + [float(risk[-1])], aurc)
     selective.update(selective["by_score"][main_score])
 
+    # Prediction sets (split-conformal) and grounding of the reasoning.
+    with_set = [(d, t) for d, t in zip(diags, y) if d.get("prediction_set") and d.get("prediction_set_alpha") is not None]
+    sets: dict[str, Any] = {"n_with_calibrated_set": len(with_set), "n": len(diags)}
+    if with_set:
+        alphas = sorted({d["prediction_set_alpha"] for d, _ in with_set})
+        hit = np.array([canon(t) in {canon(c) for c in d["prediction_set"]} or t in d["prediction_set"] for d, t in with_set])
+        sets.update({"alpha": alphas, "coverage": round(float(hit.mean()), 4), "mean_size": round(float(np.mean([len(d["prediction_set"]) for d, _ in with_set])), 3)})
+        if n_boot and len(hit) > 1:
+            sets["coverage_ci95"] = [round(v, 4) for v in bootstrap_ci(lambda h: h.mean(), hit, n=n_boot, seed=seed)]
+    from retrieval.kb import KnowledgeBase
+
+    kb = KnowledgeBase()
+    g = [grounding(d, kb) for d in diags if d.get("reasoning_steps")]
+    ground = {"n": len(g), "citations_exist": int(sum(x["citations_exist"] for x in g)), "claims_checked": int(sum(x["claims"] for x in g)),
+              "unsupported_claims": int(sum(len(x["unsupported"]) for x in g)), "examples": [u for x in g for u in x["unsupported"]][:5],
+              "llm_summaries_shown": int(sum(bool((d.get("summary_check") or {}).get("passed")) for d in diags)),
+              "llm_summaries_withheld": int(sum((d.get("summary_check") or {}).get("passed") is False for d in diags))}  # fmt: skip
+
     conf_top = np.array([x["agent"][1] or 0.0 for x in preds])
     bins = reliability_bins(conf_top, correct, int(opts.get("calibration_bins", 10)))
-    calibration = {"ece": systems["agent"]["ece"], "bins": bins, "ece_by_system": {s: systems[s]["ece"] for s in SYSTEMS}}
+    calibration = {"ece": systems["agent"]["ece"], "bins": bins, "ece_by_system": {s: systems[s]["ece"] for s in systems}}
 
     # Fairness: every headline metric of the full agent per group.
     from evals.fairness import fairness, group_values
@@ -161,6 +197,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         "headline": systems["agent"]["headline"],
         "systems": {s: {k: v for k, v in res.items() if k != "predictions"} for s, res in systems.items()},
         "abstention": abst, "selective": selective, "calibration": calibration, "fairness": fair,
+        "prediction_sets": sets, "grounding": ground,
         "llm_fallback_rate": round(float(np.mean([d.get("reasoner_source") == "fallback" for d in diags])), 4),
         "mean_graph_seconds_per_case": round(float(np.mean(durations)), 3),
         "predictions": pstats,
@@ -170,7 +207,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     tables = _tables(metrics, systems, names, labels, coverages, fair)
     plots = _plots(ctx, metrics, systems, curves, fair, names)
     notes.append(f"{len(ok)} cases scored; headline metrics use the top label of every case (abstentions included) with percentile-bootstrap 95% CIs ({n_boot} resamples, seed {seed}).")
-    if systems["llm"]["n_no_answer"]:
+    if "llm" in systems and systems["llm"]["n_no_answer"]:
         notes.append(f"LLM alone gave no distribution for {systems['llm']['n_no_answer']} cases (fallback or no reasoning); counted as wrong.")
     return ProtocolResult(metrics=metrics, tables=tables, plots=plots, n_cases=len(ok), notes=notes)
 
@@ -186,9 +223,9 @@ def _write_cases_csv(ctx, cases, y, systems, diags, groups) -> None:
     with (ctx.out_dir / "cases.csv").open("w", newline="") as f:
         w = csv.writer(f)
         gnames = list(groups)
-        w.writerow(["id", "truth", *SYSTEMS, "verdict", "confidence", *gnames])
+        w.writerow(["id", "truth", *systems, "verdict", "confidence", *gnames])
         for i, (c, d) in enumerate(zip(cases, diags)):
-            w.writerow([c.id, y[i], *(systems[s]["predictions"][i] for s in SYSTEMS), d.get("verdict"), round(float(d.get("confidence") or 0), 4), *(groups[g][i] for g in gnames)])
+            w.writerow([c.id, y[i], *(systems[s]["predictions"][i] for s in systems), d.get("verdict"), round(float(d.get("confidence") or 0), 4), *(groups[g][i] for g in gnames)])
 
 
 def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
@@ -199,11 +236,11 @@ def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
     t = {}
     t[f"Diagnosis, all {n} cases (top label; 95% CI)"] = md_table(
         ["system", *names, "ECE", "no answer"],
-        [[SYSTEMS[s], *(fmt(systems[s]["headline"][m]) for m in names), f"{systems[s]['ece']:.3f}", systems[s]["n_no_answer"]] for s in SYSTEMS],
+        [[SYSTEMS[s], *(fmt(systems[s]["headline"][m]) for m in names), f"{systems[s]['ece']:.3f}", systems[s]["n_no_answer"]] for s in systems],
     )
     t["Per-class recall"] = md_table(
-        ["class", "n", *SYSTEMS.values()],
-        [[c, systems["agent"]["support"][c], *(f"{systems[s]['per_class_recall'][c]:.3f}" if c in systems[s]["per_class_recall"] else "-" for s in SYSTEMS)] for c in labels if systems["agent"]["support"][c]],
+        ["class", "n", *(SYSTEMS[s] for s in systems)],
+        [[c, systems["agent"]["support"][c], *(f"{systems[s]['per_class_recall'][c]:.3f}" if c in systems[s]["per_class_recall"] else "-" for s in systems)] for c in labels if systems["agent"]["support"][c]],
     )
     a, sel = metrics["abstention"], metrics["selective"]
     ci = a.get("accuracy_on_accepted_ci95")
@@ -216,6 +253,15 @@ def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
         if name != sel["score"]:
             rows.append([f"AURC ({name})", f"{e['aurc']['value']:.3f}"])
     t["Abstention and selective prediction (verifier scores)"] = md_table(["", "full agent"], rows)
+    ps, g = metrics["prediction_sets"], metrics["grounding"]
+    if ps.get("n_with_calibrated_set"):
+        ci = ps.get("coverage_ci95")
+        t["Prediction sets (split-conformal)"] = md_table(["α", "cases with a calibrated set", "coverage", "mean size"],
+                                                          [[", ".join(f"{a:g}" for a in ps["alpha"]), f"{ps['n_with_calibrated_set']} of {ps['n']}",
+                                                            f"{ps['coverage']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), f"{ps['mean_size']:.2f}"]])  # fmt: skip
+    if g["n"]:
+        t["Grounding of the reasoning"] = md_table(["cases", "all step citations exist", "claims checked in rationales", "unsupported claims", "LLM summaries shown / withheld"],
+                                                   [[g["n"], g["citations_exist"], g["claims_checked"], g["unsupported_claims"], f"{g['llm_summaries_shown']} / {g['llm_summaries_withheld']}"]])  # fmt: skip
     t.update(fairness_tables(fair, names))
     return t
 

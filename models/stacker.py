@@ -1,0 +1,272 @@
+"""The calibrated fusion artifact: morphology expert, per-modality stacker, conformal scores and risk control.
+
+One JSON file (written by ``dermgraph train fusion``) holds everything the reasoner and verifier need to
+turn the experts' outputs into a decision:
+
+* ``morphology_expert``: multinomial logistic model of P(diagnosis | 7-point finding probabilities),
+  fitted on Derm7pt train+extra with cross-fitted findings.
+* per modality, a stacker over the experts' log-probabilities: ``multinomial`` (a fixed class list,
+  dermoscopy) or ``conditional_logit`` (a per-case candidate list, clinical photos);
+* per modality, the calibration scores of the true label (split-conformal sets for any α) and the
+  acceptance model with its calibration (κ, correct) pairs (SGR threshold for any target risk).
+
+Inference is NumPy only; fitting lives in ``training/fusion.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from models.conformal import conformal_quantile, prediction_set, sgr_threshold
+
+FORMAT = "dermgraph-fusion/2"
+ACCEPTANCE_FEATURES = ("log_top", "margin", "set_size", "expert_agreement", "morphology_top")
+"""Signals of the acceptance model, in order (see :func:`acceptance_features`)."""
+
+
+def log_probs(p: Mapping[str, float] | None, classes: Sequence[str], eps: float) -> np.ndarray | None:
+    """log(max(p_c, eps)) renormalised over ``classes`` (None when the expert is missing)."""
+    if not p:
+        return None
+    v = np.array([max(float(p.get(c, 0.0)), eps) for c in classes])
+    return np.log(v / v.sum())
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+@dataclass
+class MorphologyExpert:
+    """P(diagnosis | findings): findings enter as the probability vectors of each criterion's values."""
+
+    inputs: list[tuple[str, str]]  # (criterion, value) per input column
+    classes: list[str]
+    coef: np.ndarray  # (n_classes, n_inputs)
+    intercept: np.ndarray
+    all_classes: list[str]
+    floor: float = 0.01  # mass for diagnoses the training data lacks (e.g. akiec in Derm7pt)
+
+    def design(self, findings: Mapping[str, Mapping[str, float]]) -> np.ndarray | None:
+        if not findings or not any(c in findings for c, _ in self.inputs):
+            return None
+        return np.array([float((findings.get(c) or {}).get(v, 0.0)) for c, v in self.inputs])
+
+    def predict(self, findings: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+        x = self.design(findings)
+        if x is None:
+            return None
+        p = softmax(self.coef @ x + self.intercept)
+        out = {c: self.floor for c in self.all_classes}
+        out.update({c: float(v) for c, v in zip(self.classes, p)})
+        total = sum(out.values())
+        return {c: v / total for c, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MorphologyExpert":
+        return cls([tuple(x) for x in d["inputs"]], list(d["classes"]), np.asarray(d["coef"], float), np.asarray(d["intercept"], float),
+                   list(d["all_classes"]), float(d.get("floor", 0.01)))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [list(x) for x in self.inputs], "classes": self.classes, "coef": self.coef.round(6).tolist(),
+                "intercept": self.intercept.round(6).tolist(), "all_classes": self.all_classes, "floor": self.floor}  # fmt: skip
+
+
+@dataclass
+class Fused:
+    """The stacker's output for one case."""
+
+    probs: dict[str, float]  # sorted, sums to 1
+    contributions: dict[str, dict[str, float]]  # expert → candidate → additive logit contribution (centred)
+    experts_used: list[str]
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModalityFusion:
+    """Stacker + conformal calibration + acceptance model of one modality."""
+
+    modality: str
+    kind: str  # multinomial | conditional_logit
+    experts: list[str]
+    eps: float
+    classes: list[str] = field(default_factory=list)  # multinomial only
+    coef: np.ndarray | None = None  # multinomial: (C, E*C); conditional_logit: (E,)
+    intercept: np.ndarray | None = None
+    centre: dict[str, np.ndarray] = field(default_factory=dict)  # per-expert mean design (imputes a missing expert)
+    conformal_score: str = "lac"
+    calibration_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    calibration_source: str = ""
+    acceptance_coef: np.ndarray | None = None
+    acceptance_intercept: float = 0.0
+    acceptance_kappa: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    acceptance_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    decision_weights: dict[str, float] = field(default_factory=dict)  # label = argmax p_c·w_c (missing: 1)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def rank(self, probs: Mapping[str, float]) -> list[str]:
+        """Candidates in decision order: by p_c·w_c, the cost-sensitive rule that trades a little accuracy for
+        sensitivity to rare classes while the probabilities themselves stay calibrated."""
+        return sorted(probs, key=lambda c: -probs[c] * self.decision_weights.get(c, 1.0))
+
+    def decide(self, probs: Mapping[str, float]) -> str:
+        return self.rank(probs)[0]
+
+    # ------------------------------------------------------------------ fusion
+    def fuse(self, candidates: Sequence[str], outputs: Mapping[str, Mapping[str, float] | None]) -> Fused:
+        """Fused probabilities over ``candidates`` from the experts' distributions (a missing expert is
+        imputed by its training mean, i.e. contributes nothing)."""
+        if self.kind == "multinomial":
+            return self._fuse_multinomial(candidates, outputs)
+        return self._fuse_conditional(candidates, outputs)
+
+    def _fuse_multinomial(self, candidates, outputs) -> Fused:
+        C = len(self.classes)
+        z = np.array(self.intercept, float).copy()
+        contrib: dict[str, dict[str, float]] = {}
+        used, missing = [], []
+        for j, e in enumerate(self.experts):
+            x = log_probs(outputs.get(e), self.classes, self.eps)
+            if x is None:
+                missing.append(e)
+                x = self.centre[e]
+            else:
+                used.append(e)
+            w = self.coef[:, j * C:(j + 1) * C]
+            z += w @ x
+            delta = w @ (x - self.centre[e])
+            contrib[e] = {c: round(float(d), 4) for c, d in zip(self.classes, delta)}
+        p = softmax(z)
+        probs = {c: float(v) for c, v in zip(self.classes, p) if c in set(candidates)}
+        total = sum(probs.values()) or 1.0
+        probs = dict(sorted(((c, v / total) for c, v in probs.items()), key=lambda kv: -kv[1]))
+        return Fused(probs, contrib, used, missing)
+
+    def _fuse_conditional(self, candidates, outputs) -> Fused:
+        cands = list(candidates)
+        z = np.zeros(len(cands))
+        contrib: dict[str, dict[str, float]] = {}
+        used, missing = [], []
+        for j, e in enumerate(self.experts):
+            x = log_probs(outputs.get(e), cands, self.eps)
+            if x is None:
+                missing.append(e)
+                continue
+            used.append(e)
+            z += self.coef[j] * x
+            contrib[e] = {c: round(float(self.coef[j] * (v - x.mean())), 4) for c, v in zip(cands, x)}
+        p = softmax(z) if len(cands) else z
+        probs = dict(sorted(((c, float(v)) for c, v in zip(cands, p)), key=lambda kv: -kv[1]))
+        return Fused(probs, contrib, used, missing)
+
+    # ------------------------------------------------------------------ sets and acceptance
+    def qhat(self, alpha: float) -> float:
+        return conformal_quantile(self.calibration_scores, alpha)
+
+    def prediction_set(self, probs: Mapping[str, float], alpha: float) -> list[str]:
+        return prediction_set(probs, self.qhat(alpha), self.conformal_score)  # type: ignore[arg-type]
+
+    def acceptance_score(self, signals: Mapping[str, float]) -> float:
+        """Estimated probability that the top label is right, from :data:`ACCEPTANCE_FEATURES`."""
+        x = np.array([float(signals[k]) for k in ACCEPTANCE_FEATURES])
+        return float(1.0 / (1.0 + math.exp(-(float(self.acceptance_coef @ x) + self.acceptance_intercept))))
+
+    def threshold(self, target_accuracy: float, delta: float) -> tuple[float, dict]:
+        return _sgr_cached(self.acceptance_kappa.tobytes(), self.acceptance_correct.tobytes(), round(1 - target_accuracy, 6), delta)
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_dict(cls, modality: str, d: Mapping[str, Any]) -> "ModalityFusion":
+        acc = d.get("acceptance") or {}
+        return cls(
+            modality=modality,
+            kind=d["kind"],
+            experts=list(d["experts"]),
+            eps=float(d.get("eps", 1e-3)),
+            classes=list(d.get("classes", [])),
+            coef=np.asarray(d["coef"], float),
+            intercept=np.asarray(d.get("intercept", []), float),
+            centre={k: np.asarray(v, float) for k, v in (d.get("centre") or {}).items()},
+            conformal_score=d.get("conformal", {}).get("score", "lac"),
+            calibration_scores=np.asarray([math.inf if s is None else s for s in d.get("conformal", {}).get("scores", [])], float),
+            calibration_source=d.get("conformal", {}).get("source", ""),
+            acceptance_coef=np.asarray(acc.get("coef", [0.0] * len(ACCEPTANCE_FEATURES)), float),
+            acceptance_intercept=float(acc.get("intercept", 0.0)),
+            acceptance_kappa=np.asarray(acc.get("kappa", []), float),
+            acceptance_correct=np.asarray(acc.get("correct", []), bool),
+            decision_weights={k: float(v) for k, v in (d.get("decision_weights") or {}).items()},
+            meta=dict(d.get("meta", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "experts": self.experts,
+            "eps": self.eps,
+            "classes": self.classes,
+            "coef": np.asarray(self.coef).round(6).tolist(),
+            "intercept": np.asarray(self.intercept if self.intercept is not None else []).round(6).tolist(),
+            "centre": {k: v.round(6).tolist() for k, v in self.centre.items()},
+            "conformal": {"score": self.conformal_score, "source": self.calibration_source,
+                          "scores": [None if math.isinf(s) else round(float(s), 6) for s in self.calibration_scores]},  # fmt: skip
+            "acceptance": {"features": list(ACCEPTANCE_FEATURES), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
+                           "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
+                           "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip
+            "decision_weights": {k: round(v, 6) for k, v in self.decision_weights.items()},
+            "meta": self.meta,
+        }
+
+
+@lru_cache(maxsize=64)
+def _sgr_cached(kappa: bytes, correct: bytes, target_risk: float, delta: float) -> tuple[float, dict]:
+    return sgr_threshold(np.frombuffer(kappa, float), np.frombuffer(correct, bool), target_risk, delta)
+
+
+def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], expert_tops: Mapping[str, str | None],
+                        morphology: Mapping[str, float] | None, label: str | None = None) -> dict[str, float]:  # fmt: skip
+    """The acceptance model's signals for the decided ``label`` (default: the most probable) under a fused
+    distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
+    top = label if label is not None else max(probs, key=probs.get)
+    p_top = probs.get(top, 0.0)
+    other = max((p for c, p in probs.items() if c != top), default=0.0)
+    tops = [t for t in expert_tops.values() if t is not None]
+    return {
+        "log_top": math.log(max(p_top, 1e-6)),
+        "margin": p_top - other,
+        "set_size": float(len(pred_set)),
+        "expert_agreement": (sum(t == top for t in tops) / len(tops)) if tops else 0.0,
+        "morphology_top": float(morphology.get(top, 0.0)) if morphology else 0.0,
+    }
+
+
+@dataclass
+class FusionModel:
+    """The whole artifact: the morphology expert and one :class:`ModalityFusion` per calibrated modality."""
+
+    morphology_expert: MorphologyExpert | None
+    modalities: dict[str, ModalityFusion]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FusionModel":
+        d = json.loads(Path(path).read_text())
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} fusion artifact (format {d.get('format')!r}); retrain with `dermgraph train fusion`")
+        me = d.get("morphology_expert")
+        return cls(MorphologyExpert.from_dict(me) if me else None, {m: ModalityFusion.from_dict(m, v) for m, v in d["modalities"].items()},
+                   {k: v for k, v in d.items() if k not in ("modalities", "morphology_expert")})  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        d = {"format": FORMAT, **self.meta, "morphology_expert": self.morphology_expert.to_dict() if self.morphology_expert else None,
+             "modalities": {m: f.to_dict() for m, f in self.modalities.items()}}  # fmt: skip
+        Path(path).write_text(json.dumps(d, indent=1))
+        return Path(path)

@@ -1,0 +1,99 @@
+"""dermgraph train fusion on synthetic expert outputs: stacker, morphology expert, conformal sets, risk control."""
+
+import json
+
+import numpy as np
+import pytest
+
+from agent.labels import HAM_CLASSES, SEVEN_POINT
+from models.stacker import FusionModel
+
+MORPH = {"mel": ("pigment_network", "atypical"), "nv": ("pigment_network", "typical"), "bcc": ("vascular_structures", "arborizing"),
+         "bkl": ("pigmentation", "diffuse regular"), "df": ("regression_structures", "white areas"), "vasc": ("vascular_structures", "hairpin")}  # fmt: skip
+
+
+def _noisy(label, rng, strength):
+    p = rng.dirichlet(np.ones(len(HAM_CLASSES)))
+    p[HAM_CLASSES.index(label)] += strength * rng.uniform(0.3, 1.0)
+    return dict(zip(HAM_CLASSES, (p / p.sum()).tolist()))
+
+
+def _findings(label, rng):
+    out = {}
+    for c, vals in SEVEN_POINT.items():
+        p = rng.dirichlet(np.ones(len(vals)))
+        if MORPH.get(label, (None,))[0] == c:
+            p[vals.index(MORPH[label][1])] += 1.5
+        out[c] = dict(zip(vals, (p / p.sum()).tolist()))
+    return out
+
+
+def _records(n, rng):
+    labels = rng.choice(["nv"] * 6 + ["mel"] * 2 + ["bkl", "bcc", "df", "vasc", "akiec"], size=n)
+    recs = []
+    for i, y in enumerate(labels):
+        source, split = ("derm7pt", ["train", "extra", "val"][i % 3]) if i % 2 else ("isic2018_val", ["calib", "report"][(i // 2) % 2])
+        if source == "derm7pt" and y == "akiec":
+            y = "nv"  # Derm7pt has no akiec
+        recs.append({"id": f"{source}:{i}", "source": source, "split": split, "label": str(y), "modality": "dermoscopy", "modality_rejected": False,
+                     "classifier": _noisy(y, rng, 1.2), "knn": _noisy(y, rng, 1.0), "findings": _findings(y, rng), "candidates": list(HAM_CLASSES),
+                     "llm": None, "evidence": []})  # fmt: skip
+    for i in range(120):  # clinical photos: candidates are kNN labels
+        labs = [f"d{j}" for j in rng.choice(20, 5, replace=False)]
+        y = labs[0] if rng.uniform() < 0.6 else "d99"
+        knn = dict(zip(labs, rng.dirichlet(np.ones(5)).tolist()))
+        if y in knn:
+            knn[y] += 0.5
+        recs.append({"id": f"dermnet:{i:08x}{'0' * 32}", "source": "dermnet", "split": "heldout", "label": y, "modality": "clinical", "modality_rejected": False,
+                     "classifier": {}, "knn": knn, "findings": {}, "candidates": labs, "llm": None, "evidence": []})  # fmt: skip
+    return recs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from training.fusion import Config, train
+
+    tmp = tmp_path_factory.mktemp("fusion")
+    rng = np.random.default_rng(0)
+    path = tmp / "experts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _records(900, rng)) + "\n")
+    cfg = Config(experts_file=path, out_dir=tmp / "out", artifact=tmp / "fusion.json", dermoscopy_experts=["classifier", "knn", "morphology"],
+                 clinical_experts=["knn"], c_grid=[0.01, 1.0], gamma_grid=[0.0, 0.5], morphology_c_grid=[0.3, 3.0], n_bootstrap=20)  # fmt: skip
+    summary = train(cfg)
+    return cfg, summary, json.loads((cfg.out_dir / "metrics.json").read_text())
+
+
+def test_artifact_loads_and_fuses(trained):
+    cfg, summary, _ = trained
+    model = FusionModel.load(cfg.artifact)
+    assert set(model.modalities) == {"dermoscopy", "clinical"}
+    derm = model.modalities["dermoscopy"]
+    fused = derm.fuse(HAM_CLASSES, {"classifier": {"mel": 0.9, "nv": 0.1}, "knn": {"mel": 0.8, "nv": 0.2}, "morphology": None})
+    assert next(iter(fused.probs)) == "mel" and abs(sum(fused.probs.values()) - 1) < 1e-9
+    assert fused.missing == ["morphology"] and fused.contributions["morphology"]["mel"] == 0.0
+    # The findings model learned atypical network -> melanoma.
+    f = {c: {v: 1.0 if (c, v) == ("pigment_network", "atypical") else 0.0 for v in vals} for c, vals in SEVEN_POINT.items()}
+    assert max(model.morphology_expert.predict(f).items(), key=lambda kv: kv[1])[0] == "mel"
+
+
+def test_evaluation_half_reports_coverage_and_risk(trained):
+    cfg, _, metrics = trained
+    for name in ("isic2018_val_report", "derm7pt_val"):
+        after = metrics["evaluation"][name]["after"]
+        assert after["prediction_sets"]["0.1"]["coverage"] > 0.8
+        sel = after["selective"]
+        assert sel["calibration"]["target_risk"] == pytest.approx(1 - cfg.target_accuracy)
+        if sel["accepted"] >= 30:
+            assert sel["accuracy_on_accepted"] >= cfg.target_accuracy - 0.1
+        assert set(metrics["evaluation"][name]["ablation"]) == {"without_classifier", "without_knn", "without_morphology"}
+
+
+def test_fit_parts_never_include_the_evaluation_halves(trained):
+    from training.fusion import load_parts
+
+    cfg, _, _ = trained
+    parts = load_parts(cfg.experts_file)
+    fit = {r["id"] for r in parts["derm_fit"]}
+    assert not fit & {r["id"] for r in parts["isic_eval"] + parts["derm7pt_eval"]}
+    assert all(r["split"] in ("calib", "train", "extra") for r in parts["derm_fit"])
+    assert not {r["id"] for r in parts["clin_fit"]} & {r["id"] for r in parts["clin_eval"]}

@@ -1,0 +1,594 @@
+"""``dermgraph train fusion``: refit the morphology expert, the stackers, the conformal scores and the risk control.
+
+Input: the experts' first-round outputs on images the lesion classifier has not seen
+(``python -m training.fusion_data``). Parts:
+
+* **fit** (dermoscopy): the ``calib`` half of isic2018_val + Derm7pt ``train``/``extra``;
+  **evaluation** (never fitted on): the ``report`` half of isic2018_val and Derm7pt ``val``.
+* **fit** (clinical): the DermNet photos held out of the case index whose content hash ends in an even
+  digit; **evaluation**: the odd ones.
+
+Everything calibrated is cross-fitted: the morphology expert is refitted without each fold's Derm7pt
+cases, the stacker's out-of-fold probabilities give the conformal scores, and the acceptance model's
+out-of-fold scores give the SGR calibration pairs. The deployed models are refits on the whole fit part.
+The command prints coverage and risk on the evaluation part, and the ablations (each expert dropped).
+
+    dermgraph train fusion --config configs/train/fusion.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from agent.labels import HAM_CLASSES, SEVEN_POINT
+from models.conformal import conformal_quantile, max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
+from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs
+from training.config import TrainConfig
+
+DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
+CLIN_EXPERTS = ("knn", "llm")
+
+
+class Config(TrainConfig):
+    """Fusion refit (see the module docstring)."""
+
+    experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
+    artifact_id: str = "fusion-stacker"
+    dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
+    clinical_experts: list[str] = Field(list(CLIN_EXPERTS), description="Experts of the clinical stacker.")
+    folds: int = Field(5, ge=2)
+    eps: float = Field(1e-3, gt=0, lt=0.1, description="Probability floor before taking logs.")
+    c_grid: list[float] = Field([0.001, 0.01, 0.1, 1.0], description="Inverse L2 strengths of the per-class weight deviations tried (cross-validated).")
+    gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Decision weights w_c ∝ prior_c^-γ tried (0: most probable label, 1: balanced).")
+    max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the γ of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
+    morphology_c_grid: list[float] = Field([0.03, 0.1, 0.3, 1.0, 3.0])
+    conformal_score: str = Field("lac", pattern="^(lac|aps)$")
+    alphas: list[float] = Field([0.05, 0.1, 0.2], description="Miscoverage levels reported.")
+    alpha: float = Field(0.1, gt=0, lt=1, description="The α whose set size feeds the acceptance model.")
+    target_accuracy: float = Field(0.85, gt=0, lt=1)
+    delta: float = Field(0.1, gt=0, lt=1, description="SGR confidence: the risk guarantee holds with probability 1-δ.")
+    n_bootstrap: int = Field(1000, ge=0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_parts(path: Path) -> dict[str, list[dict]]:
+    """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit, clin_eval."""
+    from training.fusion_data import read_records
+
+    parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval")}
+    for r in read_records(path):
+        if r["source"] == "dermnet":
+            if r["modality"] == "clinical" and not r["modality_rejected"]:
+                parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
+        elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
+            if r["source"] == "isic2018_val":
+                parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)
+            else:
+                parts["derm_fit" if r["split"] in ("train", "extra") else "derm7pt_eval"].append(r)
+    return parts
+
+
+def _folds(y: Sequence[str], k: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    _, counts = np.unique(y, return_counts=True)
+    k = max(2, min(k, int(counts.min()))) if counts.min() >= 2 else k
+    fold = np.zeros(len(y), int)
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if counts.min() >= k else None
+    if splitter is None:
+        fold = np.random.default_rng(seed).permutation(len(y)) % k
+        return fold
+    for j, (_, te) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        fold[te] = j
+    return fold
+
+
+# --------------------------------------------------------------------------- morphology expert
+
+
+def morphology_inputs() -> list[tuple[str, str]]:
+    return [(c, v) for c, vals in SEVEN_POINT.items() for v in vals]
+
+
+def fit_morphology(findings: list[dict], y: list[str], c: float, seed: int) -> MorphologyExpert:
+    from sklearn.linear_model import LogisticRegression
+
+    inputs = morphology_inputs()
+    x = np.array([[float((f.get(cr) or {}).get(v, 0.0)) for cr, v in inputs] for f in findings])
+    m = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed).fit(x, y)
+    return MorphologyExpert(inputs, [str(k) for k in m.classes_], m.coef_, m.intercept_, list(HAM_CLASSES))
+
+
+def choose_morphology_c(findings, y, grid, k, seed) -> tuple[float, dict[float, float]]:
+    """C by K-fold log-loss of P(true diagnosis | findings)."""
+    fold = _folds(y, k, seed)
+    losses = {}
+    for c in grid:
+        nll = []
+        for j in range(fold.max() + 1):
+            tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+            me = fit_morphology([findings[i] for i in tr], [y[i] for i in tr], c, seed)
+            nll += [-math.log(max(me.predict(findings[i])[y[i]], 1e-9)) for i in te]
+        losses[c] = float(np.mean(nll))
+    return min(losses, key=losses.get), losses
+
+
+def add_morphology_outputs(parts: dict[str, list[dict]], cfg: Config) -> tuple[MorphologyExpert, dict]:
+    """Fit the morphology expert on Derm7pt train+extra and write each record's ``morphology`` output
+    (out-of-fold for the cases it was fitted on)."""
+    train = [r for r in parts["derm_fit"] if r["source"] == "derm7pt" and r["findings"]]
+    fnd, y = [r["findings"] for r in train], [r["label"] for r in train]
+    c, losses = choose_morphology_c(fnd, y, cfg.morphology_c_grid, cfg.folds, cfg.seed)
+    fold = _folds(y, cfg.folds, cfg.seed + 1)
+    for j in range(fold.max() + 1):
+        tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        me = fit_morphology([fnd[i] for i in tr], [y[i] for i in tr], c, cfg.seed)
+        for i in te:
+            train[i]["morphology"] = me.predict(fnd[i])
+    final = fit_morphology(fnd, y, c, cfg.seed)
+    for recs in parts.values():
+        for r in recs:
+            if "morphology" not in r:
+                r["morphology"] = final.predict(r["findings"]) if r["findings"] else None
+    # Alone, on the dermoscopy evaluation cases.
+    info = {"C": c, "cv_log_loss": losses, "n_train": len(train), "classes": final.classes}
+    return final, info
+
+
+# --------------------------------------------------------------------------- stackers
+
+
+def derm_design(recs: list[dict], experts: Sequence[str], eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(X, missing mask): concatenated log-probabilities over HAM_CLASSES per expert (NaN where missing)."""
+    C = len(HAM_CLASSES)
+    x = np.full((len(recs), C * len(experts)), np.nan)
+    for i, r in enumerate(recs):
+        for j, e in enumerate(experts):
+            v = log_probs(r.get(e), HAM_CLASSES, eps)
+            if v is not None:
+                x[i, j * C:(j + 1) * C] = v
+    return x, np.isnan(x)
+
+
+def _class_weights(y: Sequence[str], gamma: float) -> dict[str, float]:
+    labels, counts = np.unique(np.asarray(y), return_counts=True)
+    w = counts.astype(float) ** -gamma
+    w *= len(y) / float((w * counts).sum())
+    return {str(k): float(v) for k, v in zip(labels, w)}
+
+
+def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, experts: Sequence[str], eps: float, seed: int) -> ModalityFusion:
+    """A product of experts with class-specific corrections, as one multinomial logit:
+
+        z_c = b_c + Σ_e (w_e + v_ec) · log p_e(c)
+
+    w_e is each expert's weight, v_ec its per-class deviation, shrunk towards 0 by an L2 penalty 1/C
+    (C → 0: a pure weighted product of experts with class biases; C large: free per-class weights);
+    samples are weighted ∝ n_class^-γ. 2E·C + C parameters at most, fitted by L-BFGS."""
+    from scipy.optimize import minimize
+
+    C = len(HAM_CLASSES)
+    E = len(experts)
+    centre_full = np.nanmean(x, axis=0)
+    centre_full = np.where(np.isnan(centre_full), np.log(1.0 / C), centre_full)
+    x = np.where(np.isnan(x), centre_full, x)
+    X = x.reshape(len(x), E, C)
+    yi = np.array([HAM_CLASSES.index(k) for k in y])
+    Y = np.eye(C)[yi]
+    cw = _class_weights(y, gamma)
+    sw = np.array([cw[k] for k in y])
+    sw = sw / sw.sum()
+    lam_v, lam_b = 1.0 / c, 1e-3
+    present = np.isin(np.arange(C), yi)
+
+    def unpack(theta):
+        return theta[:E], theta[E:E + E * C].reshape(E, C), theta[E + E * C:]
+
+    def loss(theta):
+        w, v, b = unpack(theta)
+        wv = w[:, None] + v  # (E, C)
+        z = b + np.einsum("nec,ec->nc", X, wv)
+        z = np.where(present, z, -30.0)  # a class absent from the fit data is never predicted
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        p = np.exp(logp)
+        nll = -(sw * (Y * logp).sum(1)).sum()
+        g = (p - Y) * sw[:, None]  # dL/dz
+        g = np.where(present, g, 0.0)
+        gwv = np.einsum("nc,nec->ec", g, X)
+        gw = gwv.sum(1)
+        gv = gwv + 2 * lam_v * v
+        gb = g.sum(0) + 2 * lam_b * b
+        return nll + lam_v * (v ** 2).sum() + lam_b * (b ** 2).sum(), np.concatenate([gw, gv.ravel(), gb])
+
+    theta0 = np.concatenate([np.full(E, 1.0 / E), np.zeros(E * C), np.zeros(C)])
+    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 2000})
+    w, v, b = unpack(res.x)
+    wv = w[:, None] + v
+    coef = np.zeros((C, E * C))
+    for j in range(E):
+        coef[np.arange(C), j * C + np.arange(C)] = wv[j]
+    intercept = np.where(present, b, -30.0)
+    centre = {e: centre_full[j * C:(j + 1) * C] for j, e in enumerate(experts)}
+    return ModalityFusion("dermoscopy", "multinomial", list(experts), eps, list(HAM_CLASSES), coef, intercept, centre,
+                          meta={"C": c, "gamma": gamma, "expert_weights": {e: round(float(wj), 4) for e, wj in zip(experts, w)}})  # fmt: skip
+
+
+def _outputs(r: dict, experts: Sequence[str]) -> dict[str, Any]:
+    return {e: r.get(e) for e in experts}
+
+
+def fuse_records(model: ModalityFusion, recs: list[dict]) -> list[dict[str, float]]:
+    return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)).probs for r in recs]
+
+
+def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> list[dict[str, float]]:
+    x, _ = derm_design(recs, experts, eps)
+    y = [r["label"] for r in recs]
+    out: list[Any] = [None] * len(recs)
+    for j in range(fold.max() + 1):
+        tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        m = fit_multinomial(x[tr], [y[i] for i in tr], c, gamma, experts, eps, seed)
+        for i, p in zip(te, fuse_records(m, [recs[i] for i in te])):
+            out[i] = p
+    return out
+
+
+def top_metrics(y: Sequence[str], probs: list[dict[str, float]], weights: dict[str, float] | None = None) -> dict[str, float]:
+    from evals.metrics import diagnosis_metrics
+
+    pred = decide_all(probs, weights)
+    return {k: round(float(v), 4) for k, v in diagnosis_metrics(list(y), pred).items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def reference_accuracy(recs: list[dict], experts: Sequence[str]) -> float:
+    """The accuracy a new stacker must keep (within ``max_accuracy_drop``): the previous default fusion's on
+    the same cases when it is available, else the classifier's alone."""
+    try:
+        return float(legacy_baseline(recs, "dermoscopy")["accuracy"])
+    except (LookupError, OSError, ValueError):
+        return single_expert(recs, "classifier")["accuracy"] if "classifier" in experts else 0.0
+
+
+def decide_all(probs: list[dict[str, float]], weights: dict[str, float] | None) -> list[str]:
+    return [max(p, key=lambda c: p[c] * (weights or {}).get(c, 1.0)) if p else "" for p in probs]
+
+
+def decision_weights(y: Sequence[str], gamma: float) -> dict[str, float]:
+    """w_c ∝ prior_c^-γ over the classes seen in fitting, normalised to mean 1."""
+    labels, counts = np.unique(np.asarray(y), return_counts=True)
+    w = (counts / counts.sum()) ** -gamma
+    w = w / w.mean()
+    return {str(k): float(v) for k, v in zip(labels, w)}
+
+
+def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, list[dict], list[dict[str, float]]]:
+    """C by cross-validated log-loss (unweighted fit: calibrated probabilities); returns (C, grid, OOF probabilities)."""
+    y = [r["label"] for r in recs]
+    fold = _folds(y, cfg.folds, cfg.seed)
+    grid, oofs = [], {}
+    for c in cfg.c_grid:
+        oof = oof_multinomial(recs, experts, c, 0.0, cfg.eps, fold, cfg.seed)
+        nll = float(np.mean([-math.log(max(p.get(t, 0.0), 1e-9)) for p, t in zip(oof, y)]))
+        grid.append({"C": c, "log_loss": round(nll, 4), **top_metrics(y, oof)})
+        oofs[c] = oof
+    best = min(grid, key=lambda g: g["log_loss"])
+    return best["C"], grid, oofs[best["C"]]
+
+
+def choose_decision(recs: list[dict], oof: list[dict[str, float]], experts, cfg: Config) -> tuple[float, dict[str, float], list[dict]]:
+    """γ of the decision rule: the best CV balanced accuracy among those whose CV accuracy is at most
+    ``max_accuracy_drop`` below :func:`reference_accuracy` (the issue's constraint: balanced accuracy up,
+    accuracy down by at most 2 points)."""
+    y = [r["label"] for r in recs]
+    reference = reference_accuracy(recs, experts)
+    grid = []
+    for g in cfg.gamma_grid:
+        w = decision_weights(y, g)
+        grid.append({"gamma": g, **top_metrics(y, oof, w)})
+    ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
+    best = max(ok, key=lambda g: (g["balanced_accuracy"], g["accuracy"]))
+    return best["gamma"], decision_weights(y, best["gamma"]), grid + [{"reference_accuracy": round(reference, 4)}]
+
+
+def fit_conditional(recs: list[dict], experts: Sequence[str], eps: float) -> ModalityFusion:
+    """Conditional logit over each case's candidates: p(c) ∝ exp(Σ_e w_e log p_e(c)); cases whose truth is
+    not a candidate carry no information about the weights and are skipped."""
+    from scipy.optimize import minimize
+
+    rows = []
+    for r in recs:
+        cands = r["candidates"]
+        if r["label"] not in cands:
+            continue
+        feats = []
+        for e in experts:
+            v = log_probs(r.get(e), cands, eps)
+            feats.append(v if v is not None else np.zeros(len(cands)))
+        rows.append((np.stack(feats, 1), cands.index(r["label"])))
+
+    def nll(w):
+        total = 0.0
+        for f, t in rows:
+            z = f @ w
+            z = z - z.max()
+            total -= z[t] - math.log(np.exp(z).sum())
+        return total / max(len(rows), 1) + 1e-3 * float(w @ w)
+
+    w = minimize(nll, np.ones(len(experts)), method="L-BFGS-B", bounds=[(0, 10)] * len(experts)).x if rows else np.ones(len(experts))
+    return ModalityFusion("clinical", "conditional_logit", list(experts), eps, coef=np.asarray(w), intercept=np.zeros(0),
+                          meta={"n_fit_with_truth_in_candidates": len(rows), "n_fit": len(recs)})  # fmt: skip
+
+
+def oof_conditional(recs, experts, eps, fold) -> list[dict[str, float]]:
+    out: list[Any] = [None] * len(recs)
+    for j in range(fold.max() + 1):
+        tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        m = fit_conditional([recs[i] for i in tr], experts, eps)
+        for i, p in zip(te, fuse_records(m, [recs[i] for i in te])):
+            out[i] = p
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def conformal_scores(recs: list[dict], probs: list[dict[str, float]], score: str) -> np.ndarray:
+    out = []
+    for r, p in zip(recs, probs):
+        labels = list(p)
+        row = np.array([p[c] for c in labels])
+        y = labels.index(r["label"]) if r["label"] in labels else -1
+        out.append(true_label_scores(row[None, :], np.array([y]), score)[0])  # type: ignore[arg-type]
+    return np.array(out)
+
+
+def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str], label: str) -> dict[str, float]:
+    tops = {e: (max(r[e], key=r[e].get) if r.get(e) else None) for e in experts}
+    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label)  # type: ignore[arg-type]
+
+
+def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.array([[s[k] for k in ACCEPTANCE_FEATURES] for s in sig])
+    if correct.all() or not correct.any():
+        return np.zeros(len(ACCEPTANCE_FEATURES)), float(np.log((correct.mean() + 1e-3) / (1 - correct.mean() + 1e-3)))
+    m = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit(x, correct.astype(int))
+    return m.coef_[0], float(m.intercept_[0])
+
+
+def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str) -> None:
+    """Conformal scores and cross-fitted acceptance calibration, written into ``model``."""
+    model.conformal_score = cfg.conformal_score
+    model.calibration_scores = conformal_scores(recs, oof, cfg.conformal_score)
+    model.calibration_source = source
+    qhat = conformal_quantile(model.calibration_scores, cfg.alpha)
+    experts = [e for e in model.experts if e != "morphology"]
+    labels = decide_all(oof, model.decision_weights)
+    sig = [signals(r, p, qhat, cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
+    correct = np.array([lab == r["label"] for r, lab in zip(recs, labels)])
+    fold = np.random.default_rng(cfg.seed).permutation(len(recs)) % cfg.folds
+    kappa = np.zeros(len(recs))
+    for j in range(cfg.folds):
+        tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        coef, b = fit_acceptance([sig[i] for i in tr], correct[tr], cfg.seed)
+        for i in te:
+            kappa[i] = 1 / (1 + math.exp(-(float(coef @ np.array([sig[i][k] for k in ACCEPTANCE_FEATURES])) + b)))
+    model.acceptance_coef, model.acceptance_intercept = fit_acceptance(sig, correct, cfg.seed)
+    model.acceptance_kappa, model.acceptance_correct = kappa, correct
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, Any]:
+    """Label metrics, prediction-set coverage per α, and selective accuracy/coverage on ``recs``."""
+    from evals.metrics import bootstrap_ci, diagnosis_metrics, risk_coverage as aurc_curve
+
+    if not recs:
+        return {"n": 0}
+    probs = fuse_records(model, recs)
+    y = [r["label"] for r in recs]
+    pred = decide_all(probs, model.decision_weights)
+    out: dict[str, Any] = {"n": len(recs), **top_metrics(y, probs, model.decision_weights)}
+    yp = (np.array(y), np.array(pred))
+    for name in ("accuracy", "balanced_accuracy"):
+        out[f"{name}_ci"] = [round(v, 4) for v in bootstrap_ci(lambda a, b, n=name: diagnosis_metrics(list(a), list(b))[n], *yp, n=cfg.n_bootstrap)]
+    if "mel" in y:
+        out["mel_sensitivity_ci"] = [round(v, 4) for v in bootstrap_ci(lambda a, b: diagnosis_metrics(list(a), list(b))["mel_sensitivity"], *yp, n=cfg.n_bootstrap)]
+    sets = {}
+    for a in cfg.alphas:
+        s = [model.prediction_set(p, a) for p in probs]
+        sets[str(a)] = {"coverage": round(float(np.mean([t in si for t, si in zip(y, s)])), 4), "mean_size": round(float(np.mean([len(si) for si in s])), 3)}
+    out["prediction_sets"] = sets
+    qhat = model.qhat(cfg.alpha)
+    experts = [e for e in model.experts if e != "morphology"]
+    kappa = np.array([model.acceptance_score(signals(r, p, qhat, cfg.conformal_score, experts, lab)) for r, p, lab in zip(recs, probs, pred)])
+    correct = np.array([a == b for a, b in zip(y, pred)])
+    theta, info = model.threshold(cfg.target_accuracy, cfg.delta)
+    acc = kappa >= theta
+    _, _, aurc = aurc_curve(kappa, correct)
+    cov, acc_at = max_coverage_at_accuracy(kappa, correct, cfg.target_accuracy)
+    out["selective"] = {
+        "threshold": None if math.isinf(theta) else round(theta, 4),
+        "calibration": info,
+        "coverage": round(float(acc.mean()), 4),
+        "accuracy_on_accepted": round(float(correct[acc].mean()), 4) if acc.any() else None,
+        "accepted": int(acc.sum()),
+        "aurc": round(float(aurc), 4),
+        "aurc_ci": [round(v, 4) for v in bootstrap_ci(lambda k, c: aurc_curve(k, c)[2], kappa, correct, n=cfg.n_bootstrap)],
+        f"max_coverage_at_{cfg.target_accuracy}": round(cov, 4),
+        "oracle_note": "max coverage reaching the target on these cases (not a deployable threshold)",
+    }
+    out["risk_coverage"] = [[round(float(c), 4), round(float(r), 4)] for c, r in zip(*risk_coverage(kappa, correct))]
+    return out
+
+
+def legacy_baseline(recs: list[dict], modality: str) -> dict[str, Any]:
+    """The previous default (9-scalar fusion + rule verifier), first round, on the same records."""
+    from agent.consistency import morphology_agreement
+    from agent.fusion import fuse
+    from models.resolve import resolve
+    from retrieval.kb import KnowledgeBase
+
+    params = json.loads(Path(resolve("fusion-calibration")).read_text()).get(modality, {})
+    kb = KnowledgeBase()
+    y, pred, conf, accepted = [], [], [], []
+    for r in recs:
+        cands = HAM_CLASSES if modality == "dermoscopy" else r["candidates"]
+        clf = r["classifier"] if modality == "dermoscopy" else None
+        p = fuse(cands, params, classifier=clf, knn=r["knn"] or None, llm=r.get("llm"))
+        top = next(iter(p))
+        tops = [max(e, key=e.get) for e in (clf, r["knn"], r.get("llm")) if e]
+        consistency = sum(t == top for t in tops) / len(tops) if tops else 1.0
+        entry = kb.entry_for_label(top)
+        agree = morphology_agreement(r["findings"], entry.expected_7pt) if entry is not None and entry.expected_7pt and r["findings"] else None
+        min_cons = 1.0 if modality == "clinical" else 0.5
+        ok = p[top] >= 0.45 and consistency >= min_cons and (agree is None or agree >= 0.35)
+        y.append(r["label"]), pred.append(top), conf.append(p[top]), accepted.append(ok)
+    correct = np.array([a == b for a, b in zip(y, pred)])
+    accepted = np.array(accepted)
+    from evals.metrics import risk_coverage as aurc_curve
+
+    out = {"n": len(recs), **top_metrics(y, [{t: 1.0} for t in pred])}
+    out["selective"] = {"coverage": round(float(accepted.mean()), 4), "accuracy_on_accepted": round(float(correct[accepted].mean()), 4) if accepted.any() else None,
+                        "aurc": round(float(aurc_curve(np.array(conf), correct)[2]), 4)}  # fmt: skip
+    return out
+
+
+def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
+    return top_metrics([r["label"] for r in recs], [r.get(expert) or {} for r in recs])
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    t0 = time.time()
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    parts = load_parts(cfg.experts_file)
+    counts = {k: len(v) for k, v in parts.items()}
+    if not parts["derm_fit"]:
+        raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
+    morph, morph_info = add_morphology_outputs(parts, cfg)
+
+    # Dermoscopy.
+    fit = parts["derm_fit"]
+    y = [r["label"] for r in fit]
+    experts = list(cfg.dermoscopy_experts)
+    c, grid, oof = choose_stacker(fit, experts, cfg)
+    gamma, weights, dgrid = choose_decision(fit, oof, experts, cfg)
+    fold = _folds(y, cfg.folds, cfg.seed)
+    x, _ = derm_design(fit, experts, cfg.eps)
+    derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
+    derm.decision_weights = weights
+    derm.meta["decision_gamma"] = gamma
+    derm.meta["decision_grid"] = dgrid
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)")
+    derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, oof, weights)})
+
+    # Clinical.
+    modalities = {"dermoscopy": derm}
+    clin_fit = parts["clin_fit"]
+    if clin_fit:
+        cexp = list(cfg.clinical_experts)
+        cfold = np.random.default_rng(cfg.seed).permutation(len(clin_fit)) % cfg.folds
+        coof = oof_conditional(clin_fit, cexp, cfg.eps, cfold)
+        clin = fit_conditional(clin_fit, cexp, cfg.eps)
+        calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} held-out DermNet photos (even last hash digit)")
+        clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
+        clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
+        modalities["clinical"] = clin
+
+    model = FusionModel(morph, modalities, {"id": cfg.artifact_id})
+    # Evaluation parts.
+    evals: dict[str, Any] = {}
+    for name, recs, mod in (("isic2018_val_report", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
+                            ("dermnet_heldout_odd", parts["clin_eval"], "clinical")):  # fmt: skip
+        if mod not in modalities or not recs:
+            continue
+        ev = {"after": evaluate(modalities[mod], recs, cfg), "before_first_round": legacy_baseline(recs, mod)}
+        ev["experts_alone"] = {e: single_expert(recs, e) for e in (experts if mod == "dermoscopy" else cfg.clinical_experts)}
+        if mod == "dermoscopy":
+            ablation = {}
+            for drop in experts:
+                keep = [e for e in experts if e != drop]
+                xf, _ = derm_design(fit, keep, cfg.eps)
+                m = fit_multinomial(xf, y, c, 0.0, keep, cfg.eps, cfg.seed)
+                ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs), weights)
+            ev["ablation"] = ablation
+        evals[name] = ev
+
+    metrics = {"counts": counts, "morphology_expert": morph_info, "evaluation": evals,
+               "dermoscopy": {"C": c, "gamma": gamma, "oof": derm.meta["oof"]}, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+    model.meta.update({"fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
+                                     "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted concept-head findings)"},
+                       "licence": "derived from ISIC 2018 (CC BY-NC 4.0), Derm7pt (CC BY-NC-ND 4.0), DermNet NZ images (research use): non-commercial",
+                       "summary": {k: {kk: vv for kk, vv in v["after"].items() if kk not in ("risk_coverage",)} for k, v in evals.items()}})  # fmt: skip
+    out = model.save(cfg.out_dir / "fusion_stacker.json")
+    (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    summary: dict[str, Any] = {"artifact": str(out), "metrics": str(cfg.out_dir / "metrics.json"), "counts": counts, "wall_s": metrics["wall_s"]}
+    if cfg.artifact is not None:
+        cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
+        cfg.artifact.write_bytes(out.read_bytes())
+        summary["published"] = str(cfg.artifact)
+    _plots(evals, cfg.out_dir)
+    print(report_table(metrics, cfg))
+    return summary
+
+
+def report_table(metrics: dict, cfg: Config) -> str:
+    lines = ["| set | system | n | accuracy | balanced acc. | mel. sens. | coverage | acc. on accepted | AURC |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, ev in metrics["evaluation"].items():
+        for sysname, m in (("before (first round)", ev["before_first_round"]), ("after", ev["after"])):
+            s = m.get("selective", {})
+            lines.append(f"| {name} | {sysname} | {m['n']} | {m.get('accuracy')} | {m.get('balanced_accuracy')} | {m.get('mel_sensitivity', '')} | "
+                         f"{s.get('coverage')} | {s.get('accuracy_on_accepted')} | {s.get('aurc')} |")  # fmt: skip
+    lines.append("")
+    lines.append(f"| set | α | set coverage | mean size |\n|---|---|---|---|")
+    for name, ev in metrics["evaluation"].items():
+        for a, v in ev["after"]["prediction_sets"].items():
+            lines.append(f"| {name} | {a} | {v['coverage']} | {v['mean_size']} |")
+    return "\n".join(lines)
+
+
+def _plots(evals: dict, out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (extra 'eval')
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, ev in evals.items():
+        rc = np.array(ev["after"]["risk_coverage"])
+        ax.plot(rc[:, 0], 1 - rc[:, 1], label=name)
+    ax.axhline(0.85, ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("coverage")
+    ax.set_ylabel("accuracy of accepted cases")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "risk_coverage.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.cli import module_main
+
+    module_main("fusion", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Every expert's first-round output on images the lesion classifier has not seen: the data of the fusion.
+
+For each case of isic2018_val, Derm7pt (train, extra, val) and the DermNet photos held out of the case
+index, the agent's own nodes run up to retrieval from the cached encoder outputs (as the reasoner's
+training data is rendered, :func:`training.reasoner_data.render_state`: the case's own image is never
+retrieved), then the LLM scores the candidates exactly as the reasoner node does in its first round.
+Derm7pt ``train``/``extra`` were the concept heads' training data, so their findings are replaced by
+K-fold cross-fitted ones (heads that never saw the case), as deployment would see them.
+
+One JSON line per case (append-only, fsynced; a rerun skips finished ids). The LLM is by far the slowest
+expert, so it runs as a second pass into ``<out>_llm.jsonl``; :func:`read_records` merges the two::
+
+    python -m training.fusion_data --out .cache/fusion/experts.jsonl --no-llm    # every expert but the LLM
+    python -m training.fusion_data --out .cache/fusion/experts.jsonl             # + the LLM's candidate scores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from agent.labels import SEVEN_POINT, derm7pt_to_ham
+from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
+
+SOURCES = ("isic2018_val", "derm7pt", "dermnet")
+DERMNET_LABEL_MAP = {
+    "Actinic keratosis": "akiec",
+    "Amelanotic melanoma": "mel",
+    "Basal cell carcinoma": "bcc",
+    "Melanocytic naevus": "nv",
+    "Melanoma in situ": "mel",
+}
+"""DermNet labels named by a HAM10000 code, as the agent's knowledge base and the dermnet_clinical benchmark do."""
+
+
+def dermnet_rows(feature_dir: Path) -> list[CaseRow]:
+    """The DermNet photos held out of the shipped case index (``training.data.is_dermnet_heldout``)."""
+    from training.data import aligned, is_dermnet_heldout, load_features, source_table
+
+    table = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"])]
+    rows, f = aligned(table, load_features("dermnet", "full", feature_dir))
+    return [CaseRow(f"dermnet:{r['sha1']}", "dermnet", "heldout", r["image"], DERMNET_LABEL_MAP.get(r["label"], r["label"]), p, x)
+            for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
+
+
+def crossfit_derm7pt_findings(feature_dir: Path, k: int = 5, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Case id → out-of-fold concept-head findings for Derm7pt train+extra (the shipped heads' training data)."""
+    from models.heads import HeadSet
+    from models.resolve import resolve
+    from training.data import aligned, load_features, source_table
+    from training.verifier import crossfit_findings
+
+    rows, f = aligned([r for r in source_table("derm7pt") if r["split"] in ("train", "extra")], load_features("derm7pt", "full", feature_dir))
+    shipped = HeadSet.load(resolve("derm7pt-concept-heads"))
+    shipped_c = (shipped.meta.get("metrics") or {}).get("C") or {}
+    cs = {c: float(shipped_c.get(c, 0.003)) for c in SEVEN_POINT}
+    found = crossfit_findings(f["features"], rows, cs, k, seed)
+    return {f"derm7pt:{r['case_index']}": fnd for r, fnd in zip(rows, found)}
+
+
+def case_rows(sources: Iterable[str], feature_dir: Path) -> list[CaseRow]:
+    out: list[CaseRow] = []
+    for s in sources:
+        if s == "isic2018_val":
+            out += isic_rows(feature_dir, "all")
+        elif s == "derm7pt":
+            out += derm7pt_rows(["train", "extra", "val"], feature_dir)
+        elif s == "dermnet":
+            out += dermnet_rows(feature_dir)
+        else:
+            raise ValueError(f"unknown source {s!r}; valid: {', '.join(SOURCES)}")
+    return out
+
+
+def expert_record(row: CaseRow, state, rt, with_llm: bool) -> dict[str, Any]:
+    """What each expert said about one case (JSON-able)."""
+    from agent.nodes.reason import _llm_probs, candidates_for, classifier_display
+
+    cands, names = candidates_for(state, rt.config)
+    rec: dict[str, Any] = {
+        "id": row.id,
+        "source": row.source,
+        "split": row.split,
+        "label": row.label,
+        "modality": state.modality.label,
+        "modality_rejected": state.modality.rejected,
+        "modality_probs": state.modality.probs,
+        "classifier": {c: float(p) for c, p in state.encoding.classifier_probs.items()},
+        "findings": {fd.criterion: fd.probs for fd in (state.morphology.findings if state.morphology else [])},
+        "knn": state.retrieval.knn_probs if state.retrieval else {},
+        "evidence": [{"id": e.id, "label": e.label, "kind": e.kind, "score": round(e.score, 5)} for e in (state.retrieval.evidence if state.retrieval else [])],
+        "candidates": cands,
+        "llm": None,
+    }
+    if with_llm and cands and rt.config.route(state.modality.label).reasoner and not state.modality.rejected:
+        rec["llm"] = _llm_probs(rt, state, cands, names, classifier_display(state, rt, cands), None, seed=None)
+    return rec
+
+
+def _done_ids(path: Path) -> set[str]:
+    done: set[str] = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (ValueError, KeyError):
+                continue  # a line cut by a kill: the case is redone
+    return done
+
+
+def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None) -> Path:
+    from training.reasoner_data import _stats, make_agent, render_state
+
+    out = llm_path(out) if with_llm else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = case_rows(sources, feature_dir)
+    done = _done_ids(out)
+    todo = [r for r in rows if r.id not in done][:limit]
+    print(f"{len(rows)} cases, {len(done)} done, {len(todo)} to go", flush=True)
+    if not todo:
+        return out
+    crossfit = crossfit_derm7pt_findings(feature_dir) if any(r.source == "derm7pt" and r.split != "val" for r in todo) else {}
+    stats = _stats(todo, feature_dir)
+    agent = make_agent()
+    rt = agent.runtime
+    t0 = time.time()
+    with out.open("a") as fh:
+        for n, row in enumerate(todo, 1):
+            state = render_state(row, stats[row.id], agent)
+            if row.id in crossfit and state.morphology is not None:
+                findings = [fd.model_copy(update={"probs": crossfit[row.id][fd.criterion], "value": max(crossfit[row.id][fd.criterion], key=crossfit[row.id][fd.criterion].get)})
+                            for fd in state.morphology.findings if fd.criterion in crossfit[row.id]]  # fmt: skip
+                state = state.model_copy(update={"morphology": state.morphology.model_copy(update={"findings": findings})})
+            rec = expert_record(row, state, rt, with_llm)
+            rec["crossfit_findings"] = row.id in crossfit
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            if n % 25 == 0 or n == len(todo):
+                print(f"{n}/{len(todo)}  {n / (time.time() - t0):.2f} cases/s", flush=True)
+    return out
+
+
+def _read(path: Path) -> dict[str, dict[str, Any]]:
+    recs: dict[str, dict[str, Any]] = {}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            recs[r["id"]] = r
+    return recs
+
+
+def llm_path(path: Path) -> Path:
+    """Where the pass with the LLM writes (the LLM is the slow expert, so it runs as a second pass)."""
+    return Path(path).with_name(Path(path).stem + "_llm.jsonl")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The collected records, each with the LLM's scores from the LLM pass where it has run."""
+    recs = _read(path)
+    for i, r in _read(llm_path(path)).items():
+        if i in recs:
+            recs[i]["llm"] = r["llm"]
+        else:
+            recs[i] = r
+    return list(recs.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.data import FEATURE_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(".cache/fusion/experts.jsonl"))
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
+    ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
+    ap.add_argument("--limit", type=int, default=None)
+    a = ap.parse_args(argv)
+    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit)
+
+
+if __name__ == "__main__":
+    main()

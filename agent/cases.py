@@ -95,7 +95,7 @@ class PersistedCases:
         pydantic ValidationError (findings outside the 7-point vocabulary)."""
         from langgraph.types import Command
 
-        from agent.labels import HAM_CLASSES
+        from models.vocabulary import HAM_CLASSES
         from agent.persistence import check_case_id
         from agent.review import NotAwaitingReview, ReviewDecision
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import SEVEN_POINT, derm7pt_to_ham
 from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")

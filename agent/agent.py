@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from agent.cases import PersistedCases
 from agent.config import AgentConfig, apply_overrides, load_config
-from agent.diagnosis import Diagnosis, versions  # noqa: F401  (versions: also imported from here)
+from agent.diagnosis import Diagnosis, model_hashes, versions  # noqa: F401  (versions: also imported from here)
 from agent.state import CaseState, PatientMetadata, TraceEntry
 
 
@@ -54,15 +54,17 @@ class Agent(PersistedCases):
             self._graphs[key] = build_graph(self.runtime, start_at=start_at, stop_after=stop_after)
         return self._graphs[key]
 
-    @staticmethod
-    def prepare(img, question: str | None = None, metadata: dict | PatientMetadata | None = None, *, exclude_cases=()) -> CaseState:
-        """The input state of a case: the image read and validated (``ImageInputError`` if it cannot be),
-        the question, the patient metadata; ``exclude_cases``: case-index ids retrieval must never return
-        (leave-one-out evaluation)."""
+    def prepare(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None, *, exclude_cases=()) -> CaseState:
+        """The input state of a case: the question and metadata checked against the config's input limits,
+        the image read and validated (``ImageInputError`` if it cannot be); ``exclude_cases``: case-index ids
+        retrieval must never return (leave-one-out evaluation)."""
         from agent.imageio import load_image
+        from agent.limits import InputLimits, check_metadata, check_question
 
-        loaded = load_image(img)
-        meta = metadata if isinstance(metadata, PatientMetadata) or metadata is None else PatientMetadata.model_validate(metadata)
+        limits = self.config.limits or InputLimits()
+        question = check_question(question, limits)  # text first: cheap, and no model has loaded yet
+        meta = check_metadata(metadata, limits)
+        loaded = load_image(img, max_pixels=limits.max_image_pixels)
         return CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,
@@ -84,12 +86,14 @@ class Agent(PersistedCases):
         final = self.graph_part(start_at, until).invoke(state)
         return CaseState.model_validate(final) if isinstance(final, dict) else final
 
-    def _finish(self, final: CaseState) -> Diagnosis:
+    def _finish(self, final: CaseState, thumb: str | None = None) -> Diagnosis:
         from agent.imageio import thumbnail_data_uri
 
         if self._versions is None:
             self._versions = versions(self.config)
-        return Diagnosis.from_state(final, self._versions, thumbnail=thumbnail_data_uri(final.image))
+        shas = model_hashes(self.config)  # per case: a node skipped on the first case may load its model later
+        vers = {**self._versions, "sha256": shas} if shas else self._versions
+        return Diagnosis.from_state(final, vers, thumbnail=thumb or thumbnail_data_uri(final.image))
 
     def diagnose(
         self,
@@ -100,19 +104,25 @@ class Agent(PersistedCases):
         thread_id: str | None = None,
         review: str | dict | None = None,
     ) -> Diagnosis:
-        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input.
+        """Diagnose one image (path, bytes, PIL image or array). Raises ``ImageInputError`` for unreadable input and
+        ``agent.limits.InputError`` for a question or metadata outside the configured limits.
 
         With a ``thread_id`` or a review policy (``review="always"``, ``{"when": "on_abstain", "where": "morphology"}``,
         or the config's ``review`` section) the case is persisted in the checkpointer under that id (a new
         uuid when none is given) and may come back with ``status == "awaiting_review"`` and its
         ``review_request``; continue it with :meth:`resume`."""
+        state, thumb = self._initial_state(img, question, metadata)
         configured = self.config.review is not None and self.config.review.when != "never"
         if thread_id is None and review is None and not configured:
-            return self._finish(self.run(img, question, metadata))
+            return self._finish(self.run(state), thumb)
+        return self._diagnose_persisted(state, thumb, thread_id, review)
+
+    def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
+        """(:meth:`prepare`'s state, its thumbnail): the hook ``agent.batched`` replaces to hand in prepared states."""
         from agent.imageio import thumbnail_data_uri
 
         state = self.prepare(img, question, metadata)
-        return self._diagnose_persisted(state, thumbnail_data_uri(state.image), thread_id, review)
+        return state, thumbnail_data_uri(state.image)
 
     def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""

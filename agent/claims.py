@@ -131,7 +131,11 @@ def check_text(
         for surface, entry, _ in named:
             ok = any(_entry_matches(entry, c, kb) for c in cands)
             out.claims.append(Claim("diagnosis", sentence, surface, ok, "" if ok else f"names {entry.name}, which is not a candidate"))
-        findings = parse_findings(bare)
+        # A diagnosis's name is not a finding ("telangiectasia" the diagnosis vs telangiectatic vessels).
+        masked = bare
+        for _, _, (a, b) in named:
+            masked = masked[:a] + " " * (b - a) + masked[b:]
+        findings = parse_findings(masked)
         for criterion, value in findings.items():
             ok = _observed(observed, criterion, value)
             seen = observed.get(criterion) or {}

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.limits import InputLimits
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -148,6 +150,7 @@ class AgentConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     reasoner: ReasonerConfig = Field(default_factory=ReasonerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    limits: InputLimits | None = Field(None, description="Input bounds (question, metadata strings); None: the InputLimits defaults.")
     review: ReviewConfig | None = Field(None, description="None: never pause (the batch default).")
     routing: dict[str, Route] | None = Field(
         None, description="Per-modality routing (which experts run for each modality), replacing the whole table. None: DEFAULT_ROUTING."
@@ -193,8 +196,16 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({_one_line(exc)})") from None
+        _set_dotted(out, key.strip(), value)
     return out
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -208,8 +219,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load an AgentConfig from YAML (optional) plus dotted overrides. Unknown keys raise a ValidationError."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config {p}: {'is a directory' if p.is_dir() else 'no such file'}; give a YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}: not valid YAML ({_one_line(exc)})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         data = loaded

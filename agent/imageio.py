@@ -27,7 +27,9 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 DEFAULT_MAX_SIDE = 2048
-DEFAULT_MAX_PIXELS = 20000 * 20000 - 1
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest accepted picture (pixels; ~50 MP, below Pillow's own 89 MP warning): a 13000x13000 PNG of a few
+hundred KB would otherwise decode to ~0.5 GB. Configurable per agent (``limits.max_image_pixels``)."""
 SMALL_SIDE = 32
 """Below this many pixels on either side the models see too little; the image is accepted with a warning."""
 
@@ -443,7 +445,7 @@ def _check_dims(source: str, w: int, h: int, max_pixels: int) -> None:
         raise ImageInputError(source, f"empty image ({w}x{h} px)")
     if w * h > max_pixels:
         raise ImageInputError(
-            source, f"image too large: {w}x{h} px (limit {max_pixels} px) — possible decompression bomb"
+            source, f"image too large: {w}x{h} px (limit {max_pixels} px, limits.max_image_pixels) — possible decompression bomb"
         )
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from agent.state import CaseState, Evidence
+if TYPE_CHECKING:  # annotations only: scoring answers (training.rewards, the GPU job) needs no graph state or LangGraph
+    from agent.state import CaseState, Evidence
 
 SYSTEM = (
     "You are a careful dermatology assistant. Reason only from the evidence provided: the image findings, "
@@ -19,8 +20,8 @@ SYSTEM = (
 )
 DIAGNOSIS_PREFIX = "Diagnosis: "
 RATIONALE_FIELD = "\nRationale:"
-TAG = re.compile(r"\[(E\d+)\]")
-"""An evidence tag as the model cites it, ``[E3]``; group 1 is the tag (``E3``)."""
+EVIDENCE_TAG = re.compile(r"\[(E\d+)\]")
+"""An evidence citation in the model's answer, e.g. [E2]."""
 
 
 def evidence_tags(evidence: Sequence[Evidence]) -> dict[str, str]:
@@ -139,7 +140,7 @@ def stated_diagnosis(text: str, candidates: Sequence[str]) -> str | None:
 
 def cited_tags(text: str) -> list[str]:
     """The evidence tags a text cites, in order (``["E1", "E3"]``)."""
-    return TAG.findall(text)
+    return EVIDENCE_TAG.findall(text)
 
 
 def usable_rationale(text: str) -> bool:

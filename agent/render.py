@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import html
 import json
+import re
+
+_DATA_URI = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+={0,2}")
 
 
 def _card(title: str, body: str, colour: str = "#f6f6fb") -> str:
@@ -17,7 +20,9 @@ def diagnosis_html(d) -> str:
     verdict_colour = "#e6f4ea" if d.verdict == "accept" else "#fdecea"
     head = f"<h3 style='margin:4px 0'>{html.escape(d.verdict.upper())}: {html.escape(d.label_name or '—')} (p={d.confidence:.2f})</h3>"
     reasons = "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in d.reasons) + "</ul>"
-    thumb = f'<img src="{d.thumbnail}" style="max-width:192px;border-radius:4px;float:right;margin-left:10px"/>' if d.thumbnail else ""
+    # A Diagnosis loaded from a record may carry any string here: only a base64 image data URI is rendered.
+    ok = isinstance(d.thumbnail, str) and _DATA_URI.fullmatch(d.thumbnail) is not None
+    thumb = f'<img src="{html.escape(d.thumbnail, quote=True)}" style="max-width:192px;border-radius:4px;float:right;margin-left:10px"/>' if ok else ""
     in_set = set(d.prediction_set)
     diff = "".join(
         f"<tr><td>{html.escape(x.name)}{' ◆' if x.label in in_set else ''}</td><td><div style='background:#7b6cf6;height:10px;width:{int(200 * x.probability)}px'></div></td>"

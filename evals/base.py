@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from evals.filters import FilterRule, filter_function
 
 Task = Literal["diagnosis", "modality", "morphology", "zero_shot", "linear_probe", "vqa_text"]
 
@@ -40,8 +42,20 @@ class DatasetSpec(_Strict):
     drop_unmapped: bool = Field(False, description="Drop rows whose label is not in label_map (when label_map is given).")
     filter_fn: dict[str, str] = Field(
         default_factory=dict,
-        description="Keep rows for which a function of a column is true: column → 'module:function', e.g. {sha1: 'training.data:is_dermnet_heldout'}.",
+        description="Keep rows for which a registered filter function of a column is true: column → name in "
+        "evals.filters.FILTER_FUNCTIONS, e.g. {sha1: dermnet_heldout}. Benchmarks never import code.",
     )
+    where: list[FilterRule] = Field(
+        default_factory=list,
+        description="Declarative row rules, all of which must hold: {column, in | not_in | regex | hash_split: {every, keep, of}}.",
+    )
+
+    @field_validator("filter_fn")
+    @classmethod
+    def _registered(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v.values():
+            filter_function(name)  # FilterError (a ValueError) names the registered filters
+        return v
 
 
 class Benchmark(_Strict):

@@ -10,7 +10,6 @@ fails with a message naming the benchmark, the file and the column when somethin
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from evals.base import Benchmark, EvalCase
+from evals.filters import FilterError, filter_function
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 
@@ -48,13 +48,21 @@ def benchmark_path(name_or_path: str | Path) -> Path:
 def load_benchmark(name_or_path: str | Path) -> Benchmark:
     """Load and validate a benchmark (unknown keys are errors)."""
     path = benchmark_path(name_or_path)
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BenchmarkError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise BenchmarkError(f"{path}: top level must be a mapping")
     try:
         bench = Benchmark.model_validate(data)
     except ValidationError as exc:
-        raise BenchmarkError(f"invalid benchmark {path}:\n{exc}") from exc
+        errs = exc.errors()
+        first = errs[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "top level"
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
+        raise BenchmarkError(f"invalid benchmark {path}: {loc}: {msg}{more}") from exc
     bench.source_file = path.resolve()
     return bench
 
@@ -74,28 +82,30 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
             reader = csv.DictReader(f)
-            rows = list(reader)
+            try:
+                rows = list(reader)
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise BenchmarkError(f"{path}: line {reader.line_num}: {exc}") from None
             return rows, list(reader.fieldnames or [])
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise BenchmarkError(f"{path}: line {n} is not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise BenchmarkError(f"{path}: line {n} is not a JSON object")
+            rows.append(row)
         cols: list[str] = []
         for r in rows:
             cols += [k for k in r if k not in cols]
         return rows, cols
     raise BenchmarkError(f"dataset must be .csv or .jsonl: {path}")
-
-
-def resolve_function(ref: str) -> Callable[..., Any]:
-    """``'package.module:function'`` → the function."""
-    module, _, name = ref.partition(":")
-    if not module or not name:
-        raise BenchmarkError(f"filter_fn {ref!r} must look like 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise BenchmarkError(f"filter_fn {ref!r}: {exc}") from exc
 
 
 def _missing(value: Any) -> bool:
@@ -138,6 +148,7 @@ def load_cases(bench: Benchmark, limit: int | None = None, check_images: bool = 
         "extra_columns": list(spec.extra_columns),
         "filter": list(spec.filter),
         "filter_fn": list(spec.filter_fn),
+        "where": [r.column for r in spec.where],
     }
     for field_name, cols in needed.items():
         for col in cols:
@@ -148,7 +159,10 @@ def load_cases(bench: Benchmark, limit: int | None = None, check_images: bool = 
         raise BenchmarkError(f"{where}: dataset.metadata keys must be agent metadata fields (age, sex, site, fitzpatrick, history), got {sorted(bad_meta)}")
     if bench.task in ("diagnosis", "modality", "zero_shot") and not spec.label_column:
         raise BenchmarkError(f"{where}: task {bench.task!r} needs dataset.label_column")
-    filter_fns = {col: resolve_function(ref) for col, ref in spec.filter_fn.items()}
+    try:
+        filter_fns = {col: filter_function(name) for col, name in spec.filter_fn.items()}
+    except FilterError as exc:
+        raise BenchmarkError(f"{where}: {exc}") from None
     root = expand_path(spec.image_root, bench) if spec.image_root else path.parent
     to_label = canonical_label(bench)
     stats = {"rows": len(rows), "filtered_out": 0, "unmapped_dropped": 0}
@@ -159,7 +173,7 @@ def load_cases(bench: Benchmark, limit: int | None = None, check_images: bool = 
         if any(str(row.get(col)) not in [str(v) for v in allowed] for col, allowed in spec.filter.items()):
             stats["filtered_out"] += 1
             continue
-        if any(not fn(row.get(col)) for col, fn in filter_fns.items()):
+        if any(not fn(row.get(col)) for col, fn in filter_fns.items()) or not all(rule(row) for rule in spec.where):
             stats["filtered_out"] += 1
             continue
         label = None
@@ -186,7 +200,10 @@ def load_cases(bench: Benchmark, limit: int | None = None, check_images: bool = 
         if cid in seen:
             raise BenchmarkError(f"{where}: duplicate case id {cid!r} (row {i + 1}); set dataset.id_column")
         seen.add(cid)
-        meta = _metadata({k: row.get(col) for k, col in spec.metadata.items()})
+        try:
+            meta = _metadata({k: row.get(col) for k, col in spec.metadata.items()})
+        except ValueError as exc:
+            raise BenchmarkError(f"{where}: row {i + 1}: {exc}") from None
         groups = {name: "unknown" if _missing(row.get(col)) else str(row.get(col)).strip() for name, col in spec.group_columns.items()}
         cases.append(EvalCase(
             id=cid, image=image, label=label, metadata=meta, groups=groups,

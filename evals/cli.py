@@ -20,7 +20,7 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/eval/<benchmark>)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Agent config YAML."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override an agent config value, e.g. --set reasoner.num_samples=3 (repeatable)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N cases (after the benchmark's filters)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N cases (after the benchmark's filters; N >= 1)."),
     workers: int = typer.Option(1, help="Processes running models (1 torch thread each); each writes its own cache shard."),
     rescore: bool = typer.Option(False, "--rescore", help="Recompute metrics, report and plots from cached predictions only; load no model."),
     import_batch: Optional[list[Path]] = typer.Option(None, "--import-batch", help="dermgraph batch results JSONL to reuse (records with this config; repeatable)."),

@@ -146,6 +146,15 @@ def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -
     ctx.log(f"[eval] running {kind} on {len(todo)} cases ({workers} process{'es' if workers > 1 else ''})")
     if workers == 1:
         agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
+        from agent.agent import Agent
+        from agent.batched import default_batch_size
+
+        batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
+
+        if kind == AGENT and batch_size > 1 and isinstance(agent, Agent):
+            from agent.batched import BatchedAgent  # micro-batches: one encoder forward / FAISS query matrix per batch
+
+            agent = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for _, c in todo], batch_size)
         for key, case in todo:
             rec = predict(agent, case, kind)
             ctx.cache.put(key, rec)

@@ -52,7 +52,8 @@ class ModelSpec(BaseModel):
     role: Role
     source: str
     sha256: str | None = None
-    """Hex sha256 of the downloaded artifact: the wheel for ``pypi:``, the file for ``pkg:``/``path:``."""
+    """Hex sha256 of the artifact: the wheel for ``pypi:``, the file (or a directory's manifest, see
+    ``models.integrity.artifact_sha256``) for ``pkg:``/``path:``. Checked on every load."""
     file: str | None = None
     """Path inside the resolved source (the extracted wheel, a directory), posix-style."""
     licence: str | None = None

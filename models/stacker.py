@@ -89,6 +89,7 @@ class Fused:
     contributions: dict[str, dict[str, float]]  # expert → candidate → additive logit contribution (centred)
     experts_used: list[str]
     missing: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # decision order: the label first (see ModalityFusion.decision_coef)
 
 
 @dataclass
@@ -110,16 +111,12 @@ class ModalityFusion:
     acceptance_intercept: float = 0.0
     acceptance_kappa: np.ndarray = field(default_factory=lambda: np.zeros(0))
     acceptance_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    decision_weights: dict[str, float] = field(default_factory=dict)  # label = argmax p_c·w_c (missing: 1)
+    # The decision model (multinomial only): a class-weighted stacker over the same inputs whose argmax is the
+    # label, so that rare, costly diagnoses are not drowned by the majority class, while ``probs`` (what is shown,
+    # the conformal sets and the acceptance model) stay those of the calibrated, unweighted stacker.
+    decision_coef: np.ndarray | None = None
+    decision_intercept: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def rank(self, probs: Mapping[str, float]) -> list[str]:
-        """Candidates in decision order: by p_c·w_c, the cost-sensitive rule that trades a little accuracy for
-        sensitivity to rare classes while the probabilities themselves stay calibrated."""
-        return sorted(probs, key=lambda c: -probs[c] * self.decision_weights.get(c, 1.0))
-
-    def decide(self, probs: Mapping[str, float]) -> str:
-        return self.rank(probs)[0]
 
     # ------------------------------------------------------------------ fusion
     def fuse(self, candidates: Sequence[str], outputs: Mapping[str, Mapping[str, float] | None]) -> Fused:
@@ -133,7 +130,7 @@ class ModalityFusion:
         C = len(self.classes)
         z = np.array(self.intercept, float).copy()
         contrib: dict[str, dict[str, float]] = {}
-        used, missing = [], []
+        used, missing, xs = [], [], []
         for j, e in enumerate(self.experts):
             x = log_probs(outputs.get(e), self.classes, self.eps)
             if x is None:
@@ -141,15 +138,22 @@ class ModalityFusion:
                 x = self.centre[e]
             else:
                 used.append(e)
+            xs.append(x)
             w = self.coef[:, j * C:(j + 1) * C]
             z += w @ x
             delta = w @ (x - self.centre[e])
             contrib[e] = {c: round(float(d), 4) for c, d in zip(self.classes, delta)}
         p = softmax(z)
-        probs = {c: float(v) for c, v in zip(self.classes, p) if c in set(candidates)}
+        cands = set(candidates)
+        probs = {c: float(v) for c, v in zip(self.classes, p) if c in cands}
         total = sum(probs.values()) or 1.0
         probs = dict(sorted(((c, v / total) for c, v in probs.items()), key=lambda kv: -kv[1]))
-        return Fused(probs, contrib, used, missing)
+        order = list(probs)
+        if self.decision_coef is not None:
+            zd = self.decision_intercept + self.decision_coef @ np.concatenate(xs)
+            label = max((c for c in self.classes if c in cands), key=lambda c: zd[self.classes.index(c)])
+            order = [label] + [c for c in order if c != label]
+        return Fused(probs, contrib, used, missing, order)
 
     def _fuse_conditional(self, candidates, outputs) -> Fused:
         cands = list(candidates)
@@ -166,7 +170,7 @@ class ModalityFusion:
             contrib[e] = {c: round(float(self.coef[j] * (v - x.mean())), 4) for c, v in zip(cands, x)}
         p = softmax(z) if len(cands) else z
         probs = dict(sorted(((c, float(v)) for c, v in zip(cands, p)), key=lambda kv: -kv[1]))
-        return Fused(probs, contrib, used, missing)
+        return Fused(probs, contrib, used, missing, list(probs))
 
     # ------------------------------------------------------------------ sets and acceptance
     def qhat(self, alpha: float) -> float:
@@ -203,7 +207,8 @@ class ModalityFusion:
             acceptance_intercept=float(acc.get("intercept", 0.0)),
             acceptance_kappa=np.asarray(acc.get("kappa", []), float),
             acceptance_correct=np.asarray(acc.get("correct", []), bool),
-            decision_weights={k: float(v) for k, v in (d.get("decision_weights") or {}).items()},
+            decision_coef=np.asarray(d["decision"]["coef"], float) if d.get("decision") else None,
+            decision_intercept=np.asarray(d["decision"]["intercept"], float) if d.get("decision") else None,
             meta=dict(d.get("meta", {})),
         )
 
@@ -221,7 +226,8 @@ class ModalityFusion:
             "acceptance": {"features": list(ACCEPTANCE_FEATURES), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
                            "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
                            "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip
-            "decision_weights": {k: round(v, 6) for k, v in self.decision_weights.items()},
+            "decision": None if self.decision_coef is None else {"coef": np.asarray(self.decision_coef).round(6).tolist(),
+                                                                 "intercept": np.asarray(self.decision_intercept).round(6).tolist()},  # fmt: skip
             "meta": self.meta,
         }
 

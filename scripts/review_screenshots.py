@@ -4,7 +4,7 @@ Serves the API in-process on a free 127.0.0.1 port with a throw-away data folder
 images (default: the bundled example), opens the first case in headless system Chromium and saves
 two small PNGs.
 
-    python scripts/review_screenshots.py examples/lesion.jpg ../shared/data/isic2018_val/images/ISIC_0034524.jpg
+    python scripts/review_screenshots.py --hide-images examples/lesion.jpg ../shared/data/isic2018_val/images/ISIC_0034554.jpg
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("images", nargs="*", type=Path, default=[ROOT / "examples" / "lesion.jpg"])
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--hide-images", action="store_true", help="replace the case image by a placeholder (licensed data sets must not be copied into docs/)")
     args = ap.parse_args()
 
     import uvicorn
@@ -68,6 +69,9 @@ def main() -> None:
             derm = rows.filter(has_text="dermoscopy")
             (derm.first if derm.count() else rows.first).click()
             page.wait_for_function("document.querySelector('#case-image').naturalWidth > 0")
+            if args.hide_images:
+                placeholder = "data:image/svg+xml," + "%3Csvg xmlns='http://www.w3.org/2000/svg' width='224' height='224'%3E%3Crect width='224' height='224' fill='%23ccc'/%3E%3Ctext x='112' y='116' font-size='14' text-anchor='middle'%3Eimage not shown%3C/text%3E%3C/svg%3E"
+                page.evaluate("src => { document.querySelector('#case-image').src = src; }", placeholder)
             page.screenshot(path=str(args.out / "review-case.png"), full_page=True)
             browser.close()
     finally:

@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("the HTTP API needs the 'serve' extra: pip install 'dermgraph[serve]'") from exc
 
 from agent.imageio import ImageInputError, image_to_png_bytes, load_image
+from agent.limits import InputError, InputLimits, check_metadata, check_question
 from agent.persistence import check_case_id
 from agent.review import NotAwaitingReview, ReviewDecision
 from agent.state import PatientMetadata
@@ -232,6 +233,12 @@ def create_app(agent, settings: Settings | None = None):
                 meta = PatientMetadata.model_validate_json(metadata)
             except ValidationError as exc:
                 raise HTTPException(422, f"invalid metadata: {exc.errors(include_input=False, include_url=False)}") from None
+        try:  # the agent's configured input limits (agent.limits), checked before any model runs
+            limits = agent.config.limits or InputLimits()
+            check_question(question, limits)
+            check_metadata(meta, limits)
+        except InputError as exc:
+            raise HTTPException(422, str(exc)) from None
         png = image_to_png_bytes(loaded)
         path = images / f"{loaded.sha256}.png"
         if not path.exists():

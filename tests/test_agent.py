@@ -187,6 +187,18 @@ def test_clinical_disagreement_abstains_and_says_what_would_help():
     assert ok.diagnose(img()).verdict == "accept"
 
 
+def test_rendered_thumbnail_is_escaped_and_must_be_an_image_data_uri():
+    from agent.diagnosis import Diagnosis
+    from agent.render import diagnosis_html
+
+    base = {"image_sha256": "0" * 64, "image_size": (8, 8), "verdict": "abstain"}
+    evil = '" onerror="alert(1)'
+    assert 'onerror="alert' not in diagnosis_html(Diagnosis(**base, thumbnail=evil))
+    assert "<img" not in diagnosis_html(Diagnosis(**base, thumbnail="javascript:alert(1)"))
+    good = "data:image/png;base64,iVBORw0KGgo="
+    assert f'<img src="{good}"' in diagnosis_html(Diagnosis(**base, thumbnail=good))
+
+
 def test_modality_without_calibration_abstains_and_says_so():
     from agent.testing import fusion_model
 

@@ -85,12 +85,69 @@ aliases: {bkl: [seborrheic keratosis]}
 def test_filter_and_filter_fn(tmp_path):
     _dataset(tmp_path, [("a.png", "mel", "val", "00000006"), ("b.png", "nv", "val", "00000007"), ("c.png", "nv", "train", "0000000c")],
              header=("image", "dx", "split", "sha1"))  # fmt: skip
-    b = load_benchmark(_yaml(tmp_path, BASE + "  filter: {split: [val]}\n  filter_fn: {sha1: 'training.data:is_dermnet_heldout'}\n"))
-    cases, stats = load_cases(b)
-    assert [c.id for c in cases] == ["a.png"] and stats["filtered_out"] == 2
-    b = load_benchmark(_yaml(tmp_path, BASE + "  filter_fn: {sha1: 'training.data:no_such_fn'}\n"))
-    with pytest.raises(BenchmarkError, match="no_such_fn"):
-        load_cases(b)
+    for name in ("dermnet_heldout", "training.data:is_dermnet_heldout"):  # registered name, and the old spelling (a key, not an import)
+        b = load_benchmark(_yaml(tmp_path, BASE + f"  filter: {{split: [val]}}\n  filter_fn: {{sha1: '{name}'}}\n"))
+        cases, stats = load_cases(b)
+        assert [c.id for c in cases] == ["a.png"] and stats["filtered_out"] == 2
+    with pytest.raises(BenchmarkError, match="no_such_fn.*not a registered filter.*dermnet_heldout"):
+        load_benchmark(_yaml(tmp_path, BASE + "  filter_fn: {sha1: 'training.data:no_such_fn'}\n"))
+
+
+def test_declarative_where_rules(tmp_path):
+    _dataset(tmp_path, [("a.png", "mel", "val", "00000006"), ("b.png", "nv", "val", "00000007"), ("cc.png", "nv", "train", "0000000c")],
+             header=("image", "dx", "split", "sha1"))  # fmt: skip
+    def ids(rules):
+        return [c.id for c in load_cases(load_benchmark(_yaml(tmp_path, BASE + "  where:\n" + rules)))[0]]
+
+    assert ids("  - {column: split, in: [val]}\n") == ["a.png", "b.png"]
+    assert ids("  - {column: split, not_in: [val]}\n") == ["cc.png"]
+    assert ids("  - {column: image, regex: '[a-b]\\.png'}\n  - {column: dx, in: [nv]}\n") == ["b.png"]
+    assert ids("  - {column: sha1, hash_split: {every: 6, keep: [0], of: hex}}\n") == ["a.png", "cc.png"]
+    sha = ids("  - {column: image, hash_split: {every: 2, keep: [0]}}\n") + ids("  - {column: image, hash_split: {every: 2, keep: [1]}}\n")
+    assert sorted(sha) == ["a.png", "b.png", "cc.png"]  # the two buckets partition the rows
+    for bad in ("  - {column: split}\n", "  - {column: split, in: [val], regex: x}\n", "  - {column: split, regex: '('}\n",
+                "  - {column: split, in: [val], run: 'os:system'}\n"):  # fmt: skip
+        with pytest.raises(BenchmarkError, match="invalid benchmark"):
+            load_benchmark(_yaml(tmp_path, BASE + "  where:\n" + bad))
+    with pytest.raises(BenchmarkError, match="dataset.where names column 'nope'"):
+        ids("  - {column: nope, in: [x]}\n")
+
+
+def test_benchmark_cannot_run_code(tmp_path, monkeypatch):
+    """The attack of issue 15: filter_fn naming os:system and a cell holding a shell command."""
+    marker = tmp_path / "pwned"
+    _dataset(tmp_path, [("a.png", "mel", f"touch {marker}")], header=("image", "dx", "cmd"))
+    calls = []
+    import os
+    import subprocess
+
+    monkeypatch.setattr(os, "system", lambda *a: calls.append(a) or 0)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
+    for ref in ("os:system", "subprocess:getoutput", "builtins:eval", "os.system"):
+        with pytest.raises(BenchmarkError, match="not a registered filter"):
+            load_cases(load_benchmark(_yaml(tmp_path, BASE + f"  filter_fn: {{cmd: '{ref}'}}\n")))
+    assert not calls and not marker.exists()
+
+
+def test_dermnet_filter_matches_training_split():
+    from evals.filters import DERMNET_HOLDOUT_EVERY, is_dermnet_heldout
+    from training.data import DERMNET_HOLDOUT_EVERY as TRAIN_EVERY
+    from training.data import is_dermnet_heldout as train_fn
+
+    assert DERMNET_HOLDOUT_EVERY == TRAIN_EVERY
+    for h in ("00000000", "00000006", "0000000c", "ffffffff", "deadbeef", "12345678aa"):
+        assert is_dermnet_heldout(h) == train_fn(h)
+
+
+def test_bad_yaml_and_bom_csv(tmp_path):
+    with pytest.raises(BenchmarkError, match="not valid YAML"):
+        load_benchmark(_yaml(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(BenchmarkError, match="not valid YAML"):
+        load_benchmark(_yaml(tmp_path, "name: !!python/object/apply:os.system ['true']\n"))
+    csv_path = _dataset(tmp_path, [("a.png", "mel", "male", "50")])
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    cases, _ = load_cases(load_benchmark(_yaml(tmp_path, BASE)))
+    assert [c.id for c in cases] == ["a.png"]
 
 
 def test_limit_and_unknown_names():

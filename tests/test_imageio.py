@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin
 
-from agent.imageio import ImageInputError, LoadedImage, image_to_png_bytes, load_image, thumbnail_data_uri
+from agent.imageio import DEFAULT_MAX_PIXELS, ImageInputError, LoadedImage, image_to_png_bytes, load_image, thumbnail_data_uri
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BOMB = 20000
@@ -464,7 +464,7 @@ def test_decompression_bomb_rejected_from_header(tmp_path, monkeypatch, make, ex
         tracemalloc.stop()
     assert elapsed < 1.0
     assert peak < 5_000_000
-    assert str(BOMB * BOMB - 1) in e.reason
+    assert str(DEFAULT_MAX_PIXELS) in e.reason
 
 
 def test_bomb_just_below_pil_limit_is_still_checked_by_our_limit(monkeypatch):
@@ -591,3 +591,18 @@ def test_bundled_example_image():
     r = load_image(p)
     assert r.warnings == () and r.size == (1024, 911)
     assert (EXAMPLES / "README.md").is_file() and (EXAMPLES / "LICENSE-dermapred.txt").is_file()
+
+
+def test_default_pixel_limit_rejects_a_13000_px_png_from_its_header():
+    """Issue 15: a ~481 KB PNG of 13000x13000 px decoded to ~930 MB; the default limit (50 MP) refuses it unread."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    _reject(png, "13000x13000", "limits.max_image_pixels")
+    from agent.imageio import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS <= 89_478_485  # not looser than Pillow's own warning threshold

@@ -70,6 +70,8 @@ def test_bad_uploads_are_rejected_with_clear_errors(client):
     r = post_case(client, data={"metadata": json.dumps({"agee": 3})})
     assert r.status_code == 422 and "invalid metadata" in r.json()["detail"]
     assert client.post("/v1/cases", headers=AUTH).status_code == 422  # no image
+    r = post_case(client, data={"metadata": json.dumps({"site": "x" * 300})})  # the agent's input limits (issue 15)
+    assert r.status_code == 422 and "metadata.site: 300 characters, limit 200" in r.json()["detail"]
 
 
 def test_oversized_upload_is_413(tmp_path):

@@ -296,8 +296,11 @@ def test_prompt_is_exactly_the_agents(built, agent, tiny_features):
     from training.reasoner_data import _stats
 
     state = render_state(row, _stats([row], tiny_features)[row.id], agent)
+    from agent.testing import fusion_model
+
     recorder = Recorder()
-    Agent(agent.config, backends={"llm": recorder}).run(state, start_at="reason", until="reason")
+    # A stacker that fuses the LLM (the shipped one may not).
+    Agent(agent.config, backends={"llm": recorder, "fusion": fusion_model()}).run(state, start_at="reason", until="reason")
     assert recorder.convs[0] == rec["prompt"]
     target = rec["completion"][0]["content"]
     assert target.startswith(f"Diagnosis: {rec['label_name']}\nRationale: ")

@@ -21,6 +21,7 @@ TRAINERS: dict[str, str] = {
     "reasoner-sft": "training.reasoner_sft",
     "reasoner-grpo": "training.reasoner_grpo",
     "fusion": "training.fusion",
+    "encoder": "training.encoder",
 }
 
 

@@ -20,6 +20,10 @@ from models.backends.feature_vlm_net import DESCRIBE_PROMPT
 from models.vocabulary import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from training.data import aligned, load_features, source_table
 
+PACK_FILE = "describer_cases.npz"
+"""A feature folder holding this file (written by ``training.gpu_pack``: Derm7pt rows and a HAM10000 subset with
+their cached features) is read in place of the shared tables and the feature cache, e.g. on a GPU machine."""
+
 DESCRIBE_PROMPTS = (
     DESCRIBE_PROMPT,  # the evaluation prompt
     "Describe the dermoscopic structures of this lesion.",
@@ -98,9 +102,26 @@ def _ham_turn(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
     return "What is the likely diagnosis?", f"The appearance is most consistent with {HAM_NAMES[row['dx']]}."
 
 
+def _packed(feature_dir: Path, source: str) -> tuple[list[dict[str, str]], dict[str, np.ndarray]] | None:
+    path = Path(feature_dir) / PACK_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    with np.load(path) as z:
+        if f"{source}_rows" not in z:
+            return [], {"features": np.zeros((0, 2048), np.float32), "probs": np.zeros((0, 7), np.float32)}
+        return json.loads(str(z[f"{source}_rows"])), {"features": z[f"{source}_features"].astype(np.float32), "probs": z[f"{source}_probs"]}
+
+
+def _table(feature_dir: Path, source: str, rows: list[dict[str, str]] | None = None) -> tuple[list[dict[str, str]], dict[str, np.ndarray]]:
+    """Rows of ``source`` with their cached features: from the pack file when ``feature_dir`` has one."""
+    return _packed(feature_dir, source) or aligned(rows if rows is not None else source_table(source), load_features(source, feature_dir=feature_dir))
+
+
 def load_cases(feature_dir: Path, splits: tuple[str, ...]) -> tuple[list[dict[str, str]], np.ndarray]:
     """Derm7pt rows in ``splits`` with features, and their (N, 2048 + 7) feature+probability matrix."""
-    rows, f = aligned(source_table("derm7pt"), load_features("derm7pt", feature_dir=feature_dir))
+    rows, f = _table(feature_dir, "derm7pt")
     keep = [i for i, r in enumerate(rows) if r["split"] in splits]
     x = np.concatenate([f["features"], f["probs"]], axis=1)[keep]
     return [rows[i] for i in keep], x
@@ -139,8 +160,10 @@ def build_turns(
     blocks, turns = [x], []
     ham: list[dict[str, str]] = []
     if ham_fraction > 0:
-        hrows, hf = aligned([r for r in source_table("ham10000") if r["split"] == "train" and r["dx"] in HAM_CLASSES],
-                            load_features("ham10000", feature_dir=feature_dir))  # fmt: skip
+        packed = _packed(feature_dir, "ham10000")
+        hrows, hf = packed or _table(feature_dir, "ham10000", [r for r in source_table("ham10000") if r["split"] == "train"])
+        keep = [i for i, r in enumerate(hrows) if r["dx"] in HAM_CLASSES]
+        hrows, hf = [hrows[i] for i in keep], {k: v[keep] for k, v in hf.items()}
         ham = hrows
         blocks.append(np.concatenate([hf["features"], hf["probs"]], axis=1))
     weights = rarity_weights(cases, balance)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -116,7 +116,7 @@ def _dataset(turns):
 # --------------------------------------------------------------------------- training
 
 
-def _stage(name: str, vlm: Any, turns, features: np.ndarray, sc: StageConfig, cfg: Config, device: str, log) -> dict[str, Any]:
+def _stage(name: str, vlm: Any, turns, features: np.ndarray, sc: StageConfig, cfg: Config, device: str, log, callbacks=()) -> dict[str, Any]:
     """Run one SFT stage with TRL on ``vlm.lm`` (whatever is trainable in it) and return its loss summary."""
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -162,7 +162,7 @@ def _stage(name: str, vlm: Any, turns, features: np.ndarray, sc: StageConfig, cf
         train_dataset=_dataset(turns),
         data_collator=TurnCollator(vlm, features, cfg.max_length),
         processing_class=vlm.tokenizer,
-        callbacks=[LogLoss()],
+        callbacks=[LogLoss(), *callbacks],
     )
     t0 = time.time()
     trainer.train()
@@ -170,6 +170,7 @@ def _stage(name: str, vlm: Any, turns, features: np.ndarray, sc: StageConfig, cf
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
     return {
         "steps": sc.steps,
+        "steps_done": trainer.state.global_step,
         "trainable_params": n_trainable,
         "wall_s": round(time.time() - t0, 1),
         "loss_first": round(float(np.mean(head)), 4) if losses else None,
@@ -191,7 +192,8 @@ def _load_base(cfg: Config, device: str):
     return lm, tok
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
+    """``callbacks``: extra TrainerCallbacks for both stages (e.g. the GPU job's deadline)."""
     import torch
 
     from models.backends.feature_vlm_net import FeatureVLM, FeatureVLMConfig
@@ -237,7 +239,7 @@ def train(cfg: Config) -> dict:
                                        max_cases=cfg.max_train_cases)  # fmt: skip
             if not cfg.use_probs:
                 feats = feats[:, : vcfg.feature_dim]
-            summary["stages"][name] = _stage(name, vlm, turns, feats, sc, cfg, device, log)
+            summary["stages"][name] = _stage(name, vlm, turns, feats, sc, cfg, device, log, callbacks)
         if not is_main:  # under `accelerate launch`, rank 0 saves and evaluates
             continue
         vcfg.meta = {"id": cfg.register_as or "feature-vlm-describer", "stage": name, "trained_on": "Derm7pt train+extra" + (" + HAM10000 train (stage 1)" if cfg.stage1.ham_fraction else "")}

@@ -75,11 +75,22 @@ def eval_cases(cfg: Config) -> list[dict[str, Any]]:
 
 def case_output(llm, rec: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
     """Candidate scores (the agent's call) and a greedy free generation for one case."""
+    return case_outputs(llm, [rec], max_new_tokens)[0]
+
+
+def case_outputs(llm, recs: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
+    """:func:`case_output` for several cases, the free generations batched (``llm.max_batch_size``)."""
+    texts = llm.chat([rec["prompt"] for rec in recs], max_new_tokens=max_new_tokens, temperature=0.0) if len(recs) > 1 else [None]
+    return [_case_output(llm, rec, max_new_tokens, text) for rec, text in zip(recs, texts)]
+
+
+def _case_output(llm, rec: dict[str, Any], max_new_tokens: int, text: str | None) -> dict[str, Any]:
     from agent.prompts import DIAGNOSIS_PREFIX
 
     scores = [float(s) for s in llm.score_continuations(rec["prompt"], DIAGNOSIS_PREFIX, rec["candidates"])]
     pred = rec["candidate_labels"][max(range(len(scores)), key=scores.__getitem__)]
-    text = llm.chat([rec["prompt"]], max_new_tokens=max_new_tokens, temperature=0.0)[0]
+    if text is None:  # one case: generated after scoring, reusing the scored prompt's KV cache
+        text = llm.chat([rec["prompt"]], max_new_tokens=max_new_tokens, temperature=0.0)[0]
     agreement = stated_consistency(text, rec["candidates"], rec["observed"], rec["expected"])
     return {
         "id": rec["id"], "source": rec["source"], "label": rec["label"], "pred": pred, "scores": [round(s, 4) for s in scores],

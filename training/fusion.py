@@ -40,13 +40,16 @@ class Config(TrainConfig):
     """Fusion refit (see the module docstring)."""
 
     experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
+    extra_experts: list[str] = Field([], description="Extra expert files next to experts_file (<stem>_<name>.jsonl), e.g. 'effnet' (second visual expert: HAM head for dermoscopy, DermNet head for clinical photos).")
+    fit_sources: list[str] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
+    clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
     clinical_experts: list[str] = Field(list(CLIN_EXPERTS), description="Experts of the clinical stacker.")
     folds: int = Field(5, ge=2)
     eps: float = Field(1e-3, gt=0, lt=0.1, description="Probability floor before taking logs.")
     c_grid: list[float] = Field([0.001, 0.01, 0.1, 1.0], description="Inverse L2 strengths of the per-class weight deviations tried (cross-validated).")
-    gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Decision weights w_c ∝ prior_c^-γ tried (0: most probable label, 1: balanced).")
+    gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Class weights of the decision model ∝ n_c^-γ tried (0: none, 1: balanced).")
     max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the γ of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
     morphology_c_grid: list[float] = Field([0.03, 0.1, 0.3, 1.0, 3.0])
     conformal_score: str = Field("lac", pattern="^(lac|aps)$")
@@ -60,12 +63,17 @@ class Config(TrainConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_parts(path: Path) -> dict[str, list[dict]]:
+def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0) -> dict[str, list[dict]]:
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit, clin_eval."""
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval")}
-    for r in read_records(path):
+    for r in read_records(path, tuple(extra)):
+        if r.get("modality") == "clinical" and "effnet_dermnet" in r:
+            r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
+            if clinical_extra_candidates:
+                ranked = sorted(r["effnet"], key=r["effnet"].get, reverse=True)
+                r["candidates"] = list(r["candidates"]) + [c for c in ranked if c not in r["candidates"]][:clinical_extra_candidates]
         if r["source"] == "dermnet":
             if r["modality"] == "clinical" and not r["modality_rejected"]:
                 parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
@@ -229,7 +237,11 @@ def _outputs(r: dict, experts: Sequence[str]) -> dict[str, Any]:
 
 
 def fuse_records(model: ModalityFusion, recs: list[dict]) -> list[dict[str, float]]:
-    return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)).probs for r in recs]
+    return [f.probs for f in fuse_all(model, recs)]
+
+
+def fuse_all(model: ModalityFusion, recs: list[dict]):
+    return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)) for r in recs]
 
 
 def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> list[dict[str, float]]:
@@ -244,10 +256,10 @@ def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> lis
     return out
 
 
-def top_metrics(y: Sequence[str], probs: list[dict[str, float]], weights: dict[str, float] | None = None) -> dict[str, float]:
+def top_metrics(y: Sequence[str], probs: list[dict[str, float]], order: list[list[str]] | None = None) -> dict[str, float]:
     from evals.metrics import diagnosis_metrics
 
-    pred = decide_all(probs, weights)
+    pred = decide_all(probs, order)
     return {k: round(float(v), 4) for k, v in diagnosis_metrics(list(y), pred).items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
@@ -260,16 +272,11 @@ def reference_accuracy(recs: list[dict], experts: Sequence[str]) -> float:
         return single_expert(recs, "classifier")["accuracy"] if "classifier" in experts else 0.0
 
 
-def decide_all(probs: list[dict[str, float]], weights: dict[str, float] | None) -> list[str]:
-    return [max(p, key=lambda c: p[c] * (weights or {}).get(c, 1.0)) if p else "" for p in probs]
-
-
-def decision_weights(y: Sequence[str], gamma: float) -> dict[str, float]:
-    """w_c ∝ prior_c^-γ over the classes seen in fitting, normalised to mean 1."""
-    labels, counts = np.unique(np.asarray(y), return_counts=True)
-    w = (counts / counts.sum()) ** -gamma
-    w = w / w.mean()
-    return {str(k): float(v) for k, v in zip(labels, w)}
+def decide_all(probs: list[dict[str, float]], order: list[list[str]] | None = None) -> list[str]:
+    """The decided labels: the decision order's first where given, else the most probable."""
+    if order is not None:
+        return [o[0] if o else "" for o in order]
+    return [max(p, key=p.get) if p else "" for p in probs]
 
 
 def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, list[dict], list[dict[str, float]]]:
@@ -286,19 +293,23 @@ def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, list[
     return best["C"], grid, oofs[best["C"]]
 
 
-def choose_decision(recs: list[dict], oof: list[dict[str, float]], experts, cfg: Config) -> tuple[float, dict[str, float], list[dict]]:
-    """γ of the decision rule: the best CV balanced accuracy among those whose CV accuracy is at most
-    ``max_accuracy_drop`` below :func:`reference_accuracy` (the issue's constraint: balanced accuracy up,
-    accuracy down by at most 2 points)."""
+def choose_decision(recs: list[dict], experts, cfg: Config) -> tuple[float, float, list[dict], list[str]]:
+    """(C, γ) of the decision model (a class-weighted stacker, sample weights ∝ n_class^-γ): the best CV
+    balanced accuracy among settings whose CV accuracy is at most ``max_accuracy_drop`` below
+    :func:`reference_accuracy` (the issue's constraint: balanced accuracy up, accuracy down by at most 2
+    points). Returns (C, γ, grid, out-of-fold decided labels)."""
     y = [r["label"] for r in recs]
+    fold = _folds(y, cfg.folds, cfg.seed)
     reference = reference_accuracy(recs, experts)
-    grid = []
-    for g in cfg.gamma_grid:
-        w = decision_weights(y, g)
-        grid.append({"gamma": g, **top_metrics(y, oof, w)})
+    grid, labels = [], {}
+    for c in cfg.c_grid:
+        for g in cfg.gamma_grid:
+            oof = oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed)
+            grid.append({"C": c, "gamma": g, **top_metrics(y, oof)})
+            labels[(c, g)] = decide_all(oof)
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
     best = max(ok, key=lambda g: (g["balanced_accuracy"], g["accuracy"]))
-    return best["gamma"], decision_weights(y, best["gamma"]), grid + [{"reference_accuracy": round(reference, 4)}]
+    return best["C"], best["gamma"], grid + [{"reference_accuracy": round(reference, 4)}], labels[(best["C"], best["gamma"])]
 
 
 def fit_conditional(recs: list[dict], experts: Sequence[str], eps: float) -> ModalityFusion:
@@ -368,14 +379,14 @@ def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int):
     return m.coef_[0], float(m.intercept_[0])
 
 
-def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str) -> None:
+def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str, labels: list[str] | None = None) -> None:
     """Conformal scores and cross-fitted acceptance calibration, written into ``model``."""
     model.conformal_score = cfg.conformal_score
     model.calibration_scores = conformal_scores(recs, oof, cfg.conformal_score)
     model.calibration_source = source
     qhat = conformal_quantile(model.calibration_scores, cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
-    labels = decide_all(oof, model.decision_weights)
+    labels = labels or decide_all(oof)
     sig = [signals(r, p, qhat, cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
     correct = np.array([lab == r["label"] for r, lab in zip(recs, labels)])
     fold = np.random.default_rng(cfg.seed).permutation(len(recs)) % cfg.folds
@@ -398,10 +409,12 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
 
     if not recs:
         return {"n": 0}
-    probs = fuse_records(model, recs)
+    fused = fuse_all(model, recs)
+    probs = [f.probs for f in fused]
+    orders = [f.order for f in fused]
     y = [r["label"] for r in recs]
-    pred = decide_all(probs, model.decision_weights)
-    out: dict[str, Any] = {"n": len(recs), **top_metrics(y, probs, model.decision_weights)}
+    pred = decide_all(probs, orders)
+    out: dict[str, Any] = {"n": len(recs), **top_metrics(y, probs, orders)}
     yp = (np.array(y), np.array(pred))
     for name in ("accuracy", "balanced_accuracy"):
         out[f"{name}_ci"] = [round(v, 4) for v in bootstrap_ci(lambda a, b, n=name: diagnosis_metrics(list(a), list(b))[n], *yp, n=cfg.n_bootstrap)]
@@ -477,26 +490,26 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
     morph, morph_info = add_morphology_outputs(parts, cfg)
 
     # Dermoscopy.
-    fit = parts["derm_fit"]
+    fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources]
     y = [r["label"] for r in fit]
     experts = list(cfg.dermoscopy_experts)
     c, grid, oof = choose_stacker(fit, experts, cfg)
-    gamma, weights, dgrid = choose_decision(fit, oof, experts, cfg)
+    dc, gamma, dgrid, oof_labels = choose_decision(fit, experts, cfg)
     fold = _folds(y, cfg.folds, cfg.seed)
     x, _ = derm_design(fit, experts, cfg.eps)
     derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
-    derm.decision_weights = weights
-    derm.meta["decision_gamma"] = gamma
-    derm.meta["decision_grid"] = dgrid
-    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)")
-    derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, oof, weights)})
+    dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
+    derm.decision_coef, derm.decision_intercept = dec.coef, dec.intercept
+    derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_expert_weights": dec.meta["expert_weights"], "decision_grid": dgrid})
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)", oof_labels)
+    derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
     # Clinical.
     modalities = {"dermoscopy": derm}
@@ -525,8 +538,8 @@ def train(cfg: Config) -> dict[str, Any]:
             for drop in experts:
                 keep = [e for e in experts if e != drop]
                 xf, _ = derm_design(fit, keep, cfg.eps)
-                m = fit_multinomial(xf, y, c, 0.0, keep, cfg.eps, cfg.seed)
-                ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs), weights)
+                m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed)  # the decision model without that expert
+                ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs))
             ev["ablation"] = ablation
         evals[name] = ev
 

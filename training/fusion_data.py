@@ -164,14 +164,24 @@ def llm_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).stem + "_llm.jsonl")
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The collected records, each with the LLM's scores from the LLM pass where it has run."""
+def expert_path(path: Path, name: str) -> Path:
+    """Where an extra expert's outputs for the same cases are written (``<out>_<name>.jsonl``: id + fields)."""
+    return Path(path).with_name(Path(path).stem + f"_{name}.jsonl")
+
+
+def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The collected records, each with the LLM's scores from the LLM pass where it has run, and the fields
+    of each extra expert file (:func:`expert_path`) where it exists."""
     recs = _read(path)
     for i, r in _read(llm_path(path)).items():
         if i in recs:
             recs[i]["llm"] = r["llm"]
         else:
             recs[i] = r
+    for name in extra:
+        for i, r in _read(expert_path(path, name)).items():
+            if i in recs:
+                recs[i].update({k: v for k, v in r.items() if k != "id"})
     return list(recs.values())
 
 

@@ -335,8 +335,11 @@ def train(cfg: Config) -> dict:
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
 
 
-def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
-    """Fine-tune per fold and once on everything; save the encoder delta and the refitted head."""
+def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log, images=None, load_base=None, should_stop=None) -> dict:
+    """Fine-tune per fold and once on everything; save the encoder delta and the refitted head.
+
+    ``images``: the inputs of the rows of ``x`` when preloaded (else read through ``refs``);
+    ``load_base`` / ``should_stop``: see :func:`training.modality_encoder.finetune_encoder`."""
     from models.finetuned_encoder import save_delta
     from models.registry import get_spec
     from models.resolve import sha256_file
@@ -348,7 +351,7 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
     x, y, groups, tags, refs = x[sel], y[sel], groups[sel], tags[sel], refs[sel]
     stats = x[:, N_FEATURES:]
     t0 = time.time()
-    images = load_tensors(refs, load_image)
+    images = load_tensors(refs, load_image) if images is None else images[sel]
     log.log(event="images_loaded", n=len(refs), seconds=round(time.time() - t0, 1))
 
     frozen_pred, _ = _crossval(lambda k, held: x, y, groups, cfg, log, stage="frozen")
@@ -356,7 +359,7 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
 
     def tuned_features(k, held):
         warm = fit(x[~held], y[~held], cfg.c, cfg.max_iter)
-        net = finetune_encoder(images[~held], stats[~held], y[~held], x[~held], warm, cfg, log, stage=f"finetune_fold{k}")
+        net = finetune_encoder(images[~held], stats[~held], y[~held], x[~held], warm, cfg, log, stage=f"finetune_fold{k}", load_base=load_base, should_stop=should_stop)
         return np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
 
     t_cv = time.time()
@@ -367,7 +370,7 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log) -> dict:
     metrics["finetune"] = {**ft.model_dump(), "n_images": int(len(y)), "crossval_seconds": round(time.time() - t_cv, 1)}
 
     t_final = time.time()
-    net = finetune_encoder(images, stats, y, x, fit(x, y, cfg.c, cfg.max_iter), cfg, log, stage="finetune_final")
+    net = finetune_encoder(images, stats, y, x, fit(x, y, cfg.c, cfg.max_iter), cfg, log, stage="finetune_final", load_base=load_base, should_stop=should_stop)
     xt = np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
     metrics["finetune"]["final_seconds"] = round(time.time() - t_final, 1)
     delta = save_delta(net.backbone, ft.unfreeze_from, cfg.out_dir / "modality_encoder.safetensors", base_id=BASE_ID,

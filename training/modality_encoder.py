@@ -57,11 +57,14 @@ def _augment(x, gen):
     return torch.stack(out)
 
 
-def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndarray, warm_start, cfg, log, stage: str):
+def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndarray, warm_start, cfg, log, stage: str, load_base=None, should_stop=None):
     """Fine-tune the stages from ``cfg.finetune.unfreeze_from`` on with class-balanced cross-entropy
     through a linear head on [pooled features, statistics], warm-started from ``warm_start`` (the
     (scaler, logistic head) fitted on the frozen features ``x_frozen``). Returns the tuned
-    ``SklesionNet`` (eval mode, on CPU)."""
+    ``SklesionNet`` (eval mode, on CPU).
+
+    ``load_base(device)`` builds the base network (default: the registry's Keras weights);
+    ``should_stop(stage, step)`` ends the loop early (a time budget)."""
     import torch
     import torch.nn.functional as F
 
@@ -72,7 +75,7 @@ def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndar
     ft = cfg.finetune
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    net = build_model(resolve(BASE_ID, progress=False), device)
+    net = load_base(device) if load_base is not None else build_model(resolve(BASE_ID, progress=False), device)
     bb = net.backbone
     start = ft.unfreeze_from
     net.requires_grad_(False)
@@ -101,6 +104,9 @@ def finetune_encoder(images, stats: np.ndarray, y: np.ndarray, x_frozen: np.ndar
     use_bf16 = device == "cuda"
     t0 = time.time()
     for step in range(ft.steps):
+        if should_stop is not None and should_stop(stage, step):
+            log.log(stage=stage, event="stopped_early", steps_done=step)
+            break
         idx = torch.randint(len(yi), (min(ft.batch_size, len(yi)),), generator=gen)
         xb = images[idx]
         if ft.augment:

@@ -12,7 +12,7 @@ component and the weighted total are logged per step to ``metrics.jsonl`` and pl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import Field
 
@@ -57,6 +57,9 @@ class Config(TrainConfig):
     max_steps: int = Field(40, ge=1)
     num_generations: int = Field(4, ge=2, description="Completions per prompt (the GRPO group).")
     prompts_per_step: int = Field(1, ge=1, description="Prompts per optimiser step (per device).")
+    steps_per_generation: int | None = Field(
+        None, ge=1, description="Optimiser steps served by one generation batch (TRL; None: 1). On a GPU, generating for 4 steps at once costs about one step's generation time."
+    )
     answer_prefix: bool = Field(
         True,
         description="Prompts end with the agent's assistant prefix 'Diagnosis: ' (as the agent scores and writes), so the "
@@ -116,7 +119,8 @@ def _steps(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in log_history if "reward" in r]
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
+    """``callbacks``: extra TrainerCallbacks (e.g. the GPU job's deadline)."""
     import numpy as np
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
@@ -151,6 +155,7 @@ def train(cfg: Config) -> dict:
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_generations=cfg.num_generations,
+        steps_per_generation=cfg.steps_per_generation,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         learning_rate=cfg.learning_rate,
@@ -170,7 +175,7 @@ def train(cfg: Config) -> dict:
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
                                  layers_to_transform=cfg.lora.layers, task_type="CAUSAL_LM")  # fmt: skip
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
-                          callbacks=[metrics_callback(cfg.out_dir)])  # fmt: skip
+                          callbacks=[metrics_callback(cfg.out_dir), *callbacks])  # fmt: skip
     trainer.train()
 
     history = trainer.state.log_history

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import Field
 
@@ -202,7 +202,8 @@ def token_lengths(tok, records: list[dict[str, Any]]) -> list[int]:
 # --------------------------------------------------------------------------- training
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
+    """``callbacks``: extra TrainerCallbacks (e.g. the GPU job's deadline)."""
     records, info = load_cases(cfg)
     summary: dict[str, Any] = {"data": {k: v for k, v in info.items() if k != "error_profile"}}
     if cfg.build_only:
@@ -241,7 +242,7 @@ def train(cfg: Config) -> dict:
                       target_modules=list(cfg.lora.target_modules), layers_to_transform=cfg.lora.layers, task_type="CAUSAL_LM")  # fmt: skip
     model = load_causal_lm(where, device, prec["bf16"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora,
-                         callbacks=[metrics_callback(cfg.out_dir)])  # fmt: skip
+                         callbacks=[metrics_callback(cfg.out_dir), *callbacks])  # fmt: skip
     result = trainer.train()
 
     meta = {"trainer": "reasoner-sft", "base": cfg.model, "cases": len(kept), "labels": info.get("labels"), "seed": cfg.seed,

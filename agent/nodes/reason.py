@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from agent.config import AgentConfig
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
-from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, TAG, conversation, evidence_tags, render_user, usable_rationale
+from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user, usable_rationale
 from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
 from models.vocabulary import HAM_CLASSES, HAM_NAMES
@@ -98,8 +98,8 @@ def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) ->
 
 
 def _cite(text: str, tags: dict[str, str]) -> tuple[str, list[str]]:
-    cited = [tags[t] for t in TAG.findall(text) if t in tags]
-    return TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
+    cited = [tags[t] for t in EVIDENCE_TAG.findall(text) if t in tags]
+    return EVIDENCE_TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
 
 
 def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
@@ -132,6 +132,7 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
     from agent.steps import consulted_passage, knowledge_step
 
     observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    retrieved = {e.id for e in state.retrieval.evidence} if state.retrieval else set()
     steps, consulted = [], []
     for c in labels:
         entry = rt.knowledge.entry_for_label(c)
@@ -145,9 +146,12 @@ def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
         else:
             from agent.state import ReasoningStep
 
-            steps.append(ReasoningStep(kind="knowledge", text=f"Knowledge base on {names[c]}: {_first_sentences(passage.text)} [{passage.id}]",
-                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id}))  # fmt: skip
-        consulted.append(passage)
+            # No structured findings to compare (clinical photographs): cite the description, do not quote it, since
+            # its free text names other diagnoses and features the case has not shown.
+            steps.append(ReasoningStep(kind="knowledge", text=f"The knowledge base's {passage.id.split('#')[-1]} description of {names[c]} is cited for the reader [{passage.id}].",
+                                       evidence=[passage.id], data={"label": c, "kb_entry": entry.id, "excerpt": _first_sentences(passage.text)}))  # fmt: skip
+        if passage.id not in retrieved and passage.id not in {p.id for p in consulted}:
+            consulted.append(passage)  # cited like retrieved evidence; a passage retrieval already found is not repeated
     return steps, consulted
 
 
@@ -199,7 +203,7 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
             llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
             for i in range(1, cfg.num_samples):
                 p_i = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=rt.config.seed + i)
-                samples.append(mf.decide(mf.fuse(cands, {**experts, "llm": p_i}).probs))
+                samples.append(mf.fuse(cands, {**experts, "llm": p_i}).order[0])
         except NotImplementedError:
             notes.append("backend cannot score continuations: asked for JSON")
             llm_probs, _, json_notes = _json_answer(rt, state, cands, names, clf_display, feedback, cfg.retries)
@@ -210,7 +214,7 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
         experts["llm"] = llm_probs
 
     fused = mf.fuse(cands, experts)
-    order = mf.rank(fused.probs)  # decision order (calibrated probabilities, cost-sensitive ranking)
+    order = fused.order  # the decided label first, then by calibrated probability
     top = order[0]
     samples = [top] + samples
     if cfg.num_samples == 1 or source == "fallback":
@@ -250,6 +254,9 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     if summary:
         rationale += f" Summary: {summary}"
     cited = [i for i in dict.fromkeys(e for s in steps for e in s.evidence) if not i.startswith(("finding:", "expert:"))]
+
+    drain = getattr(rt.llm, "drain_notes", None)  # e.g. "prompt truncated to the LLM's context"
+    notes += list(dict.fromkeys(drain())) if callable(drain) else []
 
     differential = [DifferentialItem(label=c, name=names[c], probability=fused.probs[c]) for c in order]
     result = ReasonerResult(

@@ -38,7 +38,7 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     if cfg.k_cases and route.case_sources and state.encoding is not None:
         from retrieval.cases import knn_label_distribution
 
-        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases, sources=route.case_sources)[0]
+        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases or None, sources=route.case_sources)[0]
         for h in same:
             evidence.append(
                 Evidence(

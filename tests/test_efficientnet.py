@@ -1,0 +1,184 @@
+"""EfficientNet-Lite0: key mapping, safe loading of the wheel's pickle, parity with the reference
+implementation (``efficientnet_lite_pytorch``), and the multi-task expert artifact."""
+
+import io
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from models import efficientnet as E
+from models.protocols import ImageClassifier
+
+
+def _reference_keys() -> list[str]:
+    """The state-dict keys of the reference Lite0 (``_blocks.N`` flat, lukemelas-style names)."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["_conv_stem.weight", *(f"_bn0.{s}" for s in bn)]
+    for n in range(sum(E.STAGE_DEPTHS)):
+        layers = ["_depthwise_conv", "_bn1", "_project_conv", "_bn2"] if n == 0 else ["_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_project_conv", "_bn2"]
+        for layer in layers:
+            keys += [f"_blocks.{n}.{layer}.{s}" for s in (bn if "_bn" in layer else ("weight",))]
+    return keys + ["_conv_head.weight", *(f"_bn1.{s}" for s in bn), "_fc.weight", "_fc.bias"]
+
+
+def test_key_mapping_covers_timm_exactly():
+    timm = pytest.importorskip("timm")
+    want = set(timm.create_model(E.TIMM_ARCH, pretrained=False).state_dict())
+    got = [E.reference_to_timm_key(k) for k in _reference_keys()]
+    assert len(got) == len(set(got)) == len(want)
+    assert set(got) == want
+    assert E.reference_to_timm_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert E.reference_to_timm_key("_blocks.3._project_conv.weight") == "blocks.2.0.conv_pwl.weight"
+    assert E.reference_to_timm_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
+    assert E.reference_to_timm_key("_bn1.weight") == "bn2.weight"
+
+
+@pytest.mark.parametrize("bad", ["_blocks.16._bn0.weight", "_blocks.0._expand_conv.weight", "_se.weight", "module._fc.bias"])
+def test_unknown_keys_are_errors(bad):
+    with pytest.raises(KeyError):
+        E.reference_to_timm_key(bad)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    """The wheel's file is a pickle: only tensors and containers may come out of it."""
+    import torch
+
+    path = tmp_path / "evil.pth"
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(1), "y": _Boom()}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(pickle.UnpicklingError):
+        E.load_reference_pth(path)
+
+
+def _tiny_expert(tmp_path):
+    heads = {"ham": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], "dermnet": ["a", "b", "c"], "modality": ["clinical", "dermoscopy", "histopathology", "not_skin"]}
+    net = E.multitask_net(heads, pretrained=False)
+    return net, E.save_expert(net, tmp_path / "expert.safetensors", {"image_size": 64})
+
+
+def test_expert_roundtrip_fp16_and_classifier_protocol(tmp_path):
+    import torch
+    from PIL import Image
+
+    net, path = _tiny_expert(tmp_path)
+    assert E.expert_info(path)["heads"]["dermnet"] == ["a", "b", "c"]
+    loaded, info = E.load_expert(path)
+    ref = {k: v.half().float() for k, v in net.state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, ref[k]), k
+    expert = E.EfficientNetExpert(path)
+    assert isinstance(expert, ImageClassifier)
+    imgs = [Image.fromarray(np.full((50, 70, 3), c, np.uint8)) for c in (0, 128, 255)]
+    out = expert.predict(imgs)
+    assert out.probs.shape == (3, 7) and out.features.shape == (3, E.FEATURE_DIM)
+    np.testing.assert_allclose(out.probs.sum(1), 1, atol=1e-5)
+    assert out.labels == tuple(info["heads"]["ham"])
+    feats, probs = expert.predict_heads(imgs)
+    assert set(probs) == {"ham", "dermnet", "modality"} and probs["modality"].shape == (3, 4)
+    np.testing.assert_allclose(feats, out.features, atol=1e-5)  # deterministic inference
+
+
+def test_non_expert_file_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an EfficientNet-Lite0 expert"):
+        E.expert_info(tmp_path / "other.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.weights
+def test_base_weights_convert_to_safetensors_and_load_strictly():
+    from safetensors.torch import load_file
+
+    path = E.base_weights(progress=False)
+    assert path.suffix == ".safetensors"
+    model = E.create_backbone(pretrained=True)
+    sd = load_file(str(path))
+    assert len(sd) == len(model.state_dict()) == 296
+    assert sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == 4_652_008
+
+
+def _reference_module(tmp_path):
+    """``efficientnet_lite_pytorch`` (the implementation the weights were exported for), from its wheel on
+    the side: downloaded with ``pip download --no-deps`` and imported from a temporary folder."""
+    d = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "efficientnet-lite-pytorch==0.1.0", "-d", str(d), "--progress-bar", "off"],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot download the reference implementation: {proc.stderr[-300:]}")
+    (wheel,) = d.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(d / "site")
+    sys.path.insert(0, str(d / "site"))
+    try:
+        import efficientnet_lite_pytorch
+    finally:
+        sys.path.remove(str(d / "site"))
+    return efficientnet_lite_pytorch
+
+
+def _images(n=6):
+    """A few real images when ../shared/data exists (dermoscopy, clinical, histology), else fixed noise."""
+    from PIL import Image
+
+    from models.paths import data_dir
+
+    root = data_dir()
+    files = sorted((root / "ham10000" / "images").glob("*.jpg"))[:2] + sorted((root / "dermnet" / "images").glob("*/*.jpg"))[:2]
+    files += sorted((root / "histology" / "images").glob("*/*.png"))[:2]
+    if files:
+        return [Image.open(f).convert("RGB") for f in files[:n]]
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_parity_with_reference_implementation(tmp_path):
+    """Same ImageNet top-1 and the same pooled 1280-d features as the reference network with the wheel's weights."""
+    import torch
+
+    ref_pkg = _reference_module(tmp_path)
+    ref = ref_pkg.EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(E.load_reference_pth(E.resolve_base_pth()))  # never the reference's own torch.load
+    ref.eval()
+    ours = E.create_backbone(pretrained=True).eval()
+    x = E.to_tensor(_images(), 224)
+    with torch.inference_mode():
+        logits_ref = ref(x)
+        feats_ref = ref._avg_pooling(ref.extract_features(x)).flatten(1)
+        logits = ours(x)
+        feats = ours.forward_head(ours.forward_features(x), pre_logits=True)
+    assert feats.shape == (len(x), E.FEATURE_DIM)
+    assert torch.equal(logits.argmax(1), logits_ref.argmax(1))
+    torch.testing.assert_close(feats, feats_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_expert_artifact():
+    """The committed expert resolves by registry id, is small fp16 and has every head."""
+    from models.efficientnet import EfficientNetExpert
+    from models.resolve import resolve
+
+    path = resolve("efficientnet-lite0-derm", progress=False)
+    assert path.stat().st_size < 10e6
+    info = E.expert_info(path)
+    assert info["base"] == E.BASE_ID and info["image_size"] == 160
+    assert len(info["heads"]["dermnet"]) == 56 and info["heads"]["modality"] == ["clinical", "dermoscopy", "histopathology", "not_skin"]
+    assert len([h for h in info["heads"] if h.startswith("crit_")]) == 7
+    expert = EfficientNetExpert()
+    assert expert.labels == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

@@ -1,0 +1,151 @@
+"""``dermgraph train encoder``: configs, deterministic sampling and augmentation, frozen stages, the smoke
+run on real images (artifact, metrics, curves, registry fragment) and resuming from its checkpoint."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from training import encoder
+from training.cli import run_training, trainer_module
+from training.config import load_train_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
+
+
+@pytest.mark.parametrize("name", ["encoder_smoke", "encoder_cpu", "encoder_gpu"])
+def test_shipped_configs_validate(name):
+    cfg = load_train_config(trainer_module("encoder").Config, CONFIGS / f"{name}.yaml")
+    assert cfg.train_from in encoder.STAGES
+    with pytest.raises(ValidationError):
+        load_train_config(encoder.Config, CONFIGS / f"{name}.yaml", ["mix.no_such_option=1"])
+
+
+def _pools(n_ham=(50, 5), n_dn=6):
+    lab = encoder._empty_labels
+    ham = [{"labels": {**lab(), "ham": c, "modality": 1}} for c, n in enumerate(n_ham) for _ in range(n)]
+    dn = [{"labels": {**lab(), "dermnet": i % 3, "modality": 0}} for i in range(n_dn)]
+    return {"train_ham": ham, "train_derm7pt": [], "train_dermnet": dn, "train_histology": [], "train_not_skin": []}
+
+
+def test_epoch_plan_is_deterministic_and_rebalances():
+    cfg = encoder.Config(mix={"ham": 4000, "derm7pt_repeats": 1, "dermnet_repeats": 2, "closeups": 10, "histology": 0, "not_skin": 0})
+    pools = _pools()
+    a, b = encoder._epoch_plan(pools, cfg, 0), encoder._epoch_plan(pools, cfg, 0)
+    assert a == b and a != encoder._epoch_plan(pools, cfg, 1)
+    ham = [pools["train_ham"][i]["labels"]["ham"] for name, i, _ in a if name == "train_ham"]
+    # sampling weight n^-0.5: the 10x rarer class is drawn sqrt(10)x less often, not 10x
+    ratio = ham.count(0) / ham.count(1)
+    assert 2.5 < ratio < 4.0
+    assert sum(1 for name, _, close in a if name == "train_dermnet" and close) == 10
+    assert sum(1 for name, _, close in a if name == "train_dermnet" and not close) == 12
+
+
+def test_loss_class_weights_complete_the_balancing():
+    w = encoder._class_weights(np.array([0] * 100 + [1] * 25 + [-1] * 7), 3, 0.5)
+    assert w[2] == 0 and w[1] / w[0] == pytest.approx(2.0)
+
+
+def test_augmentation_is_seeded_and_closeups_lose_the_disease_label():
+    import torch
+
+    cfg = encoder.Config(image_size=48)
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    pools = {"train_dermnet": [{"kind": "clinical", "labels": {**encoder._empty_labels(), "dermnet": 2, "modality": 0}}]}
+    images = {"train_dermnet": img[None]}
+    x1, y1 = encoder._batch([("train_dermnet", 0, False), ("train_dermnet", 0, True)], pools, images, cfg, 7)
+    x2, _ = encoder._batch([("train_dermnet", 0, False), ("train_dermnet", 0, True)], pools, images, cfg, 7)
+    x3, _ = encoder._batch([("train_dermnet", 0, False), ("train_dermnet", 0, True)], pools, images, cfg, 8)
+    assert x1.shape == (2, 3, 48, 48)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert y1["dermnet"].tolist() == [2, -1] and y1["modality"].tolist() == [0, 0]
+
+
+def test_frozen_stages():
+    timm = pytest.importorskip("timm")
+    bb = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    frozen = encoder.frozen_modules(bb, "3")
+    assert frozen[:2] == [bb.conv_stem, bb.bn1] and frozen[2:] == [bb.blocks[0], bb.blocks[1], bb.blocks[2]]
+    assert encoder.frozen_modules(bb, "stem") == []
+    with pytest.raises(ValueError, match="valid"):
+        encoder.frozen_modules(bb, "block9")
+
+
+@pytest.mark.data
+@pytest.mark.weights
+@pytest.mark.slow
+def test_smoke_run_writes_expert_and_resumes(shared_data, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from models.efficientnet import EfficientNetExpert, base_weights, load_expert
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    over = [f"out_dir={out}", f"cache_dir={cache}"]
+    summary = run_training("encoder", CONFIGS / "encoder_smoke.yaml", over)
+    for f in ("best.safetensors", "checkpoint.pt", "metrics.jsonl", "learning_curves.png", "MODEL_CARD.md", "registry.yaml", "summary.json"):
+        assert (out / f).exists(), f
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert steps and all(np.isfinite(r["loss"]["total"]) for r in steps)
+    assert {"val_isic2018/balanced_accuracy", "val_dermnet/top5", "val_derm7pt/criteria_f1/mean", "modality_acc"} <= set(recs[-1])
+    assert summary["best_epoch"] == 1 and summary["size_mb"] < 10
+
+    net, info = load_expert(out / "best.safetensors")
+    assert info["image_size"] == 64 and len(info["heads"]["dermnet"]) == 56 and info["heads"]["modality"] == encoder.MODALITIES
+    # frozen stages (smoke: everything before stage 5) keep the ImageNet weights
+    base = load_file(str(base_weights(progress=False)))
+    assert torch.allclose(net.backbone.conv_stem.weight, base["conv_stem.weight"].half().float())
+    assert not torch.allclose(net.backbone.blocks[6][0].conv_pwl.weight, base["blocks.6.0.conv_pwl.weight"].half().float())
+    from PIL import Image
+
+    img = Image.open(next((shared_data / "isic2018_val" / "images").glob("*.jpg")))
+    assert EfficientNetExpert(out / "best.safetensors").predict([img]).probs.shape == (1, 7)
+
+    # the same command with more epochs resumes where the first stopped
+    n_steps = len(steps)
+    summary2 = run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=2"])
+    recs2 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps2 = [r["step"] for r in recs2 if r["kind"] == "step"]
+    assert steps2 == list(range(1, 2 * n_steps + 1)) and summary2["epochs_run"] == 2
+    # another configuration in the same folder is refused rather than mixed
+    with pytest.raises(ValueError, match="another configuration"):
+        run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=3", "lr=0.1"])
+
+
+@pytest.mark.data
+def test_eval_encoder_reports_every_heldout_figure(shared_data, tmp_path, monkeypatch):
+    from models.vocabulary import HAM_CLASSES, SEVEN_POINT
+    from models.efficientnet import multitask_net, save_expert
+    from training import eval_encoder
+
+    full, syn = encoder.build_tables, encoder._synthetic_records
+    monkeypatch.setattr(encoder, "build_tables", lambda cfg, root=None: (lambda s, c: ({k: v[:5] for k, v in s.items()}, c))(*full(cfg, root)))
+    monkeypatch.setattr(encoder, "_synthetic_records", lambda n, seed: syn(1, seed))
+    _, classes = full(encoder.Config(limit_per_source=1))
+    heads = {"ham": list(HAM_CLASSES), "dermnet": classes, "modality": encoder.MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+    path = save_expert(multitask_net(heads, pretrained=False), tmp_path / "e.safetensors", {"image_size": 48})
+    res = eval_encoder.evaluate(path, n_bootstrap=20, log=lambda m: None)
+    for key in ("val_isic2018/balanced_accuracy", "val_isic2018/mel_sensitivity", "val_derm7pt/accuracy", "val_dermnet/top1", "val_dermnet/top5",
+                "closeups/modality_acc", "modality_acc_whole_images", "val_histology/modality_acc", "val_not_skin/modality_acc"):  # fmt: skip
+        assert key in res, key
+    assert 0 <= res["val_dermnet/top1"] <= res["val_dermnet/top5"] <= 1
+    assert set(res["val_derm7pt/criteria_macro_f1"]) == {*SEVEN_POINT, "mean"}
+    assert sum(res["val_not_skin/modality_called"].values()) == 8
+
+
+@pytest.mark.data
+def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypatch):
+    from models.vocabulary import HAM_CLASSES
+    from models.efficientnet import multitask_net, save_expert
+    from training import data, eval_encoder
+
+    rows = data.source_table("isic2018_val")[:3]
+    monkeypatch.setattr(data, "source_table", lambda source, root=None: rows)
+    path = save_expert(multitask_net({"ham": list(HAM_CLASSES), "modality": encoder.MODALITIES}, pretrained=False), tmp_path / "e.safetensors", {"image_size": 48})
+    (out,) = eval_encoder.write_features(path, tmp_path, ["isic2018_val"], log=lambda m: None)
+    f = data.load_features("isic2018_val", "effnet", tmp_path)
+    assert list(f["ids"]) == [r["image"] for r in rows] and f["features"].shape == (3, 1280) and f["probs"].shape == (3, 7)
+    assert np.load(out)["probs_modality"].shape == (3, 4)

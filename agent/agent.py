@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from agent.cases import PersistedCases
 from agent.config import AgentConfig, apply_overrides, load_config
-from agent.diagnosis import Diagnosis
+from agent.diagnosis import Diagnosis, model_hashes, versions  # noqa: F401  (versions: also imported from here)
 from agent.state import CaseState, PatientMetadata, TraceEntry
 
 
@@ -19,54 +19,6 @@ class StepEvent:
     node: str
     entry: TraceEntry | None
     diagnosis: Diagnosis | None = None
-
-
-def versions(config: AgentConfig) -> dict[str, Any]:
-    """Package and model versions recorded with every result."""
-    from importlib import metadata
-
-    out: dict[str, Any] = {"config": config.fingerprint()}
-    for pkg in ("dermgraph", "torch", "transformers", "langgraph", "faiss-cpu"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    out["models"] = {
-        "classifier": config.encoder.classifier.model,
-        "modality_head": config.modality.head,
-        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
-        "kb_index": config.retrieval.kb_index,
-        "case_index": config.retrieval.case_index,
-        "llm": config.reasoner.llm.model,
-        "fusion": config.reasoner.fusion,
-    }
-    return out
-
-
-def model_hashes(config: AgentConfig) -> dict[str, str]:
-    """sha256 of every model artifact this process resolved for ``config`` (role → sha256): the registry's
-    verified hash (the wheel for ``pypi:``, the file or directory manifest for ``pkg:``/``path:``), or the hash
-    of a local path. Models that were never loaded (test doubles, skipped nodes) are absent."""
-    from models.integrity import used_sha256
-
-    refs = {
-        "classifier": config.encoder.classifier.model,
-        "modality_head": config.modality.head,
-        "modality_encoder": config.modality.encoder,
-        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
-        "text_embedder": config.retrieval.text_embedder,
-        "kb_index": config.retrieval.kb_index,
-        "case_index": config.retrieval.case_index,
-        "llm": config.reasoner.llm.model,
-        "fusion": config.reasoner.fusion,
-        "consistency_model": config.verifier.consistency_model,
-    }
-    out = {}
-    for role, ref in refs.items():
-        sha = used_sha256(ref) if isinstance(ref, str) else None
-        if sha:
-            out[role] = sha
-    return out
 
 
 class Agent(PersistedCases):
@@ -85,41 +37,63 @@ class Agent(PersistedCases):
         from agent.runtime import Runtime
 
         self.runtime = Runtime(self.config, backends)
-        self._graph = None
+        self._graphs: dict[tuple[str | None, str | None], Any] = {}
         self._versions: dict[str, Any] | None = None
 
     @property
     def graph(self):
-        if self._graph is None:
+        """The whole compiled graph."""
+        return self.graph_part()
+
+    def graph_part(self, start_at: str | None = None, stop_after: str | None = None):
+        """The compiled graph from node ``start_at`` to node ``stop_after`` (see ``agent.graph.build_graph``)."""
+        key = (start_at, stop_after)
+        if key not in self._graphs:
             from agent.graph import build_graph
 
-            self._graph = build_graph(self.runtime)
-        return self._graph
+            self._graphs[key] = build_graph(self.runtime, start_at=start_at, stop_after=stop_after)
+        return self._graphs[key]
 
-    def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
-        from agent.imageio import load_image, thumbnail_data_uri
+    def prepare(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None, *, exclude_cases=()) -> CaseState:
+        """The input state of a case: the question and metadata checked against the config's input limits,
+        the image read and validated (``ImageInputError`` if it cannot be); ``exclude_cases``: case-index ids
+        retrieval must never return (leave-one-out evaluation)."""
+        from agent.imageio import load_image
         from agent.limits import InputLimits, check_metadata, check_question
 
         limits = self.config.limits or InputLimits()
         question = check_question(question, limits)  # text first: cheap, and no model has loaded yet
         meta = check_metadata(metadata, limits)
         loaded = load_image(img, max_pixels=limits.max_image_pixels)
-        state = CaseState(
+        return CaseState(
             image=loaded.image,
             image_sha256=loaded.sha256,
             image_size=tuple(loaded.image.size),
             input_warnings=list(loaded.warnings),
             question=question,
             metadata=meta,
+            exclude_cases=sorted(exclude_cases),
         )
-        return state, thumbnail_data_uri(loaded.image)
 
-    def _finish(self, final: CaseState, thumb: str) -> Diagnosis:
+    def run(self, case, question: str | None = None, metadata: dict | PatientMetadata | None = None, *,
+            start_at: str | None = None, until: str | None = None) -> CaseState:
+        """Run the graph on ``case`` (an image, or a :class:`CaseState` from :meth:`prepare` or built
+        from cached outputs) from node ``start_at`` up to and including node ``until``; returns the state.
+
+        >>> state = agent.run("lesion.jpg", until="morphology")    # encode, modality, morphology only
+        """
+        state = case if isinstance(case, CaseState) else self.prepare(case, question, metadata)
+        final = self.graph_part(start_at, until).invoke(state)
+        return CaseState.model_validate(final) if isinstance(final, dict) else final
+
+    def _finish(self, final: CaseState, thumb: str | None = None) -> Diagnosis:
+        from agent.imageio import thumbnail_data_uri
+
         if self._versions is None:
             self._versions = versions(self.config)
         shas = model_hashes(self.config)  # per case: a node skipped on the first case may load its model later
         vers = {**self._versions, "sha256": shas} if shas else self._versions
-        return Diagnosis.from_state(final, vers, thumbnail=thumb)
+        return Diagnosis.from_state(final, vers, thumbnail=thumb or thumbnail_data_uri(final.image))
 
     def diagnose(
         self,
@@ -140,21 +114,25 @@ class Agent(PersistedCases):
         state, thumb = self._initial_state(img, question, metadata)
         configured = self.config.review is not None and self.config.review.when != "never"
         if thread_id is None and review is None and not configured:
-            final = self.graph.invoke(state)
-            return self._finish(CaseState.model_validate(final) if isinstance(final, dict) else final, thumb)
+            return self._finish(self.run(state), thumb)
         return self._diagnose_persisted(state, thumb, thread_id, review)
+
+    def _initial_state(self, img, question, metadata) -> tuple[CaseState, str]:
+        """(:meth:`prepare`'s state, its thumbnail): the hook ``agent.batched`` replaces to hand in prepared states."""
+        from agent.imageio import thumbnail_data_uri
+
+        state = self.prepare(img, question, metadata)
+        return state, thumbnail_data_uri(state.image)
 
     def stream(self, img, question: str | None = None, metadata: dict | PatientMetadata | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` as each node finishes; the final event has ``diagnosis`` set."""
-        state, thumb = self._initial_state(img, question, metadata)
-        current = state.model_dump()
-        current["image"] = state.image
-        for update in self.graph.stream(state, stream_mode="updates"):
-            for node, delta in update.items():
-                delta = delta or {}
-                for key, value in delta.items():
-                    current[key] = current.get(key, []) + value if key == "trace" else value
-                entries = delta.get("trace") or [None]
+        final = None
+        for mode, chunk in self.graph.stream(self.prepare(img, question, metadata), stream_mode=["updates", "values"]):
+            if mode == "values":
+                final = chunk
+                continue
+            for node, delta in chunk.items():
+                entries = (delta or {}).get("trace") or [None]
                 yield StepEvent(node=node, entry=entries[-1])
-        final = CaseState.model_validate(current)
-        yield StepEvent(node="__end__", entry=None, diagnosis=self._finish(final, thumb))
+        state = CaseState.model_validate(final) if isinstance(final, dict) else final
+        yield StepEvent(node="__end__", entry=None, diagnosis=self._finish(state))

@@ -184,7 +184,7 @@ class BatchedAgent:
 
         from agent.graph import NODES
         from agent.nodes.base import traced
-        from agent.nodes.retrieve import CASE_SOURCES, _query_text
+        from agent.nodes.retrieve import _query_text
 
         t0 = time.perf_counter()
         self._attempted.update(indices)
@@ -230,8 +230,9 @@ class BatchedAgent:
                     continue
                 if cfg.k_knowledge:
                     texts.append(_query_text(s))
-                if cfg.k_cases and s.modality.label in CASE_SOURCES:
-                    groups[(CASE_SOURCES[s.modality.label], cfg.k_cases)].append(np.asarray(s.encoding.features, np.float32))
+                sources = tuple(rt.config.route(s.modality.label).case_sources)
+                if cfg.k_cases and sources:
+                    groups[(sources, cfg.k_cases)].append(np.asarray(s.encoding.features, np.float32))
             lap("front nodes (heads)")
             if "text_embedder" in self.backends:
                 self.backends["text_embedder"].prefetch(texts)

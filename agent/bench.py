@@ -98,7 +98,7 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     """Each model alone on the cases' inputs at ``batch_size`` (seconds for all cases)."""
     from agent.graph import NODES
     from agent.nodes.base import traced
-    from agent.nodes.retrieve import CASE_SOURCES, _query_text
+    from agent.nodes.retrieve import _query_text
 
     rt = agent.runtime
     unwrap = lambda b: getattr(b, "inner", b)  # noqa: E731  (the batched mode's caching wrappers)
@@ -125,8 +125,9 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         if s.modality.rejected:
             continue
         texts.append(_query_text(s))
-        if s.modality.label in CASE_SOURCES:
-            groups[CASE_SOURCES[s.modality.label]].append(np.asarray(s.encoding.features, np.float32))
+        sources = tuple(rt.config.route(s.modality.label).case_sources)
+        if sources:
+            groups[sources].append(np.asarray(s.encoding.features, np.float32))
     cases_idx = unwrap(rt.cases)
     t0 = time.perf_counter()
     for sources, rows in groups.items():

@@ -75,7 +75,7 @@ class PersistedCases:
         state = CaseState.model_validate(snap.values)
         request = ReviewRequest.model_validate(snap.interrupts[0].value) if snap.interrupts else None
         if self._versions is None:
-            from agent.agent import versions
+            from agent.diagnosis import versions
 
             self._versions = versions(self.config)
         d = Diagnosis.from_state(state, self._versions, thumbnail=thumbnail, case_id=thread_id, request=request)
@@ -95,7 +95,7 @@ class PersistedCases:
         pydantic ValidationError (findings outside the 7-point vocabulary)."""
         from langgraph.types import Command
 
-        from agent.labels import HAM_CLASSES
+        from models.vocabulary import HAM_CLASSES
         from agent.persistence import check_case_id
         from agent.review import NotAwaitingReview, ReviewDecision
 

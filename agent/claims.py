@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from evals.morphology import parse_findings
+from models.vocabulary import parse_findings
 
 if TYPE_CHECKING:
     from retrieval.kb import KBEntry, KnowledgeBase

@@ -107,6 +107,26 @@ class VerifierConfig(_Strict):
     )
 
 
+class Route(_Strict):
+    """Which experts run for one image modality."""
+
+    describer: bool = Field(False, description="The structured 7-point describer (concept heads) assesses this modality.")
+    case_sources: list[str] = Field(default_factory=list, description="Case-index sources searched for similar cases ([]: no case retrieval).")
+    classifier: bool = Field(False, description="The lesion classifier's probabilities are an expert (shown to the reasoner, fused); its classes are the candidates.")
+    reasoner: bool = Field(False, description="A diagnosis is reasoned (False: the verifier abstains after findings and evidence are gathered).")
+
+
+DEFAULT_ROUTING: dict[str, Route] = {
+    "dermoscopy": Route(describer=True, case_sources=["ham10000", "derm7pt", "isic2018"], classifier=True, reasoner=True),
+    "clinical": Route(case_sources=["dermnet"], reasoner=True),
+    "histopathology": Route(),
+    "not_skin": Route(),
+}
+"""The shipped routing: dermoscopy gets every expert; a clinical photo's neighbours are clinical photos and its
+candidates come from them (the classifier is a dermoscopy network); histopathology is described, not diagnosed.
+A clinical photo's neighbours among dermoscopy images are not evidence."""
+
+
 class ReviewConfig(_Strict):
     """Clinician in the loop (agent.review): when a case pauses for a reviewer, and where paused cases are kept."""
 
@@ -132,6 +152,13 @@ class AgentConfig(_Strict):
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     limits: InputLimits | None = Field(None, description="Input bounds (question, metadata strings); None: the InputLimits defaults.")
     review: ReviewConfig | None = Field(None, description="None: never pause (the batch default).")
+    routing: dict[str, Route] | None = Field(
+        None, description="Per-modality routing (which experts run for each modality), replacing the whole table. None: DEFAULT_ROUTING."
+    )
+
+    def route(self, modality: str) -> Route:
+        """The experts that run for ``modality`` (a modality without a row gets none)."""
+        return (self.routing if self.routing is not None else DEFAULT_ROUTING).get(modality, Route())
 
     def fingerprint(self) -> str:
         """Stable hash of the configuration (keys caches and result records).

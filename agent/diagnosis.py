@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -10,6 +10,58 @@ from agent.review import ReviewRequest, effective_findings, reviewed_view
 from agent.state import CaseState, ClaimCheckResult, DifferentialItem, Evidence, Finding, ModalityResult, PatientMetadata, ReasoningStep, ReviewLog, TraceEntry
 
 SCHEMA_VERSION = "2"
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+
+def versions(config: AgentConfig) -> dict[str, Any]:
+    """Package and model versions recorded with every result."""
+    from importlib import metadata
+
+    out: dict[str, Any] = {"config": config.fingerprint()}
+    for pkg in ("dermgraph", "torch", "transformers", "langgraph", "faiss-cpu"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    out["models"] = {
+        "classifier": config.encoder.classifier.model,
+        "modality_head": config.modality.head,
+        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "kb_index": config.retrieval.kb_index,
+        "case_index": config.retrieval.case_index,
+        "llm": config.reasoner.llm.model,
+        "fusion": config.reasoner.fusion,
+    }
+    return out
+
+
+
+def model_hashes(config: AgentConfig) -> dict[str, str]:
+    """sha256 of every model artifact this process resolved for ``config`` (role → sha256): the registry's
+    verified hash (the wheel for ``pypi:``, the file or directory manifest for ``pkg:``/``path:``), or the hash
+    of a local path. Models that were never loaded (test doubles, skipped nodes) are absent."""
+    from models.integrity import used_sha256
+
+    refs = {
+        "classifier": config.encoder.classifier.model,
+        "modality_head": config.modality.head,
+        "modality_encoder": config.modality.encoder,
+        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "text_embedder": config.retrieval.text_embedder,
+        "kb_index": config.retrieval.kb_index,
+        "case_index": config.retrieval.case_index,
+        "llm": config.reasoner.llm.model,
+        "fusion": config.reasoner.fusion,
+        "consistency_model": config.verifier.consistency_model,
+    }
+    out = {}
+    for role, ref in refs.items():
+        sha = used_sha256(ref) if isinstance(ref, str) else None
+        if sha:
+            out[role] = sha
+    return out
 
 
 class Diagnosis(BaseModel):

@@ -1,10 +1,16 @@
 """The LangGraph graph: encode → modality → morphology → retrieve → reason ⇄ verify, with an optional
-``review`` pause (agent.review) after morphology or verify."""
+``review`` pause (agent.review) after morphology or verify.
+
+``build_graph(runtime, start_at=..., stop_after=...)`` compiles a part of it: evaluation runs only the
+first nodes, training data starts from cached encoder outputs. A part keeps the routing of the whole
+(a rejected image still skips the describer); an edge leaving the part ends the run.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
+from agent.config import AgentConfig
 from agent.nodes.base import traced
 from agent.nodes.encode import encode
 from agent.nodes.modality import classify_modality
@@ -23,6 +29,35 @@ NODES = {
     "reason": reason,
     "verify": verify,
 }
+"""The nodes in graph order (each writes the state field of its name, ``encode`` writes ``encoding``)."""
+
+CONFIG_READ = {
+    "encode": ("device", "seed", "encoder"),
+    "modality": ("modality",),
+    "morphology": ("morphology", "routing"),
+    "retrieve": ("retrieval", "routing"),
+    "reason": ("reasoner",),
+    "verify": ("verifier",),
+}
+"""The configuration sections each node's result depends on (a partial run's results depend on its nodes' only)."""
+
+
+def nodes_between(start_at: str | None = None, stop_after: str | None = None) -> tuple[str, ...]:
+    """Names of the nodes from ``start_at`` to ``stop_after`` (inclusive; None: the first, the last)."""
+    order = list(NODES)
+    for name in (start_at, stop_after):
+        if name is not None and name not in NODES:
+            raise ValueError(f"unknown node {name!r}; valid: {', '.join(order)}")
+    first = order.index(start_at) if start_at else 0
+    last = order.index(stop_after) if stop_after else len(order) - 1
+    if last < first:
+        raise ValueError(f"stop_after={stop_after!r} comes before start_at={start_at!r}")
+    return tuple(order[first : last + 1])
+
+
+def config_sections(start_at: str | None = None, stop_after: str | None = None) -> tuple[str, ...]:
+    """The configuration sections a run from ``start_at`` to ``stop_after`` reads."""
+    return tuple(s for n in nodes_between(start_at, stop_after) for s in CONFIG_READ[n])
 
 
 def after_modality(state: CaseState) -> Literal["morphology", "verify"]:
@@ -45,10 +80,10 @@ AFTER_REVIEW = ("retrieve", "reason", "verify")
 """Nodes that can run after a review: they read the reviewer's findings (the model's stay in the state)."""
 
 
-def after_retrieve(state: CaseState) -> Literal["reason", "verify"]:
-    # Only dermoscopy and clinical photos have diagnosis models; histopathology goes to the verifier
-    # (which abstains with the reason) after its findings and evidence have been gathered.
-    return "reason" if state.modality.label in ("dermoscopy", "clinical") else "verify"
+def after_retrieve(state: CaseState, config: AgentConfig) -> Literal["reason", "verify"]:
+    # Modalities without a diagnosis route (histopathology) go to the verifier, which abstains with the
+    # reason, after their findings and evidence have been gathered.
+    return "reason" if config.route(state.modality.label).reasoner else "verify"
 
 
 def _router(runtime, route, review_route, reviews: bool):
@@ -76,35 +111,60 @@ def after_verify(state: CaseState) -> Literal["reason", "__end__"]:
     raise ValueError(f"unexpected verifier decision {decision!r}")
 
 
-def builder(runtime, input_schema=None, first: tuple[str, object] | None = None, reviews: bool = True):
+def builder(runtime, input_schema=None, first: tuple[str, object] | None = None, reviews: bool = True,
+            *, start_at: str | None = None, stop_after: str | None = None):  # fmt: skip
     """The uncompiled graph with nodes bound to ``runtime`` (their backends).
 
     ``first``: an extra (name, node) run before ``encode`` (the LangGraph server's input loader).
-    ``reviews``: whether cases may pause (only where a checkpointer will hold them)."""
+    ``reviews``: whether cases may pause (only where a checkpointer will hold them).
+    ``start_at``/``stop_after``: only the part between these two nodes; the state given must then hold
+    what the skipped nodes would have written (e.g. ``encoding`` for ``start_at="modality"``)."""
     from langgraph.graph import END, START, StateGraph
 
+    part = nodes_between(start_at, stop_after)
+    if part == tuple(NODES):
+        part += ("review",)  # the whole graph has the review node; a part never pauses
+
+    def to(*names: str) -> dict[str, str]:
+        return {n: n if n in part else END for n in names}
+
+    def edge(a: str, b: str) -> None:
+        if a in part:
+            g.add_edge(a, b if b in part else END)
+
+    def branch(a: str, router, *names: str) -> None:
+        if a in part:
+            g.add_conditional_edges(a, router, to(*names))
+
     g = StateGraph(CaseState, input_schema=input_schema) if input_schema is not None else StateGraph(CaseState)
-    for name, fn in {**NODES, "review": review_node}.items():
+    for name in part:
+        fn = review_node if name == "review" else NODES[name]
         g.add_node(name, traced(name, _sees_review(fn) if name in AFTER_REVIEW else fn, runtime))
     if first is not None:
         g.add_node(first[0], first[1])
         g.add_edge(START, first[0])
-        g.add_edge(first[0], "encode")
+        g.add_edge(first[0], part[0])
     else:
-        g.add_edge(START, "encode")
-    g.add_edge("encode", "modality")
-    g.add_conditional_edges("modality", after_modality, {"morphology": "morphology", "verify": "verify"})
-    g.add_conditional_edges("morphology", _router(runtime, after_morphology, wants_review_after_morphology, reviews), {"retrieve": "retrieve", "review": "review"})
-    g.add_conditional_edges("retrieve", after_retrieve, {"reason": "reason", "verify": "verify"})
-    g.add_edge("reason", "verify")
-    g.add_conditional_edges("verify", _router(runtime, after_verify, wants_review_after_verify, reviews), {"reason": "reason", "review": "review", "__end__": END})
-    g.add_conditional_edges("review", after_review, {"retrieve": "retrieve", "reason": "reason", "__end__": END})
+        g.add_edge(START, part[0])
+    config = runtime.config if runtime is not None else AgentConfig()
+
+    def reason_or_verify(state: CaseState) -> Literal["reason", "verify"]:
+        return after_retrieve(state, config)
+
+    edge("encode", "modality")
+    branch("modality", after_modality, "morphology", "verify")
+    branch("morphology", _router(runtime, after_morphology, wants_review_after_morphology, reviews), "retrieve", "review")
+    branch("retrieve", reason_or_verify, "reason", "verify")
+    edge("reason", "verify")
+    branch("verify", _router(runtime, after_verify, wants_review_after_verify, reviews), "reason", "review", "__end__")
+    branch("review", after_review, "retrieve", "reason", "__end__")
     return g
 
 
-def build_graph(runtime, checkpointer=None):
-    """Compile the agent graph. A ``checkpointer`` is needed for review pauses (agent.persistence)."""
-    return builder(runtime, reviews=checkpointer is not None).compile(checkpointer=checkpointer)
+def build_graph(runtime, checkpointer=None, *, start_at: str | None = None, stop_after: str | None = None):
+    """Compile the agent graph (or the part from ``start_at`` to ``stop_after``). A ``checkpointer`` is
+    needed for review pauses (agent.persistence)."""
+    return builder(runtime, reviews=checkpointer is not None, start_at=start_at, stop_after=stop_after).compile(checkpointer=checkpointer)
 
 
 def mermaid() -> str:

@@ -1,4 +1,8 @@
-"""The reasoner's prompt. Training (SFT/GRPO) renders cases with these same functions."""
+"""The reasoner's prompt and answer format: what the LLM is shown, and how its answer is written and read.
+
+The node (:mod:`agent.nodes.reason`), training (SFT targets, GRPO rewards) and evaluation all write and
+parse ``Diagnosis: <name>\nRationale: <text citing [E#] tags>`` with these functions.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +22,6 @@ DIAGNOSIS_PREFIX = "Diagnosis: "
 RATIONALE_FIELD = "\nRationale:"
 EVIDENCE_TAG = re.compile(r"\[(E\d+)\]")
 """An evidence citation in the model's answer, e.g. [E2]."""
-
-
-def usable_rationale(text: str) -> bool:
-    """Whether a generated rationale is worth keeping: long enough, and not an echo of the prompt template."""
-    t = text.strip()
-    if len(t) < 20 or sum(ch.isalpha() for ch in t) < 15:
-        return False
-    # Untuned small models echo the prompt template instead of answering.
-    echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
-    return not any(e in t for e in echoes)
 
 
 def evidence_tags(evidence: Sequence[Evidence]) -> dict[str, str]:
@@ -96,3 +90,64 @@ def render_user(
 
 def conversation(user: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+# --------------------------------------------------------------------------- the answer format
+
+
+def write_answer(diagnosis: str, rationale: str) -> str:
+    """The answer text: ``Diagnosis: <diagnosis>\nRationale: <rationale>`` (what SFT teaches).
+
+    >>> write_answer("melanoma", "Veil [E1].")
+    'Diagnosis: melanoma\\nRationale: Veil [E1].'
+    """
+    return f"{DIAGNOSIS_PREFIX}{diagnosis}{RATIONALE_FIELD} {rationale}"
+
+
+def parse_answer(text: str) -> tuple[str | None, str | None]:
+    """``("X", "rationale")`` from ``"Diagnosis: X\nRationale: rationale"``; None for a missing part.
+
+    >>> parse_answer("Diagnosis: melanoma\\nRationale: Atypical network [E1].")
+    ('melanoma', 'Atypical network [E1].')
+    """
+    diagnosis = rationale = None
+    lines = text.strip().splitlines()
+    if lines and lines[0].strip().lower().startswith("diagnosis:"):
+        diagnosis = lines[0].split(":", 1)[1].strip() or None
+    for line in lines[1:]:
+        if line.strip().lower().startswith("rationale:"):
+            rationale = line.split(":", 1)[1].strip()
+            break
+    return diagnosis, rationale
+
+
+def stated_diagnosis(text: str, candidates: Sequence[str]) -> str | None:
+    """The candidate the answer states: the longest candidate the ``Diagnosis:`` line starts with, as a
+    whole phrase ("melanoma. The veil..." states melanoma; "melanomas" states nothing).
+
+    >>> stated_diagnosis("Diagnosis: melanoma, given the veil", ["melanoma", "melanocytic nevus"])
+    'melanoma'
+    """
+    line, _ = parse_answer(text)
+    if line is None:
+        return None
+    low = line.lower()
+    for c in sorted(candidates, key=len, reverse=True):
+        if low.startswith(c.lower()) and (len(low) == len(c) or not low[len(c)].isalnum()):
+            return c
+    return None
+
+
+def cited_tags(text: str) -> list[str]:
+    """The evidence tags a text cites, in order (``["E1", "E3"]``)."""
+    return EVIDENCE_TAG.findall(text)
+
+
+def usable_rationale(text: str) -> bool:
+    """Whether a rationale is worth keeping: long enough, and not an echo of the prompt template."""
+    t = text.strip()
+    if len(t) < 20 or sum(ch.isalpha() for ch in t) < 15:
+        return False
+    # Untuned small models echo the prompt template instead of answering.
+    echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
+    return not any(e in t for e in echoes)

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.labels import SEVEN_POINT
 from agent.nodes.base import NodeOutput
 from agent.state import CaseState, DifferentialItem, Finding, FindingChange, ReviewLog, ReviewRecord  # noqa: F401
+from models.vocabulary import SEVEN_POINT
 
 When = Literal["never", "always", "on_abstain", "on_revise"]
 Where = Literal["morphology", "verify"]

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import AgentConfig, BackendRef
+from models.resolve import resolve_artifact
 
-
-def resolve_artifact(ref: str) -> Path:
-    """A registry id, URI or local path → a local path (downloads/caches on first use)."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p
-    from models.resolve import resolve
-
-    return resolve(ref)
+if TYPE_CHECKING:
+    from models.heads import HeadSet
+    from models.protocols import LLM, VLM, ImageClassifier, TextEmbedder
+    from models.stacker import FusionModel
 
 
 def _backend(kind: str, ref: BackendRef, device: str) -> Any:
@@ -36,15 +30,37 @@ def _backend(kind: str, ref: BackendRef, device: str) -> Any:
     return create(kind, ref.backend, **kwargs)
 
 
+class Backends(Protocol):
+    """What a node may use: the configuration and the backends, by role. :class:`Runtime` is the real one."""
+
+    config: AgentConfig
+    classifier: ImageClassifier
+    modality_heads: HeadSet
+    modality_encoder: Any
+    concept_heads: HeadSet
+    vlm: VLM
+    text_embedder: TextEmbedder
+    kb: Any
+    knowledge: Any
+    consistency_model: Any
+    cases: Any
+    llm: LLM
+    fusion: FusionModel
+
+
 class Runtime:
     """Holds the agent's backends. Each property builds its backend once, when a node first needs it.
 
-    Tests pass ready-made doubles through ``overrides`` (e.g. ``{"llm": ScriptedLLM(...)}``).
+    Ready-made backends (test doubles, a served model) are given by role in ``overrides``, e.g.
+    ``{"llm": TestLLM()}``; a key that names no role is an error listing the valid ones.
     """
 
     def __init__(self, config: AgentConfig, overrides: dict[str, Any] | None = None):
         self.config = config
-        self._overrides = overrides or {}
+        self._overrides = dict(overrides or {})
+        unknown = sorted(set(self._overrides) - set(BACKEND_ROLES))
+        if unknown:
+            raise ValueError(f"unknown backend role(s) {', '.join(map(repr, unknown))}; valid: {', '.join(BACKEND_ROLES)}")
 
     def _get(self, name: str, build):
         if name in self._overrides:
@@ -164,3 +180,7 @@ class Runtime:
         from models.stacker import FusionModel
 
         return self._get("fusion", lambda: FusionModel.load(resolve_artifact(self.config.reasoner.fusion)))
+
+
+BACKEND_ROLES: tuple[str, ...] = tuple(n for n, v in vars(Runtime).items() if isinstance(v, functools.cached_property))
+"""The roles ``Agent(backends=...)`` accepts (the :class:`Backends` members a node may use)."""

@@ -217,6 +217,7 @@ class CaseState(BaseModel):
     input_warnings: list[str] = Field(default_factory=list)
     question: str | None = None
     metadata: PatientMetadata | None = None
+    exclude_cases: list[str] = Field(default_factory=list, description="Case-index ids retrieval never returns (leave-one-out evaluation, training data).")
 
     encoding: ImageEncoding | None = None
     modality: ModalityResult | None = None

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from agent.labels import SEVEN_POINT_PHRASES
 from agent.state import CaseState, Evidence, ReasoningStep
+from models.vocabulary import SEVEN_POINT_PHRASES
 
 if TYPE_CHECKING:
     from retrieval.kb import KBEntry, KnowledgeBase

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
+from evals.base import Benchmark, EvalCase
 from evals.filters import FilterError, filter_function
-from evals.protocols.base import Benchmark, EvalCase
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 

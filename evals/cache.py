@@ -57,7 +57,7 @@ def _truncate_torn(path: Path) -> None:
 
 
 class PredictionCache:
-    """The prediction store of one output folder (implements ``evals.protocols.base.PredictionStore``).
+    """The prediction store of one output folder (implements ``evals.base.PredictionStore``).
 
     ``shard`` names the file this process appends to; every shard is read. Later lines win.
     """

@@ -42,7 +42,8 @@ def eval_command(
         return
     if not benchmark:
         _fail("give a BENCHMARK (name or YAML file), or --list")
-    from evals.runner import MissingPredictions, parse_options, run_benchmark
+    from evals.predictions import MissingPredictions
+    from evals.runner import parse_options, run_benchmark
 
     try:
         bench_name = load_benchmark(benchmark).name

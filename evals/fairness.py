@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from evals.base import EvalCase
 from evals.classification import fmt, headline
-from evals.protocols.base import EvalCase
 
 DEFAULT_AGE_BINS = (40, 60)
 UNKNOWN = "unknown"

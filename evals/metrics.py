@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from models.vocabulary import SEVEN_POINT
+
 
 def accuracy(y: Sequence[str], p: Sequence[str]) -> float:
     y, p = np.asarray(y), np.asarray(p)
@@ -219,3 +221,34 @@ def per_group(values: Sequence[str], metric: Callable[..., float], *arrays: Sequ
     g = np.asarray(values)
     arrs = [np.asarray(a) for a in arrays]
     return {str(v): {"n": int((g == v).sum()), "value": metric(*(a[g == v] for a in arrs))} for v in sorted(set(g.tolist()))}
+
+
+def criteria_metrics(truth: dict[str, list[str]], pred: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Per-criterion accuracy and macro-F1 (over the values present in truth or prediction)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out = {}
+    for crit in SEVEN_POINT:
+        if crit in truth and crit in pred:
+            out[crit] = {
+                "accuracy": round(float(accuracy_score(truth[crit], pred[crit])), 4),
+                "macro_f1": round(float(f1_score(truth[crit], pred[crit], average="macro", zero_division=0)), 4),
+            }
+    if out:
+        out["mean"] = {m: round(float(np.mean([v[m] for v in out.values()])), 4) for m in ("accuracy", "macro_f1")}
+    return out
+
+
+def with_ci(metric: Callable[..., float], *arrays: Any, n: int = 1000, seed: int = 0, digits: int = 4) -> dict[str, Any]:
+    """``{"value": metric(*arrays), "ci95": [lo, hi]}`` with a percentile bootstrap over cases
+    (``ci95`` None for ``n=0`` or fewer than two cases; both None when the value is undefined)."""
+    import math
+
+    value = float(metric(*arrays))
+    if not math.isfinite(value):
+        return {"value": None, "ci95": None}
+    out: dict[str, Any] = {"value": round(value, digits), "ci95": None}
+    if n > 0 and len(arrays[0]) > 1:
+        lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
+        out["ci95"] = [round(lo, digits), round(hi, digits)]
+    return out

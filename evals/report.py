@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.base import ProtocolContext, ProtocolResult
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -49,7 +49,7 @@ def write_outputs(ctx: ProtocolContext, result: ProtocolResult, run_info: dict[s
     """Write metrics.json, report.md, config.yaml and benchmark.yaml into ``ctx.out_dir``; returns metrics.json's content."""
     import yaml
 
-    from agent.agent import versions
+    from agent.diagnosis import versions
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)

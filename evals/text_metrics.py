@@ -170,7 +170,7 @@ def text_metrics(
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    from evals.protocols.common import with_ci
+    from evals.metrics import with_ci
 
     predictions = ["" if p is None else str(p) for p in predictions]
     references = [str(r) for r in references]

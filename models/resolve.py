@@ -414,6 +414,15 @@ def _resolve_pypi_dir(rest: str, root: Path) -> Path:
     return root / "pypi" / f"{_normalise_name(name)}-{version}"
 
 
+def resolve_artifact(ref: str) -> Path:
+    """A local path as it is, else a registry id or source URI resolved by :func:`resolve` (downloaded and
+    cached on first use): how the agent and the trainers turn a configured artifact into a file."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    return resolve(ref)
+
+
 def pull(id: str, *, cache_dir: Path | None = None) -> Path:
     """Fetch (if needed) and return the weights for ``id``, showing progress."""
     return resolve(id, cache_dir=cache_dir, progress=True)

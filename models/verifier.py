@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT
+from models.vocabulary import SEVEN_POINT
 
 FINDING_VALUES: tuple[tuple[str, str], ...] = tuple((c, v) for c, vals in SEVEN_POINT.items() for v in vals)
 CRITERIA: tuple[str, ...] = tuple(SEVEN_POINT)
@@ -108,7 +108,7 @@ class ConsistencyModel:
             cfg = json.loads(f.metadata()["config"])
             weight = f.get_tensor("weight")
         if [tuple(v) for v in cfg["finding_values"]] != list(FINDING_VALUES):
-            raise ValueError(f"{path}: trained on a different 7-point vocabulary than agent.labels.SEVEN_POINT")
+            raise ValueError(f"{path}: trained on a different 7-point vocabulary than models.vocabulary.SEVEN_POINT")
         m = cls(cfg["labels"], cfg["diagnoses"], cfg["expected"], weight, float(cfg["bias"]), tuple(cfg["platt"]), float(cfg["threshold"]), bool(cfg["use_expert"]), cfg.get("meta", {}))
         if weight.shape != (m.dim,):
             raise ValueError(f"{path}: weight has shape {weight.shape}, expected ({m.dim},)")

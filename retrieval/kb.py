@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.vocabulary import SEVEN_POINT, seven_point_phrase
+
 if TYPE_CHECKING:
     from models.protocols import TextEmbedder
     from retrieval.index import FaissIndex
 
 KB_PATH = Path(__file__).resolve().parent / "knowledge_base.jsonl"
 KB_SOURCE = "dermgraph-kb"
-# One vocabulary for the whole project (Derm7pt criteria spelled exactly as in its meta.csv).
-from agent.labels import HAM_CLASSES, SEVEN_POINT  # noqa: E402
 
 Modality = Literal["clinical", "dermoscopy", "histopathology"]
 PASSAGE_MODALITY: dict[str, str | None] = {
@@ -199,36 +199,6 @@ class KnowledgeBase:
 
 
 # ---------------------------------------------------------------------- passages
-
-_7PT_PHRASES: dict[str, dict[str, str]] = {
-    "pigment_network": {"absent": "no pigment network", "typical": "typical (regular) pigment network",
-                        "atypical": "atypical pigment network"},
-    "streaks": {"absent": "no streaks", "regular": "regular streaks (symmetric starburst)",
-                "irregular": "irregular streaks (pseudopods, radial streaming)"},
-    "pigmentation": {"absent": "no blotches", "diffuse regular": "diffuse regular pigmentation",
-                     "diffuse irregular": "diffuse irregular pigmentation (blotches)",
-                     "localized irregular": "localized irregular pigmentation (blotch)"},
-    "regression_structures": {"absent": "no regression structures",
-                              "blue areas": "regression with blue-grey areas (peppering)",
-                              "white areas": "regression with white scar-like areas",
-                              "combinations": "regression with combined blue and white areas"},
-    "dots_and_globules": {"absent": "no dots or globules", "regular": "regular dots and globules",
-                          "irregular": "irregular dots and globules"},
-    "blue_whitish_veil": {"absent": "no blue-whitish veil", "present": "blue-whitish veil"},
-    "vascular_structures": {"absent": "no vascular structures", "arborizing": "arborizing vessels",
-                            "comma": "comma vessels", "hairpin": "hairpin (looped) vessels",
-                            "dotted": "dotted vessels", "linear irregular": "linear irregular vessels",
-                            "within regression": "vessels within regression", "wreath": "wreath (crown) vessels"},
-}
-
-
-def seven_point_phrase(criterion: str, value: str) -> str:
-    """Readable phrase for a 7-point criterion value, e.g. ('streaks', 'irregular') -> 'irregular streaks (...)'."""
-    try:
-        return _7PT_PHRASES[criterion][value]
-    except KeyError:
-        raise ValueError(f"unknown 7-point criterion/value {criterion!r}={value!r}") from None
-
 
 def entry_passages(entry: KBEntry) -> list[dict[str, Any]]:
     """The citable passages of one entry: overview, per-modality morphology, 7-point checklist.

@@ -36,7 +36,7 @@ def main() -> None:
         final = CaseState.model_validate(agent.graph.invoke(state))
         if final.modality.rejected or final.modality.label not in ("dermoscopy", "clinical"):
             continue
-        cands, names = candidates_for(final, agent.config.reasoner.max_candidates)
+        cands, names = candidates_for(final, agent.config)
         convs.append((conversation(render_user(final, cands, names, classifier_display(final, agent.runtime, cands), None)), [names[x] for x in cands]))
     llm = agent.runtime.llm
     llm._load()

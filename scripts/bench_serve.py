@@ -5,7 +5,7 @@ graph are exercised. The script starts the server itself on a free loopback port
 end, and prints requests/s, p50/p95 latency per endpoint, errors, and lost or duplicated cases
 (cases the server lists vs cases the clients created). It never talks to anything but 127.0.0.1.
 
-    python scripts/bench_serve.py --clients 4 --cases 25 --backends tests.doubles:backends   # serving overhead
+    python scripts/bench_serve.py --clients 4 --cases 25 --backends agent.testing:backends   # serving overhead
     python scripts/bench_serve.py --clients 2 --cases 3 --images ../shared/data/isic2018_val/images   # real models
 """
 
@@ -79,7 +79,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     data = Path(tempfile.mkdtemp(prefix="dermgraph-bench-"))
     env = dict(os.environ, DERMGRAPH_API_TOKENS=token, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "agent.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data), "--rate-limit", "100000"]
+    cmd = [sys.executable, "-m", "dermgraph", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data), "--rate-limit", "100000"]
     if args.backends:
         cmd += ["--backends", args.backends]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from models.paths import data_dir
-from retrieval.kb import SEVEN_POINT, KnowledgeBase, seven_point_phrase
+from models.vocabulary import SEVEN_POINT, seven_point_phrase
+from retrieval.kb import KnowledgeBase
 from training.data import DERMNET_HOLDOUT_EVERY, is_dermnet_heldout
 
 SOURCES = ("ham10000", "derm7pt", "dermnet")

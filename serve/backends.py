@@ -1,6 +1,6 @@
 """Optional backend injection by import path, for tests and benchmarks that run the server with doubles.
 
-``DERMGRAPH_BACKENDS=tests.doubles:backends`` (or ``dermgraph serve --backends ...``) names a callable
+``DERMGRAPH_BACKENDS=agent.testing:backends`` (or ``dermgraph serve --backends ...``) names a callable
 returning the ``backends=`` mapping of :class:`agent.Agent`. Unset: the configured real models."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def png_bytes(colour=(150, 90, 70), size=(64, 48), exif: bool = False) -> bytes:
 
 def make_agent(tmp_path, backends=None):
     from agent import Agent
-    from tests.doubles import backends as doubles
+    from agent.testing import backends as doubles
 
     return Agent(backends=backends or doubles(), overrides=[f"review.checkpointer={tmp_path / 'cases.sqlite'}"])
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from agent import Agent
 from agent.diagnosis import Diagnosis
-from tests.doubles import NoScoreLLM, ScoringLLM, backends, modality_heads
+from agent.testing import TestLLM, backends, modality_heads
 
 
 def img(colour=(150, 90, 70)):
@@ -69,7 +69,7 @@ def test_clinical_uses_clinical_neighbours_only():
 
 def test_real_disagreement_triggers_revision_then_bounded_rounds():
     # Findings say nevus (typical network, no veil); classifier, cases and LLM say melanoma; a strict target.
-    from tests.doubles import concept_heads
+    from agent.testing import concept_heads
 
     b = backends(concept_heads=concept_heads({"pigment_network": "typical"}))
     agent = Agent(backends=b, overrides=["verifier.max_rounds=2", "verifier.target_accuracy={dermoscopy: 0.95}"])
@@ -87,7 +87,7 @@ def test_real_disagreement_triggers_revision_then_bounded_rounds():
 
 def test_findings_enter_the_decision_in_the_first_round():
     # Identical classifier/cases/LLM; only the findings differ: the fused melanoma probability moves with them.
-    from tests.doubles import concept_heads
+    from agent.testing import concept_heads
 
     mel = Agent(backends=backends()).diagnose(img())
     nev = Agent(backends=backends(concept_heads=concept_heads({"pigment_network": "typical"}))).diagnose(img())
@@ -98,7 +98,7 @@ def test_findings_enter_the_decision_in_the_first_round():
 
 
 def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
-    llm = NoScoreLLM(replies=["Candidates: melanoma; nevus", "{{{", "Image modality: dermoscopy"])
+    llm = TestLLM(["Candidates: melanoma; nevus", "{{{", "Image modality: dermoscopy"], scores=None)
     d = Agent(backends=backends(llm=llm)).diagnose(img())
     assert d.reasoner_source == "fallback"
     reason_trace = [t for t in d.trace if t.node == "reason"][0]
@@ -108,20 +108,20 @@ def test_unusable_llm_output_falls_back_to_fusion_and_says_so():
 
 def test_json_path_for_chat_only_backends():
     reply = '{"diagnosis": "melanocytic nevus", "differential": {"melanocytic nevus": 0.7, "melanoma": 0.3}, "rationale": "Regular structures [E2] favour a nevus over melanoma."}'
-    d = Agent(backends=backends(llm=NoScoreLLM(replies=[reply]))).diagnose(img())
+    d = Agent(backends=backends(llm=TestLLM([reply], scores=None))).diagnose(img())
     assert d.reasoner_source == "llm"
     reason_out = [t for t in d.trace if t.node == "reason"][0].outputs["reasoning"]
     assert reason_out["llm_probs"]["nv"] == pytest.approx(0.7)
 
 
 def test_no_summary_by_default():
-    llm = ScoringLLM()
+    llm = TestLLM()
     d = Agent(backends=backends(llm=llm)).diagnose(img())
     assert llm.chats == [] and d.summary_check is None and "Summary:" not in d.rationale
 
 
 def test_unusable_summary_is_retried_then_left_out():
-    llm = ScoringLLM(replies=["Candidates: melanoma", "Image modality: x", "Give the most likely"])
+    llm = TestLLM(["Candidates: melanoma", "Image modality: x", "Give the most likely"])
     d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert len(llm.chats) == 3  # 1 + retries(2)
     assert d.rationale.startswith("Image modality") and "Summary:" not in d.rationale
@@ -129,7 +129,7 @@ def test_unusable_summary_is_retried_then_left_out():
 
 
 def test_summary_failing_the_claim_check_is_withheld_and_traced():
-    llm = ScoringLLM(replies=["Melanoma is a type of benign keratosis with arborizing vessels [case:nowhere]."])
+    llm = TestLLM(["Melanoma is a type of benign keratosis with arborizing vessels [case:nowhere]."])
     d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert "Summary:" not in d.rationale and "type of benign keratosis" not in d.rationale
     assert d.summary_check is not None and not d.summary_check.passed
@@ -139,7 +139,7 @@ def test_summary_failing_the_claim_check_is_withheld_and_traced():
 
 
 def test_supported_summary_is_shown():
-    llm = ScoringLLM(replies=["The atypical pigment network and the blue-whitish veil fit melanoma [E1]."])
+    llm = TestLLM(["The atypical pigment network and the blue-whitish veil fit melanoma [E1]."])
     d = Agent(backends=backends(llm=llm), overrides=["reasoner.llm_summary=true"]).diagnose(img())
     assert d.summary_check.passed and "Summary: The atypical pigment network" in d.rationale
 
@@ -158,6 +158,9 @@ def test_stream_yields_each_step_then_the_diagnosis():
     events = list(Agent(backends=backends()).stream(img()))
     assert [e.node for e in events[:-1]] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
     assert events[-1].diagnosis is not None and len(events[-1].diagnosis.trace) == 6
+    assert [e.entry.node for e in events[:-1]] == [t.node for t in events[-1].diagnosis.trace]
+    d = Agent(backends=backends()).diagnose(img())
+    assert events[-1].diagnosis.differential == d.differential and events[-1].diagnosis.rationale == d.rationale
 
 
 def test_metadata_is_validated():
@@ -166,21 +169,21 @@ def test_metadata_is_validated():
 
 
 def test_self_consistency_uses_k_samples():
-    llm = ScoringLLM()
+    llm = TestLLM()
     Agent(backends=backends(llm=llm), overrides=["reasoner.num_samples=4"]).diagnose(img())
     assert llm.scored == 4
 
 
 def test_clinical_disagreement_abstains_and_says_what_would_help():
     # The LLM prefers something the retrieved cases do not: the acceptance score drops below the threshold.
-    llm = ScoringLLM(prefer={"Acne vulgaris": -5.0, "melanoma": -1.0})
-    from tests.doubles import FakeCases
+    llm = TestLLM(scores={"Acne vulgaris": -5.0, "melanoma": -1.0})
+    from agent.testing import FakeCases
 
     cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Acne vulgaris", 0.88), ("dermnet:c", "mel", 0.5)])
     d = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=llm, cases=cases)).diagnose(img())
     assert d.verdict == "abstain"
     assert "dermoscopic image" in d.reasoning_steps[-1].text
-    ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=ScoringLLM(prefer={"Acne vulgaris": -1.0}), cases=cases))
+    ok = Agent(backends=backends(modality_heads=modality_heads("clinical"), llm=TestLLM(scores={"Acne vulgaris": -1.0}), cases=cases))
     assert ok.diagnose(img()).verdict == "accept"
 
 
@@ -197,7 +200,7 @@ def test_rendered_thumbnail_is_escaped_and_must_be_an_image_data_uri():
 
 
 def test_modality_without_calibration_abstains_and_says_so():
-    from tests.doubles import fusion_model
+    from agent.testing import fusion_model
 
     fm = fusion_model()
     del fm.modalities["clinical"]
@@ -205,3 +208,53 @@ def test_modality_without_calibration_abstains_and_says_so():
         Agent(backends=backends(modality_heads=modality_heads("clinical"), fusion=fm)).diagnose(img())
     d = Agent(backends=backends(), overrides=["verifier.target_accuracy={clinical: 0.85}"]).diagnose(img())
     assert d.verdict == "abstain" and any("no risk calibration for dermoscopy" in r for r in d.reasons)
+
+
+def test_partial_runs_stop_where_asked_and_keep_the_routing():
+    b = backends()
+    agent = Agent(backends=b)
+    state = agent.run(img(), until="morphology")
+    assert [t.node for t in state.trace] == ["encode", "modality", "morphology"]
+    assert state.morphology is not None and state.retrieval is None and b["llm"].scored == 0
+    full = agent.diagnose(img())
+    assert state.morphology.findings == full.findings and state.modality == full.modality
+    # A rejected image ends the run at the modality node, as the whole graph skips the describer.
+    rejected = Agent(backends=backends(modality_heads=modality_heads("not_skin"))).run(img(), until="morphology")
+    assert [t.node for t in rejected.trace] == ["encode", "modality"] and rejected.verification is None
+    with pytest.raises(ValueError, match="unknown node 'retrieval'; valid: encode, modality"):
+        agent.run(img(), until="retrieval")
+
+
+def test_a_run_can_start_from_given_encoder_outputs_and_leave_cases_out():
+    agent = Agent(backends=backends())
+    encoded = agent.run(img(), until="encode")
+    state = encoded.model_copy(update={"exclude_cases": ["ham10000:a"]})
+    after = agent.run(state, start_at="modality", until="retrieve")
+    assert [t.node for t in after.trace] == ["encode", "modality", "morphology", "retrieve"]
+    ids = [e.id for e in after.retrieval.evidence if e.kind == "case"]
+    assert ids and "case:ham10000:a" not in ids
+    assert "case:ham10000:a" in [e.id for e in agent.run(img(), until="retrieve").retrieval.evidence]
+
+
+def test_unknown_backend_roles_are_rejected_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown backend role\(s\) 'lmm'; valid: classifier, .*llm"):
+        Agent(backends={**backends(), "lmm": TestLLM()})
+
+
+def test_routing_is_one_table_in_the_config():
+    from agent.config import DEFAULT_ROUTING, AgentConfig
+
+    table = {m: r.model_dump() for m, r in DEFAULT_ROUTING.items()}
+    assert AgentConfig().route("dermoscopy").classifier and not AgentConfig().route("clinical").classifier
+    # A clinical photo routed to no reasoner is described and retrieved, then the verifier abstains.
+    table["clinical"]["reasoner"] = False
+    cfg = AgentConfig.model_validate({"routing": table})
+    b = backends(modality_heads=modality_heads("clinical"))
+    d = Agent(cfg, backends=b).diagnose(img())
+    assert [t.node for t in d.trace] == ["encode", "modality", "morphology", "retrieve", "verify"] and d.verdict == "abstain"
+    assert b["llm"].scored == 0 and any(e.kind == "case" for e in d.evidence)
+    # Dermoscopy without case retrieval: no case evidence, the rest unchanged.
+    table["dermoscopy"]["case_sources"] = []
+    d = Agent(AgentConfig.model_validate({"routing": table}), backends=backends()).diagnose(img())
+    assert d.evidence and not any(e.kind == "case" for e in d.evidence)
+    assert AgentConfig().fingerprint() == AgentConfig.model_validate({"routing": None}).fingerprint()

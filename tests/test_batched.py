@@ -10,8 +10,8 @@ from PIL import Image
 from agent import Agent
 from agent.batch import Case, run_batch
 from agent.batched import BatchedAgent, CachingEmbedder, batched_case_diagnose
-from agent.labels import HAM_CLASSES
-from tests.doubles import FakeClassifier, backends, concept_heads, fusion_model
+from agent.testing import FakeClassifier, backends, concept_heads, fusion_model
+from models.vocabulary import HAM_CLASSES
 
 TIMING_KEYS = {"started_at", "duration_s", "seconds", "cases_per_second"}
 

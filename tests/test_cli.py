@@ -6,7 +6,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from dermgraph.cli import app
 
 runner = CliRunner()
 
@@ -54,7 +54,7 @@ def test_models_list_shows_sources_and_licences():
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     p = tmp_path / "trunc.jpg"
     p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
-    res = subprocess.run([sys.executable, "-m", "agent.cli", "diagnose", str(p)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "dermgraph", "diagnose", str(p)], capture_output=True, text=True)
     assert res.returncode != 0 and "trunc.jpg" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -170,7 +170,7 @@ def test_shipped_benchmarks_validate():
 
 @pytest.mark.data
 def test_shipped_benchmarks_read_the_shared_data(shared_data):
-    from agent.labels import derm7pt_to_ham
+    from models.vocabulary import derm7pt_to_ham
     from training.data import is_dermnet_heldout
 
     d7 = load_benchmark("derm7pt_val")
@@ -195,7 +195,7 @@ def test_readme_example_benchmark_validates():
 
     import yaml
 
-    from evals.protocols.base import Benchmark
+    from evals.base import Benchmark
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```yaml\n(name: my_clinic.*?)```", readme, re.S).group(1)

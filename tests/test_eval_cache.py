@@ -6,8 +6,8 @@ from PIL import Image
 
 from agent import Agent
 from agent.batch import read_cases, run_batch
+from agent.testing import backends
 from evals.cache import AGENT, PredictionCache, case_key
-from tests.doubles import backends
 
 
 def test_case_key_is_stable_and_sensitive():
@@ -35,8 +35,8 @@ def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
 def test_import_batch_records_match_the_cases_keys(tmp_path):
     """Records written by ``dermgraph batch`` (same code path: run_batch + Agent.diagnose) are keyed from
     their own image hash, config and inputs, so a benchmark case with the same image and inputs hits them."""
-    from evals.runner import case_keys
-    from evals.protocols.base import Benchmark, DatasetSpec, EvalCase, ProtocolContext
+    from evals.predictions import case_keys
+    from evals.base import Benchmark, DatasetSpec, EvalCase, ProtocolContext
 
     for i, colour in enumerate([(150, 90, 70), (90, 60, 50), (200, 120, 100)]):
         Image.new("RGB", (40, 30), colour).save(tmp_path / f"c{i}.png")

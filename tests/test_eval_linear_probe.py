@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from evals.linear_probe import linear_probe
+from agent.testing import ColourEmbedder
+from evals.base import EvalCase
 from evals.metrics import macro_roc_auc
+from evals.probe import linear_probe
 from evals.protocols import linear_probe as probe_protocol
-from evals.protocols.base import EvalCase
+from evals.testing import DictStore, make_ctx
 from models.backends import BACKENDS
-from tests.eval_doubles import ColourEmbedder, DictStore, make_ctx
 
 
 def test_macro_roc_auc_by_hand_and_against_sklearn():
@@ -103,7 +104,7 @@ def _cases(root, n_per=8):
 @pytest.fixture
 def colour_encoder(monkeypatch, tmp_path):
     """The colour double stands in for sklesion (so a feature file may seed it) with data under tmp_path."""
-    monkeypatch.setitem(BACKENDS["image_embedder"], "sklesion", "tests.eval_doubles:ColourEmbedder")
+    monkeypatch.setitem(BACKENDS["image_embedder"], "sklesion", "agent.testing:ColourEmbedder")
     monkeypatch.setenv("DERMGRAPH_DATA", str(tmp_path))
     ColourEmbedder.calls.clear()
 
@@ -180,7 +181,7 @@ def test_rescore_never_loads_the_encoder(tmp_path, colour_encoder):
     ctx.rescore = True
     probe_protocol.run(ctx)
     assert ColourEmbedder.calls == []
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     ctx = make_ctx("linear_probe", cases, tmp_path / "c", opts, DictStore())
     ctx.rescore = True

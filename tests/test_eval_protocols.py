@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from agent import Agent
-from evals.runner import MissingPredictions, run_benchmark
-from tests.doubles import backends, concept_heads, modality_heads
+from agent.testing import backends, concept_heads, modality_heads
+from evals.predictions import MissingPredictions
+from evals.runner import run_benchmark
 
 CALLS: list[str] = []
 
@@ -101,7 +102,7 @@ def test_diagnosis_run_cache_resume_rescore(tmp_path):
 def test_seen_by_default_classifier_warning_and_cli_list(tmp_path):
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from dermgraph.cli import app
 
     bench = _diagnosis_bench(tmp_path, n=2)
     bench.write_text(bench.read_text() + "seen_by_default_classifier: true\n")

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import sacrebleu
 
+from agent.testing import EchoLLM
+from evals.base import EvalCase
 from evals.protocols import vqa_text
-from evals.protocols.base import EvalCase
+from evals.testing import DictStore, make_ctx
 from evals.text_metrics import bertscore, corpus_bleu_from_items, meteor_wordnet, text_metrics, token_recall
 from models.backends import BACKENDS
-from tests.eval_doubles import DictStore, EchoLLM, make_ctx
 
 
 class WordEmbedder:
@@ -124,8 +125,8 @@ QA = [
 
 @pytest.fixture
 def echo_llm(monkeypatch):
-    monkeypatch.setitem(BACKENDS["llm"], "echo-double", "tests.eval_doubles:EchoLLM")
-    EchoLLM.calls.clear()
+    monkeypatch.setitem(BACKENDS["llm"], "echo-double", "agent.testing:EchoLLM")
+    EchoLLM.log.clear()
     return {"backend": "echo-double", "options": {"replies": {"What colour is the lesion?": "The lesion is red."}}}
 
 
@@ -138,8 +139,8 @@ def test_protocol_generates_once_and_scores(tmp_path, echo_llm):
     opts = {"llm": echo_llm, "token_encoder": None, "n_bootstrap": 100, "batch_size": 2, "system_prompt": "Be brief."}
     res = vqa_text.run(make_ctx("vqa_text", _qa_cases(), tmp_path / "out", opts, store))
     # The repeated question is asked once; 4 distinct questions in batches of 2.
-    asked = [conv for call in EchoLLM.calls for conv in call]
-    assert len(asked) == 4 and [len(call) for call in EchoLLM.calls] == [2, 2]
+    asked = [conv for call in EchoLLM.log for conv in call]
+    assert len(asked) == 4 and [len(call) for call in EchoLLM.log] == [2, 2]
     assert asked[0][0] == {"role": "system", "content": "Be brief."} and asked[0][1]["role"] == "user"
     m = res.metrics
     assert m["n"] == 5 and "bertscore_f1" not in m
@@ -152,11 +153,11 @@ def test_protocol_generates_once_and_scores(tmp_path, echo_llm):
     assert any("Text-only" in n for n in res.notes)
 
     # Re-scoring: no LLM call at all, same numbers; a different system prompt is another configuration.
-    EchoLLM.calls.clear()
+    EchoLLM.log.clear()
     again = vqa_text.run(make_ctx("vqa_text", _qa_cases(), tmp_path / "out2", opts, store))
-    assert EchoLLM.calls == [] and again.metrics["rouge_l"] == m["rouge_l"]
+    assert EchoLLM.log == [] and again.metrics["rouge_l"] == m["rouge_l"]
     vqa_text.run(make_ctx("vqa_text", _qa_cases(), tmp_path / "out3", {**opts, "system_prompt": None}, store))
-    assert len(EchoLLM.calls[0][0]) == 1  # no system message
+    assert len(EchoLLM.log[0][0]) == 1  # no system message
 
 
 def test_protocol_samples_with_a_seed(tmp_path, echo_llm):
@@ -170,7 +171,7 @@ def test_protocol_samples_with_a_seed(tmp_path, echo_llm):
 
 
 def test_protocol_rescore_and_option_errors(tmp_path, echo_llm):
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     opts = {"llm": echo_llm, "token_encoder": None, "n_bootstrap": 0}
     ctx = make_ctx("vqa_text", _qa_cases(), tmp_path, opts)
@@ -180,11 +181,11 @@ def test_protocol_rescore_and_option_errors(tmp_path, echo_llm):
     # Answers cached for the first two questions cover cases 0, 1 and 2 (case 2 repeats question 0).
     store = DictStore()
     vqa_text.run(make_ctx("vqa_text", _qa_cases()[:2], tmp_path / "a", opts, store))
-    EchoLLM.calls.clear()
+    EchoLLM.log.clear()
     ctx = make_ctx("vqa_text", _qa_cases(), tmp_path / "b", {**opts, "allow_partial": True}, store)
     ctx.rescore = True
     res = vqa_text.run(ctx)
-    assert EchoLLM.calls == [] and res.metrics["n"] == 3
+    assert EchoLLM.log == [] and res.metrics["n"] == 3
     with pytest.raises(ValueError, match="max_tokens"):
         vqa_text.run(make_ctx("vqa_text", _qa_cases(), tmp_path, {**opts, "max_tokens": 5}))
     with pytest.raises(ValueError, match="question and an answer"):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agent.testing import ColourVLM
+from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.base import EvalCase
 from evals.protocols import zero_shot
-from evals.protocols.base import EvalCase
-from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.testing import DictStore, make_ctx
 from models.backends import BACKENDS
-from tests.eval_doubles import ColourVLM, DictStore, make_ctx
 
 HAM = {"mel": "melanoma", "nv": "melanocytic nevus", "bkl": "benign keratosis",
        "akiec": "actinic keratosis / intraepithelial carcinoma", "bcc": "basal cell carcinoma"}  # fmt: skip
@@ -84,7 +85,7 @@ def _colour_cases(tmp_path):
 
 @pytest.fixture
 def colour_vlm(monkeypatch):
-    monkeypatch.setitem(BACKENDS["vlm"], "colour-double", "tests.eval_doubles:ColourVLM")
+    monkeypatch.setitem(BACKENDS["vlm"], "colour-double", "agent.testing:ColourVLM")
     ColourVLM.calls.clear()
     answers = {"red": "This is a melanoma.", "blue": "Melanocytic nevus", "green": "melanoma or melanocytic nevus"}
     return {"backend": "colour-double", "options": {"answers": answers}}
@@ -153,7 +154,7 @@ def test_protocol_uses_benchmark_aliases_and_custom_candidates(tmp_path, colour_
 
 
 def test_protocol_runs_a_real_transformers_vlm(tmp_path):
-    from tests.fakes import build_tiny_llava
+    from agent.testing import build_tiny_llava
 
     path = build_tiny_llava(tmp_path / "tiny-llava")
     cases = _colour_cases(tmp_path)[:4]
@@ -184,7 +185,7 @@ def test_feature_reading_vlm_gets_classifier_outputs(tmp_path, monkeypatch):
             return ClassifierOutput(probs=np.full((n, 7), 1 / 7), features=np.zeros((n, 16)), labels=tuple("abcdefg"))
 
     monkeypatch.setattr("models.sklesion.SklesionClassifier", StubClassifier)
-    monkeypatch.setitem(BACKENDS["vlm"], "feature-double", "tests.eval_doubles:FeatureReadingVLM")
+    monkeypatch.setitem(BACKENDS["vlm"], "feature-double", "agent.testing:FeatureReadingVLM")
     ColourVLM.calls.clear()
     cases = _colour_cases(tmp_path)[:3]
     res = zero_shot.run(make_ctx("zero_shot", cases, tmp_path / "out", {"vlm": {"backend": "feature-double"}, "n_bootstrap": 0}, labels=["mel", "nv"]))

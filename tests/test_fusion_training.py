@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT
 from models.stacker import FusionModel
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 
 MORPH = {"mel": ("pigment_network", "atypical"), "nv": ("pigment_network", "typical"), "bcc": ("vascular_structures", "arborizing"),
          "bkl": ("pigmentation", "diffuse regular"), "df": ("regression_structures", "white areas"), "vasc": ("vascular_structures", "hairpin")}  # fmt: skip

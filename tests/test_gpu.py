@@ -24,7 +24,7 @@ def test_sklesion_net_matches_cpu_on_cuda():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_llm_backend_runs_on_cuda(tmp_path, dtype):
     from models.backends.hf_llm import TransformersLLM
-    from tests.fakes import build_tiny_llama
+    from agent.testing import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "tiny")
     conv = [{"role": "user", "content": "hello there"}]

@@ -11,14 +11,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from agent import cli
-from agent.cli import app
+from dermgraph.cli import app
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def doubles_agent(monkeypatch):
-    from doubles import backends
+    from agent.testing import backends
 
     from agent.agent import Agent
 

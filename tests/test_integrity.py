@@ -138,7 +138,7 @@ def test_shipped_artifacts_match_the_registry():
 
 
 def test_diagnosis_versions_name_the_sha256_of_models_used(tmp_path, monkeypatch):
-    from doubles import backends, fusion_model
+    from agent.testing import backends, fusion_model
     from PIL import Image
 
     from agent.agent import Agent

@@ -8,12 +8,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from agent.labels import SEVEN_POINT as AGENT_SEVEN_POINT
-from agent.labels import derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
 from retrieval.kb import (
-    HAM_CLASSES,
     KB_PATH,
-    SEVEN_POINT,
     KBEntry,
     KnowledgeBase,
     kb_sha256,
@@ -74,7 +71,6 @@ def test_every_dataset_label_maps_to_exactly_one_entry(kb, label):
 
 
 def test_expected_7pt_uses_derm7pt_vocabulary(kb):
-    assert SEVEN_POINT == AGENT_SEVEN_POINT
     for e in kb:
         for criterion, values in e.expected_7pt.items():
             assert criterion in SEVEN_POINT

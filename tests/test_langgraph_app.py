@@ -22,7 +22,7 @@ def test_decode_image_input(tmp_path):
 
 
 def test_factory_graph_has_narrow_input_and_no_checkpointer(monkeypatch):
-    monkeypatch.setenv("DERMGRAPH_BACKENDS", "tests.doubles:backends")
+    monkeypatch.setenv("DERMGRAPH_BACKENDS", "agent.testing:backends")
     monkeypatch.setattr(langgraph_app, "_runtime", None)
     g = langgraph_app.make_graph()
     assert g.checkpointer is None

@@ -31,7 +31,7 @@ def server(tmp_path):
     port = free_port()
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("review:\n  when: always\n  where: verify\n")
-    env = dict(os.environ, DERMGRAPH_CONFIG=str(cfg), DERMGRAPH_BACKENDS="tests.doubles:backends", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    env = dict(os.environ, DERMGRAPH_CONFIG=str(cfg), DERMGRAPH_BACKENDS="agent.testing:backends", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                LANGSMITH_TRACING="false", LANGCHAIN_TRACING_V2="false")  # fmt: skip
     # The repository's langgraph.json with its paths made absolute, so the server's files stay in tmp_path.
     spec = json.loads((ROOT / "langgraph.json").read_text())

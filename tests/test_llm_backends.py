@@ -17,9 +17,9 @@ from models.backends.hf_llm import (
     render_prompt,
     trim_at_stop,
 )
+from agent.testing import FakeOpenAIServer, build_tiny_llama, fake_logprob, fake_tokenize
 from models.backends.openai_compat import OpenAICompatibleLLM, OpenAIServerError, _Client
 from models.protocols import LLM
-from tests.fakes import FakeOpenAIServer, build_tiny_llama, fake_logprob, fake_tokenize
 
 CONVS = [
     [{"role": "user", "content": "What is a melanoma?"}],

@@ -136,7 +136,7 @@ def test_agent_reads_modality_from_the_paired_tuned_encoder(finetuned, shared_da
     from models.finetuned_encoder import FinetunedEncoder
     from models.heads import HeadSet
     from models.image_stats import image_stats
-    from tests.doubles import backends
+    from agent.testing import backends
 
     out, summary = finetuned
     monkeypatch.setenv("DERMGRAPH_MODELS", str(out / "registry.yaml"))

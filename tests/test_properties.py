@@ -87,7 +87,7 @@ def test_metadata_and_question_are_validated_or_refused_by_field(meta, question)
 
 @pytest.fixture(scope="module")
 def agent():
-    from doubles import backends
+    from agent.testing import backends
 
     from agent.agent import Agent
 
@@ -232,7 +232,7 @@ def test_configs_and_overrides_load_or_raise_value_error(text, overrides):
 def test_cli_diagnose_never_shows_a_traceback(flags, values):
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from dermgraph.cli import app
 
     with tempfile.TemporaryDirectory() as tmp:
         missing = Path(tmp) / "nope.png"  # inputs are validated before any model loads

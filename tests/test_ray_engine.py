@@ -18,7 +18,7 @@ OVERRIDES = ["verifier.target_accuracy={dermoscopy: 0.8}"]
 def double_agent(config):
     """Agent with test doubles (module level: Ray pickles it by reference)."""
     from agent import Agent
-    from tests.doubles import backends
+    from agent.testing import backends
 
     return Agent(config, backends=backends(classifier=VaryingClassifier(), fusion=no_llm_fusion()))
 

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from agent import Agent
 from agent.review import NotAwaitingReview, ReviewDecision
-from tests.doubles import backends, concept_heads
+from agent.testing import backends, concept_heads
 
 NODES = ["encode", "modality", "morphology", "retrieve", "reason", "verify"]
 
@@ -151,7 +151,7 @@ def test_stream_without_a_checkpointer_never_pauses(store):
 
 
 def test_clinical_cases_have_no_findings_to_correct(store):
-    from tests.doubles import modality_heads
+    from agent.testing import modality_heads
 
     agent = Agent(backends=backends(modality_heads=modality_heads("clinical")), overrides=[store])
     d = agent.diagnose(img(), thread_id="c8", review="always")
@@ -189,9 +189,9 @@ def test_postgres_store_pauses_and_resumes():
 
 
 def test_a_run_that_stopped_midway_is_reported_incomplete(store):
-    from tests.doubles import ScoringLLM
+    from agent.testing import TestLLM
 
-    class Crash(ScoringLLM):
+    class Crash(TestLLM):
         def score_continuations(self, *a, **k):
             raise RuntimeError("worker died")
 

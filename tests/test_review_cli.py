@@ -6,14 +6,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from agent import Agent
-from agent.cli import app
-from tests.doubles import backends
+from agent.testing import backends
+from dermgraph.cli import app
 
 runner = CliRunner()
 
 
 def test_review_cli_lists_shows_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("DERMGRAPH_BACKENDS", "tests.doubles:backends")
+    monkeypatch.setenv("DERMGRAPH_BACKENDS", "agent.testing:backends")
     store = str(tmp_path / "cases.sqlite")
     Agent(backends=backends(), overrides=[f"review.checkpointer={store}"]).diagnose(Image.new("RGB", (64, 48), (150, 90, 70)), thread_id="case-7", review="always")
 

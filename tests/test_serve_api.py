@@ -124,12 +124,12 @@ def test_model_calls_do_not_block_the_event_loop(tmp_path):
 
     import httpx
 
-    from tests.doubles import ScoringLLM, backends
+    from agent.testing import TestLLM, backends
     from tests.serve_helpers import ServerThread, make_agent
 
     entered, release = threading.Event(), threading.Event()
 
-    class BlockingLLM(ScoringLLM):
+    class BlockingLLM(TestLLM):
         def score_continuations(self, *a, **k):
             entered.set()
             assert release.wait(60)

@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def start(data_dir: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, DERMGRAPH_API_TOKENS=TOKEN, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "agent.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), "--backends", "tests.doubles:backends"]
+    cmd = [sys.executable, "-m", "dermgraph", "serve", "--port", str(port), "--data-dir", str(data_dir), "--backends", "agent.testing:backends"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -3,8 +3,8 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
+from agent.testing import TestLLM
 from models.structured import MalformedOutput, StructuredResult, extract_json, generate_structured, schema_hint
-from tests.fakes import ScriptedLLM
 
 
 class Dx(BaseModel):
@@ -76,7 +76,7 @@ def test_schema_hint_lists_fields():
 
 
 def test_generate_structured_first_try():
-    llm = ScriptedLLM(['Here you go: {"diagnosis": "mel", "confidence": 0.8}'])
+    llm = TestLLM(['Here you go: {"diagnosis": "mel", "confidence": 0.8}'])
     res = generate_structured(llm, [{"role": "user", "content": "dx?"}], Dx, max_new_tokens=32)
     assert isinstance(res, StructuredResult) and res.ok
     assert res.value == Dx(diagnosis="mel", confidence=0.8)
@@ -85,7 +85,7 @@ def test_generate_structured_first_try():
 
 
 def test_generate_structured_feeds_errors_back():
-    llm = ScriptedLLM(
+    llm = TestLLM(
         [
             "I am not sure.",  # no JSON at all
             '{"diagnosis": "melanoma", "confidence": 2}',  # schema violations
@@ -111,7 +111,7 @@ def test_generate_structured_feeds_errors_back():
 
 
 def test_generate_structured_gives_up_without_raising():
-    llm = ScriptedLLM(["nope", '{"diagnosis": "mel"', "{'diagnosis': 'xx', 'confidence': 0.1}"])
+    llm = TestLLM(["nope", '{"diagnosis": "mel"', "{'diagnosis': 'xx', 'confidence': 0.1}"], repeat_last=False)
     res = generate_structured(llm, [{"role": "user", "content": "dx?"}], Dx, retries=2)
     assert res.value is None and not res.ok
     assert len(res.attempts) == 3 and all(a["error"] for a in res.attempts)
@@ -120,7 +120,7 @@ def test_generate_structured_gives_up_without_raising():
 
 
 def test_generate_structured_keeps_assistant_prefix_in_raw():
-    llm = ScriptedLLM(['"diagnosis": "nv", "confidence": 0.3}'])
+    llm = TestLLM(['"diagnosis": "nv", "confidence": 0.3}'])
     res = generate_structured(llm, [{"role": "user", "content": "dx?"}], Dx, assistant_prefix="{", retries=0)
     assert res.value == Dx(diagnosis="nv", confidence=0.3)
     assert res.attempts[0]["raw"].startswith('{"diagnosis"')
@@ -128,16 +128,20 @@ def test_generate_structured_keeps_assistant_prefix_in_raw():
 
 
 def test_generate_structured_zero_retries():
-    llm = ScriptedLLM(lambda conv: "garbage")
+    llm = TestLLM(lambda conv: "garbage")
     res = generate_structured(llm, [{"role": "user", "content": "dx?"}], Dx, retries=0)
     assert res.value is None and len(res.attempts) == 1 and len(llm.calls) == 1
 
 
-def test_scripted_llm_basics():
-    llm = ScriptedLLM(["a. b", "c"], scores=lambda conv, prefix, conts: [len(c) for c in conts])
+def test_test_llm_basics():
+    llm = TestLLM(["a. b", "c"], scores=lambda conv, prefix, conts: [len(c) for c in conts], repeat_last=False)
     assert llm.chat([[{"role": "user", "content": "x"}]] * 2, stop=["."]) == ["a", "c"]
     assert llm.score_continuations([], "", ["ab", "abc"]).tolist() == [2.0, 3.0]
     with pytest.raises(AssertionError, match="ran out"):
         llm.chat([[{"role": "user", "content": "x"}]])
     with pytest.raises(NotImplementedError):
-        ScriptedLLM([]).score_continuations([], "", ["a"])
+        TestLLM([], scores=None).score_continuations([], "", ["a"])
+    # Defaults: the last reply repeats, scores by preference (-5 for the rest).
+    again = TestLLM(["only"], scores={"b": 1.0})
+    assert again.chat([[{"role": "user", "content": "x"}]] * 3) == ["only"] * 3 and len(again.chats) == 3
+    assert again.score_continuations([], "", ["a", "b"]).tolist() == [-5.0, 1.0] and again.scored == 1

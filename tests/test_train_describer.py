@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import SEVEN_POINT
-from evals.morphology import parse_findings
+from models.vocabulary import SEVEN_POINT, parse_findings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +47,7 @@ def tiny_vlm():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.feature_vlm import FeatureVLM, FeatureVLMConfig
+    from models.backends.feature_vlm_net import FeatureVLM, FeatureVLMConfig
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -118,7 +117,7 @@ def test_generate_uses_the_features_and_round_trips_through_save(tiny_vlm, tmp_p
 
 
 def test_canonical_targets_parse_back_to_the_source_criteria():
-    from agent.labels import SEVEN_POINT_PHRASES
+    from models.vocabulary import SEVEN_POINT_PHRASES
     from training.describer_data import criterion_turn, describe
 
     rng = random.Random(0)

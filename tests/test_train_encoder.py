@@ -117,7 +117,7 @@ def test_smoke_run_writes_expert_and_resumes(shared_data, tmp_path):
 
 @pytest.mark.data
 def test_eval_encoder_reports_every_heldout_figure(shared_data, tmp_path, monkeypatch):
-    from agent.labels import HAM_CLASSES, SEVEN_POINT
+    from models.vocabulary import HAM_CLASSES, SEVEN_POINT
     from models.efficientnet import multitask_net, save_expert
     from training import eval_encoder
 
@@ -138,7 +138,7 @@ def test_eval_encoder_reports_every_heldout_figure(shared_data, tmp_path, monkey
 
 @pytest.mark.data
 def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypatch):
-    from agent.labels import HAM_CLASSES
+    from models.vocabulary import HAM_CLASSES
     from models.efficientnet import multitask_net, save_expert
     from training import data, eval_encoder
 

@@ -95,7 +95,7 @@ def test_unknown_config_key_is_a_validation_error(node):
 @pytest.mark.slow
 @pytest.mark.weights
 def test_cli_train_verifier_with_overrides(tiny_features, tmp_path):
-    from agent.cli import app
+    from dermgraph.cli import app
 
     res = CliRunner().invoke(app, ["train", "verifier", "--config", str(CONFIGS / "verifier_smoke.yaml"),
                                    "--set", f"feature_dir={tiny_features}", "--set", f"out_dir={tmp_path}", "--set", "c_grid=[0.3]"])  # fmt: skip
@@ -109,7 +109,7 @@ def test_cli_train_verifier_with_overrides(tiny_features, tmp_path):
 def test_concepts_from_a_user_csv_extracts_features_on_the_fly(shared_data, tmp_path):
     import csv
 
-    from agent.labels import SEVEN_POINT
+    from models.vocabulary import SEVEN_POINT
     from training.data import source_table
 
     rows = [r for r in source_table("derm7pt") if r["split"] in ("train", "val")][:10]

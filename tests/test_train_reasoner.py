@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from agent.prompts import parse_answer, write_answer
 from training.rewards import (
     calibration_reward,
     completion_text,
@@ -17,7 +18,6 @@ from training.rewards import (
     format_reward,
     is_format_valid,
     make_consistency_reward,
-    parse_answer,
 )
 
 CANDS = ["melanoma", "melanocytic nevus", "basal cell carcinoma"]
@@ -40,6 +40,7 @@ def kw(n: int, **over):
 
 def test_parse_answer_and_completion_forms():
     assert parse_answer(GOOD) == ("melanoma", "A blue-whitish veil [E1] and similar melanoma cases [E3] fit.")
+    assert parse_answer(write_answer(*parse_answer(GOOD))) == parse_answer(GOOD)
     assert parse_answer("melanoma, because [E1]") == (None, None)
     assert completion_text([{"role": "assistant", "content": GOOD}]) == GOOD
     assert correctness_reward([None], [[{"role": "assistant", "content": GOOD}]], **kw(1)) == [1.0]
@@ -180,7 +181,7 @@ def test_adapter_merges_into_the_transformers_backend(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from models.backends.hf_llm import TransformersLLM
-    from tests.fakes import build_tiny_llama
+    from agent.testing import build_tiny_llama
 
     base_dir = build_tiny_llama(tmp_path / "tiny")
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -207,19 +208,19 @@ def test_adapter_merges_into_the_transformers_backend(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    from training.reasoner_data import make_runtime
+def agent():
+    from training.reasoner_data import make_agent
 
-    return make_runtime()
+    return make_agent()
 
 
 @pytest.fixture(scope="module")
-def built(tiny_features, runtime):
+def built(tiny_features, agent):
     from training.reasoner_data import ReasonerDataConfig, build_training_cases
 
     cfg = ReasonerDataConfig(ham_classes=["akiec", "df"], ham_per_class=2)
-    a = build_training_cases(cfg, tiny_features, seed=3, rt=runtime)
-    b = build_training_cases(cfg, tiny_features, seed=3, rt=runtime)
+    a = build_training_cases(cfg, tiny_features, seed=3, agent=agent)
+    b = build_training_cases(cfg, tiny_features, seed=3, agent=agent)
     return a, b
 
 
@@ -242,8 +243,8 @@ def test_cases_are_deterministic_and_keep_report_sets_out(built, tiny_features):
 @pytest.mark.weights
 @pytest.mark.data
 @pytest.mark.slow
-def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
-    from agent.nodes.retrieve import CASE_SOURCES
+def test_no_case_retrieves_its_own_image(built, agent, tiny_features):
+    from agent.config import DEFAULT_ROUTING
     from training.reasoner_data import derm7pt_rows
 
     records = built[0][0]
@@ -252,7 +253,7 @@ def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
         assert any(e.startswith("case:") for e in r["evidence_ids"])
     # Without the exclusion the query's own image is its nearest case: the leak is real.
     row = derm7pt_rows(["train"], tiny_features)[0]
-    hits = runtime.cases.retriever.search(row.features[None], k=3, sources=CASE_SOURCES["dermoscopy"])[0]
+    hits = agent.runtime.cases.search(row.features[None], k=3, sources=DEFAULT_ROUTING["dermoscopy"].case_sources)[0]
     assert hits[0].id == row.id
     # HAM10000 cases exclude every image of their lesion (near-duplicates).
     from training.data import source_table
@@ -269,10 +270,10 @@ def test_no_case_retrieves_its_own_image(built, runtime, tiny_features):
 @pytest.mark.weights
 @pytest.mark.data
 @pytest.mark.slow
-def test_prompt_is_exactly_the_agents(built, runtime, tiny_features):
-    """The agent's reason() node, on the same state, sends the LLM exactly the training prompt; the target
+def test_prompt_is_exactly_the_agents(built, agent, tiny_features):
+    """The agent's reason node, on the same state, sends the LLM exactly the training prompt; the target
     names the truth and cites tags shown in the prompt."""
-    from agent.nodes.reason import reason
+    from agent.agent import Agent
     from training.reasoner_data import derm7pt_rows, render_state
     from training.rewards import is_format_valid
 
@@ -294,22 +295,12 @@ def test_prompt_is_exactly_the_agents(built, runtime, tiny_features):
     rec = records[row.id]
     from training.reasoner_data import _stats
 
-    state = render_state(row, _stats([row], tiny_features)[row.id], runtime)
-    from tests.doubles import fusion_model
+    state = render_state(row, _stats([row], tiny_features)[row.id], agent)
+    from agent.testing import fusion_model
 
     recorder = Recorder()
-    runtime.__dict__["llm"] = recorder
-    had_fusion = "fusion" in runtime.__dict__
-    saved = runtime.__dict__.get("fusion")
-    runtime.__dict__["fusion"] = fusion_model()  # a stacker that fuses the LLM (the shipped one may not)
-    try:
-        reason(state, runtime)
-    finally:
-        runtime.__dict__.pop("llm")
-        if had_fusion:
-            runtime.__dict__["fusion"] = saved
-        else:
-            runtime.__dict__.pop("fusion")
+    # A stacker that fuses the LLM (the shipped one may not).
+    Agent(agent.config, backends={"llm": recorder, "fusion": fusion_model()}).run(state, start_at="reason", until="reason")
     assert recorder.convs[0] == rec["prompt"]
     target = rec["completion"][0]["content"]
     assert target.startswith(f"Diagnosis: {rec['label_name']}\nRationale: ")

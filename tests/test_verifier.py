@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from agent import Agent
-from agent.labels import SEVEN_POINT
+from agent.testing import backends
 from models.verifier import ConsistencyModel
+from models.vocabulary import SEVEN_POINT
 from retrieval.kb import KnowledgeBase
-from tests.doubles import backends
 from training import verifier as tv
 
 

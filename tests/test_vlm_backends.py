@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agent.testing import FakeOpenAIServer, build_tiny_llava
 from models.backends import create
 from models.backends.hf_vlm import TransformersVLM
 from models.backends.openai_compat import OpenAICompatibleVLM, image_data_url
 from models.protocols import VLM
-from tests.fakes import FakeOpenAIServer, build_tiny_llava
 
 PROMPTS = ["Describe the lesion.", "What is a melanoma? Be brief."]
 

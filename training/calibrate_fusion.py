@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from agent.labels import HAM_CLASSES, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, derm7pt_to_ham
 from training.data import aligned, load_features, source_table
 
 app = typer.Typer(add_completion=False)
@@ -63,7 +63,7 @@ def calibration_cases() -> list[dict]:
 
 def expert_inputs(cases: list[dict], case_index: str | Path, k: int = 8, temperature: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """(N,7) classifier probs and (N,7) kNN probs for cases, from cached features; self-matches excluded."""
-    from agent.nodes.retrieve import CASE_SOURCES
+    from agent.config import DEFAULT_ROUTING
     from retrieval.cases import CaseRetriever, knn_label_distribution
 
     retriever = CaseRetriever(case_index)
@@ -74,7 +74,7 @@ def expert_inputs(cases: list[dict], case_index: str | Path, k: int = 8, tempera
     for source, idx in by_source.items():
         rows = [{"image": cases[i]["image"], "_i": str(i)} for i in idx]
         rows, f = aligned(rows, load_features(source))
-        hits = retriever.search(f["features"], k=k + 1, sources=CASE_SOURCES["dermoscopy"])
+        hits = retriever.search(f["features"], k=k + 1, sources=DEFAULT_ROUTING["dermoscopy"].case_sources)
         for r, p, h in zip(rows, f["probs"], hits):
             i = int(r["_i"])
             clf[i] = p

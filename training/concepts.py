@@ -16,8 +16,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from agent.labels import SEVEN_POINT
 from agent.config import AgentConfig
+from evals.metrics import criteria_metrics
+from models.vocabulary import SEVEN_POINT
 from training.cli import module_main
 from training.config import TrainConfig
 
@@ -42,22 +43,6 @@ class Config(TrainConfig):
     min_confidence: float = Field(0.5, ge=0, le=1, description="Stored in the artifact: findings below this are verbalised as uncertain.")
     compare_with: str | None = Field(default_factory=lambda: AgentConfig().morphology.heads, description="Registry id of the shipped heads (the agent's morphology.heads) for the before/after table.")
     artifact_id: str = Field("derm7pt-concept-heads", description="Id stored in the artifact's metadata (shown in the agent's trace).")
-
-
-def criteria_metrics(truth: dict[str, list[str]], pred: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """Per-criterion accuracy and macro-F1 (over the values present in truth or prediction)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    out = {}
-    for crit in SEVEN_POINT:
-        if crit in truth and crit in pred:
-            out[crit] = {
-                "accuracy": round(float(accuracy_score(truth[crit], pred[crit])), 4),
-                "macro_f1": round(float(f1_score(truth[crit], pred[crit], average="macro", zero_division=0)), 4),
-            }
-    if out:
-        out["mean"] = {m: round(float(np.mean([v[m] for v in out.values()])), 4) for m in ("accuracy", "macro_f1")}
-    return out
 
 
 def fit_criterion(name: str, x: np.ndarray, y: np.ndarray, c: float, class_weight: str | None = "balanced", max_iter: int = 3000):

@@ -1,7 +1,7 @@
 """Training turns for the feature VLM describer, built deterministically from Derm7pt and HAM10000.
 
 Derm7pt ``train`` + ``extra`` cases give descriptions that state all seven criteria (the agent's phrase
-per criterion value, ``agent.labels.SEVEN_POINT_PHRASES``, in a fixed order, with
+per criterion value, ``models.vocabulary.SEVEN_POINT_PHRASES``, in a fixed order, with
 varied openers and closers around them) and yes/no or "describe the X" questions about single
 criteria. HAM10000 ``train`` images give questions about diagnosis, body site, age and sex: the
 sklesion features were fitted on HAM10000, so these teach the answer format more than vision, and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
-from models.feature_vlm import DESCRIBE_PROMPT
+from models.backends.feature_vlm_net import DESCRIBE_PROMPT
+from models.vocabulary import HAM_CLASSES, HAM_NAMES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from training.data import aligned, load_features, source_table
 
 PACK_FILE = "describer_cases.npz"

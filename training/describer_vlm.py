@@ -2,10 +2,10 @@
 
 Stage 1 trains the projector only (LLM frozen), stage 2 the projector plus a LoRA adapter, both with
 TRL's ``SFTTrainer`` (the model is the LLM itself, with the projector as a submodule and a decoder
-pre-hook that splices the projected features in; see :mod:`models.feature_vlm`). Data: Derm7pt train +
+pre-hook that splices the projected features in; see :mod:`models.backends.feature_vlm_net`). Data: Derm7pt train +
 extra (and HAM10000 train questions in stage 1), from :mod:`training.describer_data`. Evaluation
 generates a description for every Derm7pt ``val`` case, reads the seven criteria back with
-:func:`evals.morphology.parse_findings` and scores them like the concept heads.
+:func:`models.vocabulary.parse_findings` and scores them like the concept heads.
 
     dermgraph train describer --config configs/train/describer.yaml
     python -m training.describer_vlm --config configs/train/describer.yaml eval_only=models/artifacts/feature_vlm_describer
@@ -15,7 +15,6 @@ generates a description for every Derm7pt ``val`` case, reads the seven criteria
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import Field
 
-from agent.labels import SEVEN_POINT
+from models.vocabulary import SEVEN_POINT
 from training.cli import module_main
 from training.config import Strict, TrainConfig, resolve_device
 
@@ -86,7 +85,7 @@ class TurnCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from models.feature_vlm import encode_turn
+        from models.backends.feature_vlm_net import encode_turn
 
         tok, cfg = self.vlm.tokenizer, self.vlm.cfg
         ids, labels = [], []
@@ -197,7 +196,7 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
     """``callbacks``: extra TrainerCallbacks for both stages (e.g. the GPU job's deadline)."""
     import torch
 
-    from models.feature_vlm import FeatureVLM, FeatureVLMConfig
+    from models.backends.feature_vlm_net import FeatureVLM, FeatureVLMConfig
     from training.describer_data import build_turns, load_cases
     from training.outputs import MetricsLog
 
@@ -259,8 +258,12 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
     vcfg.meta["metrics_val"] = metrics.get("vlm_stage2", {})
     (final / "feature_vlm.json").write_text(json.dumps({**json.loads((final / "feature_vlm.json").read_text()), "meta": vcfg.meta}, indent=2))
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    summary["artifact"] = str(publish_dir(final, cfg.artifact)) if cfg.artifact else None
-    summary["registry"] = str(write_registry(cfg.out_dir, cfg.register_as, final)) if cfg.register_as else None
+    from training.outputs import publish, write_registry_fragment
+
+    summary["artifact"] = str(publish(final, cfg.artifact, files=(*ARTIFACT_FILES, "metrics.json"))) if cfg.artifact else None
+    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, final, role="vlm", licence=LICENCE, fmt="feature-vlm",
+                                  notes="Feature VLM describer (sklesion features -> projector -> SmolLM2-135M-Instruct + LoRA).")  # fmt: skip
+    summary["registry"] = str(reg) if reg else None
     heads_f1 = heads["metrics"]["mean"]["macro_f1"]
     vlm_f1 = summary["eval"].get("vlm_stage2", {}).get("metrics", {}).get("mean", {}).get("macro_f1")
     summary["beats_concept_heads"] = vlm_f1 is not None and vlm_f1 > heads_f1
@@ -285,7 +288,7 @@ def _val_cases(cfg: Config):
 def criteria_from_text(texts: list[str]) -> tuple[dict[str, list[str]], float]:
     """Per-criterion predictions read from generated text; a criterion the text does not mention counts
     as 'absent' (descriptions usually omit what is not there). Also the fraction that was mentioned."""
-    from evals.morphology import parse_findings
+    from models.vocabulary import parse_findings
 
     parsed = [parse_findings(t) for t in texts]
     pred = {c: [p.get(c, "absent") for p in parsed] for c in SEVEN_POINT}
@@ -295,7 +298,7 @@ def criteria_from_text(texts: list[str]) -> tuple[dict[str, list[str]], float]:
 
 def evaluate_describer(vlm: Any, cfg: Config, predictions: Path | None = None) -> dict[str, Any]:
     """Generate the description of every val case, parse the criteria, score them (criteria_metrics)."""
-    from training.concepts import criteria_metrics
+    from evals.metrics import criteria_metrics
 
     rows, x = _val_cases(cfg)
     feats, probs = x[:, : vlm.cfg.feature_dim], x[:, vlm.cfg.feature_dim :]
@@ -313,9 +316,9 @@ def evaluate_describer(vlm: Any, cfg: Config, predictions: Path | None = None) -
 
 def concept_head_eval(cfg: Config) -> dict[str, Any]:
     """The shipped concept heads on the same val cases (argmax per criterion)."""
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.heads import HeadSet
-    from training.concepts import criteria_metrics
+    from evals.metrics import criteria_metrics
 
     rows, x = _val_cases(cfg)
     heads = HeadSet.load(resolve_artifact(cfg.concept_heads))
@@ -341,7 +344,7 @@ def comparison_table(evals: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_saved(cfg: Config, device: str) -> dict[str, Any]:
     """``eval_only``: the saved describer vs the concept heads; prints the table."""
-    from models.feature_vlm import FeatureVLM
+    from models.backends.feature_vlm_net import FeatureVLM
 
     vlm = FeatureVLM.load(cfg.eval_only, device=device)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,32 +352,6 @@ def evaluate_saved(cfg: Config, device: str) -> dict[str, Any]:
     evals = {"concept_heads": evals["concept_heads"], Path(cfg.eval_only).name: evals["vlm_stage2"]}
     out = {"eval": evals, "table": comparison_table(evals)}
     print(out["table"])
-    return out
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def publish_dir(src: Path, dest: Path) -> Path:
-    """Copy the describer's files (and metrics.json) from ``src`` into the directory ``dest``."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in (*ARTIFACT_FILES, "metrics.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
-    return dest
-
-
-def write_registry(out_dir: Path, model_id: str, weights_dir: Path) -> Path:
-    """``<out_dir>/registry.yaml``: ``DERMGRAPH_MODELS=<that file>`` makes ``model_id`` usable as
-    ``morphology.vlm: {backend: feature-vlm, model: <model_id>}``."""
-    import yaml
-
-    out = Path(out_dir) / "registry.yaml"
-    rel = Path(weights_dir).resolve().relative_to(Path(out_dir).resolve())
-    entry = {"id": model_id, "role": "vlm", "source": f"path:{rel.as_posix()}", "sha256": None, "licence": LICENCE, "format": "feature-vlm",
-             "notes": "Feature VLM describer (sklesion features -> projector -> SmolLM2-135M-Instruct + LoRA)."}  # fmt: skip
-    out.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
     return out
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
 from training.cli import module_main
 from training.config import Strict, TrainConfig, resolve_device
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 
 MODALITIES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from training.config import Strict
-from training.rewards import MIN_AGREEMENT, is_format_valid, stated_consistency
+from training.rewards import is_format_valid, min_agreement, stated_consistency
 
 
 class Config(Strict):
@@ -61,7 +61,7 @@ def adapter_key(adapter: str | None) -> str:
 
 def eval_cases(cfg: Config) -> list[dict[str, Any]]:
     """The held-out records (rendered like the training data), subset as configured."""
-    from training.reasoner_data import derm7pt_rows, isic_rows, make_runtime, render_cases, stratified_subset
+    from training.reasoner_data import derm7pt_rows, isic_rows, make_agent, render_cases, stratified_subset
 
     rows = []
     if "isic2018_val" in cfg.sets:
@@ -69,7 +69,7 @@ def eval_cases(cfg: Config) -> list[dict[str, Any]]:
     if "derm7pt:val" in cfg.sets:
         rows += derm7pt_rows(["val"], cfg.feature_dir)
     rows = stratified_subset(rows, cfg.limit, cfg.seed, key=lambda r: (r.source, r.label))
-    records, _ = render_cases(rows, make_runtime(cfg.agent_config), cfg.feature_dir, cfg.seed)
+    records, _ = render_cases(rows, make_agent(cfg.agent_config), cfg.feature_dir, cfg.seed)
     return records
 
 
@@ -98,10 +98,12 @@ def _case_output(llm, rec: dict[str, Any], max_new_tokens: int, text: str | None
     }  # fmt: skip
 
 
-def metrics(outs: list[dict[str, Any]]) -> dict[str, Any]:
+def metrics(outs: list[dict[str, Any]], threshold: float | None = None) -> dict[str, Any]:
     """Top-1 accuracy, balanced accuracy (mean recall over the classes present), melanoma sensitivity,
-    format-valid rate, consistency rate (agreement >= 0.35; unparseable answers count as inconsistent)
-    and mean agreement of the stated diagnoses."""
+    format-valid rate, consistency rate (agreement >= the verifier's ``threshold``, default
+    :func:`training.rewards.min_agreement`; unparseable answers count as inconsistent) and mean agreement
+    of the stated diagnoses."""
+    threshold = min_agreement() if threshold is None else threshold
     n = len(outs)
     if not n:
         return {"n": 0}
@@ -114,7 +116,7 @@ def metrics(outs: list[dict[str, Any]]) -> dict[str, Any]:
         "balanced_accuracy": round(sum(recall.values()) / len(recall), 4),
         "mel_sensitivity": round(recall["mel"], 4) if "mel" in recall else None,
         "format_valid": round(sum(o["format_valid"] for o in outs) / n, 4),
-        "consistency_rate": round(sum(a >= MIN_AGREEMENT for a in agreements) / n, 4),
+        "consistency_rate": round(sum(a >= threshold for a in agreements) / n, 4),
         "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
         "pred_counts": {c: sum(o["pred"] == c for o in outs) for c in sorted({o["pred"] for o in outs})},
     }
@@ -183,10 +185,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                          "agreement": stated_consistency(hit["text"], rec["candidates"], rec["observed"], rec["expected"])})  # fmt: skip
         del llm
         timing[f"{name}_s"] = round(time.time() - t1, 1)
-        results[name] = {"all": metrics(outs)}
+        threshold = min_agreement(str(cfg.agent_config) if cfg.agent_config else None)
+        results[name] = {"all": metrics(outs, threshold)}
         for part in cfg.sets:
             src = part.split(":")[0]
-            results[name][part] = metrics([o for o in outs if o["source"] == src])
+            results[name][part] = metrics([o for o in outs if o["source"] == src], threshold)
     summary = {"results": results, "cases": len(cases), "timing": timing, "skipped": skipped, "config": cfg.model_dump(mode="json")}
     (cfg.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     md = table(results)

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import Field
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT
 from models.conformal import conformal_quantile, max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
 from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 from training.config import TrainConfig
 
 DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
@@ -553,9 +553,9 @@ def train(cfg: Config) -> dict[str, Any]:
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     summary: dict[str, Any] = {"artifact": str(out), "metrics": str(cfg.out_dir / "metrics.json"), "counts": counts, "wall_s": metrics["wall_s"]}
     if cfg.artifact is not None:
-        cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
-        cfg.artifact.write_bytes(out.read_bytes())
-        summary["published"] = str(cfg.artifact)
+        from training.outputs import publish
+
+        summary["published"] = str(publish(out, cfg.artifact))
     _plots(evals, cfg.out_dir)
     print(report_table(metrics, cfg))
     return summary

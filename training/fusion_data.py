@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import SEVEN_POINT, derm7pt_to_ham
 from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")
@@ -82,7 +82,7 @@ def expert_record(row: CaseRow, state, rt, with_llm: bool) -> dict[str, Any]:
     """What each expert said about one case (JSON-able)."""
     from agent.nodes.reason import _llm_probs, candidates_for, classifier_display
 
-    cands, names = candidates_for(state, rt.config.reasoner.max_candidates)
+    cands, names = candidates_for(state, rt.config)
     rec: dict[str, Any] = {
         "id": row.id,
         "source": row.source,
@@ -98,7 +98,7 @@ def expert_record(row: CaseRow, state, rt, with_llm: bool) -> dict[str, Any]:
         "candidates": cands,
         "llm": None,
     }
-    if with_llm and cands and state.modality.label in ("dermoscopy", "clinical") and not state.modality.rejected:
+    if with_llm and cands and rt.config.route(state.modality.label).reasoner and not state.modality.rejected:
         rec["llm"] = _llm_probs(rt, state, cands, names, classifier_display(state, rt, cands), None, seed=None)
     return rec
 
@@ -115,7 +115,7 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None) -> Path:
-    from training.reasoner_data import _stats, make_runtime, render_state
+    from training.reasoner_data import _stats, make_agent, render_state
 
     out = llm_path(out) if with_llm else out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +127,12 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
         return out
     crossfit = crossfit_derm7pt_findings(feature_dir) if any(r.source == "derm7pt" and r.split != "val" for r in todo) else {}
     stats = _stats(todo, feature_dir)
-    rt = make_runtime()
+    agent = make_agent()
+    rt = agent.runtime
     t0 = time.time()
     with out.open("a") as fh:
         for n, row in enumerate(todo, 1):
-            state = render_state(row, stats[row.id], rt)
+            state = render_state(row, stats[row.id], agent)
             if row.id in crossfit and state.morphology is not None:
                 findings = [fd.model_copy(update={"probs": crossfit[row.id][fd.criterion], "value": max(crossfit[row.id][fd.criterion], key=crossfit[row.id][fd.criterion].get)})
                             for fd in state.morphology.findings if fd.criterion in crossfit[row.id]]  # fmt: skip

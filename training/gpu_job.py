@@ -408,7 +408,8 @@ class Job:
 
         from training import modality
         from training.gpu_pack import load_xception, read_encoder_images
-        from training.modality_encoder import embed, train_with_encoder
+        from training.modality import train_with_encoder
+        from training.modality_encoder import embed
         from training.outputs import MetricsLog
 
         out = self.work / "encoder"

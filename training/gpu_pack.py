@@ -241,17 +241,17 @@ def pack_xception(cfg: PackConfig, staging: Path) -> dict[str, Any]:
 
 def pack_reasoner(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
     """Training cases (as the SFT trainer builds them) and the report-set cases, rendered through the agent's nodes."""
-    from training.reasoner_data import build_training_cases, derm7pt_rows, isic_rows, make_runtime, render_cases, stratified_subset
+    from training.reasoner_data import build_training_cases, derm7pt_rows, isic_rows, make_agent, render_cases, stratified_subset
 
-    rt = make_runtime(cfg.agent_config)
-    train, info = build_training_cases(cfg.reasoner, cfg.feature_dir, cfg.seed, rt=rt)
+    agent = make_agent(cfg.agent_config)
+    train, info = build_training_cases(cfg.reasoner, cfg.feature_dir, cfg.seed, agent=agent)
     rows = []
     if "isic2018_val" in cfg.eval_sets:
         rows += isic_rows(cfg.feature_dir, "all")
     if "derm7pt:val" in cfg.eval_sets:
         rows += derm7pt_rows(["val"], cfg.feature_dir)
     rows = stratified_subset(rows, cfg.eval_limit, cfg.seed, key=lambda r: (r.source, r.label))
-    evals, skipped = render_cases(rows, rt, cfg.feature_dir, cfg.seed)
+    evals, skipped = render_cases(rows, agent, cfg.feature_dir, cfg.seed)
     ids = {r["id"] for r in train}
     if ids & {r["id"] for r in evals}:
         raise ValueError("a report-set case is also a training case")

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from agent.config import AgentConfig
+from models.vocabulary import MODALITIES
 from training.cli import module_main
 from training.config import Strict, TrainConfig
 
-CLASSES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
+CLASSES = list(MODALITIES)
 LICENCE = "CC-BY-NC-SA-4.0 (derived from non-commercial training data)"
 
 
@@ -317,8 +319,6 @@ def train(cfg: Config) -> dict:
     if missing:
         raise ValueError(f"no training images for {missing}: check dermoscopy_sources / clinical_views / histology / data")
     if cfg.finetune is not None:
-        from training.modality_encoder import train_with_encoder
-
         return train_with_encoder(cfg, x, y, groups, tags, refs, log)
     pred, dist_held = _crossval(lambda k, held: x, y, groups, cfg, log)
     metrics = _heldout_metrics(y, pred, tags, cfg)
@@ -333,6 +333,74 @@ def train(cfg: Config) -> dict:
     published = publish(weights, cfg.artifact, metrics)
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=HEAD_NOTES)
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
+
+
+def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log, images=None, load_base=None, should_stop=None) -> dict:
+    """Fine-tune per fold and once on everything; save the encoder delta and the refitted head.
+
+    ``images``: the inputs of the rows of ``x`` when preloaded (else read through ``refs``);
+    ``load_base`` / ``should_stop``: see :func:`training.modality_encoder.finetune_encoder`."""
+    from models.finetuned_encoder import save_delta
+    from models.registry import get_spec
+    from models.resolve import sha256_file
+    from training.modality_encoder import BASE_ID, N_FEATURES, embed, finetune_encoder, load_tensors, sample_per_tag
+    from training.outputs import publish, registry_entry, table, write_registry_fragment
+
+    ft = cfg.finetune
+    sel = sample_per_tag(tags, ft.max_per_tag, cfg.seed)
+    x, y, groups, tags, refs = x[sel], y[sel], groups[sel], tags[sel], refs[sel]
+    stats = x[:, N_FEATURES:]
+    t0 = time.time()
+    images = load_tensors(refs, load_image) if images is None else images[sel]
+    log.log(event="images_loaded", n=len(refs), seconds=round(time.time() - t0, 1))
+
+    frozen_pred, _ = _crossval(lambda k, held: x, y, groups, cfg, log, stage="frozen")
+    frozen = _heldout_metrics(y, frozen_pred, tags, cfg)
+
+    def tuned_features(k, held):
+        warm = fit(x[~held], y[~held], cfg.c, cfg.max_iter)
+        net = finetune_encoder(images[~held], stats[~held], y[~held], x[~held], warm, cfg, log, stage=f"finetune_fold{k}", load_base=load_base, should_stop=should_stop)
+        return np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
+
+    t_cv = time.time()
+    pred, dist_held = _crossval(tuned_features, y, groups, cfg, log, stage="tuned")
+    metrics = _heldout_metrics(y, pred, tags, cfg)
+    metrics["frozen_heldout_accuracy"] = frozen["heldout_accuracy"]
+    metrics["frozen_heldout_accuracy_by_source"] = frozen["heldout_accuracy_by_source"]
+    metrics["finetune"] = {**ft.model_dump(), "n_images": int(len(y)), "crossval_seconds": round(time.time() - t_cv, 1)}
+
+    t_final = time.time()
+    net = finetune_encoder(images, stats, y, x, fit(x, y, cfg.c, cfg.max_iter), cfg, log, stage="finetune_final", load_base=load_base, should_stop=should_stop)
+    xt = np.concatenate([embed(net, images, ft.embed_batch_size), stats], axis=1)
+    metrics["finetune"]["final_seconds"] = round(time.time() - t_final, 1)
+    delta = save_delta(net.backbone, ft.unfreeze_from, cfg.out_dir / "modality_encoder.safetensors", base_id=BASE_ID,
+                       base_sha256=get_spec(BASE_ID).sha256, meta={"id": ft.encoder_id, "task": "modality"})  # fmt: skip
+    hs = _fit_headset(xt, y, dist_held, cfg, metrics, inputs=f"{ft.encoder_id} features (2048) + image_stats (38)",
+                      meta={"encoder": ft.encoder_id, "encoder_sha256": sha256_file(delta)})  # fmt: skip
+    weights = cfg.out_dir / "modality_head.safetensors"
+    hs.save(weights)
+    (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], frozen_heldout_accuracy=frozen["heldout_accuracy"])
+
+    by_f, by_t = frozen["heldout_accuracy_by_source"], metrics["heldout_accuracy_by_source"]
+    rows = [["all", frozen["heldout_accuracy"], metrics["heldout_accuracy"]]] + [[t, by_f.get(t), by_t.get(t)] for t in sorted(set(tags))]
+    tbl = (f"Modality, frozen encoder vs encoder fine-tuned from {ft.unfreeze_from} ({ft.steps} steps per fold), held-out-source folds "
+           f"on the same {len(y)} sampled images:\n" + table(["source", "frozen encoder", "fine-tuned encoder"], rows))  # fmt: skip
+    print(tbl, flush=True)
+    before = {"frozen_heldout": frozen["heldout_accuracy"], "new_heldout": metrics["heldout_accuracy"], "rows": rows, "table": tbl,
+              "new_is_better": metrics["heldout_accuracy"] > frozen["heldout_accuracy"]}  # fmt: skip
+
+    published = publish(weights, cfg.artifact, metrics)
+    enc_published = publish(delta, cfg.encoder_artifact)
+    reg = None
+    if cfg.register_as:
+        enc_entry = registry_entry(cfg.out_dir, ft.encoder_id, delta, role="image_embedder", licence=LICENCE, fmt="xception-delta",
+                                   notes=f"sklesion Xception with stages from {ft.unfreeze_from} fine-tuned for the modality task (a delta over {BASE_ID}).")  # fmt: skip
+        reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=HEAD_NOTES + f" Needs modality.encoder={ft.encoder_id}.",
+                                      extra=[enc_entry])  # fmt: skip
+    return {"metrics": metrics, "before_after": before, "weights": str(weights), "encoder": str(delta),
+            "artifact": str(published) if published else None, "encoder_artifact": str(enc_published) if enc_published else None,
+            "registry": str(reg) if reg else None}  # fmt: skip
 
 
 def _before_after(cfg: Config, x, y, tags, new, metrics) -> dict:

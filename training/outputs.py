@@ -1,10 +1,15 @@
-"""What every head trainer writes besides its weights: a metrics log, a registry fragment, the
-shipped artifact it is compared with, and the before/after table.
+"""What every trainer writes besides its weights: a metrics log, the published artifact, a registry
+fragment, the shipped artifact it is compared with, and the before/after table.
+
+One way to publish: :func:`publish` copies a file or a directory artifact (with its metrics) to where
+the config says, :func:`write_registry_fragment` writes ``<out_dir>/registry.yaml`` with a ``path:``
+source relative to that file and the sha256 of a file artifact.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,11 +33,20 @@ class MetricsLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
-def publish(written: Path, artifact: Path | None, metrics: dict | None = None) -> Path | None:
-    """Copy the head written in out_dir to ``artifact`` (and its metrics next to it as ``<stem>.metrics.json``)."""
+def publish(written: Path, artifact: Path | None, metrics: dict | None = None, files: Sequence[str] | None = None) -> Path | None:
+    """Copy what a trainer wrote in out_dir to ``artifact``: a file (its metrics next to it as
+    ``<stem>.metrics.json``), or a directory's ``files`` (default: all its files) into the directory ``artifact``."""
     if artifact is None:
         return None
-    artifact = Path(artifact)
+    artifact, written = Path(artifact), Path(written)
+    if written.is_dir():
+        artifact.mkdir(parents=True, exist_ok=True)
+        for name in files if files is not None else sorted(p.name for p in written.iterdir()):
+            if (written / name).is_file():
+                shutil.copyfile(written / name, artifact / name)
+        if metrics is not None:
+            (artifact / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return artifact
     artifact.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(written, artifact)
     if metrics is not None:
@@ -41,10 +55,12 @@ def publish(written: Path, artifact: Path | None, metrics: dict | None = None) -
 
 
 def registry_entry(out_dir: Path, model_id: str, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors") -> dict:
-    """One entry in the layout of ``models/registry.yaml``, its ``path:`` source relative to ``out_dir``."""
-    w, od = Path(weights).resolve(), Path(out_dir).resolve()
-    rel = w.relative_to(od) if w.is_relative_to(od) else w
-    return {"id": model_id, "role": role, "source": f"path:{rel.as_posix()}", "sha256": sha256_file(weights), "licence": licence, "format": fmt, "notes": notes}
+    """One entry in the layout of ``models/registry.yaml``: its ``path:`` source relative to ``out_dir`` (where
+    the fragment is written; the registry resolves it from there) and the sha256 of a file artifact (None
+    for a directory: the registry verifies files)."""
+    rel = Path(os.path.relpath(Path(weights).resolve(), Path(out_dir).resolve()))
+    sha = sha256_file(weights) if Path(weights).is_file() else None
+    return {"id": model_id, "role": role, "source": f"path:{rel.as_posix()}", "sha256": sha, "licence": licence, "format": fmt, "notes": notes}
 
 
 def write_registry_fragment(out_dir: Path, model_id: str | None, weights: Path, *, role: str, licence: str, notes: str, fmt: str = "safetensors",

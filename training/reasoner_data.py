@@ -17,14 +17,14 @@ Training cases (``TRAIN_SOURCES``):
 Report sets, never used for training: ``isic2018_val`` (all of it) and Derm7pt ``val``
 (:func:`report_rows`); :func:`check_no_report_leak` enforces it.
 
-Each case goes through the agent's own nodes (modality, morphology, retrieval) with a real
-:class:`agent.runtime.Runtime`; the encoding comes from the cached classifier probabilities and
+Each case goes through the agent's own graph (modality, morphology, retrieval: ``Agent.run(state,
+start_at="modality", until="retrieve")``); the state starts from the cached classifier probabilities and
 features instead of running the network. The query's own image (and, for HAM10000, its lesion) is
-excluded from its retrieved cases. The prompt is ``agent.prompts.conversation(render_user(...))``
+excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt is ``agent.prompts.conversation(render_user(...))``
 with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
 ``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
 
-    python -m training.reasoner_data --out runs/reasoner_data          # build and inspect (no training)
+    dermgraph train reasoner-sft --config configs/train/reasoner_sft.yaml --set build_only=true   # build and inspect (no training)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from pydantic import Field
 
-from agent.labels import HAM_CLASSES, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, derm7pt_to_ham
 from training.config import Strict
 
 TRAIN_SOURCES = ("derm7pt:train", "derm7pt:extra")
@@ -235,34 +235,11 @@ def perturb_probs(probs: np.ndarray, label: str, profile: dict[str, Any], temper
 # --------------------------------------------------------------------------- rendering through the agent's nodes
 
 
-class _LeaveOut:
-    """The runtime's case retriever with the current query's own image(s) excluded from every search."""
+def make_agent(agent_config: Path | None = None):
+    """The agent (real heads, KB, case index, fusion) whose first nodes render the cases."""
+    from agent.agent import Agent
 
-    def __init__(self, retriever: Any):
-        self.retriever = retriever
-        self.exclude: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.retriever, name)
-
-    def search(self, features, k: int = 8, *, exclude_ids=None, sources=None):
-        return self.retriever.search(features, k, exclude_ids=set(exclude_ids or ()) | self.exclude, sources=sources)
-
-
-def make_runtime(agent_config: Path | None = None):
-    """A real agent Runtime (heads, KB, case index, fusion) whose case search supports per-query exclusion."""
-    from agent.config import load_config
-    from agent.runtime import Runtime
-
-    return leave_out_runtime(Runtime(load_config(agent_config)))
-
-
-def leave_out_runtime(rt):
-    """``rt`` with its case retriever wrapped so that each query's ``exclude`` ids are never retrieved."""
-    if not isinstance(rt.cases, _LeaveOut):
-        # Runtime.cases is a cached_property: replacing the cached value is its documented override.
-        rt.__dict__["cases"] = _LeaveOut(rt.cases)
-    return rt
+    return Agent(agent_config)
 
 
 def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
@@ -289,24 +266,22 @@ def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def render_state(row: CaseRow, stats: np.ndarray, rt):
-    """The agent's state after encode → modality → morphology → retrieval, from cached outputs."""
-    from agent.nodes.modality import classify_modality
-    from agent.nodes.morphology import describe
-    from agent.nodes.retrieve import retrieve
+def render_state(row: CaseRow, stats: np.ndarray, agent):
+    """The agent's state after modality → morphology → retrieval, run by the agent's graph from the cached
+    encoder outputs, with the row's own image(s) left out of its retrieved cases. Every expert runs, on a
+    rejected image too (the whole graph would send it to the verifier): training data records them all."""
     from agent.state import CaseState, ImageEncoding, PatientMetadata
 
     enc = ImageEncoding(
-        model_id=getattr(rt.config.encoder.classifier, "model", "sklesion-xception"),
+        model_id=getattr(agent.config.encoder.classifier, "model", "sklesion-xception"),
         classifier_probs={c: float(p) for c, p in zip(HAM_CLASSES, row.probs)},
         features=np.asarray(row.features, np.float32),
         stats=stats,
     )
-    state = CaseState(metadata=PatientMetadata.model_validate(row.metadata) if row.metadata else None, encoding=enc)
-    leave_out_runtime(rt).cases.exclude = set(row.exclude)
-    for node in (classify_modality, describe, retrieve):
-        state = state.model_copy(update=node(state, rt).update)
-    return state
+    metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
+    state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))
+    state = agent.run(state, start_at="modality", until="modality")
+    return agent.run(state, start_at="morphology", until="retrieve")
 
 
 _OPENERS = ["{finding}", "The findings fit {name}: {finding}", "{Finding} point to {name}", "Dermoscopy shows {finding}, typical of {name}"]
@@ -320,7 +295,7 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     """A one-line rationale for ``label`` citing real [E#] tags: supporting findings (the KB's expected
     7-point values the describer observed) with the KB passage, classifier agreement or disagreement,
     and similar cases with that label. Always cites at least one tag."""
-    from agent.labels import SEVEN_POINT_PHRASES
+    from models.vocabulary import SEVEN_POINT_PHRASES
     from agent.prompts import evidence_tags
 
     name = names[label]
@@ -368,21 +343,21 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     return text + "."
 
 
-def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str, Any] | None:
+def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[str, Any] | None:
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
     from agent.nodes.reason import candidates_for, classifier_display
-    from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, evidence_tags, render_user
+    from agent.prompts import conversation, evidence_tags, render_user, write_answer
 
-    state = render_state(row, stats, rt)
+    state, rt = render_state(row, stats, agent), agent.runtime
     if state.modality.label != "dermoscopy":
         return None
-    cands, names = candidates_for(state, rt.config.reasoner.max_candidates)
+    cands, names = candidates_for(state, rt.config)
     clf_display = classifier_display(state, rt, cands)
     prompt = conversation(render_user(state, cands, names, clf_display, None))
     rng = random.Random(_hash(seed, row.id))
     rationale = target_rationale(state, rt, row.label, names, clf_display, rng)
-    target = f"{DIAGNOSIS_PREFIX}{names[row.label]}{RATIONALE_FIELD} {rationale}"
+    target = write_answer(names[row.label], rationale)
     observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
     expected = {names[c]: dict(e.expected_7pt) for c in cands if (e := rt.knowledge.entry_for_label(c)) is not None}
     tags = evidence_tags(state.retrieval.evidence)
@@ -407,12 +382,12 @@ def render_case(row: CaseRow, stats: np.ndarray, rt, seed: int = 0) -> dict[str,
     }
 
 
-def render_cases(rows: list[CaseRow], rt, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
-    """Render rows (in order); returns the records and the ids skipped as not dermoscopy."""
+def render_cases(rows: list[CaseRow], agent, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render rows (in order) through ``agent``; returns the records and the ids skipped as not dermoscopy."""
     stats = _stats(rows, feature_dir)
     out, skipped = [], []
     for r in rows:
-        rec = render_case(r, stats[r.id], rt, seed)
+        rec = render_case(r, stats[r.id], agent, seed)
         if rec is None:
             skipped.append(r.id)
         else:
@@ -447,7 +422,7 @@ def stratified_subset(items: list, n: int | None, seed: int, power: float = 1.0,
     return [x for x in ordered if id(x) in keep]
 
 
-def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int = 0, rt=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int = 0, agent=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training records (deterministic given ``seed``) and a summary of how they were built."""
     if "val" in cfg.derm7pt_splits:
         raise ValueError("Derm7pt 'val' is a report set: it cannot be used for reasoner training")
@@ -467,8 +442,7 @@ def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int =
         info.update(ham10000=len(ham), error_profile=profile, temperature=temperature)
     check_no_report_leak(rows)
     rows = stratified_subset(rows, cfg.max_cases, seed, cfg.class_power)
-    rt = rt or make_runtime(cfg.agent_config)
-    records, skipped = render_cases(rows, rt, feature_dir, seed)
+    records, skipped = render_cases(rows, agent or make_agent(cfg.agent_config), feature_dir, seed)
     info.update(cases=len(records), skipped_not_dermoscopy=len(skipped), labels=dict(sorted(Counter(r["label"] for r in records).items())))
     return records, info
 
@@ -484,30 +458,3 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m training.reasoner_data --out DIR [--config FILE.yaml] [--set data.key=value]``: build and write
-    ``cases.jsonl`` and ``build.json`` only (what the SFT trainer would train on)."""
-    import argparse
-
-    from training.config import load_train_config
-
-    p = argparse.ArgumentParser(prog="python -m training.reasoner_data")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="A reasoner-sft YAML (its seed, feature_dir and data sections are used).")
-    p.add_argument("--set", dest="sets", action="append", default=[])
-    a = p.parse_args(argv)
-    from training.reasoner_sft import Config
-
-    cfg = load_train_config(Config, a.config, a.sets)
-    records, info = build_training_cases(cfg.data, cfg.feature_dir, cfg.seed)
-    write_jsonl(records, a.out / "cases.jsonl")
-    (a.out / "build.json").write_text(json.dumps(info, indent=2))
-    print(json.dumps({k: v for k, v in info.items() if k != "error_profile"}, indent=2))
-    if records:
-        print(records[0]["prompt"][1]["content"] + "\n---\n" + records[0]["completion"][0]["content"])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

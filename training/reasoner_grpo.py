@@ -175,7 +175,7 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
                                  layers_to_transform=cfg.lora.layers, task_type="CAUSAL_LM")  # fmt: skip
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
-                          callbacks=[metrics_callback(cfg.out_dir / "metrics.jsonl"), *callbacks])  # fmt: skip
+                          callbacks=[metrics_callback(cfg.out_dir), *callbacks])  # fmt: skip
     trainer.train()
 
     history = trainer.state.log_history

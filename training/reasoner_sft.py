@@ -15,7 +15,6 @@ On a GPU: ``device: cuda`` uses bf16 and gradient checkpointing; multi-GPU with
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -136,18 +135,20 @@ def load_causal_lm(where: str, device: str, bf16: bool):
     return AutoModelForCausalLM.from_pretrained(where, **dtype_kwargs(dtype)).to(device)
 
 
-def metrics_callback(path: Path):
-    """A TrainerCallback appending every log (loss, rewards, lr, ...) with its step to ``path`` (JSONL)."""
+def metrics_callback(out_dir: Path):
+    """A TrainerCallback appending every log (loss, rewards, lr, ...) with its step to ``<out_dir>/metrics.jsonl``
+    (:class:`training.outputs.MetricsLog`, the one metrics log of every trainer)."""
     from transformers import TrainerCallback
+
+    from training.outputs import MetricsLog
+
+    log = MetricsLog(out_dir)
 
     class JsonlMetrics(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                with path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
+                log.log(step=state.global_step, epoch=state.epoch, **logs)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
     return JsonlMetrics()
 
 
@@ -166,22 +167,17 @@ def save_adapter(model, out: Path, base: str, meta: dict[str, Any]) -> Path:
 
 def publish(adapter: Path, cfg: TrainConfig, notes: str) -> dict[str, Any]:
     """Copy the adapter to ``cfg.artifact`` (when set) and write ``out_dir/registry.yaml`` (when ``register_as``)."""
-    import yaml
+    from training import outputs
 
     info: dict[str, Any] = {"adapter": str(adapter)}
-    target = adapter
+    target = outputs.publish(adapter, cfg.artifact, files=(*ADAPTER_FILES, "dermgraph.json")) or adapter
     if cfg.artifact is not None:
-        target = Path(cfg.artifact)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (*ADAPTER_FILES, "dermgraph.json"):
-            shutil.copy2(adapter / name, target / name)
         info["artifact"] = str(target)
         info["artifact_bytes"] = sum((target / n).stat().st_size for n in ADAPTER_FILES)
-    if cfg.register_as:
-        entry = {"id": cfg.register_as, "role": "adapter", "source": f"path:{target.resolve()}", "sha256": None,
-                 "licence": "CC-BY-NC-ND-4.0 (trained on Derm7pt and HAM10000 cases)", "format": "peft-lora", "notes": notes}  # fmt: skip
-        (cfg.out_dir / "registry.yaml").write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
-        info["registry"] = str(cfg.out_dir / "registry.yaml")
+    reg = outputs.write_registry_fragment(cfg.out_dir, cfg.register_as, target, role="adapter", fmt="peft-lora", notes=notes,
+                                          licence="CC-BY-NC-ND-4.0 (trained on Derm7pt and HAM10000 cases)")  # fmt: skip
+    if reg:
+        info["registry"] = str(reg)
     return info
 
 
@@ -246,7 +242,7 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
                       target_modules=list(cfg.lora.target_modules), layers_to_transform=cfg.lora.layers, task_type="CAUSAL_LM")  # fmt: skip
     model = load_causal_lm(where, device, prec["bf16"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora,
-                         callbacks=[metrics_callback(cfg.out_dir / "metrics.jsonl"), *callbacks])  # fmt: skip
+                         callbacks=[metrics_callback(cfg.out_dir), *callbacks])  # fmt: skip
     result = trainer.train()
 
     meta = {"trainer": "reasoner-sft", "base": cfg.model, "cases": len(kept), "labels": info.get("labels"), "seed": cfg.seed,

@@ -13,24 +13,31 @@ dataset columns built by :mod:`training.reasoner_data` arrive as keyword lists, 
   continues the agent's assistant prefix); it is put back in front of the completion before parsing.
 
 A completion is the text the model writes after the chat prompt (``Diagnosis: X\\nRationale: ...``), or
-TRL's conversational form ``[{"role": "assistant", "content": ...}]``.
+TRL's conversational form ``[{"role": "assistant", "content": ...}]``; :mod:`agent.prompts` parses it,
+as it wrote the format. Thresholds are the agent configuration's (:func:`min_agreement`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.consistency import morphology_agreement
-from agent.prompts import EVIDENCE_TAG as _TAG
-from agent.prompts import usable_rationale as _usable
-
-MIN_AGREEMENT = 0.35
-"""The verifier's default ``min_morphology_agreement``: below it the findings contradict the diagnosis."""
+from agent.prompts import cited_tags, parse_answer, stated_diagnosis, usable_rationale
 
 _HEDGE = re.compile(r"\b(conflict\w*|disagree\w*|although|however|despite|but|prefers?|favou?rs?)\b", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=None)
+def min_agreement(agent_config: str | None = None) -> float:
+    """The verifier's ``min_morphology_agreement`` in ``agent_config`` (a YAML path; None: the shipped
+    defaults): below it the findings contradict the stated diagnosis."""
+    from agent.config import load_config
+
+    return load_config(agent_config).verifier.min_morphology_agreement
 
 
 def completion_text(completion: Any, prefix: str | None = None) -> str:
@@ -49,23 +56,6 @@ def _texts(completions: list, kwargs: dict[str, Any]) -> list[str]:
     return [completion_text(c, p) for c, p in zip(completions, prefixes)]
 
 
-def parse_answer(text: str) -> tuple[str | None, str | None]:
-    """``("X", "rationale")`` from ``"Diagnosis: X\\nRationale: rationale"``; None for a missing part.
-
-    >>> parse_answer("Diagnosis: melanoma\\nRationale: Atypical network [E1].")
-    ('melanoma', 'Atypical network [E1].')
-    """
-    diagnosis = rationale = None
-    lines = text.strip().splitlines()
-    if lines and lines[0].strip().lower().startswith("diagnosis:"):
-        diagnosis = lines[0].split(":", 1)[1].strip() or None
-    for line in lines[1:]:
-        if line.strip().lower().startswith("rationale:"):
-            rationale = line.split(":", 1)[1].strip()
-            break
-    return diagnosis, rationale
-
-
 def _match(name: str | None, candidates: Sequence[str]) -> str | None:
     """The candidate ``name`` is exactly (case-insensitive, a final full stop allowed), else None."""
     if name is None:
@@ -74,36 +64,19 @@ def _match(name: str | None, candidates: Sequence[str]) -> str | None:
     return by_lower.get(name.strip().rstrip(".").lower())
 
 
-def stated_diagnosis(text: str, candidates: Sequence[str]) -> str | None:
-    """The candidate the answer states: the longest candidate the ``Diagnosis:`` line starts with, as a
-    whole phrase ("melanoma. The veil..." states melanoma; "melanomas" states nothing).
-
-    >>> stated_diagnosis("Diagnosis: melanoma, given the veil", ["melanoma", "melanocytic nevus"])
-    'melanoma'
-    """
-    line, _ = parse_answer(text)
-    if line is None:
-        return None
-    low = line.lower()
-    for c in sorted(candidates, key=len, reverse=True):
-        if low.startswith(c.lower()) and (len(low) == len(c) or not low[len(c)].isalnum()):
-            return c
-    return None
-
-
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
 def format_checks(text: str, candidates: Sequence[str], tags: Sequence[str]) -> dict[str, bool]:
     """The four format checks: a candidate after ``Diagnosis:``; a ``Rationale:`` line the agent would
-    use (``agent.prompts.usable_rationale``: long enough, no template echo); at least one [E#] tag; every
-    cited tag shown in the prompt."""
+    use (:func:`agent.prompts.usable_rationale`: long enough, no template echo); at least one [E#] tag;
+    every cited tag shown in the prompt."""
     diagnosis, rationale = parse_answer(text)
-    cited = _TAG.findall(rationale or "")
+    cited = cited_tags(rationale or "")
     return {
         "candidate": _match(diagnosis, candidates) is not None,
-        "rationale": rationale is not None and _usable(rationale),
+        "rationale": rationale is not None and usable_rationale(rationale),
         "cites": bool(cited),
         "tags_valid": bool(cited) and set(cited) <= set(tags),
     }
@@ -154,9 +127,9 @@ def rule_consistency(observed: Mapping[str, Mapping[str, float]], expected: Mapp
 def verifier_scorer(ref: str) -> ConsistencyScorer:
     """The trained consistency verifier (``models.verifier.ConsistencyModel``, registry id or path) as a
     scorer: its calibrated P(consistent | findings, stated diagnosis) replaces the rule score."""
-    from agent.labels import HAM_NAMES
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.verifier import ConsistencyModel
+    from models.vocabulary import HAM_NAMES
 
     model = ConsistencyModel.load(resolve_artifact(ref))
     code = {name.lower(): c for c, name in HAM_NAMES.items()}
@@ -211,14 +184,14 @@ def calibration_reward(
     """Expressed certainty matches the evidence: 1.0 when the rationale says the evidence conflicts
     (conflict, although, but, however, the classifier favours ...) exactly when it does, i.e. the stated
     diagnosis is not the classifier's top candidate or the findings contradict it (agreement below
-    the verifier's 0.35); 0.0 otherwise, and for answers naming no candidate.
+    the verifier's :func:`min_agreement`); 0.0 otherwise, and for answers naming no candidate.
 
     >>> calibration_reward([None], ["Diagnosis: melanoma\\nRationale: Veil [E1], although the classifier prefers nevus."],
     ...                    candidates=[["melanoma", "melanocytic nevus"]], observed=['{}'], expected=['{}'],
     ...                    classifier_top=["melanocytic nevus"])
     [1.0]
     """
-    out = []
+    out, threshold = [], min_agreement()
     for text, cands, obs, exp, clf_top in zip(_texts(completions, kwargs), candidates, observed, expected, classifier_top):
         rationale = parse_answer(text)[1]
         stated = stated_diagnosis(text, cands)
@@ -226,7 +199,7 @@ def calibration_reward(
             out.append(0.0)
             continue
         agreement = stated_consistency(text, cands, obs, exp)
-        conflict = (bool(clf_top) and stated != clf_top) or (agreement is not None and agreement < MIN_AGREEMENT)
+        conflict = (bool(clf_top) and stated != clf_top) or (agreement is not None and agreement < threshold)
         out.append(float(bool(_HEDGE.search(rationale or "")) == conflict))
     return out
 

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.config import AgentConfig
-from agent.labels import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, derm7pt_to_ham
 from training.cli import module_main
 from training.config import TrainConfig
 
@@ -442,7 +442,7 @@ def _report_main(argv: list[str]) -> None:
     """``python -m training.verifier --report FILE... --model PATH|ID [--set-name NAME] [--threshold T]``."""
     import argparse
 
-    from agent.runtime import resolve_artifact
+    from models.resolve import resolve_artifact
     from models.verifier import ConsistencyModel
 
     p = argparse.ArgumentParser(prog="python -m training.verifier --report")

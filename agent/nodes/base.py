@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from agent.runtime import Backends
 from agent.state import CaseState, TraceEntry
 
 
@@ -28,7 +29,7 @@ def _summarise(value: Any) -> Any:
     return value
 
 
-def traced(name: str, fn: Callable[[CaseState, Any], NodeOutput], backends: Any) -> Callable[[CaseState], dict[str, Any]]:
+def traced(name: str, fn: Callable[[CaseState, Backends], NodeOutput], backends: Backends) -> Callable[[CaseState], dict[str, Any]]:
     """Bind a node to its backends and make its update carry one trace entry (inputs summary, outputs, model id, timing)."""
 
     def run(state: CaseState) -> dict[str, Any]:

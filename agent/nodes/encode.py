@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, ImageEncoding
 
 
-def encode(state: CaseState, rt) -> NodeOutput:
+def encode(state: CaseState, rt: Backends) -> NodeOutput:
     from models.image_stats import image_stats
 
     meta = state.metadata.as_dict() if state.metadata else None

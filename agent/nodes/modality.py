@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, ModalityResult
 
 
@@ -13,7 +14,7 @@ def modality_inputs(features: np.ndarray, stats: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(features, np.float32).ravel(), np.asarray(stats, np.float32).ravel()])[None]
 
 
-def classify_modality(state: CaseState, rt) -> NodeOutput:
+def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.modality
     heads = rt.modality_heads
     encoder = rt.modality_encoder

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.labels import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, Finding, MorphologyResult
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING, parse_findings
 
 
 def seven_point_score(findings: list[Finding]) -> int:
@@ -61,9 +62,9 @@ def _not_learned(state: CaseState, what_is_assessed: str) -> NodeOutput:
     return NodeOutput({"morphology": result}, inputs={"modality": modality}, model_id=None, notes=["describer skipped: modality not learned"])
 
 
-def describe_concepts(state: CaseState, rt) -> NodeOutput:
+def describe_concepts(state: CaseState, rt: Backends) -> NodeOutput:
     modality = state.modality.label
-    if modality != "dermoscopy":
+    if not rt.config.route(modality).describer:
         return _not_learned(state, "shipped describer only assesses the seven dermoscopic 7-point criteria")
 
     heads = rt.concept_heads
@@ -85,9 +86,7 @@ def describe_concepts(state: CaseState, rt) -> NodeOutput:
     return NodeOutput({"morphology": result}, inputs={"modality": modality, "uses": "encoder features"}, model_id=heads.meta.get("id"))
 
 
-def describe_vlm(state: CaseState, rt) -> NodeOutput:
-    from evals.morphology import parse_findings
-
+def describe_vlm(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.morphology
     prompt = cfg.vlm_prompt
     if state.question:
@@ -117,7 +116,7 @@ def describe_vlm(state: CaseState, rt) -> NodeOutput:
     return NodeOutput({"morphology": result}, inputs=inputs, model_id=vlm.model_id)
 
 
-def describe(state: CaseState, rt) -> NodeOutput:
+def describe(state: CaseState, rt: Backends) -> NodeOutput:
     """Dispatch on config: concept heads (default) or a VLM."""
     if rt.config.morphology.kind == "vlm":
         return describe_vlm(state, rt)

@@ -17,12 +17,13 @@ import re
 
 from pydantic import BaseModel, Field
 
+from agent.config import AgentConfig
 from agent.fusion import fuse, softmax_scores
-from agent.labels import HAM_CLASSES, HAM_NAMES
 from agent.nodes.base import NodeOutput
-from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG as _TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user
-from agent.prompts import usable_rationale as _usable
+from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user, usable_rationale
+from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
+from models.vocabulary import HAM_CLASSES, HAM_NAMES
 
 
 class LLMAnswer(BaseModel):
@@ -33,9 +34,11 @@ class LLMAnswer(BaseModel):
     rationale: str = ""
 
 
-def candidates_for(state: CaseState, max_candidates: int) -> tuple[list[str], dict[str, str]]:
-    """Candidate labels and their display names for this case's modality."""
-    if state.modality.label == "dermoscopy":
+def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], dict[str, str]]:
+    """Candidate labels and their display names: the classifier's classes where the modality's route
+    has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``)."""
+    max_candidates = config.reasoner.max_candidates
+    if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
     knn = state.retrieval.knn_probs if state.retrieval else {}
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
@@ -46,9 +49,9 @@ def candidates_for(state: CaseState, max_candidates: int) -> tuple[list[str], di
 
 def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
     """The classifier's probabilities as the prompt shows them: raised to the power
-    ``reasoner.classifier_display_weight`` and renormalised (dermoscopy only; None otherwise).
-    Training renders cases with this same function."""
-    clf = state.encoding.classifier_probs if state.modality.label == "dermoscopy" and state.encoding else None
+    ``reasoner.classifier_display_weight`` and renormalised (modalities routed to the classifier only; None
+    otherwise). Training renders cases with this same function."""
+    clf = state.encoding.classifier_probs if rt.config.route(state.modality.label).classifier and state.encoding else None
     if not clf:
         return None
     return fuse(candidates, {"w_classifier": rt.config.reasoner.classifier_display_weight}, classifier=clf)
@@ -89,14 +92,14 @@ def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) ->
         temperature = 0.0 if attempt == 0 else 0.7
         text = rt.llm.chat([conv], max_new_tokens=cfg.rationale_tokens, temperature=temperature, seed=rt.config.seed + attempt,
                            assistant_prefix=prefix, stop=["\n"])[0]
-        if _usable(text):
+        if usable_rationale(text):
             return text.strip(), attempt + 1
     return None, cfg.retries + 1
 
 
 def _cite(text: str, tags: dict[str, str]) -> tuple[str, list[str]]:
-    cited = [tags[t] for t in _TAG.findall(text) if t in tags]
-    return _TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
+    cited = [tags[t] for t in EVIDENCE_TAG.findall(text) if t in tags]
+    return EVIDENCE_TAG.sub(lambda m: f"[{tags[m.group(1)]}]" if m.group(1) in tags else "", text), list(dict.fromkeys(cited))
 
 
 def _supporting(state: CaseState, rt, label: str, k: int = 3) -> list[str]:
@@ -115,7 +118,7 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
     mf = model.modalities[mod]
     out: dict[str, dict[str, float] | None] = {}
     if "classifier" in mf.experts:
-        out["classifier"] = dict(state.encoding.classifier_probs) if state.encoding and mod == "dermoscopy" else None
+        out["classifier"] = dict(state.encoding.classifier_probs) if state.encoding and rt.config.route(mod).classifier else None
     if "knn" in mf.experts:
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
     if "morphology" in mf.experts:
@@ -177,14 +180,14 @@ def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, ev
     return (text if check.passed else None), result, attempts
 
 
-def reason(state: CaseState, rt) -> NodeOutput:
+def reason(state: CaseState, rt: Backends) -> NodeOutput:
     from agent.steps import expert_id, expert_steps, fusion_step, observation_steps, render_rationale
 
     cfg = rt.config.reasoner
     round_ = state.round + 1
     mod = state.modality.label
     feedback = state.verification.feedback if state.verification and state.verification.decision == "revise" else None
-    cands, names = candidates_for(state, cfg.max_candidates)
+    cands, names = candidates_for(state, rt.config)
     model = rt.fusion
     if mod not in model.modalities:
         raise ValueError(f"fusion artifact {cfg.fusion!r} has no stacker for {mod!r} images (calibrated: {', '.join(model.modalities)})")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from agent.labels import HAM_CLASSES
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, Evidence, RetrievalResult
-
-CASE_SOURCES = {"dermoscopy": ("ham10000", "derm7pt", "isic2018"), "clinical": ("dermnet",)}
-"""Case-index sources searched for each modality: a clinical photo's neighbours among dermoscopy images are not evidence."""
-
+from models.vocabulary import HAM_CLASSES
 
 def _query_text(state: CaseState) -> str:
     parts = [f"{state.modality.label} image."]
@@ -19,7 +16,7 @@ def _query_text(state: CaseState) -> str:
     return " ".join(parts)
 
 
-def retrieve(state: CaseState, rt) -> NodeOutput:
+def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.retrieval
     modality = state.modality.label
     query = _query_text(state)
@@ -37,10 +34,11 @@ def retrieve(state: CaseState, rt) -> NodeOutput:
                 )
             )
 
-    if cfg.k_cases and modality in ("clinical", "dermoscopy") and state.encoding is not None:
+    route = rt.config.route(modality)
+    if cfg.k_cases and route.case_sources and state.encoding is not None:
         from retrieval.cases import knn_label_distribution
 
-        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, sources=CASE_SOURCES[modality])[0]
+        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases or None, sources=route.case_sources)[0]
         for h in same:
             evidence.append(
                 Evidence(
@@ -48,7 +46,7 @@ def retrieve(state: CaseState, rt) -> NodeOutput:
                     label=h.record.get("label"), source=h.record.get("source", "case-index"), score=float(h.score),
                 )
             )
-        labels = list(HAM_CLASSES) if modality == "dermoscopy" else sorted({h.record.get("label") for h in same if h.record.get("label")})
+        labels = list(HAM_CLASSES) if route.classifier else sorted({h.record.get("label") for h in same if h.record.get("label")})
         if same and labels:
             knn_probs = {k: round(float(v), 5) for k, v in knn_label_distribution(same, labels, cfg.knn_temperature).items()}
 

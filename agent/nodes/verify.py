@@ -14,6 +14,7 @@ import math
 
 from agent.consistency import contradictions, morphology_agreement, self_consistency
 from agent.nodes.base import NodeOutput
+from agent.runtime import Backends
 from agent.state import CaseState, ReasoningStep, Verdict
 
 REFER = "refer to a dermatologist"
@@ -31,7 +32,7 @@ def _scores(extra: dict) -> dict:
     return {k: extra[k] for k in ("acceptance_score", "acceptance_threshold", "target_accuracy") if k in extra}
 
 
-def trained_consistency(state: CaseState, rt) -> tuple[float | None, float | None, str | None]:
+def trained_consistency(state: CaseState, rt: Backends) -> tuple[float | None, float | None, str | None]:
     """(P(consistent), threshold, model id) from the trained verifier, or Nones when it is not configured
     or cannot score this case (no findings, or a diagnosis it has no expected findings for)."""
     cfg = rt.config.verifier
@@ -59,7 +60,7 @@ def _resolution(state: CaseState, names: dict[str, str]) -> str:
     return "a dermatologist's examination (the experts do not agree with enough confidence)"
 
 
-def verify(state: CaseState, rt) -> NodeOutput:
+def verify(state: CaseState, rt: Backends) -> NodeOutput:
     from models.stacker import acceptance_features
 
     cfg = rt.config.verifier

@@ -1,13 +1,13 @@
 """Evaluation protocols, registered by task name and imported lazily (``module:function``).
 
-Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.protocols.base`).
+Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from evals.protocols.base import ProtocolFn
+from evals.base import ProtocolFn
 
 PROTOCOLS: dict[str, str] = {
     "diagnosis": "evals.protocols.diagnosis:run",

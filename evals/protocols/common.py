@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -72,32 +74,73 @@ class Progress:
         return time.perf_counter() - self.t0
 
 
-def with_ci(metric: Callable[..., float], *arrays: Any, n: int = 1000, seed: int = 0, digits: int = 4) -> dict[str, Any]:
-    """``{"value": metric(*arrays), "ci95": [lo, hi]}`` with a percentile bootstrap over cases
-    (``ci95`` None for ``n=0`` or fewer than two cases; both None when the value is undefined)."""
-    import math
+@dataclass
+class CachedMap:
+    """What :func:`cached_map` found and did."""
 
-    from evals.metrics import bootstrap_ci
+    records: dict[str, dict[str, Any]]
+    """Key -> record (cached or computed now); keys dropped under ``allow_partial`` are absent."""
+    missing: int
+    """Cases whose record was computed this run."""
+    computed: int
+    """Distinct keys computed this run."""
+    seconds: float
+    """Time spent computing."""
 
-    value = float(metric(*arrays))
-    if not math.isfinite(value):
-        return {"value": None, "ci95": None}
-    out: dict[str, Any] = {"value": round(value, digits), "ci95": None}
-    if n > 0 and len(arrays[0]) > 1:
-        lo, hi = bootstrap_ci(metric, *arrays, n=n, seed=seed)
-        out["ci95"] = [round(lo, digits), round(hi, digits)]
-    return out
+    def kept(self, keys: Sequence[str]) -> list[int]:
+        """Indices of ``keys`` that have a record."""
+        return [i for i, k in enumerate(keys) if k in self.records]
+
+
+def cached_map(
+    ctx: Any,
+    keys: Sequence[str],
+    compute: Callable[[list[str]], Sequence[dict[str, Any]]],
+    *,
+    what: str,
+    batch_size: int,
+    allow_partial: bool,
+    prepare: Callable[[int, int], None] | None = None,
+) -> CachedMap:
+    """The cached record of each of ``keys`` (one per case), computing what the cache lacks: the one
+    cache-fill loop of the model-running protocols.
+
+    Distinct missing keys are computed once, ``batch_size`` at a time: ``compute(chunk)`` returns one
+    record per key of ``chunk``, which is cached as it comes, with progress lines. ``prepare(n_missing,
+    n_todo)`` (cases without a record, distinct keys to compute) runs once before the first batch:
+    build the backend there, so a fully cached run loads no model. Under ``--rescore`` missing records
+    raise ``MissingPredictions`` unless ``allow_partial`` (:func:`check_missing`); they are then absent
+    from the result."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        rec = ctx.cache.get(key)
+        if rec is not None:
+            found[key] = rec
+    missing = sum(k not in found for k in keys)
+    if check_missing(ctx, missing, len(keys), allow_partial):
+        return CachedMap(found, 0, 0, 0.0)
+    todo = list(dict.fromkeys(k for k in keys if k not in found))
+    if todo and prepare is not None:
+        prepare(missing, len(todo))
+    progress = Progress(ctx.log, what, len(todo))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        for key, rec in zip(chunk, compute(chunk), strict=True):
+            ctx.cache.put(key, rec)
+            found[key] = rec
+        progress.update(len(chunk), len(chunk))
+    return CachedMap(found, missing, len(todo), progress.elapsed_s)
 
 
 def check_missing(ctx: Any, missing: int, total: int, allow_partial: bool) -> bool:
     """Under ``--rescore`` (score from the cache only) cases without a cached output raise
-    ``evals.runner.MissingPredictions`` unless ``allow_partial``; returns True when they are to be dropped."""
+    ``evals.predictions.MissingPredictions`` unless ``allow_partial``; returns True when they are to be dropped."""
     if not getattr(ctx, "rescore", False) or not missing:
         return False
     if allow_partial:
         ctx.log(f"PARTIAL: {missing} of {total} cases have no cached output and are not scored (allow_partial)")
         return True
-    from evals.runner import MissingPredictions
+    from evals.predictions import MissingPredictions
 
     raise MissingPredictions(
         f"{missing} of {total} cases have no cached output in {getattr(ctx.cache, 'root', ctx.out_dir)}; "

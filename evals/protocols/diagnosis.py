@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from evals.base import ProtocolContext, ProtocolResult
 from evals.cache import AGENT
 from evals.classification import fmt, headline_names, score
 from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
-from evals.protocols.base import ProtocolContext, ProtocolResult
 
 SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "morphology": "findings model alone", "llm": "LLM reasoner alone", "agent": "full agent"}
 NO_ANSWER = "none"
@@ -92,7 +92,7 @@ def selective_scores(diagnosis: dict[str, Any]) -> dict[str, float]:
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     from evals.benchmark import canonical_label
-    from evals.runner import ensure_predictions
+    from evals.predictions import ensure_predictions
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))

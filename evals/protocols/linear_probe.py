@@ -2,7 +2,7 @@
 
 Features of every case come from an ``ImageEmbedder`` (``models.protocols``) built from the
 ``image_embedder`` registry in ``models.backends``, cached per image (sha256 of its bytes) and
-encoder; :func:`evals.linear_probe.linear_probe` picks C by cross-validated macro ROC-AUC on the
+encoder; :func:`evals.probe.linear_probe` picks C by cross-validated macro ROC-AUC on the
 training cases, refits and scores the test cases once.
 
 Options (``options:`` in the benchmark YAML, or ``--opt``):
@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.linear_probe import DEFAULT_CS, linear_probe
-from evals.protocols.base import EvalCase, ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
+from evals.base import EvalCase, ProtocolContext, ProtocolResult
+from evals.metrics import with_ci
+from evals.probe import DEFAULT_CS, linear_probe
+from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
 from models.resolve import sha256_file
 
 
@@ -144,43 +145,40 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     cfg = config_hash({"encoder": opts.encoder.model_dump()})
     cases = train + test
     keys = [case_key(sha256_file(c.image), cfg, kind="image_features") for c in cases]
-    feats: list[np.ndarray | None] = [None] * len(cases)
-    todo, n_seeded = [], 0
-    for i, (case, key) in enumerate(zip(cases, keys)):
-        rec = ctx.cache.get(key)
-        if rec is not None:
-            feats[i] = _unpack(rec)
+    # Features in the optional local feature file enter the cache first (as float16, like computed ones).
+    n_cached = n_seeded = 0
+    for case, key in zip(cases, keys):
+        if ctx.cache.get(key) is not None:
+            n_cached += 1
             continue
         rel = _rel_id(case.image, root) if seeded else None
         if rel in seeded:
-            rec = _pack(seeded[rel])
-            ctx.cache.put(key, {"kind": "image_features", "case_id": case.id, "status": "ok", **rec, "source": str(opts.feature_cache)})
-            feats[i] = _unpack(rec)
+            ctx.cache.put(key, {"kind": "image_features", "case_id": case.id, "status": "ok", **_pack(seeded[rel]), "source": str(opts.feature_cache)})
             n_seeded += 1
-        else:
-            todo.append(i)
-    if check_missing(ctx, len(todo), len(cases), opts.allow_partial):
-        drop = {id(cases[i]) for i in todo}
-        train = [c for c in train if id(c) not in drop]
-        test = [c for c in test if id(c) not in drop]
-        feats = [f for f in feats if f is not None]
-        cases, todo = train + test, []
     encoder_id = f"{opts.encoder.backend}:{opts.encoder.model or ''}".rstrip(":")
-    ctx.log(f"linear_probe: {len(cases)} images, {len(cases) - len(todo) - n_seeded} cached, "
-            f"{n_seeded} from {opts.feature_cache}, {len(todo)} to encode with {encoder_id}")  # fmt: skip
-    if todo:
-        encoder = opts.encoder.create("image_embedder")
-        encoder_id = encoder.model_id
-    progress = Progress(ctx.log, "linear_probe features", len(todo))
-    for start in range(0, len(todo), opts.batch_size):
-        idx = todo[start : start + opts.batch_size]
-        images = open_rgb(cases[i].image for i in idx)
-        out = encoder.embed_images(images)
-        for i, v in zip(idx, out):
-            rec = _pack(v)
-            ctx.cache.put(keys[i], {"kind": "image_features", "case_id": cases[i].id, "status": "ok", **rec, "source": encoder_id})
-            feats[i] = _unpack(rec)  # the cached (float16) value, so a re-run sees the same numbers
-        progress.update(len(idx), len(idx))
+    ctx.log(f"linear_probe: {len(cases)} images, {n_cached} cached, "
+            f"{n_seeded} from {opts.feature_cache}, {len(cases) - n_cached - n_seeded} to encode with {encoder_id}")  # fmt: skip
+    case_of = dict(zip(keys, cases))
+    backend: dict[str, Any] = {}
+
+    def prepare(missing: int, todo: int) -> None:
+        backend["encoder"] = opts.encoder.create("image_embedder")
+
+    def encode(chunk: list[str]) -> list[dict[str, Any]]:
+        encoder = backend["encoder"]
+        out = encoder.embed_images(open_rgb(case_of[k].image for k in chunk))
+        return [{"kind": "image_features", "case_id": case_of[k].id, "status": "ok", **_pack(v), "source": encoder.model_id} for k, v in zip(chunk, out)]
+
+    filled = cached_map(ctx, keys, encode, what="linear_probe features", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
+    if len(filled.records) < len(set(keys)):  # --rescore with allow_partial: cases without features are not scored
+        n_train = len(train)
+        train = [c for c, k in zip(train, keys[:n_train]) if k in filled.records]
+        test = [c for c, k in zip(test, keys[n_train:]) if k in filled.records]
+        cases, keys = train + test, [k for k in keys if k in filled.records]
+    # The cached (float16) values, so a re-run sees the same numbers.
+    feats = [_unpack(filled.records[k]) for k in keys]
+    if "encoder" in backend:
+        encoder_id = backend["encoder"].model_id
 
     X = np.stack(feats)
     X_train, X_test = X[: len(train)], X[len(train) :]
@@ -242,7 +240,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         f"regression (lbfgs); C chosen by {res['folds']}-fold stratified CV on macro one-vs-rest ROC-AUC "
         f"(C = {res['best_C']:g}), refitted on all {len(train)} training cases, scored once on {len(test)} test cases.",
         f"Train: {opts.train_filter}; test: {opts.test_filter}. {n_seeded} feature vectors from {opts.feature_cache}, "
-        f"{len(todo)} encoded this run.",
+        f"{filled.missing} encoded this run.",
     ]
     if opts.train_only_cached and feature_file is not None:
         notes.append(f"Training used only the training cases present in {opts.feature_cache}.")

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import MODALITIES
+from evals.base import ProtocolContext, ProtocolResult
 from evals.classification import fmt, headline_names, score
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from models.vocabulary import MODALITIES
 
 
 def modality_of(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -28,7 +28,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     from evals.benchmark import canonical_label
     from evals.fairness import fairness, fairness_tables, group_values
     from evals.report import md_table
-    from evals.runner import MODALITY, ensure_predictions
+    from evals.predictions import MODALITY, ensure_predictions
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))

@@ -2,9 +2,9 @@
 
 Predictions come from the structured findings of the concept heads, or, when the describer is a VLM
 (``morphology.kind: vlm``) or a record has no structured findings, are parsed from the free-text
-description with :func:`evals.morphology.parse_findings`. A criterion the text does not mention is
+description with :func:`models.vocabulary.parse_findings`. A criterion the text does not mention is
 read as ``absent`` (option ``unmentioned``: 'absent' or 'skip'). Per-criterion accuracy and macro-F1
-are :func:`training.concepts.criteria_metrics` (the same numbers as the concept heads' model card);
+are :func:`evals.metrics.criteria_metrics` (the same numbers as the concept heads' model card);
 the means get bootstrap CIs. A full agent record of the case is used when cached (e.g. imported from
 ``dermgraph batch``); otherwise only encode → modality → morphology run.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.labels import SEVEN_POINT
-from evals.protocols.base import ProtocolContext, ProtocolResult
+from evals.base import ProtocolContext, ProtocolResult
+from models.vocabulary import SEVEN_POINT, parse_findings
 
 
 def morphology_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -32,8 +32,6 @@ def predicted_criteria(morph: dict[str, Any], free_text: bool = False) -> tuple[
     """Criterion → value, and where it came from ('structured' or 'text')."""
     if morph["findings"] and not free_text:
         return {f["criterion"]: f["value"] for f in morph["findings"]}, "structured"
-    from evals.morphology import parse_findings
-
     return parse_findings(morph["description"]), "text"
 
 
@@ -59,8 +57,8 @@ def _mean_metric(sizes: list[int], name: str):
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     from evals.report import md_table
-    from evals.runner import DESCRIBE, ensure_predictions
-    from training.concepts import criteria_metrics
+    from evals.predictions import DESCRIBE, ensure_predictions
+    from evals.metrics import criteria_metrics
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))

@@ -28,8 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, sha256_text
+from evals.base import ProtocolContext, ProtocolResult
+from evals.protocols.common import BackendSpec, cached_map, config_hash, sha256_text
 from evals.text_metrics import DEFAULT_TOKEN_ENCODER
 
 DEFAULT_SYSTEM_PROMPT = "You are a dermatology assistant. Answer the question in one or two short sentences."
@@ -77,43 +77,28 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
 
     cfg = config_hash({"llm": opts.llm.model_dump(), "system_prompt": opts.system_prompt, "max_new_tokens": opts.max_new_tokens})
     keys = [case_key(sha256_text(c.question), cfg, kind="vqa_text") for c in cases]
-    answers: list[str | None] = [None] * len(cases)
-    for i, key in enumerate(keys):
-        rec = ctx.cache.get(key)
-        if rec is not None:
-            answers[i] = rec["answer"]
-    # Identical questions (MM-Skin repeats "What does the image show?") are asked once.
-    pending: dict[str, list[int]] = {}
-    for i, a in enumerate(answers):
-        if a is None:
-            pending.setdefault(keys[i], []).append(i)
-    todo = list(pending)
-    n_cached = sum(a is not None for a in answers)
-    if check_missing(ctx, sum(map(len, pending.values())), len(cases), opts.allow_partial):
-        keep = [i for i, a in enumerate(answers) if a is not None]
-        cases, answers, todo = [cases[i] for i in keep], [answers[i] for i in keep], []
-    model_id = f"{opts.llm.backend}:{opts.llm.model or ''}".rstrip(":")
-    if todo:
-        llm = opts.llm.create("llm")
-        model_id = llm.model_id
-        ctx.log(f"vqa_text: {len(cases)} of {len(usable)} pairs, {len(cases) - sum(map(len, pending.values()))} cached, "
-                f"{len(todo)} distinct questions to ask {model_id}")  # fmt: skip
-    progress = Progress(ctx.log, "vqa_text", len(todo))
-    for start in range(0, len(todo), opts.batch_size):
-        chunk = todo[start : start + opts.batch_size]
-        convs = []
-        for key in chunk:
-            q = cases[pending[key][0]].question
-            sys = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
-            convs.append([*sys, {"role": "user", "content": q}])
-        out = llm.chat(convs, max_new_tokens=opts.max_new_tokens, temperature=0.0)
-        for key, text in zip(chunk, out):
-            text = text.strip()
-            rec = {"kind": "vqa_text", "case_id": cases[pending[key][0]].id, "status": "ok", "answer": text, "model_id": model_id}
-            ctx.cache.put(key, {**rec, "question": cases[pending[key][0]].question})
-            for i in pending[key]:
-                answers[i] = text
-        progress.update(len(chunk), len(chunk))
+    case_of = {}
+    for k, c in zip(keys, cases):
+        case_of.setdefault(k, c)  # identical questions (MM-Skin repeats "What does the image show?") are asked once
+    backend: dict[str, Any] = {}
+
+    def prepare(missing: int, todo: int) -> None:
+        backend["llm"] = llm = opts.llm.create("llm")
+        ctx.log(f"vqa_text: {len(cases)} of {len(usable)} pairs, {len(cases) - missing} cached, {todo} distinct questions to ask {llm.model_id}")
+
+    def ask(chunk: list[str]) -> list[dict[str, Any]]:
+        llm = backend["llm"]
+        sys = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
+        out = llm.chat([[*sys, {"role": "user", "content": case_of[k].question}] for k in chunk], max_new_tokens=opts.max_new_tokens, temperature=0.0)
+        return [{"kind": "vqa_text", "case_id": case_of[k].id, "status": "ok", "answer": text.strip(), "model_id": llm.model_id, "question": case_of[k].question}
+                for k, text in zip(chunk, out)]  # fmt: skip
+
+    filled = cached_map(ctx, keys, ask, what="vqa_text", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
+    keep = filled.kept(keys)
+    cases, keys = [cases[i] for i in keep], [keys[i] for i in keep]
+    answers = [filled.records[k]["answer"] for k in keys]
+    n_cached = len(cases) - filled.missing
+    model_id = backend["llm"].model_id if "llm" in backend else f"{opts.llm.backend}:{opts.llm.model or ''}".rstrip(":")
 
     embedder = HFTokenEmbedder(opts.token_encoder, device=opts.device) if opts.token_encoder else None
     ctx.log("vqa_text: scoring")
@@ -147,15 +132,15 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         f"Text-only: the benchmark's images are not available; {model_id} ({opts.llm.backend}) answered each question "
         f"without the image (greedy, max {opts.max_new_tokens} new tokens, system prompt {opts.system_prompt!r}).",
         f"{len(cases)} pairs" + (f" sampled from {len(usable)} with seed {opts.seed}" if len(cases) < len(usable) else "")
-        + f"; {n_cached} answers from the cache, {len(todo)} distinct questions generated this run (a repeated question is asked once).",
+        + f"; {n_cached} answers from the cache, {filled.computed} distinct questions generated this run (a repeated question is asked once).",
         "BLEU-4: sacrebleu corpus BLEU (13a, case-sensitive). ROUGE-L: rouge_score F with stemming. "
         f"METEOR: nltk, synonym matching: {scored['meteor_synonyms']}.",
     ]
     if embedder is not None:
         notes.append(f"BERTScore-style F1: greedy cosine matching of {embedder.model_id} last-layer token embeddings, "
                      "no idf, no baseline rescaling (not comparable with published BERTScore numbers).")  # fmt: skip
-    if todo:
-        notes.append(f"Generation throughput: {len(todo) / max(progress.elapsed_s, 1e-9):.2f} questions/s.")
+    if filled.computed:
+        notes.append(f"Generation throughput: {filled.computed / max(filled.seconds, 1e-9):.2f} questions/s.")
     return ProtocolResult(metrics=metrics, tables=tables, plots=plots, n_cases=len(cases), notes=notes)
 
 

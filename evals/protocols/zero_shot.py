@@ -1,7 +1,7 @@
 """Zero-shot candidate-list classification for any VLM backend (MM-Skin protocol).
 
 Each image is shown to the VLM with MM-Skin's prompt listing the candidate names; the answer is
-mapped to a label with :func:`evals.zeroshot.match_candidate` (no match or several labels: invalid,
+mapped to a label with :func:`evals.answers.match_candidate` (no match or several labels: invalid,
 scored as wrong). Answers are cached per image (sha256 of its bytes) and configuration, so
 re-scoring, a changed candidate matcher or a resumed run never calls the VLM again for a done image.
 
@@ -13,8 +13,8 @@ Options (``options:`` in the benchmark YAML, or ``--opt``):
   features and probabilities of each image); ``options`` are constructor arguments (``device``,
   ``base_url``, ...).
 - ``candidates``: label → name shown in the prompt, or a list of labels. Default: the benchmark's
-  labels with their readable names (``agent.labels.HAM_NAMES`` for HAM10000 codes).
-- ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.zeroshot.MMSKIN_PROMPT``).
+  labels with their readable names (``models.vocabulary.HAM_NAMES`` for HAM10000 codes).
+- ``prompt``: the template, with ``{candidates}`` (default: MM-Skin's, ``evals.answers.MMSKIN_PROMPT``).
 - ``max_new_tokens`` (32), ``batch_size`` (8 images per ``generate`` call).
 - ``n_bootstrap`` (1000 resamples for the 95% CIs; 0 = none), ``seed`` (0, the bootstrap's).
 - ``allow_partial`` (false): with ``--rescore``, score only the cases with a cached answer.
@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.protocols.base import ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, Progress, check_missing, config_hash, open_rgb, with_ci
-from evals.zeroshot import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
+from evals.base import ProtocolContext, ProtocolResult
+from evals.metrics import with_ci
+from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
 from models.resolve import sha256_file
 
 INVALID = "(invalid)"
@@ -56,7 +57,7 @@ class Options(BaseModel):
 
 def default_candidates(labels: list[str]) -> dict[str, str]:
     """label → readable name: HAM10000 codes get ``HAM_NAMES``; other labels are shown as written."""
-    from agent.labels import HAM_NAMES
+    from models.vocabulary import HAM_NAMES
 
     return {label: HAM_NAMES.get(label, label.replace("_", " ")) for label in labels}
 
@@ -96,39 +97,33 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     # The answer depends on the VLM, its options, the prompt and the generation length; matching is redone every run.
     cfg = config_hash({"vlm": opts.vlm.model_dump(), "prompt": prompt, "max_new_tokens": opts.max_new_tokens})
     keys = [case_key(sha256_file(c.image), cfg, kind="zero_shot") for c in cases]
-    answers: list[str | None] = [None] * len(cases)
-    for i, key in enumerate(keys):
-        rec = ctx.cache.get(key)
-        if rec is not None:
-            answers[i] = rec["answer"]
-    todo = [i for i, a in enumerate(answers) if a is None]
-    if check_missing(ctx, len(todo), len(cases), opts.allow_partial):
-        keep = [i for i, a in enumerate(answers) if a is not None]
-        cases, keys, answers, todo = [cases[i] for i in keep], [keys[i] for i in keep], [answers[i] for i in keep], []
-    model_id = None
-    if todo:
-        vlm = opts.vlm.create("vlm")
-        model_id = vlm.model_id
-        ctx.log(f"zero_shot: {len(cases)} cases, {len(cases) - len(todo)} cached, {len(todo)} to ask {model_id}")
-    progress = Progress(ctx.log, "zero_shot", len(todo))
-    classifier = None
-    for start in range(0, len(todo), opts.batch_size):
-        idx = todo[start : start + opts.batch_size]
-        images = open_rgb(cases[i].image for i in idx)
+    case_of = dict(zip(keys, cases))
+    backend: dict[str, Any] = {}
+
+    def prepare(missing: int, todo: int) -> None:
+        backend["vlm"] = vlm = opts.vlm.create("vlm")
+        ctx.log(f"zero_shot: {len(cases)} cases, {len(cases) - missing} cached, {missing} to ask {vlm.model_id}")
+
+    def ask(chunk: list[str]) -> list[dict[str, Any]]:
+        vlm = backend["vlm"]
+        images = open_rgb(case_of[k].image for k in chunk)
         kwargs = {}
         if getattr(vlm, "needs_features", False):
             # Feature-based VLMs (models.backends.feature_vlm) read the lesion classifier's output, not pixels.
-            if classifier is None:
+            if "classifier" not in backend:
                 from models.sklesion import SklesionClassifier
 
-                classifier = SklesionClassifier()
-            enc = classifier.predict(images)
+                backend["classifier"] = SklesionClassifier()
+            enc = backend["classifier"].predict(images)
             kwargs = {"features": enc.features, "probs": enc.probs}
-        out = vlm.generate(images, [prompt] * len(idx), max_new_tokens=opts.max_new_tokens, temperature=0.0, **kwargs)
-        for i, text in zip(idx, out):
-            answers[i] = text
-            ctx.cache.put(keys[i], {"kind": "zero_shot", "case_id": cases[i].id, "status": "ok", "answer": text, "model_id": model_id})
-        progress.update(len(idx), len(idx))
+        out = vlm.generate(images, [prompt] * len(chunk), max_new_tokens=opts.max_new_tokens, temperature=0.0, **kwargs)
+        return [{"kind": "zero_shot", "case_id": case_of[k].id, "status": "ok", "answer": text, "model_id": vlm.model_id} for k, text in zip(chunk, out)]
+
+    filled = cached_map(ctx, keys, ask, what="zero_shot", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
+    keep = filled.kept(keys)
+    cases, keys = [cases[i] for i in keep], [keys[i] for i in keep]
+    answers = [filled.records[k]["answer"] for k in keys]
+    model_id = backend["vlm"].model_id if "vlm" in backend else None
 
     y = [c.label for c in cases]
     matched = [match_candidate(a or "", candidates, ctx.bench.aliases) for a in answers]
@@ -169,10 +164,10 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     notes = [
         f"Prompt: {prompt!r}. Answers are matched to the candidates case-insensitively, whole words, longest match; "
         "an answer naming no candidate, or several, is invalid and counted as wrong.",
-        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {len(todo)} answers generated this run, {len(cases) - len(todo)} from the cache.",
+        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {filled.missing} answers generated this run, {len(cases) - filled.missing} from the cache.",
     ]
     if skipped:
         notes.append(f"{skipped} cases without a label or image were skipped.")
-    if todo:
-        notes.append(f"Throughput: {len(todo) / max(progress.elapsed_s, 1e-9):.2f} images/s ({model_id}).")
+    if filled.computed:
+        notes.append(f"Throughput: {filled.computed / max(filled.seconds, 1e-9):.2f} images/s ({model_id}).")
     return ProtocolResult(metrics=metrics, tables=tables, plots=figs, n_cases=len(cases), notes=notes)

@@ -14,7 +14,7 @@ import numpy as np
 
 
 class FeatureVLMDescriber:
-    """Implements :class:`models.protocols.VLM` plus ``features=``/``probs=`` (see :mod:`models.feature_vlm`).
+    """Implements :class:`models.protocols.VLM` plus ``features=``/``probs=`` (see :mod:`models.backends.feature_vlm_net`).
 
     ``prompt``: 'trained' answers the description prompt the model was trained with (the agent's
     free-text prompt is out of its training distribution); 'given' uses the caller's prompt.
@@ -36,7 +36,7 @@ class FeatureVLMDescriber:
 
     def _load(self) -> Any:
         if self._vlm is None:
-            from models.feature_vlm import FeatureVLM
+            from models.backends.feature_vlm_net import FeatureVLM
 
             path = Path(self.model_ref).expanduser()
             if not path.exists():

@@ -1,17 +1,198 @@
-"""Test doubles: a scripted LLM and a fake OpenAI-compatible (vLLM-flavoured) HTTP server."""
+"""Test doubles for dermgraph's backends: deterministic stand-ins that exercise the real code paths.
+
+In the spirit of pydantic-ai's ``TestModel``: give them to the agent by role and test your own code
+without weights, network or GPU::
+
+    from agent import Agent
+    from agent.testing import TestLLM, backends
+
+    agent = Agent(backends=backends(llm=TestLLM(scores={"melanocytic nevus": 0.0})))
+    d = agent.diagnose(image)                          # every node runs; only the models are doubles
+
+What is here:
+
+* agent roles (:func:`backends` gives a full set): :class:`FakeClassifier`, :func:`modality_heads`,
+  :func:`concept_heads` (real ``HeadSet`` objects with constant outputs), :class:`FakeKB`,
+  :class:`FakeKnowledge`, :class:`FakeCases`;
+* :class:`TestLLM`, the one LLM double (scripted or computed replies, candidate scores or none), and
+  :class:`EchoLLM`, its variant that a benchmark builds by registry name;
+* VLM and embedder doubles answering from the image: :class:`ColourVLM`, :class:`FeatureReadingVLM`,
+  :class:`ColourEmbedder`;
+* :class:`FakeOpenAIServer`, an OpenAI-compatible (vLLM-flavoured) HTTP server on 127.0.0.1;
+* :func:`build_tiny_llama` / :func:`build_tiny_llava`: randomly initialised tiny Hugging Face models
+  saved offline, for the transformers backends' own tests.
+
+None of these is ever a default: the agent builds real backends unless a double is passed.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 import numpy as np
 
+from models.heads import Head, HeadSet, OODDetector
+from models.image_stats import STATS_DIM
+from models.protocols import ClassifierOutput
+from models.vocabulary import HAM_CLASSES, MODALITIES, SEVEN_POINT
+
 Message = dict[str, str]
+FEAT = 2048
+"""Feature width of :class:`FakeClassifier` (the shipped encoder's)."""
+
+
+# --------------------------------------------------------------------------- agent roles
+
+class FakeClassifier:
+    """Probabilities fixed by the test; features derived from the pixels so that they differ per image."""
+
+    model_id = "fake-classifier"
+    labels = HAM_CLASSES
+    feature_dim = FEAT
+
+    def __init__(self, probs: dict[str, float] | None = None):
+        self.probs = probs or {"mel": 0.6, "nv": 0.3, "bkl": 0.1}
+        self.calls = 0
+
+    def predict(self, images, metadata=None):
+        self.calls += 1
+        p = np.array([[self.probs.get(c, 0.0) for c in HAM_CLASSES] for _ in images], dtype=np.float32)
+        p = (p + 1e-6) / (p + 1e-6).sum(1, keepdims=True)
+        feats = np.stack([np.resize(np.asarray(im.resize((16, 16)), dtype=np.float32).ravel() / 255.0, FEAT) for im in images])
+        return ClassifierOutput(p, feats, HAM_CLASSES)
+
+
+def constant_heads(name_to_value: dict[str, tuple[tuple[str, ...], str]], dim: int, ood_threshold: float | None = None) -> HeadSet:
+    """A real HeadSet whose heads always predict the given value (zero weights, biased logits)."""
+    heads = {}
+    for name, (classes, value) in name_to_value.items():
+        bias = np.full(len(classes), -2.0, dtype=np.float32)
+        bias[classes.index(value)] = 2.0
+        heads[name] = Head(name, list(classes), np.zeros((dim, len(classes)), np.float32), bias)
+    ood = None
+    if ood_threshold is not None:
+        ood = OODDetector(np.zeros((dim, 2), np.float32), np.zeros((1, 2), np.float32), ood_threshold)
+    return HeadSet(np.zeros(dim, np.float32), np.ones(dim, np.float32), heads, ood=ood, meta={"id": "test-heads", "min_confidence": 0.5})
+
+
+def modality_heads(label: str = "dermoscopy", ood_threshold: float | None = 10.0) -> HeadSet:
+    return constant_heads({"modality": (MODALITIES, label)}, FEAT + STATS_DIM, ood_threshold)
+
+
+def concept_heads(values: dict[str, str] | None = None) -> HeadSet:
+    values = values or {}
+    return constant_heads({c: (vals, values.get(c, "absent")) for c, vals in SEVEN_POINT.items()}, FEAT)
+
+
+class FakeKB:
+    def __init__(self):
+        self.queries: list[str] = []
+        self.model_id = "fake-kb"
+
+    def search(self, text, k=4, modality=None):
+        self.queries.append(text)
+        return [
+            {"id": "kb:melanoma#dermoscopy", "entry_id": "kb:melanoma", "title": "Melanoma", "text": "Atypical network, blue-whitish veil.", "score": 0.8, "ham_class": "mel", "source": "dermgraph-kb"},
+            {"id": "kb:nevus#dermoscopy", "entry_id": "kb:nevus", "title": "Melanocytic nevus", "text": "Typical network, regular globules.", "score": 0.6, "ham_class": "nv", "source": "dermgraph-kb"},
+        ][:k]
+
+
+class FakeKnowledge:
+    """A two-entry knowledge base (real :class:`retrieval.kb.KBEntry` objects) with known expected findings."""
+
+    expected = {
+        "mel": {"pigment_network": ["atypical"], "blue_whitish_veil": ["present"]},
+        "nv": {"pigment_network": ["typical", "absent"], "blue_whitish_veil": ["absent"]},
+    }
+
+    def __init__(self):
+        from retrieval.kb import KBEntry, Morphology
+
+        self.entries = {
+            "mel": KBEntry(id="kb:melanoma", name="Melanoma", aliases=["mel", "melanoma"], ham_class="mel", malignant=True, categories=["melanocytic"],
+                           morphology=Morphology(clinical="An asymmetric, multicoloured macule."), expected_7pt=self.expected["mel"]),
+            "nv": KBEntry(id="kb:nevus", name="Melanocytic nevus", aliases=["nv", "melanocytic nevus"], ham_class="nv", malignant=False,
+                          categories=["melanocytic", "benign"], morphology=Morphology(clinical="A symmetric brown macule."), expected_7pt=self.expected["nv"]),
+        }  # fmt: skip
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def entry_for_label(self, label):
+        return self.entries.get(label)
+
+
+@dataclass
+class FakeHit:
+    id: str
+    score: float
+    record: dict[str, Any]
+
+
+class FakeCases:
+    def __init__(self, hits: list[tuple[str, str, float]] | None = None):
+        self.hits = hits or [("ham10000:a", "mel", 0.9), ("ham10000:b", "mel", 0.85), ("ham10000:c", "nv", 0.8), ("dermnet:d", "Acne vulgaris", 0.7)]
+
+    def search(self, features, k=8, *, exclude_ids=None, sources=None):
+        out = [FakeHit(i, s, {"id": i, "label": lab, "caption": f"case {i}", "source": i.split(":")[0]}) for i, lab, s in self.hits]
+        out = [h for h in out if (sources is None or h.record["source"] in sources) and h.id not in set(exclude_ids or ())][:k]
+        return [out for _ in range(len(features))]
+
+
+def _calibration(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic calibration: conformal scores, and (κ, correct) pairs with P(correct | κ) = min(1, κ + 0.3)."""
+    rng = np.random.default_rng(seed)
+    kappa = np.linspace(0.01, 0.99, n)
+    return rng.uniform(0, 0.8, n), kappa, rng.uniform(size=n) < np.clip(kappa + 0.3, 0, 1)
+
+
+def fusion_model(w_classifier: float = 1.0, w_knn: float = 0.5, w_morphology: float = 0.5, w_llm: float = 0.5, clinical=(1.0, 0.3)):
+    """A fusion artifact (:class:`models.stacker.FusionModel`) with product-of-experts weights and synthetic
+    calibration: acceptance needs a confident top label that the experts agree on."""
+    from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert
+
+    C = len(HAM_CLASSES)
+    experts = ["classifier", "knn", "morphology", "llm"]
+    coef = np.concatenate([w * np.eye(C) for w in (w_classifier, w_knn, w_morphology, w_llm)], axis=1)
+    centre = {e: np.full(C, np.log(1.0 / C)) for e in experts}
+    scores, kappa, correct = _calibration()
+    acc = dict(acceptance_coef=np.array([6.0 if k == "log_top" else 3.0 if k == "expert_agreement" else 0.0 for k in ACCEPTANCE_FEATURES]),
+               acceptance_intercept=-3.0, acceptance_kappa=kappa, acceptance_correct=correct)  # fmt: skip
+    derm = ModalityFusion("dermoscopy", "multinomial", experts, 1e-3, list(HAM_CLASSES), coef, np.zeros(C), centre,
+                          calibration_scores=scores, calibration_source="synthetic (test double)", **acc)  # fmt: skip
+    clin = ModalityFusion("clinical", "conditional_logit", ["knn", "llm"], 1e-3, coef=np.array(clinical), intercept=np.zeros(0),
+                          calibration_scores=scores, calibration_source="synthetic (test double)", **acc)  # fmt: skip
+    inputs = [(c, v) for c, vals in SEVEN_POINT.items() for v in vals]
+    # Findings model: an atypical network and a veil point to melanoma, a typical network to a nevus.
+    mcoef = np.zeros((2, len(inputs)))
+    mcoef[0, inputs.index(("pigment_network", "atypical"))] = mcoef[0, inputs.index(("blue_whitish_veil", "present"))] = 2.0
+    mcoef[1, inputs.index(("pigment_network", "typical"))] = mcoef[1, inputs.index(("blue_whitish_veil", "absent"))] = 2.0
+    morph = MorphologyExpert(inputs, ["mel", "nv"], mcoef, np.zeros(2), list(HAM_CLASSES))
+    return FusionModel(morph, {"dermoscopy": derm, "clinical": clin}, {"id": "fusion-double"})
+
+
+def backends(**over):
+    """A full set of doubles for ``Agent(backends=...)``."""
+    base = {
+        "classifier": FakeClassifier(),
+        "modality_heads": modality_heads(),
+        "concept_heads": concept_heads({"pigment_network": "atypical", "blue_whitish_veil": "present"}),
+        "kb": FakeKB(),
+        "knowledge": FakeKnowledge(),
+        "cases": FakeCases(),
+        "llm": TestLLM(),
+        "fusion": fusion_model(),
+    }
+    base.update(over)
+    return base
+
+# --------------------------------------------------------------------------- LLMs
 
 
 def _trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
@@ -22,34 +203,61 @@ def _trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
     return text[:cut]
 
 
-# --------------------------------------------------------------------------- ScriptedLLM
+DEFAULT_REPLY = "The atypical network and veil [E1] favour melanoma over nevus [E2]."
+DEFAULT_SCORES = {"melanoma": -1.0}
 
 
-class ScriptedLLM:
+class TestLLM:
     """An :class:`models.protocols.LLM` that answers from a script.
 
-    ``replies``: a list consumed in order (one item per conversation, across calls) or a callable
+    ``replies``: a list consumed in order (one item per conversation, across calls; the last one repeats
+    unless ``repeat_last=False``, which makes running out an error) or a callable
     ``replies(conversation) -> str``. A reply is the text *after* any ``assistant_prefix``; ``stop``
-    strings are applied as a real backend would. ``scores``: ``scores(conversation, assistant_prefix,
-    continuations) -> sequence of floats``; without it, ``score_continuations`` raises
-    NotImplementedError. Every call is recorded in ``calls`` (method, conversation, kwargs).
+    strings are applied as a real backend would. ``scores`` (for ``score_continuations``): a mapping
+    continuation -> score (others score -5), a callable ``scores(conversation, assistant_prefix,
+    continuations)``, or None for a chat-only backend (NotImplementedError, like many OpenAI-compatible
+    servers). The defaults prefer "melanoma" and cite [E1]/[E2]. Every call is recorded in ``calls``.
     """
+
+    __test__ = False  # not a pytest test class
 
     def __init__(
         self,
-        replies: list[str] | Callable[[list[Message]], str],
-        scores: Callable[[list[Message], str, list[str]], Sequence[float]] | None = None,
-        model_id: str = "scripted",
+        replies: Sequence[str] | Callable[[list[Message]], str] | None = None,
+        *,
+        scores: Mapping[str, float] | Callable[[list[Message], str, list[str]], Sequence[float]] | None = DEFAULT_SCORES,
+        repeat_last: bool = True,
+        model_id: str = "test-llm",
     ) -> None:
         self.model_id = model_id
-        self._replies = replies if callable(replies) else list(replies)
+        self._replies = replies if callable(replies) else list([DEFAULT_REPLY] if replies is None else replies)
         self._scores = scores
+        self.repeat_last = repeat_last
         self.calls: list[dict[str, Any]] = []
 
     @property
     def remaining(self) -> int | None:
         """Replies left in a list script (None for a callable script)."""
         return None if callable(self._replies) else len(self._replies)
+
+    @property
+    def chats(self) -> list[dict[str, Any]]:
+        """The recorded chat calls (one per conversation)."""
+        return [c for c in self.calls if c["method"] == "chat"]
+
+    @property
+    def scored(self) -> int:
+        """How many times candidates were scored."""
+        return sum(c["method"] == "score_continuations" for c in self.calls)
+
+    def _next_reply(self, conv: list[Message]) -> str:
+        if callable(self._replies):
+            return self._replies(conv)
+        if not self._replies:
+            raise AssertionError(f"TestLLM ran out of replies (call {len(self.calls)})")
+        if self.repeat_last and len(self._replies) == 1:
+            return self._replies[0]
+        return self._replies.pop(0)
 
     def chat(
         self,
@@ -72,29 +280,85 @@ class ScriptedLLM:
                 "stop": list(stop) if stop else None,
             }
             self.calls.append({"method": "chat", "conversation": conv, "kwargs": kwargs})
-            if callable(self._replies):
-                reply = self._replies(conv)
-            else:
-                if not self._replies:
-                    raise AssertionError(f"ScriptedLLM ran out of replies (call {len(self.calls)})")
-                reply = self._replies.pop(0)
-            out.append(_trim_at_stop(reply, stop))
+            out.append(_trim_at_stop(self._next_reply(conv), stop))
         return out
 
-    def score_continuations(
-        self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]
-    ) -> np.ndarray:
+    def score_continuations(self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]) -> np.ndarray:
         conv = [dict(m) for m in conversation]
         self.calls.append(
-            {
-                "method": "score_continuations",
-                "conversation": conv,
-                "kwargs": {"assistant_prefix": assistant_prefix, "continuations": list(continuations)},
-            }
+            {"method": "score_continuations", "conversation": conv, "kwargs": {"assistant_prefix": assistant_prefix, "continuations": list(continuations)}}
         )
         if self._scores is None:
-            raise NotImplementedError("ScriptedLLM was built without scores=")
-        return np.asarray(self._scores(conv, assistant_prefix, list(continuations)), dtype=np.float64)
+            raise NotImplementedError("this TestLLM was built with scores=None (a chat-only backend)")
+        if callable(self._scores):
+            return np.asarray(self._scores(conv, assistant_prefix, list(continuations)), dtype=np.float64)
+        return np.array([self._scores.get(c, -5.0) for c in continuations], dtype=np.float64)
+
+
+class EchoLLM(TestLLM):
+    """A chat-only :class:`TestLLM` built by registry name (``models.backends.BACKENDS``): answers
+    ``replies[question]``, else ``"Answer: <question>"``. Conversations are also recorded in the class
+    attribute ``log`` (clear it in the test), since the benchmark, not the test, creates the instance."""
+
+    log: list[list[list[Message]]] = []
+
+    def __init__(self, model: str = "echo-llm", replies: dict[str, str] | None = None) -> None:
+        answers = dict(replies or {})
+        super().__init__(lambda conv: answers.get(conv[-1]["content"], f"Answer: {conv[-1]['content']}"), scores=None, model_id=model)
+
+    def chat(self, conversations, **kwargs) -> list[str]:
+        EchoLLM.log.append([list(c) for c in conversations])
+        return super().chat(conversations, **kwargs)
+
+
+# --------------------------------------------------------------------------- VLMs and image embedders
+
+def _dominant(image: Any) -> str:
+    r, g, b = np.asarray(image.convert("RGB"), float).reshape(-1, 3).mean(axis=0)
+    return ("red", "green", "blue")[int(np.argmax([r, g, b]))]
+
+
+class ColourVLM:
+    """A VLM whose answer is ``answers[dominant colour of the image]`` (red/green/blue)."""
+
+    calls: list[dict[str, Any]] = []
+
+    def __init__(self, model: str = "colour-vlm", answers: dict[str, str] | None = None) -> None:
+        self.model_id = model
+        self.answers = answers or {}
+
+    def generate(self, images: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
+        ColourVLM.calls.append({"n": len(images), "prompts": list(prompts), "max_new_tokens": max_new_tokens})
+        return [self.answers.get(_dominant(im), "I am not sure.") for im in images]
+
+
+class ColourEmbedder:
+    """An ImageEmbedder: the image's mean RGB (scaled to 0..1) plus ``dim - 3`` zeros, L2-normalised."""
+
+    calls: list[int] = []
+    model_id = "colour-embedder"
+
+    def __init__(self, dim: int = 8) -> None:
+        self.dim = dim
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        ColourEmbedder.calls.append(len(images))
+        out = np.zeros((len(images), self.dim), np.float32)
+        for i, im in enumerate(images):
+            out[i, :3] = np.asarray(im.convert("RGB"), float).reshape(-1, 3).mean(axis=0) / 255.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+class FeatureReadingVLM(ColourVLM):
+    """A ``needs_features`` VLM (like ``models.backends.feature_vlm``): answers from ``features=``, which it requires."""
+
+    needs_features = True
+
+    def generate(self, images, prompts, *, features=None, probs=None, max_new_tokens=128, temperature=0.0):
+        if features is None or probs is None or len(features) != len(images):
+            raise AssertionError("features/probs not passed")
+        ColourVLM.calls.append({"n": len(images), "features": np.asarray(features).shape, "probs": np.asarray(probs).shape})
+        return ["melanoma"] * len(images)
 
 
 # --------------------------------------------------------------------------- fake server

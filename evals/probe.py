@@ -1,4 +1,5 @@
-"""Linear probe on frozen image features (the SkinVL protocol).
+"""Linear-probe fitting on frozen image features (the SkinVL protocol; the benchmark task is
+:mod:`evals.protocols.linear_probe`).
 
 Standardised features → multinomial logistic regression (lbfgs). The inverse regularisation
 strength C is chosen from a log grid by stratified k-fold cross-validation on the training set,

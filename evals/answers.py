@@ -1,4 +1,5 @@
-"""Zero-shot candidate-list classification with a VLM: MM-Skin's prompt and answer matching.
+"""Candidate-list answers: MM-Skin's zero-shot prompt and the matching of free-text answers to labels
+(used by the ``zero_shot`` protocol, :mod:`evals.protocols.zero_shot`).
 
 The VLM is asked MM-Skin's question with the candidate names listed; its free-text answer is mapped
 back to a label by :func:`match_candidate`. Answers naming no candidate, or several different ones,

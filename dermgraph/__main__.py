@@ -1,0 +1,5 @@
+"""``python -m dermgraph``: the ``dermgraph`` command."""
+
+from dermgraph.cli import main
+
+main()

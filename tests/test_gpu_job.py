@@ -140,7 +140,7 @@ def test_job_imports_nothing_the_gpu_image_lacks():
     code = """
 from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards
 from models.backends import hf_llm
-import models.feature_vlm, models.heads, training.concepts, evals.morphology
+import models.backends.feature_vlm_net, models.heads, training.concepts, models.vocabulary
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # datasets probes for faiss
 gpu_job.load_job_config(gpu_job.CONFIG, [])
 """

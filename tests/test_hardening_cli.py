@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from agent import cli
+from dermgraph import cli
 from dermgraph.cli import app
 
 runner = CliRunner()

@@ -147,7 +147,7 @@ def metrics_callback(out_dir: Path):
     class JsonlMetrics(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                log.log(step=state.global_step, epoch=state.epoch, **logs)
+                log.log(**{"step": state.global_step, "epoch": state.epoch, **logs})  # newer transformers put epoch in logs too
 
     return JsonlMetrics()
 

@@ -25,7 +25,7 @@ def test_review_cli_lists_shows_and_resumes(tmp_path, monkeypatch):
 
     res = runner.invoke(app, ["review", "resume", "case-7", "--store", store, "--set", "blue_whitish_veil=maybe", "--reviewer", "dr-cli"])
     assert res.exit_code == 2 and "valid: absent, present" in res.stderr
-    res = runner.invoke(app, ["review", "show", "../../etc/passwd", "--store", store])
+    res = runner.invoke(app, ["review", "show", "../../outside-the-store", "--store", store])
     assert res.exit_code == 2 and "invalid case id" in res.stderr
 
     res = runner.invoke(app, ["review", "resume", "case-7", "--store", store, "--set", "blue_whitish_veil=absent", "--reviewer", "dr-cli", "--json"])

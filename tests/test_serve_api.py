@@ -87,7 +87,7 @@ def test_pixel_bomb_is_rejected(tmp_path):
         assert r.status_code == 422 and "too large" in r.json()["detail"] and "decompression bomb" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("bad", ["..%2F..%2Fetc%2Fpasswd", "..", "a%2F..%2Fb", "%2E%2E", "x" * 80])
+@pytest.mark.parametrize("bad", ["..%2F..%2Foutside-the-store", "..", "a%2F..%2Fb", "%2E%2E", "x" * 80])
 def test_path_traversal_case_ids_are_rejected(client, bad):
     for url in (f"/v1/cases/{bad}", f"/v1/cases/{bad}/image"):
         r = client.get(url, headers=AUTH)

@@ -27,6 +27,21 @@ import numpy as np
 from models.protocols import ClassifierOutput
 
 
+def front_state(state, rt):
+    """``state`` after the cheap front nodes (encode, modality, morphology) run on ``rt``, stopping after a
+    rejected modality; no trace entry. What retrieval will query with, known before the graph runs."""
+    from agent.graph import NODES
+    from agent.nodes.base import traced
+
+    for name in ("encode", "modality", "morphology"):
+        upd = traced(name, NODES[name], rt)(state)
+        upd.pop("trace")
+        state = state.model_copy(update=upd)
+        if name == "modality" and state.modality.rejected:
+            break
+    return state
+
+
 def _image_key(image, meta) -> str:
     h = hashlib.blake2b(image.tobytes(), digest_size=16)
     h.update(f"{image.mode}{image.size}".encode())
@@ -182,8 +197,6 @@ class BatchedAgent:
         """Load, encode and search for the requests at ``indices`` in batches; failures leave them unprepared."""
         import time
 
-        from agent.graph import NODES
-        from agent.nodes.base import traced
         from agent.nodes.retrieve import _query_text
 
         t0 = time.perf_counter()
@@ -219,13 +232,7 @@ class BatchedAgent:
             texts: list[str] = []
             groups: dict[tuple, list[np.ndarray]] = defaultdict(list)
             for state, _ in states.values():
-                s = state
-                for name in ("encode", "modality", "morphology"):
-                    upd = traced(name, NODES[name], rt)(s)
-                    upd.pop("trace")
-                    s = s.model_copy(update=upd)
-                    if name == "modality" and s.modality.rejected:
-                        break
+                s = front_state(state, rt)
                 if s.modality.rejected:
                     continue
                 if cfg.k_knowledge:

@@ -96,8 +96,7 @@ def _run_mode(agent, cases, mode: str, batch_size: int) -> tuple[dict[str, Any],
 
 def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     """Each model alone on the cases' inputs at ``batch_size`` (seconds for all cases)."""
-    from agent.graph import NODES
-    from agent.nodes.base import traced
+    from agent.batched import front_state
     from agent.nodes.retrieve import _query_text
 
     rt = agent.runtime
@@ -116,12 +115,7 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     texts, groups = [], defaultdict(list)
     cfg = rt.config.retrieval
     for s in states:
-        for name in ("encode", "modality", "morphology"):
-            upd = traced(name, NODES[name], rt)(s)
-            upd.pop("trace")
-            s = s.model_copy(update=upd)
-            if name == "modality" and s.modality.rejected:
-                break
+        s = front_state(s, rt)
         if s.modality.rejected:
             continue
         texts.append(_query_text(s))

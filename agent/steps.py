@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from agent.claims import SUPPORT_MIN  # an expected value with at least this mass counts as seen, as the claim check reads it
 from agent.state import CaseState, Evidence, ReasoningStep
 from models.vocabulary import SEVEN_POINT_PHRASES
 
 if TYPE_CHECKING:
-    from retrieval.kb import KBEntry, KnowledgeBase
+    from retrieval.kb import KBEntry
 
 EXPERT_NAMES = {"classifier": "the lesion classifier", "knn": "similar cases", "morphology": "the findings model", "llm": "the language model"}
-SUPPORT_MIN = 0.3  # as agent.claims.SUPPORT_MIN: an expected value with at least this mass counts as seen
 
 
 def finding_id(criterion: str) -> str:
@@ -138,12 +138,15 @@ def render_rationale(steps: Sequence[ReasoningStep]) -> str:
     return " ".join(s.text for s in steps)
 
 
-def case_evidence_ids(state: CaseState) -> set[str]:
-    """Every id a step may cite in this case."""
-    ids = {e.id for e in (state.retrieval.evidence if state.retrieval else [])}
-    if state.reasoning:
-        ids |= {e.id for e in state.reasoning.consulted}
-        ids |= {expert_id(e) for e in state.reasoning.expert_probs}
+def observed_findings(state: CaseState) -> dict[str, dict[str, float]]:
+    """criterion → {value: probability} of the describer's findings (empty without findings)."""
+    return {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+
+
+def case_evidence_ids(state: CaseState, consulted: Sequence[Evidence], experts: Sequence[str]) -> set[str]:
+    """Every id a step may cite in this case: retrieved and consulted evidence, findings, experts."""
+    ids = {e.id for e in (state.retrieval.evidence if state.retrieval else [])} | {e.id for e in consulted}
+    ids |= {expert_id(e) for e in experts}
     if state.morphology:
         ids |= {finding_id(f.criterion) for f in state.morphology.findings}
     return ids

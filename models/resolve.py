@@ -9,7 +9,6 @@ Nothing here runs at import time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from models import paths
+from models.integrity import sha256_stream
 from models.registry import SCHEMES, ModelSpec, load_registry, parse_pypi, split_source
 
 MARKER = ".complete"
@@ -44,13 +44,8 @@ class ChecksumError(ResolveError, ValueError):
 # small helpers
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = sha256_stream
+"""Hex sha256 of a file, streamed (the one implementation is :func:`models.integrity.sha256_stream`)."""
 
 
 def _sha_cached(path: Path) -> str:

@@ -569,7 +569,7 @@ def report_table(metrics: dict, cfg: Config) -> str:
             lines.append(f"| {name} | {sysname} | {m['n']} | {m.get('accuracy')} | {m.get('balanced_accuracy')} | {m.get('mel_sensitivity', '')} | "
                          f"{s.get('coverage')} | {s.get('accuracy_on_accepted')} | {s.get('aurc')} |")  # fmt: skip
     lines.append("")
-    lines.append(f"| set | α | set coverage | mean size |\n|---|---|---|---|")
+    lines.append("| set | α | set coverage | mean size |\n|---|---|---|---|")
     for name, ev in metrics["evaluation"].items():
         for a, v in ev["after"]["prediction_sets"].items():
             lines.append(f"| {name} | {a} | {v['coverage']} | {v['mean_size']} |")

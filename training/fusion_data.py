@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
-from models.vocabulary import SEVEN_POINT, derm7pt_to_ham
+from models.vocabulary import SEVEN_POINT
 from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")

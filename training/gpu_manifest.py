@@ -1,6 +1,6 @@
 """The GPU pack's manifest: sha256 of every file, which device call carries it, and verification.
 
-Standard library only: the GPU job verifies its pack (and the stash script copies a part) before any
+Standard library only (its one project import, `models.integrity`, is too): the GPU job verifies its pack (and the stash script copies a part) before any
 wheel is installed or any heavy module is imported.
 
 Layout of a pack folder (``.gpu_pack/``)::
@@ -18,7 +18,6 @@ different parts) that :func:`assemble` joins (and decompresses, for ``.xz`` memb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -28,6 +27,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from models.integrity import sha256_stream
 
 FORMAT = "dermgraph-gpu-pack/1"
 MANIFEST = "manifest.json"
@@ -40,12 +41,7 @@ def stash_dir() -> Path:
     return Path(tempfile.gettempdir()) / STASH_NAME
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = sha256_stream  # standard library only, like this module
 
 
 def part_name(k: int) -> str:

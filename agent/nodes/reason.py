@@ -23,6 +23,16 @@ from agent.nodes.base import NodeOutput
 from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user, usable_rationale
 from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
+from agent.steps import (
+    case_evidence_ids,
+    consulted_passage,
+    expert_steps,
+    fusion_step,
+    knowledge_step,
+    observation_steps,
+    observed_findings,
+    render_rationale,
+)
 from models.vocabulary import HAM_CLASSES, HAM_NAMES
 
 
@@ -122,16 +132,14 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
     if "knn" in mf.experts:
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
     if "morphology" in mf.experts:
-        observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+        observed = observed_findings(state)
         out["morphology"] = model.morphology_expert.predict(observed) if model.morphology_expert is not None and observed else None
     return out
 
 
 def _knowledge(state: CaseState, rt, labels: list[str], names: dict[str, str]):
     """Knowledge steps (and the passages they cite) for ``labels``."""
-    from agent.steps import consulted_passage, knowledge_step
-
-    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    observed = observed_findings(state)
     retrieved = {e.id for e in state.retrieval.evidence} if state.retrieval else set()
     steps, consulted = [], []
     for c in labels:
@@ -165,7 +173,7 @@ def _first_sentences(text: str, limit: int = 220) -> str:
     return out if out.endswith((".", ";")) else out + "."
 
 
-def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, evidence_ids, tags) -> tuple[str | None, object, int]:
+def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, evidence_ids, tags) -> tuple[str | None, object, int]:
     """The LLM's one-line summary, claim-checked: (text to show or None, the check result, attempts)."""
     from agent.claims import check_text
     from agent.state import ClaimCheckResult
@@ -174,15 +182,13 @@ def _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, ev
     if text is None:
         return None, None, attempts
     text, _ = _cite(text, tags)
-    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
+    observed = observed_findings(state)
     check = check_text(text, candidates=cands, observed=observed, kb=rt.knowledge, evidence_ids=evidence_ids)
     result = ClaimCheckResult(text=text, passed=check.passed, failures=check.reasons())
     return (text if check.passed else None), result, attempts
 
 
 def reason(state: CaseState, rt: Backends) -> NodeOutput:
-    from agent.steps import expert_id, expert_steps, fusion_step, observation_steps, render_rationale
-
     cfg = rt.config.reasoner
     round_ = state.round + 1
     mod = state.modality.label
@@ -240,12 +246,11 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     steps.append(fusion_step(fused.probs, used, pred_set, set_alpha, names, fused.missing, top))
 
     expert_probs = {e: {c: round(float(v), 5) for c, v in p.items() if c in set(cands)} for e, p in experts.items() if p}
-    evidence_ids = {e.id for e in (state.retrieval.evidence if state.retrieval else [])} | {e.id for e in consulted}
-    evidence_ids |= {expert_id(e) for e in expert_probs} | {f"finding:{f.criterion}" for f in (state.morphology.findings if state.morphology else [])}
+    evidence_ids = case_evidence_ids(state, consulted, list(expert_probs))
 
     summary, check = None, None
     if cfg.llm_summary and source == "llm":
-        summary, check, attempts = _summary(rt, state, cands, names, clf_display, feedback, top, cfg, steps, evidence_ids, tags)
+        summary, check, attempts = _summary(rt, state, cands, names, clf_display, feedback, top, cfg, evidence_ids, tags)
         if check is None:
             notes.append(f"LLM summary unusable after {attempts} attempts: not shown")
         elif not check.passed:

@@ -16,6 +16,7 @@ from agent.consistency import contradictions, morphology_agreement, self_consist
 from agent.nodes.base import NodeOutput
 from agent.runtime import Backends
 from agent.state import CaseState, ReasoningStep, Verdict
+from agent.steps import observed_findings
 
 REFER = "refer to a dermatologist"
 
@@ -77,7 +78,7 @@ def verify(state: CaseState, rt: Backends) -> NodeOutput:
     top = r.top
     names = {d.label: d.name for d in r.differential}
     consistency = self_consistency(top.label, r.samples[1:])
-    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology and state.morphology.findings else {}
+    observed = observed_findings(state)
     agreement, contra = None, []
     entry = rt.knowledge.entry_for_label(top.label)
     if observed and entry is not None and entry.expected_7pt:

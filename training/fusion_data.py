@@ -27,23 +27,15 @@ from models.vocabulary import SEVEN_POINT
 from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")
-DERMNET_LABEL_MAP = {
-    "Actinic keratosis": "akiec",
-    "Amelanotic melanoma": "mel",
-    "Basal cell carcinoma": "bcc",
-    "Melanocytic naevus": "nv",
-    "Melanoma in situ": "mel",
-}
-"""DermNet labels named by a HAM10000 code, as the agent's knowledge base and the dermnet_clinical benchmark do."""
-
-
 def dermnet_rows(feature_dir: Path) -> list[CaseRow]:
     """The DermNet photos held out of the shipped case index (``training.data.is_dermnet_heldout``)."""
+    from retrieval.kb import KnowledgeBase
     from training.data import aligned, is_dermnet_heldout, load_features, source_table
 
+    kb = KnowledgeBase()  # labels named by a HAM10000 code as the case index names them (scripts/make_case_pairs.py)
     table = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"])]
     rows, f = aligned(table, load_features("dermnet", "full", feature_dir))
-    return [CaseRow(f"dermnet:{r['sha1']}", "dermnet", "heldout", r["image"], DERMNET_LABEL_MAP.get(r["label"], r["label"]), p, x)
+    return [CaseRow(f"dermnet:{r['sha1']}", "dermnet", "heldout", r["image"], kb.ham_class_for(r["label"]) or r["label"], p, x)
             for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
 
 

@@ -1,9 +1,9 @@
-"""Evidence fusion: a calibrated product of experts over candidate diagnoses.
+"""The previous default fusion (9 scalars), a product of experts over candidate diagnoses:
 
-log p(c) ∝ w_clf·log p_classifier(c) + w_knn·log p_knn(c) + w_llm·log p_llm(c) + bias(c) + w_morph·log agreement(c)
+log p(c) ∝ w_clf·log p_classifier(c) + w_knn·log p_knn(c) + w_llm·log p_llm(c) + bias(c)
 
-The weights and per-class biases are fitted on images the lesion classifier has not seen
-(see ``training/calibrate_fusion.py``); a missing expert simply drops out of the sum.
+Kept for the prompt's classifier display (``agent.nodes.reason.classifier_display``) and as the baseline
+``dermgraph train fusion`` compares with; the agent fuses with ``models.stacker``. A missing expert drops out.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ def fuse(
     classifier: Mapping[str, float] | None = None,
     knn: Mapping[str, float] | None = None,
     llm: Mapping[str, float] | None = None,
-    agreement: Mapping[str, float] | None = None,
-    morph_weight: float = 0.0,
 ) -> dict[str, float]:
     """Fused probabilities over ``candidates`` (sum to 1), sorted by decreasing probability."""
     eps = float(params.get("eps", EPS))
@@ -36,8 +34,6 @@ def fuse(
             z += float(params.get("w_knn", 0.0)) * math.log(max(knn.get(c, 0.0), eps))
         if llm is not None:
             z += float(params.get("w_llm", 0.0)) * math.log(max(llm.get(c, 0.0), eps))
-        if agreement is not None and morph_weight and c in agreement:
-            z += morph_weight * math.log(max(agreement[c], eps))
         logits[c] = z
     m = max(logits.values())
     exp = {c: math.exp(z - m) for c, z in logits.items()}

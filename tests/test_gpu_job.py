@@ -98,8 +98,10 @@ def test_job_stops_before_training_when_the_pack_is_incomplete(tmp_path, capsys)
 
 def test_job_configs_validate():
     """Every section of both job configs is a valid config of its trainer (a typo fails here, not on the GPU)."""
-    from training import describer_vlm, reasoner_grpo, reasoner_sft
+    from training import describer_vlm, encoder, reasoner_grpo, reasoner_sft
+    from training.config import load_train_config
     from training.gpu_job import CONFIG, SMOKE_CONFIG, STAGES, load_job_config
+    from training.gpu_pack import PackConfig
 
     for path in (CONFIG, SMOKE_CONFIG):
         cfg = load_job_config(path, [])
@@ -107,7 +109,12 @@ def test_job_configs_validate():
         reasoner_sft.Config.model_validate(cfg.reasoner_sft)
         reasoner_grpo.Config.model_validate(cfg.reasoner_grpo)
         describer_vlm.Config.model_validate(cfg.describer)
+        encoder.Config.model_validate(cfg.effnet)
+    for path in ("configs/train/gpu_pack.yaml", "configs/train/gpu_pack_smoke.yaml"):
+        pack = load_train_config(PackConfig, path, [])
+        load_train_config(encoder.Config, pack.effnet.config, pack.effnet.set)
     gpu = load_job_config(CONFIG, [])
+    assert gpu.effnet["train_from"] == "stem" and gpu.effnet["image_size"] >= 224 and gpu.effnet["workers"] > 0
     assert gpu.reasoner_sft["epochs"] >= 3 and gpu.reasoner_sft["lora"]["layers"] is None and len(gpu.reasoner_sft["lora"]["target_modules"]) == 7
     assert gpu.reasoner_grpo["max_steps"] >= 300 and gpu.reasoner_grpo["num_generations"] >= 8
 
@@ -138,7 +145,8 @@ def _run_blocked(code: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_job_imports_nothing_the_gpu_image_lacks():
     code = """
-from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards
+from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards, encoder
+import models.efficientnet, training.synthetic, training.views
 from models.backends import hf_llm
 import models.backends.feature_vlm_net, models.heads, training.concepts, models.vocabulary
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # datasets probes for faiss
@@ -185,16 +193,20 @@ def test_smoke_job_runs_every_stage_and_returns_at_most_8_small_files(tiny_featu
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0, r.stderr[-3000:] + json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str)[:3000]
     assert {s: r["status"] for s, r in summary["stages"].items()} == {
-        "reasoner_sft": "done", "reasoner_grpo": "done", "describer": "done", "encoder": "done", "effnet": "skipped", "eval": "done"}  # fmt: skip
+        "reasoner_sft": "done", "reasoner_grpo": "done", "describer": "done", "encoder": "done", "effnet": "done", "eval": "done"}  # fmt: skip
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < MAX_OUT_BYTES for f in files)
-    assert {"job.log", "summary.json", "reasoner_sft.tar.gz", "reasoner_grpo.tar.gz", "describer.tar.gz", "encoder.tar.gz", "eval.tar.gz"} <= set(files)
+    assert set(files) == {"job.log", "summary.json", "reasoner_sft.tar.gz", "reasoner_grpo.tar.gz", "describer.tar.gz", "effnet.tar.gz", "encoder.tar.gz", "eval.tar.gz"}
     assert summary["stages"]["eval"]["cases"] == 2 and "sft+grpo" in summary["stages"]["eval"]["table"]
 
     got = extract_outputs(out, tmp_path / "back")
     assert (got["reasoner_sft"] / "adapter" / "adapter_model.safetensors").is_file()
     assert (got["reasoner_grpo"] / "adapter" / "adapter_config.json").is_file() and (got["reasoner_grpo"] / "reward_curves.png").is_file()
     assert (got["describer"] / "stage2" / "projector.safetensors").is_file()
+    from models.efficientnet import EfficientNetExpert
+
+    eff = EfficientNetExpert(weights=got["effnet"] / "best.safetensors")
+    assert eff.info["image_size"] == 64 and summary["stages"]["effnet"]["epochs_run"] == 1 and summary["stages"]["effnet"]["best"]["score"] is not None
     from models.heads import HeadSet
     from models.resolve import sha256_file
 

@@ -63,6 +63,7 @@ class Config(TrainConfig):
     store_size: int = Field(224, ge=32, description="Side of the decoded image cache (square, whole image resized).")
     dermnet_store_size: int = Field(320, ge=32, description="DermNet photos are cached larger so close-up crops keep detail.")
     cache_dir: Path = Field(Path(".cache/encoder_images"), description="Decoded-image cache.")
+    init: str | None = Field(None, description="Start from this expert (registry id or .safetensors file, same heads) instead of the ImageNet weights.")
     train_from: str = Field("3", description=f"First trained stage of the backbone, one of {list(STAGES)}; earlier ones stay frozen (BN too).")
     epochs: int = Field(6, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="Stop after this wall time (counted over resumed runs); the best epoch is kept.")
@@ -80,6 +81,8 @@ class Config(TrainConfig):
     closeup_scale: tuple[float, float] = Field((0.06, 0.3), description="Area fraction of the close-up crops of clinical photos.")
     histology_holdout_every: int = Field(3, ge=2, description="Every n-th histology slide is held out for validation.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default / OMP_NUM_THREADS).")
+    workers: int = Field(0, ge=0, description="Processes augmenting batches ahead of the GPU (0: in the training loop; same batches either way).")
+    amp: bool = Field(False, description="bfloat16 autocast of the forward pass on CUDA (weights and optimiser stay float32).")
     resume: bool = Field(True, description="Continue from <out_dir>/checkpoint.pt when it exists and matches this config.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints within an epoch.")
     progress: bool = Field(True, description="tqdm progress bar on stderr.")
@@ -192,16 +195,25 @@ def _decode(records: list[dict], size: int, seed_of_synthetic: int) -> np.ndarra
     return out
 
 
+def cache_path(records: list[dict], size: int, cache_dir: Path, name: str, synthetic_seed: int = 0) -> Path:
+    """Where :func:`image_cache` keeps the decoded images of ``records`` (keyed by source, image, view and size)."""
+    key = hashlib.sha256(json.dumps([[r["source"], r["image"], r["view"]] for r in records] + [size, synthetic_seed]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}_{size}_{key}.npy"
+
+
+def save_cache(path: Path, arr: np.ndarray) -> None:
+    """Atomically write one decoded-image cache file (a killed run never leaves a truncated one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{time.time_ns()}.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+
+
 def image_cache(records: list[dict], size: int, cache_dir: Path, name: str, synthetic_seed: int = 0) -> np.ndarray:
     """Decoded images of ``records`` (memory-mapped), built once per record list, view and size."""
-    key = hashlib.sha256(json.dumps([[r["source"], r["image"], r["view"]] for r in records] + [size, synthetic_seed]).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"{name}_{size}_{key}.npy"
+    path = cache_path(records, size, cache_dir, name, synthetic_seed)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arr = _decode(records, size, synthetic_seed)
-        tmp = path.with_suffix(f".tmp{time.time_ns()}.npy")
-        np.save(tmp, arr)
-        tmp.replace(path)
+        save_cache(path, _decode(records, size, synthetic_seed))
     return np.load(path, mmap_mode="r")
 
 
@@ -389,6 +401,33 @@ def _batch(items, pools, images, cfg: Config, step_seed: int):
     return normalise(torch.stack(xs)), {k: torch.tensor(v) for k, v in labels.items()}
 
 
+class _EpochBatches:
+    """The batches of one epoch from step ``start`` on, as a map-style dataset (index = step), so a DataLoader's
+    workers can augment ahead of the GPU. Each batch is seeded by its global step: the same batches as the
+    in-loop path whatever the number of workers."""
+
+    def __init__(self, plan, start: int, steps: int, global0: int, pools, images, cfg: Config):
+        self.plan, self.start, self.steps, self.global0 = plan, start, steps, global0
+        self.pools, self.images, self.cfg = pools, images, cfg
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __getitem__(self, k: int):
+        s, bs = self.start + k, self.cfg.batch_size
+        return _batch(self.plan[s * bs : (s + 1) * bs], self.pools, self.images, self.cfg, self.cfg.seed * 1_000_003 + self.global0 + k)
+
+
+def epoch_batches(plan, start: int, steps: int, global0: int, pools, images, cfg: Config):
+    """Iterator over the (x, labels) batches of steps ``start..steps-1``."""
+    ds = _EpochBatches(plan, start, steps, global0, pools, images, cfg)
+    if cfg.workers == 0:
+        return (ds[k] for k in range(len(ds)))
+    import torch
+
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.workers, prefetch_factor=4, persistent_workers=False))
+
+
 def _loss(logits, labels, class_w, cfg: Config):
     import torch
     import torch.nn.functional as F
@@ -450,7 +489,21 @@ def learning_curves(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
-def train(cfg: Config) -> dict:
+def _load_init(net, init: str, heads: dict[str, list[str]]) -> None:
+    """Weights of an earlier expert into ``net`` (a continuation, e.g. the CPU expert at GPU resolution)."""
+    from models.efficientnet import load_expert
+    from models.resolve import resolve
+
+    path = Path(init) if Path(init).suffix == ".safetensors" and Path(init).is_file() else Path(resolve(init, progress=False))
+    old, info = load_expert(path)
+    if {k: list(v) for k, v in info["heads"].items()} != {k: list(v) for k, v in heads.items()}:
+        raise ValueError(f"{init}: its heads differ from this training's (labels or order)")
+    net.load_state_dict(old.state_dict())
+
+
+def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = None) -> dict:
+    """Fine-tune; ``tables`` (records per split and the DermNet classes) replaces :func:`build_tables`, e.g. the
+    GPU job's packed records whose decoded images it has already put into ``cfg.cache_dir``."""
     import torch
 
     from models.efficientnet import BASE_ID, EXPERT_FORMAT, multitask_net, save_expert
@@ -463,7 +516,8 @@ def train(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     t_start = time.time()
 
-    sets, dn_classes = build_tables(cfg)
+    sets, dn_classes = tables if tables is not None else build_tables(cfg)
+    sets = dict(sets)
     n_syn = (max(1, cfg.limit_per_source // 8) if cfg.limit_per_source else 30) if cfg.mix.not_skin else 0
     sets["train_not_skin"] = _synthetic_records(n_syn, cfg.seed) if n_syn else []
     sets["val_not_skin"] = _synthetic_records(max(1, n_syn // 3), cfg.seed + 1000) if n_syn else []
@@ -477,7 +531,10 @@ def train(cfg: Config) -> dict:
     sizes = {k: len(v) for k, v in sets.items()}
 
     heads = {"ham": list(HAM_CLASSES), "dermnet": dn_classes, "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
-    net = multitask_net(heads, pretrained=True, dropout=cfg.dropout).to(device)
+    net = multitask_net(heads, pretrained=cfg.init is None, dropout=cfg.dropout)
+    if cfg.init is not None:
+        _load_init(net, cfg.init, heads)
+    net = net.to(device)
     frozen = frozen_modules(net.backbone, cfg.train_from)
     frozen_ids = {id(p) for m in frozen for p in m.parameters()}
     for m in frozen:
@@ -550,10 +607,12 @@ def train(cfg: Config) -> dict:
         plan = _epoch_plan(pools, cfg, ep)
         set_train_mode(net, frozen)
         bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {ep + 1}/{cfg.epochs}", disable=not cfg.progress, mininterval=5)
+        batches = epoch_batches(plan, state["step_in_epoch"], steps_per_epoch, state["global_step"], pools, images, cfg)
         while state["step_in_epoch"] < steps_per_epoch:
-            s = state["step_in_epoch"]
-            x, labels = _batch(plan[s * cfg.batch_size : (s + 1) * cfg.batch_size], pools, images, cfg, cfg.seed * 1_000_003 + state["global_step"])
-            _, logits = net(x.to(device))
+            x, labels = next(batches)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda")):
+                _, logits = net(x.to(device, non_blocking=True))
+            logits = {k: v.float() for k, v in logits.items()}
             loss, parts = _loss(logits, {k: v.to(device) for k, v in labels.items()}, {k: v.to(device) for k, v in class_w.items()}, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()

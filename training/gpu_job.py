@@ -17,7 +17,8 @@ stops (exit 3). Then, each stage with a share of the time left and stopped clean
 
 Each finished stage is written to ``--out`` at once (so a run cut off later still returns it), as at most
 8 files of < 16 MiB: ``job.log``, ``summary.json``, ``reasoner_sft.tar.gz``, ``reasoner_grpo.tar.gz``,
-``reward_curves.png``, ``describer.tar.gz``, ``encoder.tar.gz``, ``eval.tar.gz``.
+``describer.tar.gz``, ``effnet.tar.gz``, ``encoder.tar.gz``, ``eval.tar.gz`` (the reward curves travel inside
+``reasoner_grpo.tar.gz``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Any, Callable
 
 from training.gpu_manifest import Verification, member_path, stash_dir, verify
 
-STAGES = ("reasoner_sft", "reasoner_grpo", "describer", "encoder", "effnet", "eval")
-OUT_FILES = ("job.log", "summary.json", "reasoner_sft.tar.gz", "reasoner_grpo.tar.gz", "reward_curves.png", "describer.tar.gz", "encoder.tar.gz", "eval.tar.gz")
+STAGES = ("reasoner_sft", "reasoner_grpo", "describer", "effnet", "encoder", "eval")
+OUT_FILES = ("job.log", "summary.json", "reasoner_sft.tar.gz", "reasoner_grpo.tar.gz", "describer.tar.gz", "effnet.tar.gz", "encoder.tar.gz", "eval.tar.gz")
 MAX_OUT_BYTES = 16 * (1 << 20)
 CONFIG = Path("configs/train/gpu_job.yaml")
 SMOKE_CONFIG = Path("configs/train/gpu_job_smoke.yaml")
@@ -74,6 +75,8 @@ def job_config_class():
         reasoner_grpo: dict[str, Any] = Field(default_factory=dict, description="training.reasoner_grpo.Config fields.")
         describer: dict[str, Any] = Field(default_factory=dict, description="training.describer_vlm.Config fields.")
         encoder: EncoderFinetune = Field(default_factory=EncoderFinetune, description="Encoder fine-tuning (the modality config comes from the pack).")
+        effnet: dict[str, Any] = Field(default_factory=dict, description="training.encoder.Config fields over the packed config (sizes and tables come from the pack).")
+        effnet_eval_reserve_s: float = Field(10.0, ge=0, description="Of the effnet stage's time kept for its last held-out evaluation and outputs.")
         eval: EvalSettings = Field(default_factory=EvalSettings)
 
     return JobConfig
@@ -302,12 +305,12 @@ class Job:
             self.summary["error"] = self.v.report()
         return self.v.ok
 
-    def install_llm(self) -> str:
-        """Put the pack's GGUF where the resolver caches it (unless an identical entry is there), so the
-        registry id resolves offline and the project's own GGUF conversion runs on it."""
+    def install_cached(self, folder: str) -> str:
+        """Put the pack's model file under ``folder/`` where the resolver caches it (unless an identical entry is
+        there), so its registry id resolves offline; returns the id."""
         from models.paths import cache_dir
 
-        name = next(n for n in self.v.manifest["members"] if n.startswith("llm/"))
+        name = next(n for n in self.v.manifest["members"] if n.startswith(f"{folder}/"))
         info = self.v.manifest["contents"][name]
         entry = cache_dir() / info["cache_entry"]
         marker = entry / ".complete"
@@ -322,6 +325,10 @@ class Job:
             assemble(self.v, name, target)
             marker.write_text(json.dumps(info["marker"], sort_keys=True))
         return info["id"]
+
+    def install_llm(self) -> str:
+        """The base LLM's GGUF into the resolver's cache (the project's own GGUF conversion then runs on it)."""
+        return self.install_cached("llm")
 
     def setup(self) -> None:
         import torch
@@ -382,8 +389,6 @@ class Job:
         (out / "summary.json").write_text(json.dumps(res, indent=1, default=str))
         self.grpo_adapter = out / "adapter"
         write_tar(self.out, "reasoner_grpo.tar.gz", out, ["adapter", "metrics.jsonl", "summary.json", "reward_curves.png"])
-        if (out / "reward_curves.png").is_file():
-            shutil.copyfile(out / "reward_curves.png", self.out / "reward_curves.png")
         return _brief(res, ("steps", "init_adapter", "num_generations", "rewards", "stopped_at_deadline"))
 
     def stage_describer(self, end: float) -> dict[str, Any]:
@@ -437,20 +442,50 @@ class Job:
         out = self.work / "encoder"
         if (out / "modality_encoder.safetensors").is_file():
             to_float16(out / "modality_encoder.safetensors", out / HALF_DELTA)
-        write_tar(self.out, "encoder.tar.gz", out, [HALF_DELTA, "modality_head.safetensors", "metrics.json", "metrics.jsonl",
-                                                    "summary.json", "registry.yaml", "effnet"])  # fmt: skip
+        write_tar(self.out, "encoder.tar.gz", out, [HALF_DELTA, "modality_head.safetensors", "metrics.json", "metrics.jsonl", "summary.json", "registry.yaml"])
 
     def stage_effnet(self, end: float) -> dict[str, Any]:
-        # HOOK (EfficientNet-Lite0 expert, built on branch `effnet`): when a module training.gpu_effnet exists,
-        # its run(job, end) trains the expert from the pack's data (its own gpu_pack component) and writes into
-        # <work>/encoder/effnet/, which goes back inside encoder.tar.gz. Nothing here depends on it.
-        try:
-            from training import gpu_effnet  # type: ignore[attr-defined]
-        except ImportError:
-            return {"status": "skipped", "why": "no training.gpu_effnet module (EfficientNet-Lite0 expert not merged)"}
-        res = gpu_effnet.run(self, end)
-        self.write_encoder_tar()
-        return res
+        """The EfficientNet-Lite0 expert from its ImageNet weights on the pack's images: their decoded-image caches
+        are written from the JPEGs first, so :func:`training.encoder.train` runs unchanged on the packed records."""
+        import gzip
+
+        from training import encoder
+        from training.gpu_pack import read_effnet_images
+
+        if "effnet/tables.json.gz" not in self.v.manifest["members"]:
+            return {"status": "skipped", "why": "the pack has no effnet data"}
+        t0 = time.time()
+        if any(m.startswith("effnet_base/") for m in self.v.manifest["members"]):
+            self.install_cached("effnet_base")
+        elif not self.cfg.effnet.get("init"):
+            raise ValueError("effnet.init is unset and the pack carries no ImageNet base weights (gpu_pack effnet.base): nothing to start from")
+        with gzip.open(self.member("effnet/tables.json.gz"), "rt", encoding="utf-8") as f:
+            tables = json.load(f)
+        out = self.work / "effnet"
+        base = {k: v for k, v in tables["config"].items() if k not in ("out_dir", "device", "cache_dir", "artifact", "register_as", "max_minutes")}
+        cfg = encoder.Config.model_validate({**base, **self.cfg.effnet, "seed": self.cfg.seed, "out_dir": out, "device": self.device, "artifact": None,
+                                             "cache_dir": self.work / "effnet_images", "store_size": tables["config"]["store_size"],
+                                             "dermnet_store_size": tables["config"]["dermnet_store_size"], "progress": False, "resume": False})  # fmt: skip
+        sets = tables["sets"]
+        zpath = self.member("effnet/images.zip")
+        for name, recs in sets.items():
+            size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
+            encoder.save_cache(encoder.cache_path(recs, size, cfg.cache_dir, name), read_effnet_images(zpath, name, len(recs)))
+        decode_s = round(time.time() - t0, 1)
+        self.log(f"effnet: {sum(len(v) for v in sets.values())} images decoded in {decode_s} s")
+        minutes = max(0.05, (end - time.time() - self.cfg.effnet_eval_reserve_s) / 60)
+        cfg = cfg.model_copy(update={"max_minutes": minutes})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+        res = encoder.train(cfg, tables=(sets, tables["classes"]))
+        res["decode_s"] = decode_s
+        (out / "summary.json").write_text(json.dumps(res, indent=1, default=str))
+        write_tar(self.out, "effnet.tar.gz", out, ["best.safetensors", "metrics.jsonl", "summary.json", "MODEL_CARD.md", "learning_curves.png", "config.yaml", "registry.yaml"])
+        best = res.get("best") or {}
+        keys = ("val_isic2018/balanced_accuracy", "val_isic2018/accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_dermnet/top5",
+                "val_derm7pt/criteria_f1/mean", "modality_acc", "score")  # fmt: skip
+        return {"best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"), "stopped_early": res.get("stopped_early"),
+                "train_wall_s": res.get("train_wall_s"), "decode_s": decode_s, "sizes": res.get("sizes"), "best": {k: best.get(k) for k in keys}}  # fmt: skip
 
     def stage_eval(self, end: float) -> dict[str, Any]:
         from models.backends.hf_llm import TransformersLLM
@@ -518,7 +553,7 @@ class Job:
                 shares_left = sum(self.cfg.shares.get(s, 0.0) for s in todo[i:])
                 share = self.cfg.shares.get(stage, 0.0)
                 end = self.clock.deadline(share, shares_left)
-                if stage != "effnet" and end - time.time() < 1.0:
+                if end - time.time() < 1.0:
                     self.summary["stages"][stage] = {"status": "skipped", "why": "no time left"}
                     continue
                 self.log(f"=== {stage}: {max(0.0, end - time.time()):.0f} s of {self.clock.left():.0f} s left ===")

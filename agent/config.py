@@ -28,6 +28,11 @@ class EncoderConfig(_Strict):
         default_factory=lambda: BackendRef(backend="sklesion", model="sklesion-xception"),
         description="Lesion classifier whose pooled features every trained head and the case index use.",
     )
+    second_expert: BackendRef | None = Field(
+        default_factory=lambda: BackendRef(backend="efficientnet", model="efficientnet-lite0-derm"),
+        description="Second visual expert (a multi-task EfficientNet-Lite0 trained by `dermgraph train encoder`): its HAM10000 head "
+        "for dermoscopy and its DermNet head for clinical photos, read by the fusion stacker where the artifact lists 'effnet'. None: not run.",
+    )
 
 
 class ModalityConfig(_Strict):

@@ -35,6 +35,7 @@ class Backends(Protocol):
 
     config: AgentConfig
     classifier: ImageClassifier
+    second_expert: Any
     modality_heads: HeadSet
     modality_encoder: Any
     concept_heads: HeadSet
@@ -70,6 +71,12 @@ class Runtime:
     @functools.cached_property
     def classifier(self):
         return self._get("classifier", lambda: _backend("classifier", self.config.encoder.classifier, self.config.device))
+
+    @functools.cached_property
+    def second_expert(self):
+        """The second visual expert (``encoder.second_expert``), or None when the configuration has none."""
+        ref = self.config.encoder.second_expert
+        return self._get("second_expert", lambda: None if ref is None else _backend("classifier", ref, self.config.device))
 
     @functools.cached_property
     def modality_heads(self):

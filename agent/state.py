@@ -44,6 +44,11 @@ class ImageEncoding(BaseModel):
     model_id: str
     classifier_probs: dict[str, float] = Field(description="Raw lesion-classifier probabilities (uncalibrated).")
     features: Any = Field(default=None, repr=False, description="Pooled image features (np.ndarray).")
+    expert_probs: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes) and 'effnet_dermnet' "
+        "(DermNet classes, named as the case index names them).",
+    )
     stats: Any = Field(default=None, repr=False, description="Colour/texture statistics (np.ndarray).")
 
     @field_serializer("features", "stats", when_used="json")

@@ -13,7 +13,8 @@ from models.vocabulary import SEVEN_POINT_PHRASES
 if TYPE_CHECKING:
     from retrieval.kb import KBEntry
 
-EXPERT_NAMES = {"classifier": "the lesion classifier", "knn": "similar cases", "morphology": "the findings model", "llm": "the language model"}
+EXPERT_NAMES = {"classifier": "the lesion classifier", "knn": "similar cases", "morphology": "the findings model", "llm": "the language model",
+                "effnet": "the second visual expert"}
 
 
 def finding_id(criterion: str) -> str:

@@ -68,6 +68,25 @@ class FakeClassifier:
         return ClassifierOutput(p, feats, HAM_CLASSES)
 
 
+class FakeSecondExpert:
+    """A second visual expert (:class:`models.efficientnet.EfficientNetExpert`'s ``predict_heads`` and
+    ``info``) whose HAM10000 and DermNet heads give fixed probabilities."""
+
+    model_id = "fake-second-expert"
+
+    def __init__(self, ham: dict[str, float] | None = None, dermnet: dict[str, float] | None = None):
+        self.ham = ham or {"nv": 0.7, "mel": 0.2, "bkl": 0.1}
+        self.dermnet = dermnet or {"Psoriasis": 0.6, "Eczema": 0.3, "Melanoma": 0.1}
+        self.info = {"heads": {"ham": list(HAM_CLASSES), "dermnet": list(self.dermnet)}}
+        self.calls = 0
+
+    def predict_heads(self, images):
+        self.calls += 1
+        ham = np.array([[self.ham.get(c, 0.0) for c in HAM_CLASSES] for _ in images], dtype=np.float32)
+        dn = np.array([list(self.dermnet.values()) for _ in images], dtype=np.float32)
+        return np.zeros((len(images), 8), np.float32), {"ham": ham, "dermnet": dn}
+
+
 def constant_heads(name_to_value: dict[str, tuple[tuple[str, ...], str]], dim: int, ood_threshold: float | None = None) -> HeadSet:
     """A real HeadSet whose heads always predict the given value (zero weights, biased logits)."""
     heads = {}
@@ -127,6 +146,12 @@ class FakeKnowledge:
     def entry_for_label(self, label):
         return self.entries.get(label)
 
+    def ham_class_for(self, label):
+        """HAM10000 code of an entry named by ``label`` (code, name or alias), as :meth:`retrieval.kb.KnowledgeBase.ham_class_for`."""
+        low = label.lower()
+        hit = next((e for e in self.entries.values() if low in {e.name.lower(), *(a.lower() for a in e.aliases)}), None)
+        return hit.ham_class if hit is not None else None
+
 
 @dataclass
 class FakeHit:
@@ -181,6 +206,7 @@ def backends(**over):
     """A full set of doubles for ``Agent(backends=...)``."""
     base = {
         "classifier": FakeClassifier(),
+        "second_expert": None,  # no second visual expert unless a test gives one (FakeSecondExpert)
         "modality_heads": modality_heads(),
         "concept_heads": concept_heads({"pigment_network": "atypical", "blue_whitish_veil": "present"}),
         "kb": FakeKB(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -90,6 +90,23 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: Sequence, n: int = 1000,
             stats.append(v)
     lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def mcnemar_exact(a_right: Sequence[bool], b_right: Sequence[bool]) -> dict[str, Any]:
+    """Exact two-sided McNemar test of two systems' correctness on the same cases (binomial test on the discordant pairs)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a_right, bool), np.asarray(b_right, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_a_right": only_a, "only_b_right": only_b, "p": round(float(p), 5)}
+
+
+def paired_difference(metric: Callable[..., float], y: Sequence, a: Sequence, b: Sequence, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """``metric(y, b) - metric(y, a)`` with a percentile-bootstrap 95% CI resampling cases (the same resample for both systems)."""
+    y, a, b = np.asarray(y), np.asarray(a), np.asarray(b)
+    lo, hi = bootstrap_ci(lambda yy, aa, bb: metric(yy, bb) - metric(yy, aa), y, a, b, n=n, seed=seed)
+    return {"difference": round(metric(y, b) - metric(y, a), 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def diagnosis_metrics(y: Sequence[str], p: Sequence[str], positive: str = "mel") -> dict[str, float]:

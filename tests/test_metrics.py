@@ -38,3 +38,16 @@ def test_bootstrap_ci_contains_point_estimate():
     p = np.where(rng.random(200) < 0.8, y, "x")
     lo, hi = bootstrap_ci(accuracy, y, p, n=300)
     assert lo < accuracy(y, p) < hi and hi - lo < 0.2
+
+
+def test_mcnemar_counts_only_discordant_pairs_and_paired_difference_is_signed_b_minus_a():
+    from evals.metrics import accuracy, mcnemar_exact, paired_difference
+
+    a = [True] * 10 + [False] * 10
+    b = [True] * 10 + [True] * 9 + [False]
+    got = mcnemar_exact(a, b)
+    assert got["only_a_right"] == 0 and got["only_b_right"] == 9 and got["p"] < 0.01
+    assert mcnemar_exact(a, a) == {"only_a_right": 0, "only_b_right": 0, "p": 1.0}
+    y = ["mel"] * 20
+    d = paired_difference(accuracy, y, ["mel" if k else "nv" for k in a], ["mel" if k else "nv" for k in b], n=200)
+    assert d["difference"] == 0.45 and 0 < d["ci95"][0] <= 0.45 <= d["ci95"][1]

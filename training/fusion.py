@@ -522,6 +522,7 @@ def train(cfg: Config) -> dict[str, Any]:
         calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} held-out DermNet photos (even last hash digit)")
         clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
         clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
+        clin.meta["extra_candidates"] = cfg.clinical_extra_candidates if "effnet" in cexp else 0
         modalities["clinical"] = clin
 
     model = FusionModel(morph, modalities, {"id": cfg.artifact_id})

@@ -12,6 +12,11 @@ expert, so it runs as a second pass into ``<out>_llm.jsonl``; :func:`read_record
 
     python -m training.fusion_data --out .cache/fusion/experts.jsonl --no-llm    # every expert but the LLM
     python -m training.fusion_data --out .cache/fusion/experts.jsonl             # + the LLM's candidate scores
+
+The second visual expert's outputs (``<out>_effnet.jsonl``) come from its cached outputs on every image
+(``python -m training.eval_encoder features``), named as the agent's encode node names them::
+
+    python -m training.fusion_data --out .cache/fusion/experts.jsonl --expert-weights W --expert-features DIR
 """
 
 from __future__ import annotations
@@ -175,6 +180,37 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
     return list(recs.values())
 
 
+def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet") -> Path:
+    """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``) and DermNet head
+    (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) from ``<expert_features>/<source>__effnet.npz``."""
+    import numpy as np
+
+    from agent.nodes.encode import dermnet_label_probs
+    from models.efficientnet import expert_info
+    from retrieval.kb import KnowledgeBase
+
+    heads = expert_info(Path(weights))["heads"]
+    kb = KnowledgeBase()
+    dest = expert_path(out, name)
+    n = 0
+    with open(dest.with_suffix(".tmp"), "w") as f:
+        for source in sources:
+            z = np.load(Path(expert_features) / f"{source}__effnet.npz")
+            index = {str(i): k for k, i in enumerate(z["ids"])}
+            for row in case_rows([source], feature_dir):
+                k = index.get(row.image)
+                if k is None:
+                    continue
+                rec = {"id": row.id, name: {c: round(float(p), 6) for c, p in zip(heads["ham"], z["probs_ham"][k])}}
+                if "probs_dermnet" in z:
+                    rec[f"{name}_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], z["probs_dermnet"][k], kb).items()}
+                f.write(json.dumps(rec) + "\n")
+                n += 1
+    os.replace(dest.with_suffix(".tmp"), dest)
+    print(f"{n} cases -> {dest}")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     from training.data import FEATURE_DIR
 
@@ -184,7 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
+    ap.add_argument("--expert-features", type=Path, default=None, help="its outputs on every image (python -m training.eval_encoder features --feature-dir ...)")
     a = ap.parse_args(argv)
+    if a.expert_weights is not None:
+        if a.expert_features is None:
+            ap.error("--expert-weights needs --expert-features")
+        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources)
+        return
     collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit)
 
 

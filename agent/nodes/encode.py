@@ -1,10 +1,35 @@
-"""Encode: run the lesion classifier / image encoder once; later nodes reuse its features."""
+"""Encode: run the lesion classifier / image encoder once (and the second visual expert, when configured);
+later nodes reuse what they saw."""
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 from agent.nodes.base import NodeOutput
 from agent.runtime import Backends
 from agent.state import CaseState, ImageEncoding
+
+
+def dermnet_label_probs(classes: Sequence[str], probs: Sequence[float], knowledge: Any) -> dict[str, float]:
+    """A DermNet head's probabilities under the labels the case index uses: the HAM10000 code where the
+    knowledge base maps the DermNet class to one (summed when several do), else the DermNet name."""
+    out: dict[str, float] = {}
+    for c, p in zip(classes, probs):
+        key = knowledge.ham_class_for(c) or c
+        out[key] = out.get(key, 0.0) + float(p)
+    return out
+
+
+def second_expert_probs(expert: Any, image: Any, knowledge: Any) -> dict[str, dict[str, float]]:
+    """``ImageEncoding.expert_probs`` of one image: the expert's HAM10000 head as 'effnet' and its DermNet head
+    (if it has one) as 'effnet_dermnet'. The expert gives ``predict_heads`` and ``info['heads']``
+    (:class:`models.efficientnet.EfficientNetExpert`)."""
+    _, probs = expert.predict_heads([image])
+    heads = expert.info["heads"]
+    out = {"effnet": {c: round(float(p), 6) for c, p in zip(heads["ham"], probs["ham"][0])}}
+    if "dermnet" in probs:
+        out["effnet_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], probs["dermnet"][0], knowledge).items()}
+    return out
 
 
 def encode(state: CaseState, rt: Backends) -> NodeOutput:
@@ -13,14 +38,16 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
     meta = state.metadata.as_dict() if state.metadata else None
     out = rt.classifier.predict([state.image], [meta])
     probs = {label: float(p) for label, p in zip(out.labels, out.probs[0])}
+    second = rt.second_expert
     enc = ImageEncoding(
         model_id=rt.classifier.model_id,
         classifier_probs=probs,
         features=out.features[0],
         stats=image_stats(state.image),
+        expert_probs=second_expert_probs(second, state.image, rt.knowledge) if second is not None else {},
     )
     return NodeOutput(
         {"encoding": enc},
         inputs={"image_size": list(state.image_size), "metadata": meta or {}},
-        model_id=rt.classifier.model_id,
+        model_id=rt.classifier.model_id if second is None else f"{rt.classifier.model_id}+{second.model_id}",
     )

@@ -44,9 +44,11 @@ class LLMAnswer(BaseModel):
     rationale: str = ""
 
 
-def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], dict[str, str]]:
+def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int = 0) -> tuple[list[str], dict[str, str]]:
     """Candidate labels and their display names: the classifier's classes where the modality's route
-    has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``)."""
+    has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``), plus
+    the second expert's ``extra_from_expert`` most probable DermNet-head labels not already among them (the
+    fusion artifact says how many its clinical stacker was fitted with)."""
     max_candidates = config.reasoner.max_candidates
     if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
@@ -54,7 +56,16 @@ def candidates_for(state: CaseState, config: AgentConfig) -> tuple[list[str], di
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
     if not labels and state.retrieval:
         labels = list(dict.fromkeys(ev.label for ev in state.retrieval.evidence if ev.label))[:max_candidates]
+    head = state.encoding.expert_probs.get("effnet_dermnet") if state.encoding and extra_from_expert else None
+    if head:
+        labels += [c for c in sorted(head, key=lambda c: -head[c]) if c not in labels][:extra_from_expert]
     return labels, {c: HAM_NAMES.get(c, c) for c in labels}
+
+
+def expert_candidates(model, modality: str) -> int:
+    """How many candidates the fusion artifact's stacker for ``modality`` takes from the second expert."""
+    mf = model.modalities.get(modality)
+    return int(mf.meta.get("extra_candidates", 0)) if mf is not None and "effnet" in mf.experts else 0
 
 
 def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
@@ -131,6 +142,9 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
         out["classifier"] = dict(state.encoding.classifier_probs) if state.encoding and rt.config.route(mod).classifier else None
     if "knn" in mf.experts:
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
+    if "effnet" in mf.experts:
+        heads = state.encoding.expert_probs if state.encoding else {}
+        out["effnet"] = heads.get("effnet" if rt.config.route(mod).classifier else "effnet_dermnet")
     if "morphology" in mf.experts:
         observed = observed_findings(state)
         out["morphology"] = model.morphology_expert.predict(observed) if model.morphology_expert is not None and observed else None
@@ -193,8 +207,8 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     round_ = state.round + 1
     mod = state.modality.label
     feedback = state.verification.feedback if state.verification and state.verification.decision == "revise" else None
-    cands, names = candidates_for(state, rt.config)
     model = rt.fusion
+    cands, names = candidates_for(state, rt.config, expert_candidates(model, mod))
     if mod not in model.modalities:
         raise ValueError(f"fusion artifact {cfg.fusion!r} has no stacker for {mod!r} images (calibrated: {', '.join(model.modalities)})")
     mf = model.modalities[mod]

@@ -12,6 +12,7 @@ from typing import Any
 BACKENDS: dict[str, dict[str, str]] = {
     "classifier": {
         "sklesion": "models.sklesion:SklesionClassifier",
+        "efficientnet": "models.efficientnet:EfficientNetExpert",
     },
     "llm": {
         "transformers": "models.backends.hf_llm:TransformersLLM",

@@ -1,0 +1,68 @@
+"""The second visual expert in the live agent: its heads in the encoding, its clinical candidates, its place in the fusion."""
+
+import numpy as np
+from PIL import Image
+
+from agent import Agent
+from agent.nodes.encode import dermnet_label_probs
+from agent.testing import FakeCases, FakeKnowledge, FakeSecondExpert, backends, fusion_model, modality_heads
+
+
+def img():
+    return Image.new("RGB", (64, 48), (150, 90, 70))
+
+
+def _with_effnet(model, modality: str, weight: float, extra: int = 0):
+    """The fusion double with 'effnet' added to one modality's stacker (weight on its log-probabilities)."""
+    mf = model.modalities[modality]
+    mf.experts = list(mf.experts) + ["effnet"]
+    if mf.kind == "conditional_logit":
+        mf.coef = np.concatenate([mf.coef, [weight]])
+        mf.meta["extra_candidates"] = extra
+    else:
+        C = len(mf.classes)
+        mf.coef = np.concatenate([mf.coef, weight * np.eye(C)], axis=1)
+        mf.centre["effnet"] = np.full(C, np.log(1.0 / C))
+    return model
+
+
+def test_dermnet_head_is_named_as_the_case_index_names_labels_and_merged_labels_add_up():
+    got = dermnet_label_probs(["Melanoma", "Psoriasis", "melanoma"], [0.2, 0.5, 0.3], FakeKnowledge())
+    assert got == {"mel": 0.5, "Psoriasis": 0.5}
+
+
+def test_encoding_carries_both_heads_and_the_trace_names_both_models():
+    second = FakeSecondExpert()
+    state = Agent(backends=backends(second_expert=second)).run(img(), until="encode")
+    heads = state.encoding.expert_probs
+    assert second.calls == 1
+    assert abs(heads["effnet"]["nv"] - 0.7) < 1e-6 and set(heads["effnet"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+    assert heads["effnet_dermnet"] == {"Psoriasis": 0.6, "Eczema": 0.3, "mel": 0.1}
+    assert state.trace[0].model_id == "fake-classifier+fake-second-expert"
+    # No second expert configured: nothing run, nothing recorded.
+    assert Agent(backends=backends()).run(img(), until="encode").encoding.expert_probs == {}
+
+
+def test_clinical_candidates_gain_the_experts_top_labels_and_its_vote_moves_the_fusion():
+    cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Eczema", 0.6)])
+    plain = Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=cases)).diagnose(img())
+    assert "Psoriasis" not in {x.label for x in plain.differential}
+
+    model = _with_effnet(fusion_model(), "clinical", 2.0, extra=1)
+    d = Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=cases, second_expert=FakeSecondExpert(), fusion=model)).diagnose(img())
+    labels = [x.label for x in d.differential]
+    assert "Psoriasis" in labels and "mel" not in labels  # one extra candidate: the expert's top label the cases did not propose
+    assert d.differential[0].label == "Psoriasis"  # the expert's weight carries it over the similar cases
+    step = next(s for s in d.reasoning_steps if s.kind == "expert" and s.data["expert"] == "effnet")
+    assert "second visual expert" in step.text and "expert:effnet" in step.evidence
+
+
+def test_dermoscopy_reads_the_experts_ham_head_and_a_missing_expert_is_imputed():
+    model = _with_effnet(fusion_model(), "dermoscopy", 3.0)
+    with_it = Agent(backends=backends(second_expert=FakeSecondExpert(ham={"nv": 0.98, "mel": 0.01, "bkl": 0.01}), fusion=model)).diagnose(img())
+    p_with = {x.label: x.probability for x in with_it.differential}
+    without = Agent(backends=backends(fusion=_with_effnet(fusion_model(), "dermoscopy", 3.0))).diagnose(img())
+    p_without = {x.label: x.probability for x in without.differential}
+    assert p_with["nv"] > p_without["nv"]
+    fusion_step = next(s for s in without.reasoning_steps if s.kind == "fusion")
+    assert "second visual expert" in fusion_step.text  # named as not available

@@ -66,3 +66,17 @@ def test_dermoscopy_reads_the_experts_ham_head_and_a_missing_expert_is_imputed()
     assert p_with["nv"] > p_without["nv"]
     fusion_step = next(s for s in without.reasoning_steps if s.kind == "fusion")
     assert "second visual expert" in fusion_step.text  # named as not available
+
+
+def test_the_evaluation_accepts_the_second_experts_citations_and_scores_it_alone():
+    import json
+
+    from evals.protocols.diagnosis import grounding, system_predictions
+
+    cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Eczema", 0.6)])
+    model = _with_effnet(fusion_model(), "clinical", 2.0, extra=1)
+    d = Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=cases, second_expert=FakeSecondExpert(), fusion=model)).diagnose(img())
+    doc = json.loads(d.model_dump_json())
+    g = grounding(doc, FakeKnowledge())
+    assert g["citations_exist"] and not g["missing_citations"]
+    assert system_predictions(doc)["effnet"][0] == "Psoriasis"

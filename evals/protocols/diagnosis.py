@@ -25,7 +25,8 @@ from evals.cache import AGENT
 from evals.classification import fmt, headline_names, score
 from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
 
-SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "morphology": "findings model alone", "llm": "LLM reasoner alone", "agent": "full agent"}
+SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "morphology": "findings model alone",
+           "effnet": "second visual expert alone", "llm": "LLM reasoner alone", "agent": "full agent"}
 NO_ANSWER = "none"
 """Prediction of a system that gave no answer for a case (counts as wrong)."""
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
@@ -56,6 +57,7 @@ def system_predictions(diagnosis: dict[str, Any]) -> dict[str, tuple[str | None,
         "classifier": _top(enc.get("classifier_probs")),
         "knn": _top(ret.get("knn_probs")),
         "morphology": _top((rea.get("expert_probs") or {}).get("morphology")),
+        "effnet": _top((rea.get("expert_probs") or {}).get("effnet")),
         "llm": _top(rea.get("llm_probs")),
         "agent": (diagnosis.get("label"), agent_p if diagnosis.get("label") else None),
     }
@@ -67,7 +69,8 @@ def grounding(diagnosis: dict[str, Any], kb) -> dict[str, Any]:
 
     ids = {e["id"] for e in diagnosis.get("evidence") or []}
     ids |= {f"finding:{f['criterion']}" for f in diagnosis.get("findings") or []}
-    ids |= {f"expert:{e}" for e in ("classifier", "knn", "morphology", "llm")}
+    rea = trace_node(diagnosis, "reason").get("outputs", {}).get("reasoning") or {}
+    ids |= {f"expert:{e}" for e in {*(rea.get("expert_probs") or {}), *(rea.get("contributions") or {})}}  # the experts this case had
     steps = diagnosis.get("reasoning_steps") or []
     missing = sorted({e for st in steps for e in st.get("evidence", []) if e not in ids})
     observed = {f["criterion"]: f.get("probs") or {f["value"]: f["confidence"]} for f in diagnosis.get("findings") or []}

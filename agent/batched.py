@@ -81,6 +81,22 @@ class CachingClassifier(_Delegate):
         return ClassifierOutput(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self._labels)
 
 
+class CachingSecondExpert(_Delegate):
+    """Second visual expert whose ``predict_heads`` answers prefetched images from one batched forward pass."""
+
+    def prefetch(self, images: Sequence[Any]) -> None:
+        feats, heads = self.inner.predict_heads(list(images))
+        self.cache = {_image_key(im, None): (feats[i], {k: v[i] for k, v in heads.items()}) for i, im in enumerate(images)}
+
+    def predict_heads(self, images):
+        rows = [self.cache.get(_image_key(im, None)) for im in images]
+        if not images or any(r is None for r in rows):
+            self.misses += 1
+            return self.inner.predict_heads(images)
+        self.hits += 1
+        return np.stack([r[0] for r in rows]), {k: np.stack([r[1][k] for r in rows]) for k in rows[0][1]}
+
+
 class CachingEmbedder(_Delegate):
     """Text embedder whose ``embed`` answers prefetched texts from one batched call."""
 
@@ -127,8 +143,10 @@ class CachingCases(_Delegate):
 def install_caches(rt) -> dict[str, _Delegate]:
     """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
     wrapped: dict[str, _Delegate] = {}
-    for name, cls in (("classifier", CachingClassifier), ("cases", CachingCases)):
+    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("cases", CachingCases)):
         cur = getattr(rt, name)
+        if cur is None:  # no second expert configured
+            continue
         if not isinstance(cur, cls):
             cur = cls(cur)
             rt.__dict__[name] = cur  # replaces the functools.cached_property value
@@ -146,7 +164,7 @@ def install_caches(rt) -> dict[str, _Delegate]:
 
 def uninstall_caches(rt) -> None:
     """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
-    for name in ("classifier", "cases"):
+    for name in ("classifier", "second_expert", "cases"):
         cur = rt.__dict__.get(name)
         if isinstance(cur, _Delegate):
             rt.__dict__[name] = cur.inner
@@ -225,6 +243,8 @@ class BatchedAgent:
             metas = [s.metadata.as_dict() if s.metadata else None for s, _ in states.values()]
             lap("load images")
             self.backends["classifier"].prefetch(images, metas)
+            if "second_expert" in self.backends:
+                self.backends["second_expert"].prefetch(images)
             lap("encoder forward")
             # The front nodes are cheap heads over the (now cached) features: run them to learn each case's
             # modality and retrieval query. The graph runs them again; only the cached models are shared.

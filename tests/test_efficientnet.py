@@ -177,7 +177,7 @@ def test_shipped_expert_artifact():
     path = resolve("efficientnet-lite0-derm", progress=False)
     assert path.stat().st_size < 10e6
     info = E.expert_info(path)
-    assert info["base"] == E.BASE_ID and info["image_size"] == 160
+    assert info["base"] == E.BASE_ID and info["image_size"] == 224
     assert len(info["heads"]["dermnet"]) == 56 and info["heads"]["modality"] == ["clinical", "dermoscopy", "histopathology", "not_skin"]
     assert len([h for h in info["heads"] if h.startswith("crit_")]) == 7
     expert = EfficientNetExpert()

@@ -111,6 +111,12 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     for i in range(0, len(images), batch_size):
         feats.append(clf.predict(images[i : i + batch_size], metas[i : i + batch_size]).features)
     floors["encoder forward"] = time.perf_counter() - t0
+    second = unwrap(rt.second_expert) if rt.second_expert is not None else None
+    if second is not None:
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            second.predict_heads(images[i : i + batch_size])
+        floors["second expert forward"] = time.perf_counter() - t0
     # Inputs of the later models, computed (untimed) with the agent's own front nodes.
     texts, groups = [], defaultdict(list)
     cfg = rt.config.retrieval

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from evals.base import EvalCase, ProtocolContext
 from evals.cache import AGENT, ImageHashes, PredictionCache, case_key
+from evals.progress import Progress
 
 MODALITY = "modality"
 """Kind of a record with only the encoder and modality nodes run."""
@@ -112,29 +113,6 @@ def _work(kind: str, key: str, case: EvalCase) -> tuple[str, str]:
     return key, rec["status"]
 
 
-class Progress:
-    """Prints ``done/total``, throughput (cases/s) and an ETA every few cases."""
-
-    def __init__(self, total: int, log: Callable[[str], None], label: str = "cases", every_s: float = 15.0):
-        self.total, self.log, self.label, self.every_s = total, log, label, every_s
-        self.done = self.errors = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return self.done / dt if dt > 0 else 0.0
-
-    def update(self, status: str = "ok") -> None:
-        self.done += 1
-        self.errors += status != "ok"
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total or self.done in (1, 5):
-            self.last = now
-            r = self.rate()
-            eta = (self.total - self.done) / r if r > 0 else float("nan")
-            self.log(f"[eval] {self.done}/{self.total} {self.label} ({self.errors} errors), {r:.2f} cases/s, ETA {eta:.0f} s")
-
-
 def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -> dict[str, Any]:
     """Produce and cache records of ``kind`` for ``todo`` ((key, case) pairs); returns timing stats."""
     if not todo:
@@ -142,7 +120,7 @@ def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -
     if ctx.agent_config is None:
         raise ValueError("this protocol needs an agent configuration")
     workers = max(1, min(int(ctx.workers or 1), len(todo)))
-    progress = Progress(len(todo), ctx.log)
+    progress = Progress(ctx.log, "[eval]", len(todo), every_s=15.0)
     ctx.log(f"[eval] running {kind} on {len(todo)} cases ({workers} process{'es' if workers > 1 else ''})")
     if workers == 1:
         agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
@@ -158,7 +136,7 @@ def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -
         for key, case in todo:
             rec = predict(agent, case, kind)
             ctx.cache.put(key, rec)
-            progress.update(rec["status"])
+            progress.update(status=rec["status"])
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -168,7 +146,7 @@ def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=init) as pool:
             futures = [pool.submit(_work, kind, key, case) for key, case in todo]
             for fut in as_completed(futures):
-                progress.update(fut.result()[1])
+                progress.update(status=fut.result()[1])
         if isinstance(ctx.cache, PredictionCache):
             ctx.cache.reload()
     seconds = time.perf_counter() - progress.t0

@@ -235,3 +235,15 @@ def test_metric_helpers():
     ece = sum(b["n"] / 3 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])
     assert ece == pytest.approx(expected_calibration_error([0.05, 0.95, 0.95], [False, True, False]))
     assert per_group(["f", "m", "m"], lambda a: float(np.mean(a)), [1, 0, 1]) == {"f": {"n": 1, "value": 1.0}, "m": {"n": 2, "value": 0.5}}
+
+
+def test_one_progress_reports_errors_cache_hits_and_eta():
+    from evals.progress import Progress
+
+    logs: list[str] = []
+    p = Progress(logs.append, "[eval]", 4, every_s=1e9)
+    p.update(status="ok")
+    p.update(status="error")
+    p.update(n_done=2, n_computed=0)  # cache hits: done, not computed
+    assert len(logs) == 2 and logs[0].startswith("[eval]: 1/4 cases (0 errors, 1 computed)")
+    assert "4/4 cases (1 errors, 2 computed)" in logs[-1] and "cases/s" in logs[-1] and "ETA 0 s" in logs[-1]

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from evals.progress import Progress
 
 
 class BackendSpec(BaseModel):
@@ -50,28 +51,6 @@ def config_hash(obj: Any) -> str:
     """Short stable hash of a JSON-able configuration (key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return sha256_text(blob)[:16]
-
-
-class Progress:
-    """Logs ``done/total`` and the throughput of the items actually computed (cache hits excluded)."""
-
-    def __init__(self, log: Callable[[str], None], what: str, total: int, every_s: float = 10.0) -> None:
-        self.log, self.what, self.total, self.every_s = log, what, total, every_s
-        self.done = self.computed = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n_done: int, n_computed: int = 0, force: bool = False) -> None:
-        self.done += n_done
-        self.computed += n_computed
-        now = time.perf_counter()
-        if force or self.done >= self.total or now - self.last >= self.every_s:
-            self.last = now
-            rate = self.computed / max(now - self.t0, 1e-9)
-            self.log(f"{self.what}: {self.done}/{self.total} ({self.computed} computed, {rate:.2f}/s)")
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.t0
 
 
 @dataclass
@@ -122,7 +101,7 @@ def cached_map(
     todo = list(dict.fromkeys(k for k in keys if k not in found))
     if todo and prepare is not None:
         prepare(missing, len(todo))
-    progress = Progress(ctx.log, what, len(todo))
+    progress = Progress(ctx.log, what, len(todo), unit="items")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         for key, rec in zip(chunk, compute(chunk), strict=True):

@@ -13,10 +13,14 @@ def test_publish_a_file_and_a_directory(tmp_path):
     (out / "head.safetensors").write_bytes(b"weights")
     (out / "adapter" / "a.json").write_text("{}")
     (out / "adapter" / "skip.tmp").write_text("x")
-    art = publish(out / "head.safetensors", tmp_path / "artifacts" / "head.safetensors", {"acc": 1.0})
+    art = publish(out / "head.safetensors", tmp_path / "artifacts" / "head.safetensors", {"acc": 1.0}, card="Trained on X (licence Y).", title="my head")
     assert art.read_bytes() == b"weights" and (tmp_path / "artifacts" / "head.metrics.json").exists()
+    card = (tmp_path / "artifacts" / "head.md").read_text()
+    assert card.startswith("# my head\n\nTrained on X (licence Y).")
+    assert sha256_file(art) in card and "| acc | 1.0 |" in card and "Command:" in card and "Git commit:" in card
     d = publish(out / "adapter", tmp_path / "artifacts" / "adapter", files=["a.json"])
-    assert sorted(p.name for p in d.iterdir()) == ["a.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["MODEL_CARD.md", "a.json"]
+    assert "| a.json | 2 |" in (d / "MODEL_CARD.md").read_text()
     assert publish(out / "adapter", None) is None
 
 

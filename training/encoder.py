@@ -652,9 +652,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     (out / "MODEL_CARD.md").write_text(card)
     reg = write_registry_fragment(out, cfg.register_as, weights, role="classifier", licence=LICENCE, fmt=EXPERT_FORMAT,
                                   notes=f"EfficientNet-Lite0 multi-task expert fine-tuned by dermgraph train encoder (best epoch {state['best_epoch']}).")  # fmt: skip
-    published = publish(weights, cfg.artifact, best)
-    if published is not None:
-        Path(published).with_name(Path(published).name.split(".")[0] + ".md").write_text(card)
+    published = publish(weights, cfg.artifact, best, card=card.split("\n", 1)[1], title=card.split("\n", 1)[0].lstrip("# "))
     return {
         "weights": str(weights),
         "size_mb": round(weights.stat().st_size / 1e6, 2),

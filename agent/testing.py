@@ -180,7 +180,8 @@ def _calibration(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray, n
 def fusion_model(w_classifier: float = 1.0, w_knn: float = 0.5, w_morphology: float = 0.5, w_llm: float = 0.5, clinical=(1.0, 0.3)):
     """A fusion artifact (:class:`models.stacker.FusionModel`) with product-of-experts weights and synthetic
     calibration: acceptance needs a confident top label that the experts agree on."""
-    from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert
+    from models.stacker import LEGACY_ACCEPTANCE_FEATURES as ACCEPTANCE_FEATURES
+    from models.stacker import FusionModel, ModalityFusion, MorphologyExpert
 
     C = len(HAM_CLASSES)
     experts = ["classifier", "knn", "morphology", "llm"]

@@ -27,8 +27,10 @@ import numpy as np
 from models.conformal import conformal_quantile, prediction_set, sgr_threshold
 
 FORMAT = "dermgraph-fusion/2"
-ACCEPTANCE_FEATURES = ("log_top", "margin", "set_size", "expert_agreement", "morphology_top")
-"""Signals of the acceptance model, in order (see :func:`acceptance_features`)."""
+ACCEPTANCE_FEATURES = ("log_top", "margin", "set_size", "expert_agreement", "morphology_top", "second_expert_agrees")
+"""Every signal :func:`acceptance_features` computes; an artifact's acceptance model names the ones it uses."""
+LEGACY_ACCEPTANCE_FEATURES = ACCEPTANCE_FEATURES[:5]
+"""What artifacts written before the second visual expert used (their acceptance section may not name them)."""
 
 
 def log_probs(p: Mapping[str, float] | None, classes: Sequence[str], eps: float) -> np.ndarray | None:
@@ -109,6 +111,7 @@ class ModalityFusion:
     calibration_source: str = ""
     acceptance_coef: np.ndarray | None = None
     acceptance_intercept: float = 0.0
+    acceptance_features: tuple[str, ...] = LEGACY_ACCEPTANCE_FEATURES  # the signals acceptance_coef weighs, in order
     acceptance_kappa: np.ndarray = field(default_factory=lambda: np.zeros(0))
     acceptance_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     # The decision model (multinomial only): a class-weighted stacker over the same inputs whose argmax is the
@@ -180,8 +183,8 @@ class ModalityFusion:
         return prediction_set(probs, self.qhat(alpha), self.conformal_score)  # type: ignore[arg-type]
 
     def acceptance_score(self, signals: Mapping[str, float]) -> float:
-        """Estimated probability that the top label is right, from :data:`ACCEPTANCE_FEATURES`."""
-        x = np.array([float(signals[k]) for k in ACCEPTANCE_FEATURES])
+        """Estimated probability that the top label is right, from the signals this model's acceptance uses."""
+        x = np.array([float(signals[k]) for k in self.acceptance_features])
         return float(1.0 / (1.0 + math.exp(-(float(self.acceptance_coef @ x) + self.acceptance_intercept))))
 
     def threshold(self, target_accuracy: float, delta: float) -> tuple[float, dict]:
@@ -203,7 +206,8 @@ class ModalityFusion:
             conformal_score=d.get("conformal", {}).get("score", "lac"),
             calibration_scores=np.asarray([math.inf if s is None else s for s in d.get("conformal", {}).get("scores", [])], float),
             calibration_source=d.get("conformal", {}).get("source", ""),
-            acceptance_coef=np.asarray(acc.get("coef", [0.0] * len(ACCEPTANCE_FEATURES)), float),
+            acceptance_coef=np.asarray(acc.get("coef", [0.0] * len(acc.get("features", LEGACY_ACCEPTANCE_FEATURES))), float),
+            acceptance_features=tuple(acc.get("features", LEGACY_ACCEPTANCE_FEATURES)),
             acceptance_intercept=float(acc.get("intercept", 0.0)),
             acceptance_kappa=np.asarray(acc.get("kappa", []), float),
             acceptance_correct=np.asarray(acc.get("correct", []), bool),
@@ -223,7 +227,7 @@ class ModalityFusion:
             "centre": {k: v.round(6).tolist() for k, v in self.centre.items()},
             "conformal": {"score": self.conformal_score, "source": self.calibration_source,
                           "scores": [None if math.isinf(s) else round(float(s), 6) for s in self.calibration_scores]},  # fmt: skip
-            "acceptance": {"features": list(ACCEPTANCE_FEATURES), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
+            "acceptance": {"features": list(self.acceptance_features), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
                            "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
                            "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip
             "decision": None if self.decision_coef is None else {"coef": np.asarray(self.decision_coef).round(6).tolist(),
@@ -238,9 +242,10 @@ def _sgr_cached(kappa: bytes, correct: bytes, target_risk: float, delta: float) 
 
 
 def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], expert_tops: Mapping[str, str | None],
-                        morphology: Mapping[str, float] | None, label: str | None = None) -> dict[str, float]:  # fmt: skip
+                        morphology: Mapping[str, float] | None, label: str | None = None, second_expert_top: str | None = None) -> dict[str, float]:  # fmt: skip
     """The acceptance model's signals for the decided ``label`` (default: the most probable) under a fused
-    distribution (names as in :data:`ACCEPTANCE_FEATURES`)."""
+    distribution (names as in :data:`ACCEPTANCE_FEATURES`). ``second_expert_top``: the second visual expert's
+    most probable candidate, fused or not (its agreement is 1 or 0; 0.5 when there is none)."""
     top = label if label is not None else max(probs, key=probs.get)
     p_top = probs.get(top, 0.0)
     other = max((p for c, p in probs.items() if c != top), default=0.0)
@@ -251,6 +256,7 @@ def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], exp
         "set_size": float(len(pred_set)),
         "expert_agreement": (sum(t == top for t in tops) / len(tops)) if tops else 0.0,
         "morphology_top": float(morphology.get(top, 0.0)) if morphology else 0.0,
+        "second_expert_agrees": 0.5 if second_expert_top is None else float(second_expert_top == top),
     }
 
 

@@ -22,18 +22,19 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from models.conformal import conformal_quantile, max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
-from models.stacker import ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs
+from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 from training.config import TrainConfig
 
 DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
 CLIN_EXPERTS = ("knn", "llm")
+FIT_PART_NAMES = {"isic2018_val": "isic2018_val calib half", "derm7pt": "Derm7pt train/extra"}
 
 
 class Config(TrainConfig):
@@ -41,7 +42,10 @@ class Config(TrainConfig):
 
     experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
     extra_experts: list[str] = Field([], description="Extra expert files next to experts_file (<stem>_<name>.jsonl), e.g. 'effnet' (second visual expert: HAM head for dermoscopy, DermNet head for clinical photos).")
-    fit_sources: list[str] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
+    fit_sources: list[Literal["isic2018_val", "derm7pt"]] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
+    acceptance_features: list[str] = Field(list(LEGACY_ACCEPTANCE_FEATURES), description=f"Signals of the acceptance model, from {list(ACCEPTANCE_FEATURES)}.")
+    acceptance_sources: list[str] | None = Field(None, description="Dermoscopy sources whose fit rows train the acceptance model and set the SGR threshold (None: all); "
+                                                 "leave out those the second expert trained on when its agreement is a signal.")
     clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
@@ -364,40 +368,55 @@ def conformal_scores(recs: list[dict], probs: list[dict[str, float]], score: str
     return np.array(out)
 
 
+def second_expert_top(r: dict, candidates: Sequence[str]) -> str | None:
+    """The second visual expert's most probable candidate in record ``r`` (None without its outputs)."""
+    p = r.get("effnet")
+    cands = [c for c in candidates if p and c in p]
+    return max(cands, key=lambda c: p[c]) if cands else None
+
+
 def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str], label: str) -> dict[str, float]:
     tops = {e: (max(r[e], key=r[e].get) if r.get(e) else None) for e in experts}
-    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label)  # type: ignore[arg-type]
+    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label, second_expert_top(r, list(p)))  # type: ignore[arg-type]
 
 
-def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int):
+def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int, features: Sequence[str] = ACCEPTANCE_FEATURES):
     from sklearn.linear_model import LogisticRegression
 
-    x = np.array([[s[k] for k in ACCEPTANCE_FEATURES] for s in sig])
+    x = np.array([[s[k] for k in features] for s in sig])
     if correct.all() or not correct.any():
-        return np.zeros(len(ACCEPTANCE_FEATURES)), float(np.log((correct.mean() + 1e-3) / (1 - correct.mean() + 1e-3)))
+        return np.zeros(len(features)), float(np.log((correct.mean() + 1e-3) / (1 - correct.mean() + 1e-3)))
     m = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit(x, correct.astype(int))
     return m.coef_[0], float(m.intercept_[0])
 
 
-def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str, labels: list[str] | None = None) -> None:
-    """Conformal scores and cross-fitted acceptance calibration, written into ``model``."""
+def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float]], cfg: Config, source: str, labels: list[str] | None = None,
+              acceptance_sources: Sequence[str] | None = None) -> None:  # fmt: skip
+    """Conformal scores and cross-fitted acceptance calibration, written into ``model``. The acceptance model and
+    its SGR calibration use only the rows of ``acceptance_sources`` (None: all), e.g. not the rows one of its
+    signals' models trained on."""
     model.conformal_score = cfg.conformal_score
     model.calibration_scores = conformal_scores(recs, oof, cfg.conformal_score)
     model.calibration_source = source
     qhat = conformal_quantile(model.calibration_scores, cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
     labels = labels or decide_all(oof)
+    feats = tuple(cfg.acceptance_features)
+    keep = [i for i, r in enumerate(recs) if not acceptance_sources or r["source"] in acceptance_sources]
+    recs, oof, labels = [recs[i] for i in keep], [oof[i] for i in keep], [labels[i] for i in keep]
     sig = [signals(r, p, qhat, cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
     correct = np.array([lab == r["label"] for r, lab in zip(recs, labels)])
     fold = np.random.default_rng(cfg.seed).permutation(len(recs)) % cfg.folds
     kappa = np.zeros(len(recs))
     for j in range(cfg.folds):
         tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
-        coef, b = fit_acceptance([sig[i] for i in tr], correct[tr], cfg.seed)
+        coef, b = fit_acceptance([sig[i] for i in tr], correct[tr], cfg.seed, feats)
         for i in te:
-            kappa[i] = 1 / (1 + math.exp(-(float(coef @ np.array([sig[i][k] for k in ACCEPTANCE_FEATURES])) + b)))
-    model.acceptance_coef, model.acceptance_intercept = fit_acceptance(sig, correct, cfg.seed)
+            kappa[i] = 1 / (1 + math.exp(-(float(coef @ np.array([sig[i][k] for k in feats])) + b)))
+    model.acceptance_features = feats
+    model.acceptance_coef, model.acceptance_intercept = fit_acceptance(sig, correct, cfg.seed, feats)
     model.acceptance_kappa, model.acceptance_correct = kappa, correct
+    model.meta["acceptance_rows"] = len(recs)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -446,6 +465,15 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
     }
     out["risk_coverage"] = [[round(float(c), 4), round(float(r), 4)] for c, r in zip(*risk_coverage(kappa, correct))]
     return out
+
+
+def _headline(ev: dict[str, Any]) -> dict[str, Any]:
+    """The figures a model card table shows for one evaluation part."""
+    sel = ev.get("selective") or {}
+    sets = (ev.get("prediction_sets") or {}).get("0.1") or {}
+    return {k: v for k, v in {"accuracy": ev.get("accuracy"), "balanced_accuracy": ev.get("balanced_accuracy"), "mel_sensitivity": ev.get("mel_sensitivity"),
+                              "accepted": sel.get("coverage"), "accuracy_on_accepted": sel.get("accuracy_on_accepted"), "aurc": sel.get("aurc"),
+                              "set_coverage_0.1": sets.get("coverage"), "set_size_0.1": sets.get("mean_size")}.items() if v is not None}  # fmt: skip
 
 
 def legacy_baseline(recs: list[dict], modality: str) -> dict[str, Any]:
@@ -508,7 +536,8 @@ def train(cfg: Config) -> dict[str, Any]:
     dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
     derm.decision_coef, derm.decision_intercept = dec.coef, dec.intercept
     derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_expert_weights": dec.meta["expert_weights"], "decision_grid": dgrid})
-    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases (isic2018_val calib half + Derm7pt train/extra)", oof_labels)
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
+              cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
     # Clinical.
@@ -556,7 +585,13 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.artifact is not None:
         from training.outputs import publish
 
-        summary["published"] = str(publish(out, cfg.artifact))
+        headline = {f"{part}/{k}": v for part, ev in evals.items() for k, v in _headline(ev.get("after", {})).items()}
+        body = (f"The reasoner's fusion `{cfg.artifact_id}` (`dermgraph train fusion`): findings model, per-modality stacker over "
+                f"{', '.join(cfg.dermoscopy_experts)} (dermoscopy) and {', '.join(cfg.clinical_experts)} (clinical), split-conformal scores and the "
+                f"SGR-calibrated acceptance model ({', '.join(cfg.acceptance_features)}). Fit counts: {json.dumps(counts)}. Metrics below are on "
+                "the evaluation halves it never fitted on. Data licences: non-commercial (ISIC 2018, Derm7pt, DermNet NZ); the full card with "
+                "ablations is in models/artifacts/README.md.")  # fmt: skip
+        summary["published"] = str(publish(out, cfg.artifact, headline, card=body, title=f"{cfg.artifact_id} ({Path(cfg.artifact).name})"))
     _plots(evals, cfg.out_dir)
     print(report_table(metrics, cfg))
     return summary

@@ -61,6 +61,15 @@ def _resolution(state: CaseState, names: dict[str, str]) -> str:
     return "a dermatologist's examination (the experts do not agree with enough confidence)"
 
 
+def _second_expert_top(state: CaseState, rt: Backends, candidates: list[str]) -> str | None:
+    """The second visual expert's most probable candidate (its HAM10000 head where the classifier is routed, else
+    its DermNet head); None without the expert. Its agreement is a signal whether or not the stacker fuses it."""
+    heads = state.encoding.expert_probs if state.encoding else {}
+    p = heads.get("effnet" if rt.config.route(state.modality.label).classifier else "effnet_dermnet")
+    cands = [c for c in candidates if p and c in p]
+    return max(cands, key=lambda c: p[c]) if cands else None
+
+
 def verify(state: CaseState, rt: Backends) -> NodeOutput:
     from models.stacker import acceptance_features
 
@@ -95,7 +104,8 @@ def verify(state: CaseState, rt: Backends) -> NodeOutput:
         return NodeOutput({"verification": verdict}, inputs=inputs, model_id="risk-control")
 
     tops = {e: (max(p, key=p.get) if p else None) for e, p in r.expert_probs.items() if e != "morphology"}
-    signals = acceptance_features({d.label: d.probability for d in r.differential}, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label)
+    probs = {d.label: d.probability for d in r.differential}
+    signals = acceptance_features(probs, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label, _second_expert_top(state, rt, list(probs)))
     score = mf.acceptance_score(signals)
     theta, info = mf.threshold(target, cfg.risk_delta)
     extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}

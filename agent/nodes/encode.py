@@ -32,6 +32,14 @@ def second_expert_probs(expert: Any, image: Any, knowledge: Any) -> dict[str, di
     return out
 
 
+def second_expert_head(state: CaseState, config: Any) -> dict[str, float] | None:
+    """The second expert's distribution that speaks to this case's modality: its HAM10000 head where the route has
+    the lesion classifier (dermoscopy), else its DermNet head (clinical photos); None without the expert."""
+    if state.encoding is None or state.modality is None:
+        return None
+    return state.encoding.expert_probs.get("effnet" if config.route(state.modality.label).classifier else "effnet_dermnet")
+
+
 def encode(state: CaseState, rt: Backends) -> NodeOutput:
     from models.image_stats import image_stats
 

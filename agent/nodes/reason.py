@@ -143,8 +143,9 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
     if "knn" in mf.experts:
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
     if "effnet" in mf.experts:
-        heads = state.encoding.expert_probs if state.encoding else {}
-        out["effnet"] = heads.get("effnet" if rt.config.route(mod).classifier else "effnet_dermnet")
+        from agent.nodes.encode import second_expert_head
+
+        out["effnet"] = second_expert_head(state, rt.config)
     if "morphology" in mf.experts:
         observed = observed_findings(state)
         out["morphology"] = model.morphology_expert.predict(observed) if model.morphology_expert is not None and observed else None

@@ -64,8 +64,9 @@ def _resolution(state: CaseState, names: dict[str, str]) -> str:
 def _second_expert_top(state: CaseState, rt: Backends, candidates: list[str]) -> str | None:
     """The second visual expert's most probable candidate (its HAM10000 head where the classifier is routed, else
     its DermNet head); None without the expert. Its agreement is a signal whether or not the stacker fuses it."""
-    heads = state.encoding.expert_probs if state.encoding else {}
-    p = heads.get("effnet" if rt.config.route(state.modality.label).classifier else "effnet_dermnet")
+    from agent.nodes.encode import second_expert_head
+
+    p = second_expert_head(state, rt.config)
     cands = [c for c in candidates if p and c in p]
     return max(cands, key=lambda c: p[c]) if cands else None
 

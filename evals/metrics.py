@@ -88,6 +88,8 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: Sequence, n: int = 1000,
         v = metric(*(a[idx] for a in arrs))
         if not np.isnan(v):
             stats.append(v)
+    if not stats:  # n == 0 (no resampling asked for) or every resample undefined
+        return float("nan"), float("nan")
     lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
 

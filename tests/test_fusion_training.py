@@ -97,3 +97,39 @@ def test_fit_parts_never_include_the_evaluation_halves(trained):
     assert not fit & {r["id"] for r in parts["isic_eval"] + parts["derm7pt_eval"]}
     assert all(r["split"] in ("calib", "train", "extra") for r in parts["derm_fit"])
     assert not {r["id"] for r in parts["clin_fit"]} & {r["id"] for r in parts["clin_eval"]}
+
+
+def test_second_expert_agreement_is_an_acceptance_signal_calibrated_on_the_named_sources(tmp_path):
+    """With the second expert's outputs in an extra file: the clinical candidates gain its labels, the acceptance
+    model weighs its agreement, and only the rows of ``acceptance_sources`` train the acceptance model and set the threshold."""
+    from training.fusion import Config, second_expert_top, train
+    from training.fusion_data import expert_path
+
+    rng = np.random.default_rng(1)
+    recs = _records(600, rng)
+    for r in recs:  # weak experts, so that some labels are wrong and agreement has something to tell
+        if r["modality"] == "dermoscopy":
+            r["classifier"], r["knn"] = _noisy(r["label"], rng, 0.15), _noisy(r["label"], rng, 0.1)
+    path = tmp_path / "experts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    # The expert: right on 80 % of the dermoscopy cases; on the clinical photos its head names the truth first.
+    extra = []
+    for r in recs:
+        if r["modality"] == "dermoscopy":
+            guess = r["label"] if rng.uniform() < 0.8 else str(rng.choice(HAM_CLASSES))
+            extra.append({"id": r["id"], "effnet": {c: (0.7 if c == guess else 0.05) for c in HAM_CLASSES}})
+        else:
+            extra.append({"id": r["id"], "effnet_dermnet": {r["label"]: 0.6, "d98": 0.4}})
+    expert_path(path, "effnet").write_text("\n".join(json.dumps(e) for e in extra) + "\n")
+    cfg = Config(experts_file=path, out_dir=tmp_path / "out", artifact=tmp_path / "fusion.json", dermoscopy_experts=["classifier", "knn", "morphology"],
+                 clinical_experts=["knn", "effnet"], extra_experts=["effnet"], clinical_extra_candidates=1, c_grid=[1.0], gamma_grid=[0.0],
+                 morphology_c_grid=[1.0], n_bootstrap=0, acceptance_features=["log_top", "margin", "set_size", "expert_agreement", "morphology_top", "second_expert_agrees"],
+                 acceptance_sources=["isic2018_val"])  # fmt: skip
+    train(cfg)
+    model = FusionModel.load(cfg.artifact)
+    derm, clin = model.modalities["dermoscopy"], model.modalities["clinical"]
+    assert derm.acceptance_features[-1] == "second_expert_agrees" and derm.acceptance_coef[-1] > 0  # agreement raises the score
+    n_isic_fit = sum(r["source"] == "isic2018_val" and r["split"] == "calib" for r in recs)
+    assert len(derm.acceptance_kappa) == n_isic_fit == derm.meta["acceptance_rows"]
+    assert clin.meta["extra_candidates"] == 1 and clin.experts == ["knn", "effnet"]
+    assert second_expert_top({"effnet": {"a": 0.2, "b": 0.7, "c": 0.9}}, ["a", "b"]) == "b" and second_expert_top({}, ["a"]) is None

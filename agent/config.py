@@ -28,6 +28,11 @@ class EncoderConfig(_Strict):
         default_factory=lambda: BackendRef(backend="sklesion", model="sklesion-xception"),
         description="Lesion classifier whose pooled features every trained head and the case index use.",
     )
+    tta_views: list[Literal["hflip", "vflip", "rot90"]] = Field(
+        default_factory=list,
+        description="Test-time views the lesion classifier also sees (CCT, models.tta): the share on which it keeps the label is "
+        "a verifier signal where the fusion artifact's acceptance model uses 'tta_agreement'. Empty: none (one forward pass per view).",
+    )
     second_expert: BackendRef | None = Field(
         default_factory=lambda: BackendRef(backend="efficientnet", model="efficientnet-lite0-derm"),
         description="Second visual expert (a multi-task EfficientNet-Lite0 trained by `dermgraph train encoder`): its HAM10000 head "

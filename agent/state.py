@@ -44,6 +44,7 @@ class ImageEncoding(BaseModel):
     model_id: str
     classifier_probs: dict[str, float] = Field(description="Raw lesion-classifier probabilities (uncalibrated).")
     features: Any = Field(default=None, repr=False, description="Pooled image features (np.ndarray).")
+    tta_probs: list[dict[str, float]] = Field(default_factory=list, description="The lesion classifier on each test-time view (encoder.tta_views), in order.")
     expert_probs: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes) and 'effnet_dermnet' "

@@ -27,7 +27,7 @@ import numpy as np
 from models.conformal import conformal_quantile, prediction_set, sgr_threshold
 
 FORMAT = "dermgraph-fusion/2"
-ACCEPTANCE_FEATURES = ("log_top", "margin", "set_size", "expert_agreement", "morphology_top", "second_expert_agrees")
+ACCEPTANCE_FEATURES = ("log_top", "margin", "set_size", "expert_agreement", "morphology_top", "second_expert_agrees", "tta_agreement")
 """Every signal :func:`acceptance_features` computes; an artifact's acceptance model names the ones it uses."""
 LEGACY_ACCEPTANCE_FEATURES = ACCEPTANCE_FEATURES[:5]
 """What artifacts written before the second visual expert used (their acceptance section may not name them)."""
@@ -242,10 +242,12 @@ def _sgr_cached(kappa: bytes, correct: bytes, target_risk: float, delta: float) 
 
 
 def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], expert_tops: Mapping[str, str | None],
-                        morphology: Mapping[str, float] | None, label: str | None = None, second_expert_top: str | None = None) -> dict[str, float]:  # fmt: skip
+                        morphology: Mapping[str, float] | None, label: str | None = None, second_expert_top: str | None = None,
+                        tta_agreement: float | None = None) -> dict[str, float]:  # fmt: skip
     """The acceptance model's signals for the decided ``label`` (default: the most probable) under a fused
     distribution (names as in :data:`ACCEPTANCE_FEATURES`). ``second_expert_top``: the second visual expert's
-    most probable candidate, fused or not (its agreement is 1 or 0; 0.5 when there is none)."""
+    most probable candidate, fused or not (its agreement is 1 or 0; 0.5 when there is none). ``tta_agreement``:
+    the share of test-time views on which the lesion classifier keeps the label (:func:`models.tta.tta_agreement`; 0.5 without)."""
     top = label if label is not None else max(probs, key=probs.get)
     p_top = probs.get(top, 0.0)
     other = max((p for c, p in probs.items() if c != top), default=0.0)
@@ -257,6 +259,7 @@ def acceptance_features(probs: Mapping[str, float], pred_set: Sequence[str], exp
         "expert_agreement": (sum(t == top for t in tops) / len(tops)) if tops else 0.0,
         "morphology_top": float(morphology.get(top, 0.0)) if morphology else 0.0,
         "second_expert_agrees": 0.5 if second_expert_top is None else float(second_expert_top == top),
+        "tta_agreement": 0.5 if tta_agreement is None else float(tta_agreement),
     }
 
 

@@ -377,7 +377,10 @@ def second_expert_top(r: dict, candidates: Sequence[str]) -> str | None:
 
 def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str], label: str) -> dict[str, float]:
     tops = {e: (max(r[e], key=r[e].get) if r.get(e) else None) for e in experts}
-    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label, second_expert_top(r, list(p)))  # type: ignore[arg-type]
+    from models.tta import tta_agreement
+
+    tta = tta_agreement(r.get("tta"), label, list(p)) if r.get("tta") else None
+    return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label, second_expert_top(r, list(p)), tta)  # type: ignore[arg-type]
 
 
 def fit_acceptance(sig: list[dict[str, float]], correct: np.ndarray, seed: int, features: Sequence[str] = ACCEPTANCE_FEATURES):

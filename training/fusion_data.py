@@ -211,6 +211,35 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     return dest
 
 
+def write_tta_outputs(out: Path, feature_dir: Path, sources: Iterable[str] = ("isic2018_val", "derm7pt"), views: tuple[str, ...] = ()) -> Path:
+    """``<out>_tta.jsonl``: per case, the lesion classifier's probabilities on each test-time view of its image
+    (:mod:`models.tta`), with the case's metadata as the agent's encode node passes it. Appends; a rerun skips
+    finished ids."""
+    from PIL import Image
+
+    from agent.runtime import Runtime
+    from agent.config import AgentConfig
+    from models.paths import data_dir
+    from models.tta import TTA_VIEWS, tta_view
+
+    views = views or TTA_VIEWS
+    dest = expert_path(out, "tta")
+    done = _done_ids(dest)
+    clf = Runtime(AgentConfig()).classifier
+    rows = [r for r in case_rows(sources, feature_dir) if r.id not in done]
+    t0 = time.time()
+    with open(dest, "a") as f:
+        for i, row in enumerate(rows):
+            img = Image.open(data_dir() / row.source / row.image).convert("RGB")
+            res = clf.predict([tta_view(img, v) for v in views], [row.metadata or None] * len(views))
+            rec = {"id": row.id, "tta_views": list(views), "tta": [{c: round(float(p), 6) for c, p in zip(res.labels, pr)} for pr in res.probs]}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            if (i + 1) % 50 == 0:
+                print(f"{i + 1}/{len(rows)}  {(i + 1) / (time.time() - t0):.2f} cases/s", flush=True)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     from training.data import FEATURE_DIR
 
@@ -220,9 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
     ap.add_argument("--expert-features", type=Path, default=None, help="its outputs on every image (python -m training.eval_encoder features --feature-dir ...)")
     a = ap.parse_args(argv)
+    if a.tta:
+        write_tta_outputs(a.out, a.feature_dir, a.sources)
+        return
     if a.expert_weights is not None:
         if a.expert_features is None:
             ap.error("--expert-weights needs --expert-features")

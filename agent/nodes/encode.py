@@ -47,12 +47,20 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
     out = rt.classifier.predict([state.image], [meta])
     probs = {label: float(p) for label, p in zip(out.labels, out.probs[0])}
     second = rt.second_expert
+    views = rt.config.encoder.tta_views
+    tta = []
+    if views:
+        from models.tta import tta_view
+
+        res = rt.classifier.predict([tta_view(state.image, v) for v in views], [meta] * len(views))
+        tta = [{label: round(float(p), 6) for label, p in zip(res.labels, row)} for row in res.probs]
     enc = ImageEncoding(
         model_id=rt.classifier.model_id,
         classifier_probs=probs,
         features=out.features[0],
         stats=image_stats(state.image),
         expert_probs=second_expert_probs(second, state.image, rt.knowledge) if second is not None else {},
+        tta_probs=tta,
     )
     return NodeOutput(
         {"encoding": enc},

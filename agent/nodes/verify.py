@@ -106,7 +106,10 @@ def verify(state: CaseState, rt: Backends) -> NodeOutput:
 
     tops = {e: (max(p, key=p.get) if p else None) for e, p in r.expert_probs.items() if e != "morphology"}
     probs = {d.label: d.probability for d in r.differential}
-    signals = acceptance_features(probs, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label, _second_expert_top(state, rt, list(probs)))
+    from models.tta import tta_agreement
+
+    tta = tta_agreement(state.encoding.tta_probs, top.label, list(probs)) if state.encoding and state.encoding.tta_probs else None
+    signals = acceptance_features(probs, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label, _second_expert_top(state, rt, list(probs)), tta)
     score = mf.acceptance_score(signals)
     theta, info = mf.threshold(target, cfg.risk_delta)
     extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}

@@ -1,0 +1,33 @@
+"""Test-time views of an image for the confidence-consistency signal (CCT): the lesion classifier on flips and a
+rotation of the image. A diagnosis the classifier keeps under these views is more likely right."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+TTA_VIEWS = ("hflip", "vflip", "rot90")
+"""The views, in order: mirror left-right, flip top-bottom, rotate 90 degrees (dermoscopy has no up)."""
+
+
+def tta_view(image: Any, name: str) -> Any:
+    """One named view of a PIL image."""
+    from PIL import Image, ImageOps
+
+    if name == "hflip":
+        return ImageOps.mirror(image)
+    if name == "vflip":
+        return ImageOps.flip(image)
+    if name == "rot90":
+        return image.transpose(Image.Transpose.ROTATE_90)
+    raise ValueError(f"unknown test-time view {name!r}; valid: {', '.join(TTA_VIEWS)}")
+
+
+def tta_agreement(view_probs: Sequence[Mapping[str, float]] | None, label: str, candidates: Sequence[str] | None = None) -> float:
+    """Share of the views whose most probable class (among ``candidates``, default all) is ``label``; 0.5 without views."""
+    if not view_probs:
+        return 0.5
+    tops = []
+    for p in view_probs:
+        keys = [c for c in (candidates or p) if c in p]
+        tops.append(max(keys, key=lambda c: p[c]) if keys else None)
+    return sum(t == label for t in tops) / len(tops)

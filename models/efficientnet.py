@@ -135,16 +135,11 @@ def to_tensor(images: Sequence[Any], size: int):
     import torch
     import torch.nn.functional as F
 
+    from models.image_stats import to_uint8_rgb
+
     out = []
     for image in images:
-        if hasattr(image, "convert"):
-            image = image.convert("RGB")
-        a = np.asarray(image)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        if a.ndim != 3 or a.shape[2] != 3:
-            raise ValueError(f"expected an RGB image, got array of shape {a.shape}")
-        x = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
+        x = torch.from_numpy(to_uint8_rgb(image)).permute(2, 0, 1).unsqueeze(0).float()
         out.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
     if not out:
         return torch.zeros((0, 3, size, size))

@@ -1,4 +1,5 @@
-"""Cheap colour and texture statistics of an image (MM-Skin-style hand-crafted features).
+"""Image arrays as the networks read them, and cheap colour and texture statistics of an image (MM-Skin-style
+hand-crafted features).
 
 They complement lesion-classifier features for modality recognition: dermoscopy has dark circular
 vignettes and even lighting, H&E histology is pink/purple with dense nuclei texture, clinical photos
@@ -11,6 +12,18 @@ import numpy as np
 
 STATS_SIZE = 128
 _HUE_BINS = 12
+
+
+def to_uint8_rgb(image) -> np.ndarray:
+    """HxWx3 uint8 from a PIL image (any mode) or an array; anything else raises ValueError."""
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {arr.shape}")
+    return np.array(arr, dtype=np.uint8, order="C")  # a writable copy: torch.from_numpy needs one
 
 
 def image_stats(image) -> np.ndarray:

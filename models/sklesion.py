@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from models.image_stats import to_uint8_rgb
 from models.protocols import ClassifierOutput
 
 MODEL_ID = "sklesion-xception"
@@ -100,18 +101,6 @@ def metadata_vector(meta: dict | None) -> np.ndarray:
     return vec
 
 
-def _to_uint8_rgb(image: Any) -> np.ndarray:
-    """HxWx3 uint8 from a PIL image (any mode) or an array."""
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an RGB image, got array of shape {arr.shape}")
-    return np.array(arr, dtype=np.uint8, order="C")  # a writable copy: torch.from_numpy needs one
-
-
 def preprocess(images: Sequence[Any], size: tuple[int, int] = IMAGE_SIZE):
     """(N, 3, H, W) float32 tensor in 0..255, resized like TF2 ``tf.image.resize`` (bilinear,
     half-pixel centres, no antialias), which ``F.interpolate(align_corners=False)`` reproduces."""
@@ -120,7 +109,7 @@ def preprocess(images: Sequence[Any], size: tuple[int, int] = IMAGE_SIZE):
 
     out = []
     for image in images:
-        x = torch.from_numpy(_to_uint8_rgb(image)).permute(2, 0, 1).unsqueeze(0).float()
+        x = torch.from_numpy(to_uint8_rgb(image)).permute(2, 0, 1).unsqueeze(0).float()
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
         out.append(x)

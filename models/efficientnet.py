@@ -199,14 +199,9 @@ def save_expert(net, path: Path, meta: dict) -> Path:
 
 def expert_info(path: Path) -> dict:
     """Metadata of an expert file (no tensors read); another file raises ValueError."""
-    from safetensors import safe_open
+    from models.safetensors_meta import read_meta
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("dermgraph")
-    info = json.loads(raw) if raw else {}
-    if info.get("format") != EXPERT_FORMAT:
-        raise ValueError(f"{path} is not an EfficientNet-Lite0 expert (metadata format {info.get('format')!r}, expected {EXPERT_FORMAT!r})")
-    return info
+    return read_meta(path, EXPERT_FORMAT, "an EfficientNet-Lite0 expert")
 
 
 def load_expert(path: Path, device: str = "cpu"):

@@ -44,14 +44,9 @@ def save_delta(backbone, start: str, path: Path, *, base_id: str, base_sha256: s
 
 def delta_info(path: Path) -> dict:
     """The metadata of a delta file (no tensors read); a file that is not one raises ValueError."""
-    from safetensors import safe_open
+    from models.safetensors_meta import read_meta
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("dermgraph")
-    info = json.loads(raw) if raw else {}
-    if info.get("format") != DELTA_FORMAT:
-        raise ValueError(f"{path} is not a dermgraph encoder delta (metadata format {info.get('format')!r}, expected {DELTA_FORMAT!r})")
-    return info
+    return read_meta(path, DELTA_FORMAT, "a dermgraph encoder delta")
 
 
 def read_delta(path: Path) -> tuple[dict[str, Any], dict]:

@@ -223,13 +223,12 @@ def load_xception(path: Path, device: str = "cpu"):
     """A ``SklesionNet`` (eval, float32, channels_last) from :func:`save_xception`'s file: what the GPU job
     fine-tunes instead of ``models.sklesion.build_model`` (which reads the 86 MB Keras file)."""
     import torch
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from models.safetensors_meta import read_meta
     from models.xception import SklesionNet
 
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads((f.metadata() or {})["dermgraph"])
+    info = read_meta(path)
     model = SklesionNet()
     sd = {k: v.float() for k, v in load_file(str(path)).items()}
     own = model.state_dict()

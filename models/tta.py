@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from models.stacker import top_candidate
+
 TTA_VIEWS = ("hflip", "vflip", "rot90")
 """The views, in order: mirror left-right, flip top-bottom, rotate 90 degrees (dermoscopy has no up)."""
 
@@ -26,8 +28,4 @@ def tta_agreement(view_probs: Sequence[Mapping[str, float]] | None, label: str, 
     """Share of the views whose most probable class (among ``candidates``, default all) is ``label``; 0.5 without views."""
     if not view_probs:
         return 0.5
-    tops = []
-    for p in view_probs:
-        keys = [c for c in (candidates or p) if c in p]
-        tops.append(max(keys, key=lambda c: p[c]) if keys else None)
-    return sum(t == label for t in tops) / len(tops)
+    return sum(top_candidate(p, candidates) == label for p in view_probs) / len(view_probs)

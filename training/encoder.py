@@ -178,7 +178,7 @@ def _synthetic_kinds(n_per_kind: int) -> list[str]:
     return [k for k in KINDS for _ in range(n_per_kind)]
 
 
-def _decode(records: list[dict], size: int, seed_of_synthetic: int) -> np.ndarray:
+def decode_records(records: list[dict], size: int, seed_of_synthetic: int = 0) -> np.ndarray:
     """(N, size, size, 3) uint8: each image (its view) resized whole to a square."""
     from PIL import Image
 
@@ -213,7 +213,7 @@ def image_cache(records: list[dict], size: int, cache_dir: Path, name: str, synt
     """Decoded images of ``records`` (memory-mapped), built once per record list, view and size."""
     path = cache_path(records, size, cache_dir, name, synthetic_seed)
     if not path.exists():
-        save_cache(path, _decode(records, size, synthetic_seed))
+        save_cache(path, decode_records(records, size, synthetic_seed))
     return np.load(path, mmap_mode="r")
 
 

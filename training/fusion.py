@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import Field
 
 from models.conformal import conformal_quantile, max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
-from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs
+from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs, top_candidate
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 from training.config import TrainConfig
 
@@ -370,16 +370,14 @@ def conformal_scores(recs: list[dict], probs: list[dict[str, float]], score: str
 
 def second_expert_top(r: dict, candidates: Sequence[str]) -> str | None:
     """The second visual expert's most probable candidate in record ``r`` (None without its outputs)."""
-    p = r.get("effnet")
-    cands = [c for c in candidates if p and c in p]
-    return max(cands, key=lambda c: p[c]) if cands else None
+    return top_candidate(r.get("effnet"), candidates)
 
 
 def signals(r: dict, p: dict[str, float], qhat: float, score: str, experts: Sequence[str], label: str) -> dict[str, float]:
     tops = {e: (max(r[e], key=r[e].get) if r.get(e) else None) for e in experts}
     from models.tta import tta_agreement
 
-    tta = tta_agreement(r.get("tta"), label, list(p)) if r.get("tta") else None
+    tta = tta_agreement(r.get("tta"), label, list(p))
     return acceptance_features(p, prediction_set(p, qhat, score), tops, r.get("morphology"), label, second_expert_top(r, list(p)), tta)  # type: ignore[arg-type]
 
 

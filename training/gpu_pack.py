@@ -380,7 +380,7 @@ def pack_effnet(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, recs in sets.items():
             size = ecfg.dermnet_store_size if name == "train_dermnet" else ecfg.store_size
-            arr = encoder._decode(recs, size, 0)
+            arr = encoder.decode_records(recs, size)
             for i, a in enumerate(arr):
                 buf = io.BytesIO()
                 Image.fromarray(a).save(buf, format="JPEG", quality=ec.jpeg_quality)

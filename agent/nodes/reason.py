@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from agent.config import AgentConfig
 from agent.fusion import fuse, softmax_scores
 from agent.nodes.base import NodeOutput
+from agent.nodes.encode import second_expert_head
 from agent.prompts import DIAGNOSIS_PREFIX, EVIDENCE_TAG, RATIONALE_FIELD, conversation, evidence_tags, render_user, usable_rationale
 from agent.runtime import Backends
 from agent.state import CaseState, DifferentialItem, ReasonerResult
@@ -143,8 +144,6 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
     if "knn" in mf.experts:
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
     if "effnet" in mf.experts:
-        from agent.nodes.encode import second_expert_head
-
         out["effnet"] = second_expert_head(state, rt.config)
     if "morphology" in mf.experts:
         observed = observed_findings(state)

@@ -14,6 +14,7 @@ import math
 
 from agent.consistency import contradictions, morphology_agreement, self_consistency
 from agent.nodes.base import NodeOutput
+from agent.nodes.encode import second_expert_head
 from agent.runtime import Backends
 from agent.state import CaseState, ReasoningStep, Verdict
 from agent.steps import observed_findings
@@ -61,18 +62,9 @@ def _resolution(state: CaseState, names: dict[str, str]) -> str:
     return "a dermatologist's examination (the experts do not agree with enough confidence)"
 
 
-def _second_expert_top(state: CaseState, rt: Backends, candidates: list[str]) -> str | None:
-    """The second visual expert's most probable candidate (its HAM10000 head where the classifier is routed, else
-    its DermNet head); None without the expert. Its agreement is a signal whether or not the stacker fuses it."""
-    from agent.nodes.encode import second_expert_head
-
-    p = second_expert_head(state, rt.config)
-    cands = [c for c in candidates if p and c in p]
-    return max(cands, key=lambda c: p[c]) if cands else None
-
-
 def verify(state: CaseState, rt: Backends) -> NodeOutput:
-    from models.stacker import acceptance_features
+    from models.stacker import acceptance_features, top_candidate
+    from models.tta import tta_agreement
 
     cfg = rt.config.verifier
     mod = state.modality
@@ -106,10 +98,10 @@ def verify(state: CaseState, rt: Backends) -> NodeOutput:
 
     tops = {e: (max(p, key=p.get) if p else None) for e, p in r.expert_probs.items() if e != "morphology"}
     probs = {d.label: d.probability for d in r.differential}
-    from models.tta import tta_agreement
-
-    tta = tta_agreement(state.encoding.tta_probs, top.label, list(probs)) if state.encoding and state.encoding.tta_probs else None
-    signals = acceptance_features(probs, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label, _second_expert_top(state, rt, list(probs)), tta)
+    # The second visual expert's agreement is a signal whether or not the stacker fuses it.
+    second_top = top_candidate(second_expert_head(state, rt.config), list(probs))
+    tta = tta_agreement(state.encoding.tta_probs if state.encoding else None, top.label, list(probs))
+    signals = acceptance_features(probs, r.prediction_set, tops, r.expert_probs.get("morphology"), top.label, second_top, tta)
     score = mf.acceptance_score(signals)
     theta, info = mf.threshold(target, cfg.risk_delta)
     extra = {"acceptance_score": round(score, 4), "acceptance_threshold": None if math.isinf(theta) else round(theta, 4), "target_accuracy": target}

@@ -34,15 +34,12 @@ def select_cases(data: Path, name: str) -> list[dict]:
     table, img_col, id_col, label_col, folder, keep, n = SETS[name]
     with open(data / table, newline="") as f:
         rows = [r for r in csv.DictReader(f) if keep is None or r[keep[0]] == keep[1]]
+    from training.data import round_robin
+
     by_label: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r[id_col].zfill(12), r[id_col])):
         by_label.setdefault(r[label_col], []).append(r)
-    picked, i = [], 0
-    while len(picked) < n:
-        for label in sorted(by_label):
-            if i < len(by_label[label]) and len(picked) < n:
-                picked.append(by_label[label][i])
-        i += 1
+    picked = round_robin(by_label, n)
     return [{"id": f"{name}/{r[id_col]}", "image": str(data / folder / r[img_col]), "label": r[label_col]} for r in picked]
 
 

@@ -121,3 +121,11 @@ def test_concepts_from_a_user_csv_extracts_features_on_the_fly(shared_data, tmp_
     out = tmp_path / "run"
     summary = run_training("concepts", CONFIGS / "concepts_smoke.yaml", [f"data={tmp_path / 'mine.csv'}", f"image_root={shared_data}", f"feature_dir={tmp_path}", f"out_dir={out}"])
     assert list(tmp_path.glob("user_*__full.npz")) and summary["metrics"]["n_train"] == 6 and summary["metrics"]["n_val"] == 4
+
+
+def test_round_robin_takes_groups_in_turn_and_stops_when_they_run_out():
+    from training.data import round_robin
+
+    groups = {"b": [1, 2, 3], "a": [10], "c": [20, 21]}
+    assert round_robin(groups, 4) == [10, 1, 20, 2]
+    assert round_robin(groups, 100) == [10, 1, 20, 2, 21, 3]

@@ -54,6 +54,18 @@ def aligned(rows: list[dict[str, str]], feats: dict[str, np.ndarray], key: str =
 DERMNET_HOLDOUT_EVERY = 6
 
 
+def round_robin(groups: dict[str, list], limit: int) -> list:
+    """Up to ``limit`` items taken in turn from each group (groups in sorted key order, each in its own order):
+    a deterministic, class-balanced pick."""
+    out, i = [], 0
+    while len(out) < limit and any(i < len(v) for v in groups.values()):
+        for k in sorted(groups):
+            if i < len(groups[k]) and len(out) < limit:
+                out.append(groups[k][i])
+        i += 1
+    return out
+
+
 def is_dermnet_heldout(sha1: str, every: int = DERMNET_HOLDOUT_EVERY) -> bool:
     """DermNet photos kept out of the shipped case index for evaluation (1 in ``every`` by content hash)."""
     return every > 0 and int(sha1[:8], 16) % every == 0

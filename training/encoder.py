@@ -101,16 +101,12 @@ def _spread(rows: list[dict], limit: int | None, key: str) -> list[dict]:
     """All rows, or ``limit`` of them spread over the values of ``key`` (deterministic)."""
     if limit is None or len(rows) <= limit:
         return rows
+    from training.data import round_robin
+
     by: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: hashlib.sha1(r["image"].encode()).hexdigest()):
         by.setdefault(r.get(key, ""), []).append(r)
-    out, i = [], 0
-    while len(out) < limit:
-        for v in sorted(by):
-            if i < len(by[v]) and len(out) < limit:
-                out.append(by[v][i])
-        i += 1
-    return out
+    return round_robin(by, limit)
 
 
 def _empty_labels(n_crit: int = len(SEVEN_POINT)) -> dict:

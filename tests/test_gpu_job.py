@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import lzma
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training import gpu_manifest as gm
@@ -207,6 +209,17 @@ def test_smoke_job_runs_every_stage_and_returns_at_most_8_small_files(tiny_featu
 
     eff = EfficientNetExpert(weights=got["effnet"] / "best.safetensors")
     assert eff.info["image_size"] == 64 and summary["stages"]["effnet"]["epochs_run"] == 1 and summary["stages"]["effnet"]["best"]["score"] is not None
+    # Cross-fitting: every training image of the three cross-fitted tables predicted once, by the fold model that left it out.
+    from training.encoder import CROSSFIT_TABLES, fold_of
+
+    v = gm.verify([tmp_path / "pack"])
+    packed = json.loads(gzip.open(gm.member_path(v, "effnet/tables.json.gz", tmp_path / "members"), "rt").read())
+    for table, source in CROSSFIT_TABLES.items():
+        z = np.load(got["effnet"] / "crossfit" / f"{source}__effnet.npz")
+        assert z["probs_ham"].shape == (len(z["ids"]), 7) and np.allclose(z["probs_ham"].sum(1), 1, atol=1e-3) and set(z["fold"]) <= {0, 1}
+        assert len(set(z["ids"])) == len(z["ids"]) == summary["stages"]["effnet"]["runs"]["fold0"]["held_out"][table] + summary["stages"]["effnet"]["runs"]["fold1"]["held_out"][table]
+        recs = {r["image"]: r for r in packed["sets"][table]}
+        assert set(z["ids"]) == set(recs) and all(fold_of(recs[i], 2) == f for i, f in zip(z["ids"], z["fold"]))
     from models.heads import HeadSet
     from models.resolve import sha256_file
 

@@ -129,7 +129,9 @@ def build_tables(cfg: Config, root: Path | None = None) -> tuple[dict[str, list[
     def rec(source, row, view, kind, **labels):
         lab = _empty_labels()
         lab.update(labels)
-        return {"source": source, "image": row["image"], "path": str(root / source / row["image"]), "view": view, "kind": kind, "labels": lab}
+        # group: images of one lesion (HAM10000 has several per lesion) share a cross-fitting fold
+        return {"source": source, "image": row["image"], "path": str(root / source / row["image"]), "view": view, "kind": kind, "labels": lab,
+                "group": row.get("lesion_id") or row["image"]}
 
     ham = [r for r in source_table("ham10000", root) if r["split"] == "train"]
     sets["train_ham"] = [rec("ham10000", r, "full", "dermoscopy", ham=_ham_index(r["dx"]), modality=1) for r in _spread(ham, lim, "dx")]
@@ -448,6 +450,41 @@ def _loss(logits, labels, class_w, cfg: Config):
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+CROSSFIT_TABLES = {"train_ham": "ham10000", "train_derm7pt": "derm7pt", "train_dermnet": "dermnet"}
+"""Training tables whose images get cross-fitted outputs, and the source each belongs to."""
+
+
+def fold_of(record: dict, k: int, seed: int = 0) -> int:
+    """The cross-fitting fold of a record: by its group (a lesion's images stay together), seeded."""
+    return int(hashlib.sha1(f"{seed}:{record['source']}:{record.get('group') or record['image']}".encode()).hexdigest(), 16) % k
+
+
+def crossfit_split(sets: dict[str, list[dict]], k: int, fold: int, seed: int = 0) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(kept, held out): indices per cross-fitted training table for fold ``fold`` of ``k``; the other tables
+    (selection sets, histology) are not split."""
+    if not 0 <= fold < k or k < 2:
+        raise ValueError(f"fold {fold} of k={k}: need k >= 2 and 0 <= fold < k")
+    kept: dict[str, list[int]] = {}
+    held: dict[str, list[int]] = {}
+    for name in CROSSFIT_TABLES:
+        f = [fold_of(r, k, seed) for r in sets.get(name, [])]
+        kept[name] = [i for i, x in enumerate(f) if x != fold]
+        held[name] = [i for i, x in enumerate(f) if x == fold]
+    return kept, held
+
+
+def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarray], extra: dict[str, np.ndarray] | None = None) -> Path:
+    """One source's head outputs in the layout of ``python -m training.eval_encoder features`` (``ids`` = image,
+    ``probs_<head>``), so :func:`training.fusion_data.write_expert_outputs` reads either."""
+    arrays = {"ids": np.array([r["image"] for r in records]), **{f"probs_{h}": p.astype(np.float32) for h, p in probs.items() if h != "features"}}
+    if "probs_ham" in arrays:
+        arrays["probs"] = arrays["probs_ham"]
+    arrays.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def learning_curves(metrics_path: Path, out: Path) -> Path | None:
     """PNG of training losses (per task, smoothed) and held-out figures per epoch."""
     import matplotlib
@@ -497,9 +534,10 @@ def _load_init(net, init: str, heads: dict[str, list[str]]) -> None:
     net.load_state_dict(old.state_dict())
 
 
-def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = None) -> dict:
+def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = None, images: dict[str, np.ndarray] | None = None) -> dict:
     """Fine-tune; ``tables`` (records per split and the DermNet classes) replaces :func:`build_tables`, e.g. the
-    GPU job's packed records whose decoded images it has already put into ``cfg.cache_dir``."""
+    GPU job's packed records, and ``images`` (split name -> decoded images in record order) replaces the
+    decoded-image cache for the splits it names (e.g. a cross-fitting fold's slices)."""
     import torch
 
     from models.efficientnet import BASE_ID, EXPERT_FORMAT, multitask_net, save_expert
@@ -517,8 +555,14 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     n_syn = (max(1, cfg.limit_per_source // 8) if cfg.limit_per_source else 30) if cfg.mix.not_skin else 0
     sets["train_not_skin"] = _synthetic_records(n_syn, cfg.seed) if n_syn else []
     sets["val_not_skin"] = _synthetic_records(max(1, n_syn // 3), cfg.seed + 1000) if n_syn else []
+    given = images or {}
     images = {}
     for name, recs in sets.items():
+        if name in given:
+            if len(given[name]) != len(recs):
+                raise ValueError(f"{name}: {len(given[name])} images for {len(recs)} records")
+            images[name] = given[name]
+            continue
         size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
         syn_seed = cfg.seed + (1000 if name == "val_not_skin" else 0)
         images[name] = image_cache(recs, size, cfg.cache_dir, name, syn_seed) if recs else np.zeros((0, size, size, 3), np.uint8)
@@ -540,7 +584,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
 
     # Class weights: the part of the balancing the sampler does not do.
     train_recs = [r for k in ("train_ham", "train_derm7pt") for r in pools[k]]
-    y_ham = np.array([r["labels"]["ham"] for r in train_recs])
+    y_ham = np.array([r["labels"]["ham"] for r in train_recs], dtype=int)
     class_w = {"ham": torch.tensor(_class_weights(y_ham, len(HAM_CLASSES), 1 - cfg.balance_power), dtype=torch.float32)}
     d7 = pools["train_derm7pt"]
     for j, c in enumerate(SEVEN_POINT):

@@ -39,6 +39,8 @@ from training.gpu_manifest import Verification, member_path, stash_dir, verify
 
 STAGES = ("reasoner_sft", "reasoner_grpo", "describer", "effnet", "encoder", "eval")
 OUT_FILES = ("job.log", "summary.json", "reasoner_sft.tar.gz", "reasoner_grpo.tar.gz", "describer.tar.gz", "effnet.tar.gz", "encoder.tar.gz", "eval.tar.gz")
+NEEDS = {"reasoner_sft": "llm/", "reasoner_grpo": "llm/", "describer": "describer/", "eval": "llm/", "encoder": "xception/", "effnet": "effnet/"}
+"""The pack member each stage reads (a pack built without it skips the stage)."""
 MAX_OUT_BYTES = 16 * (1 << 20)
 CONFIG = Path("configs/train/gpu_job.yaml")
 SMOKE_CONFIG = Path("configs/train/gpu_job_smoke.yaml")
@@ -77,6 +79,8 @@ def job_config_class():
         encoder: EncoderFinetune = Field(default_factory=EncoderFinetune, description="Encoder fine-tuning (the modality config comes from the pack).")
         effnet: dict[str, Any] = Field(default_factory=dict, description="training.encoder.Config fields over the packed config (sizes and tables come from the pack).")
         effnet_eval_reserve_s: float = Field(10.0, ge=0, description="Of the effnet stage's time kept for its last held-out evaluation and outputs.")
+        effnet_folds: int = Field(0, ge=0, description="Cross-fitting models (k >= 2; 0: none), each from ImageNet without one fold, predicting it.")
+        effnet_final: bool = Field(True, description="Then train the expert on everything (effnet.init or ImageNet).")
         eval: EvalSettings = Field(default_factory=EvalSettings)
 
     return JobConfig
@@ -350,6 +354,10 @@ class Job:
             torch.backends.cudnn.allow_tf32 = True
         self.summary["env"] = env
         self.log(f"env: {json.dumps(env)}")
+        if not self.has("llm/"):  # an image-only pack (gpu_pack llm: null): the LLM stages are skipped
+            self.summary["setup"] = {"llm": None}
+            self.log("setup done: the pack has no LLM")
+            return
         t = time.time()
         self.llm = self.install_llm()
         from models.backends.hf_llm import locate_causal_lm
@@ -359,6 +367,10 @@ class Job:
         self.train_cases = write_jsonl(read_jsonl_gz(self.member("reasoner/train.jsonl.gz")), self.work / "reasoner" / "train.jsonl")
         self.eval_cases = read_jsonl_gz(self.member("reasoner/eval.jsonl.gz"))
         self.log(f"setup done: base LLM {self.llm} at {self.llm_dir}; {sum(1 for _ in open(self.train_cases))} training cases, {len(self.eval_cases)} report cases")
+
+    def has(self, prefix: str) -> bool:
+        """Whether the pack holds a member under ``prefix``."""
+        return any(m.startswith(prefix) for m in self.v.manifest["members"])
 
     # ---- stages
 
@@ -445,47 +457,91 @@ class Job:
         write_tar(self.out, "encoder.tar.gz", out, [HALF_DELTA, "modality_head.safetensors", "metrics.json", "metrics.jsonl", "summary.json", "registry.yaml"])
 
     def stage_effnet(self, end: float) -> dict[str, Any]:
-        """The EfficientNet-Lite0 expert from its ImageNet weights on the pack's images: their decoded-image caches
-        are written from the JPEGs first, so :func:`training.encoder.train` runs unchanged on the packed records."""
+        """The EfficientNet-Lite0 expert on the pack's images (:func:`training.encoder.train` unchanged, the packed
+        records and their decoded images in place of the data folder): first ``effnet_folds`` cross-fitting models
+        from the ImageNet weights, each leaving one fold of the training images out and predicting it, then
+        (``effnet_final``) the expert on everything, from ``effnet.init`` or ImageNet."""
         import gzip
 
+        import numpy as np
+
+        from models.efficientnet import load_expert
         from training import encoder
         from training.gpu_pack import read_effnet_images
 
         if "effnet/tables.json.gz" not in self.v.manifest["members"]:
             return {"status": "skipped", "why": "the pack has no effnet data"}
         t0 = time.time()
-        if any(m.startswith("effnet_base/") for m in self.v.manifest["members"]):
+        has_base = any(m.startswith("effnet_base/") for m in self.v.manifest["members"])
+        if has_base:
             self.install_cached("effnet_base")
-        elif not self.cfg.effnet.get("init"):
+        if self.cfg.effnet_folds and not has_base:
+            raise ValueError("cross-fitting trains from the ImageNet weights, which the pack does not carry (gpu_pack effnet.base)")
+        if self.cfg.effnet_final and not has_base and not self.cfg.effnet.get("init"):
             raise ValueError("effnet.init is unset and the pack carries no ImageNet base weights (gpu_pack effnet.base): nothing to start from")
         with gzip.open(self.member("effnet/tables.json.gz"), "rt", encoding="utf-8") as f:
             tables = json.load(f)
         out = self.work / "effnet"
+        out.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in tables["config"].items() if k not in ("out_dir", "device", "cache_dir", "artifact", "register_as", "max_minutes")}
         cfg = encoder.Config.model_validate({**base, **self.cfg.effnet, "seed": self.cfg.seed, "out_dir": out, "device": self.device, "artifact": None,
                                              "cache_dir": self.work / "effnet_images", "store_size": tables["config"]["store_size"],
                                              "dermnet_store_size": tables["config"]["dermnet_store_size"], "progress": False, "resume": False})  # fmt: skip
-        sets = tables["sets"]
+        sets, classes = tables["sets"], tables["classes"]
         zpath = self.member("effnet/images.zip")
-        for name, recs in sets.items():
-            size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
-            encoder.save_cache(encoder.cache_path(recs, size, cfg.cache_dir, name), read_effnet_images(zpath, name, len(recs)))
+        images = {name: read_effnet_images(zpath, name, len(recs)) for name, recs in sets.items()}
         decode_s = round(time.time() - t0, 1)
         self.log(f"effnet: {sum(len(v) for v in sets.values())} images decoded in {decode_s} s")
-        minutes = max(0.05, (end - time.time() - self.cfg.effnet_eval_reserve_s) / 60)
-        cfg = cfg.model_copy(update={"max_minutes": minutes})
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-        res = encoder.train(cfg, tables=(sets, tables["classes"]))
-        res["decode_s"] = decode_s
-        (out / "summary.json").write_text(json.dumps(res, indent=1, default=str))
-        write_tar(self.out, "effnet.tar.gz", out, ["best.safetensors", "metrics.jsonl", "summary.json", "MODEL_CARD.md", "learning_curves.png", "config.yaml", "registry.yaml"])
-        best = res.get("best") or {}
+        runs = [f"fold{k}" for k in range(self.cfg.effnet_folds)] + (["final"] if self.cfg.effnet_final else [])
+        results: dict[str, Any] = {}
+        held_out: dict[str, list[tuple[int, int, dict[str, np.ndarray]]]] = {n: [] for n in encoder.CROSSFIT_TABLES}
+        for i, run in enumerate(runs):
+            run_end = time.time() + (end - time.time() - self.cfg.effnet_eval_reserve_s) / (len(runs) - i)
+            if run == "final":
+                rcfg = cfg.model_copy(update={"out_dir": out})
+                r_sets, r_images = sets, images
+            else:
+                k = int(run[4:])
+                kept, held = encoder.crossfit_split(sets, self.cfg.effnet_folds, k, self.cfg.seed)
+                r_sets = {n: [recs[j] for j in kept[n]] if n in kept else recs for n, recs in sets.items()}
+                r_images = {n: images[n][kept[n]] if n in kept else images[n] for n in sets}
+                rcfg = cfg.model_copy(update={"out_dir": out / run, "init": None})
+            rcfg.out_dir.mkdir(parents=True, exist_ok=True)
+            rcfg = rcfg.model_copy(update={"max_minutes": max(0.05, (run_end - time.time()) / 60)})
+            (rcfg.out_dir / "config.yaml").write_text(json.dumps(rcfg.model_dump(mode="json"), indent=1))
+            self.log(f"effnet {run}: {rcfg.max_minutes * 60:.0f} s, init {rcfg.init or 'ImageNet'}")
+            res = encoder.train(rcfg, tables=(r_sets, classes), images=r_images)
+            res["decode_s"] = decode_s
+            if run != "final":
+                net, _ = load_expert(rcfg.out_dir / "best.safetensors", self.device)
+                for n, idx in held.items():
+                    if idx:
+                        probs = encoder.evaluate(net, images[n][idx], [sets[n][j] for j in idx], rcfg.image_size)
+                        held_out[n].append((k, idx, probs))
+                res["held_out"] = {n: len(idx) for n, idx in held.items()}
+                del net
+            (rcfg.out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
+            results[run] = res
+        members = []
+        if self.cfg.effnet_folds:
+            for n, parts in held_out.items():
+                if not parts:
+                    continue
+                order = [j for _, idx, _ in parts for j in idx]
+                heads = [h for h in parts[0][2] if h != "features"]
+                probs = {h: np.concatenate([p[h] for _, _, p in parts]) for h in heads}
+                fold = np.concatenate([np.full(len(idx), k) for k, idx, _ in parts])
+                encoder.head_outputs_npz(out / "crossfit" / f"{encoder.CROSSFIT_TABLES[n]}__effnet.npz", [sets[n][j] for j in order], probs, {"fold": fold})
+            members += ["crossfit"] + [f"{r}/{f}" for r in runs if r != "final" for f in ("metrics.jsonl", "summary.json", "learning_curves.png", "config.yaml")]
+        if "final" in results:
+            members += ["best.safetensors", "metrics.jsonl", "summary.json", "MODEL_CARD.md", "learning_curves.png", "config.yaml", "registry.yaml"]
+        write_tar(self.out, "effnet.tar.gz", out, members)
         keys = ("val_isic2018/balanced_accuracy", "val_isic2018/accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_dermnet/top5",
                 "val_derm7pt/criteria_f1/mean", "modality_acc", "score")  # fmt: skip
-        return {"best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"), "stopped_early": res.get("stopped_early"),
-                "train_wall_s": res.get("train_wall_s"), "decode_s": decode_s, "sizes": res.get("sizes"), "best": {k: best.get(k) for k in keys}}  # fmt: skip
+        brief = {run: {"best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "stopped_early": r.get("stopped_early"), "train_wall_s": r.get("train_wall_s"),
+                       "held_out": r.get("held_out"), "best": {k: (r.get("best") or {}).get(k) for k in keys}} for run, r in results.items()}  # fmt: skip
+        final = brief.get("final", {})
+        return {**final, "decode_s": decode_s, "sizes": (results.get("final") or {}).get("sizes"), "runs": brief}
 
     def stage_eval(self, end: float) -> dict[str, Any]:
         from models.backends.hf_llm import TransformersLLM
@@ -555,6 +611,10 @@ class Job:
                 end = self.clock.deadline(share, shares_left)
                 if end - time.time() < 1.0:
                     self.summary["stages"][stage] = {"status": "skipped", "why": "no time left"}
+                    continue
+                need = NEEDS.get(stage)
+                if need and not self.has(need):
+                    self.summary["stages"][stage] = {"status": "skipped", "why": f"the pack has no {need}"}
                     continue
                 self.log(f"=== {stage}: {max(0.0, end - time.time()):.0f} s of {self.clock.left():.0f} s left ===")
                 t = time.time()

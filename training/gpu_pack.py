@@ -87,7 +87,8 @@ class PackConfig(Strict):
     encoder_set: list[str] = Field(default_factory=list, description="key=value overrides of that modality config (e.g. sources whose features exist).")
     encoder_max_per_tag: int | None = Field(80, ge=1, description="Images per source/view (seeded sample; None: all).")
     jpeg_quality: int = Field(85, ge=50, le=100)
-    llm: str = Field("smollm2-135m-instruct", description="Registry id of the base LLM (a GGUF resolved into the cache).")
+    llm: str | None = Field("smollm2-135m-instruct", description="Registry id of the base LLM (a GGUF resolved into the cache); None: an image-only "
+                                                                 "pack without the LLM, reasoner and describer data (their stages are skipped).")
     llm_codec: Literal["xz", "none"] = Field("xz", description="xz saves ~10 MB of the GGUF (~2 min to compress); none for quick rehearsals.")
     xception: str | None = Field("sklesion-xception", description="Registry id of the Keras Xception (None: no encoder stage).")
     xception_dtype: Literal["float16", "float32"] = "float16"
@@ -510,11 +511,13 @@ def build(cfg: PackConfig, smoke: bool = False) -> dict[str, Any]:
         timing[name] = round(time.time() - t, 1)
         print(f"[gpu_pack] {name}: {timing[name]} s", flush=True)
 
-    step("llm", pack_llm)
+    if cfg.llm:
+        step("llm", pack_llm)
     if cfg.xception:
         step("xception", pack_xception)
-    step("reasoner", pack_reasoner)
-    step("describer", pack_describer)
+    if cfg.llm:
+        step("reasoner", pack_reasoner)
+        step("describer", pack_describer)
     if cfg.encoder is not None:
         step("encoder", pack_encoder)
     if cfg.effnet is not None:

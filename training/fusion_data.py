@@ -180,9 +180,14 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
     return list(recs.values())
 
 
-def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet") -> Path:
+def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet",
+                         crossfit: Path | None = None) -> Path:
     """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``) and DermNet head
-    (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) from ``<expert_features>/<source>__effnet.npz``."""
+    (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) from ``<expert_features>/<source>__effnet.npz``.
+
+    ``crossfit``: a folder of cross-fitted outputs in the same layout (the GPU job's ``effnet/crossfit``), used
+    for the images it covers (the expert's own training images, which it would otherwise score in-sample);
+    those records carry ``<name>_crossfit: true``."""
     import numpy as np
 
     from agent.nodes.encode import dermnet_label_probs
@@ -195,13 +200,22 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     n = 0
     with open(dest.with_suffix(".tmp"), "w") as f:
         for source in sources:
-            z = np.load(Path(expert_features) / f"{source}__effnet.npz")
-            index = {str(i): k for k, i in enumerate(z["ids"])}
+            zs = [np.load(Path(expert_features) / f"{source}__effnet.npz")]
+            cf = Path(crossfit) / f"{source}__effnet.npz" if crossfit else None
+            if cf is not None and cf.is_file():
+                zs.insert(0, np.load(cf))  # first: a cross-fitted output wins over the in-sample one
+            index: dict[str, tuple[int, int]] = {}
+            for zi, zz in enumerate(zs):
+                for k, i in enumerate(zz["ids"]):
+                    index.setdefault(str(i), (zi, k))
             for row in case_rows([source], feature_dir):
-                k = index.get(row.image)
-                if k is None:
+                if row.image not in index:
                     continue
+                zi, k = index[row.image]
+                z = zs[zi]
                 rec = {"id": row.id, name: {c: round(float(p), 6) for c, p in zip(heads["ham"], z["probs_ham"][k])}}
+                if zs[zi] is not zs[-1]:
+                    rec[f"{name}_crossfit"] = True
                 if "probs_dermnet" in z:
                     rec[f"{name}_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], z["probs_dermnet"][k], kb).items()}
                 f.write(json.dumps(rec) + "\n")
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
     ap.add_argument("--expert-features", type=Path, default=None, help="its outputs on every image (python -m training.eval_encoder features --feature-dir ...)")
+    ap.add_argument("--expert-crossfit", type=Path, default=None, help="cross-fitted outputs for its training images (the GPU job's effnet/crossfit folder)")
     a = ap.parse_args(argv)
     if a.tta:
         write_tta_outputs(a.out, a.feature_dir, a.sources)
@@ -259,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.expert_weights is not None:
         if a.expert_features is None:
             ap.error("--expert-weights needs --expert-features")
-        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources)
+        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit)
         return
     collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit)
 

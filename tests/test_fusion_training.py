@@ -133,3 +133,43 @@ def test_second_expert_agreement_is_an_acceptance_signal_calibrated_on_the_named
     assert len(derm.acceptance_kappa) == n_isic_fit == derm.meta["acceptance_rows"]
     assert clin.meta["extra_candidates"] == 1 and clin.experts == ["knn", "effnet"]
     assert second_expert_top({"effnet": {"a": 0.2, "b": 0.7, "c": 0.9}}, ["a", "b"]) == "b" and second_expert_top({}, ["a"]) is None
+
+
+def test_in_sample_expert_outputs_are_refused_and_cross_fitted_ones_accepted(tmp_path):
+    """An expert's output on an image it trained on (``<expert>_in_sample``) must not fit the stacker, the acceptance
+    model or the clinical stacker; cross-fitted outputs for the same rows (and DermNet index photos) may."""
+    from training.fusion import Config, train
+    from training.fusion_data import expert_path
+
+    rng = np.random.default_rng(2)
+    recs = _records(300, rng)
+    for i in range(60):  # DermNet case-index photos: clinical fit rows under clinical_fit=[train]
+        r = dict(recs[-1 - (i % 100)], id=f"dermnet:{i:040x}", split="train")
+        recs.append(r)
+    path = tmp_path / "experts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    base = dict(experts_file=path, out_dir=tmp_path / "out", artifact=None, dermoscopy_experts=["classifier", "knn", "morphology", "effnet"],
+                clinical_experts=["knn", "effnet"], extra_experts=["effnet"], c_grid=[1.0], gamma_grid=[0.0], morphology_c_grid=[1.0], n_bootstrap=0)  # fmt: skip
+
+    def write_extra(flag):
+        rows = []
+        for r in recs:
+            trained_on = (r["source"] == "derm7pt" and r["split"] in ("train", "extra")) or (r["source"] == "dermnet" and r["split"] == "train")
+            e = {"id": r["id"], "effnet": _noisy(r["label"], rng, 1.0) if r["modality"] == "dermoscopy" else None}
+            if r["modality"] == "clinical":
+                e = {"id": r["id"], "effnet_dermnet": {r["label"]: 0.6, "d98": 0.4}}
+            if trained_on:
+                e[f"effnet_{flag}"] = True
+            rows.append(e)
+        expert_path(path, "effnet").write_text("\n".join(json.dumps(e) for e in rows) + "\n")
+
+    write_extra("in_sample")
+    with pytest.raises(ValueError, match="dermoscopy stacker would be fitted on in-sample outputs"):
+        train(Config(**base))
+    with pytest.raises(ValueError, match="clinical stacker would be fitted on in-sample"):
+        train(Config(**{**base, "dermoscopy_experts": ["classifier", "knn", "morphology"], "fit_sources": ["isic2018_val"], "clinical_fit": ["train"]}))
+    write_extra("crossfit")
+    train(Config(**{**base, "clinical_fit": ["train"]}))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    c = metrics["counts"]
+    assert c["clin_train"] == 60 and metrics["evaluation"]["dermnet_heldout"]["after"]["n"] == c["clin_fit"] + c["clin_eval"] > 100  # the whole held-out sixth is evaluation data

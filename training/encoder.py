@@ -485,6 +485,60 @@ def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarra
     return path
 
 
+def bundle_crossfit(folder: Path, dest: Path, meta: dict | None = None) -> Path:
+    """One file of the cross-fitted outputs in ``folder`` (``<source>__effnet.npz`` each): keys ``<source>__<key>``,
+    and ``meta`` (JSON) e.g. the fold models' held-out figures. :func:`crossfit_outputs` reads it back."""
+    arrays: dict[str, np.ndarray] = {}
+    for f in sorted(Path(folder).glob("*__effnet.npz")):
+        source = f.name.split("__")[0]
+        with np.load(f) as z:
+            arrays.update({f"{source}__{k}": z[k] for k in z.files})
+    if not arrays:
+        raise FileNotFoundError(f"{folder}: no <source>__effnet.npz files")
+    arrays["meta"] = np.array(json.dumps(meta or {}))
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(dest, **arrays)
+    return Path(dest)
+
+
+def crossfit_outputs(where: Path | str, source: str) -> dict[str, np.ndarray] | None:
+    """One source's cross-fitted outputs (``ids``, ``probs_<head>``, ``fold``) from a folder of
+    ``<source>__effnet.npz`` files, a :func:`bundle_crossfit` file or its registry id; None if it has none."""
+    path = Path(where)
+    if not path.exists():
+        from models.resolve import resolve
+
+        path = Path(resolve(str(where), progress=False))
+    if path.is_dir():
+        f = path / f"{source}__effnet.npz"
+        if not f.is_file():
+            return None
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+    with np.load(path) as z:
+        got = {k.split("__", 1)[1]: z[k] for k in z.files if k.startswith(f"{source}__")}
+    return got or None
+
+
+def expert_outputs(image_source: str, features: Path | None = None, crossfit: Path | str | None = None) -> dict[str, tuple[dict[str, np.ndarray], bool]]:
+    """image -> (head -> probabilities, cross-fitted?) for one source: the expert's outputs cached by
+    ``python -m training.eval_encoder features`` (``<features>/<source>__effnet.npz``), where ``crossfit``
+    (:func:`crossfit_outputs`) has none for the image; a cross-fitted output wins over an in-sample one."""
+    out: dict[str, tuple[dict[str, np.ndarray], bool]] = {}
+    tables = []
+    if crossfit is not None and (cf := crossfit_outputs(crossfit, image_source)) is not None:
+        tables.append((cf, True))
+    f = Path(features) / f"{image_source}__effnet.npz" if features is not None else None
+    if f is not None and f.is_file():
+        with np.load(f) as z:
+            tables.append(({k: z[k] for k in z.files}, False))
+    for z, crossfitted in tables:
+        heads = [k.removeprefix("probs_") for k in z if k.startswith("probs_")]
+        for n, image in enumerate(z["ids"]):
+            out.setdefault(str(image), ({h: z[f"probs_{h}"][n] for h in heads}, crossfitted))
+    return out
+
+
 def learning_curves(metrics_path: Path, out: Path) -> Path | None:
     """PNG of training losses (per task, smoothed) and held-out figures per epoch."""
     import matplotlib

@@ -46,6 +46,9 @@ class Config(TrainConfig):
     acceptance_features: list[str] = Field(list(LEGACY_ACCEPTANCE_FEATURES), description=f"Signals of the acceptance model, from {list(ACCEPTANCE_FEATURES)}.")
     acceptance_sources: list[str] | None = Field(None, description="Dermoscopy sources whose fit rows train the acceptance model and set the SGR threshold (None: all); "
                                                  "leave out those the second expert trained on when its agreement is a signal.")
+    clinical_fit: list[Literal["heldout_even", "train"]] = Field(["heldout_even"], description="Clinical fit rows: the even-hash half of the held-out DermNet "
+                                                                "photos, and/or the case index's DermNet photos (fusion_data --sources dermnet_train; "
+                                                                "needs the second expert's cross-fitted outputs there).")
     clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
@@ -68,10 +71,11 @@ class Config(TrainConfig):
 
 
 def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0) -> dict[str, list[dict]]:
-    """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit, clin_eval."""
+    """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
+    held-out DermNet photos), clin_train (the case index's DermNet photos, when collected)."""
     from training.fusion_data import read_records
 
-    parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval")}
+    parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval", "clin_train")}
     for r in read_records(path, tuple(extra)):
         if r.get("modality") == "clinical" and "effnet_dermnet" in r:
             r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
@@ -80,13 +84,26 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
                 r["candidates"] = list(r["candidates"]) + [c for c in ranked if c not in r["candidates"]][:clinical_extra_candidates]
         if r["source"] == "dermnet":
             if r["modality"] == "clinical" and not r["modality_rejected"]:
-                parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
+                if r["split"] == "train":
+                    parts["clin_train"].append(r)
+                else:
+                    parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
         elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
             if r["source"] == "isic2018_val":
                 parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)
             else:
                 parts["derm_fit" if r["split"] in ("train", "extra") else "derm7pt_eval"].append(r)
     return parts
+
+
+def check_out_of_sample(recs: list[dict], experts: Sequence[str], what: str) -> None:
+    """Refuse to fit on an expert's output for an image that expert trained on (``<expert>_in_sample``, written
+    by ``training.fusion_data``): its in-sample confidence would teach the fusion to trust it too much."""
+    bad = {e: sum(bool(r.get(f"{e}_in_sample")) for r in recs) for e in experts}
+    bad = {e: n for e, n in bad.items() if n}
+    if bad:
+        raise ValueError(f"{what} would be fitted on in-sample outputs ({', '.join(f'{e}: {n} cases' for e, n in bad.items())}); give "
+                         "training.fusion_data --expert-crossfit (cross-fitted outputs) or leave those sources out of the fit")
 
 
 def _folds(y: Sequence[str], k: int, seed: int) -> np.ndarray:
@@ -527,6 +544,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # Dermoscopy.
     fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources]
+    check_out_of_sample(fit, cfg.dermoscopy_experts, "the dermoscopy stacker")
+    if "second_expert_agrees" in cfg.acceptance_features:
+        check_out_of_sample([r for r in fit if not cfg.acceptance_sources or r["source"] in cfg.acceptance_sources], cfg.extra_experts, "the acceptance model")
     y = [r["label"] for r in fit]
     experts = list(cfg.dermoscopy_experts)
     c, grid, oof = choose_stacker(fit, experts, cfg)
@@ -543,13 +563,17 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # Clinical.
     modalities = {"dermoscopy": derm}
-    clin_fit = parts["clin_fit"]
+    clin_fit = (parts["clin_fit"] if "heldout_even" in cfg.clinical_fit else []) + (parts["clin_train"] if "train" in cfg.clinical_fit else [])
+    if "train" in cfg.clinical_fit and not parts["clin_train"]:
+        raise ValueError(f"clinical_fit names 'train' but {cfg.experts_file} has no DermNet index photos (python -m training.fusion_data --sources dermnet_train)")
+    check_out_of_sample(clin_fit, cfg.clinical_experts, "the clinical stacker")
     if clin_fit:
         cexp = list(cfg.clinical_experts)
         cfold = np.random.default_rng(cfg.seed).permutation(len(clin_fit)) % cfg.folds
         coof = oof_conditional(clin_fit, cexp, cfg.eps, cfold)
         clin = fit_conditional(clin_fit, cexp, cfg.eps)
-        calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} held-out DermNet photos (even last hash digit)")
+        what = {"heldout_even": "held-out DermNet photos (even last hash digit)", "train": "DermNet case-index photos (each left out of its own retrieval)"}
+        calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} {' + '.join(what[k] for k in cfg.clinical_fit)}")
         clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
         clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
         clin.meta["extra_candidates"] = cfg.clinical_extra_candidates if "effnet" in cexp else 0
@@ -559,7 +583,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # Evaluation parts.
     evals: dict[str, Any] = {}
     for name, recs, mod in (("isic2018_val_report", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
-                            ("dermnet_heldout_odd", parts["clin_eval"], "clinical")):  # fmt: skip
+                            ("dermnet_heldout_odd", parts["clin_eval"], "clinical"),
+                            ("dermnet_heldout", parts["clin_fit"] + parts["clin_eval"] if "heldout_even" not in cfg.clinical_fit else [], "clinical")):  # fmt: skip
         if mod not in modalities or not recs:
             continue
         ev = {"after": evaluate(modalities[mod], recs, cfg), "before_first_round": legacy_baseline(recs, mod)}

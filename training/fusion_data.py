@@ -32,16 +32,23 @@ from models.vocabulary import SEVEN_POINT
 from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")
-def dermnet_rows(feature_dir: Path) -> list[CaseRow]:
-    """The DermNet photos held out of the shipped case index (``training.data.is_dermnet_heldout``)."""
+EXTRA_SOURCES = ("dermnet_train",)
+EXPERT_TRAINED_SPLITS = {"derm7pt": ("train", "extra"), "dermnet": ("train",)}
+"""Splits of each source the second visual expert trained on (training.encoder.build_tables)."""
+"""Collected on request: the DermNet photos of the case index (clinical fit rows once cross-fitted outputs exist)."""
+def dermnet_rows(feature_dir: Path, heldout: bool = True) -> list[CaseRow]:
+    """The DermNet photos held out of the shipped case index (``training.data.is_dermnet_heldout``), or
+    (``heldout=False``) the ones in it, each then leaving itself out of its retrieved cases (its index id is
+    ``dermnet:<sha1[:12]>``, scripts/make_case_pairs.py)."""
     from retrieval.kb import KnowledgeBase
     from training.data import aligned, is_dermnet_heldout, load_features, source_table
 
     kb = KnowledgeBase()  # labels named by a HAM10000 code as the case index names them (scripts/make_case_pairs.py)
-    table = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"])]
+    table = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"]) == heldout]
     rows, f = aligned(table, load_features("dermnet", "full", feature_dir))
-    return [CaseRow(f"dermnet:{r['sha1']}", "dermnet", "heldout", r["image"], kb.ham_class_for(r["label"]) or r["label"], p, x)
-            for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
+    split = "heldout" if heldout else "train"
+    return [CaseRow(f"dermnet:{r['sha1']}", "dermnet", split, r["image"], kb.ham_class_for(r["label"]) or r["label"], p, x,
+                    exclude=set() if heldout else {f"dermnet:{r['sha1'][:12]}"}) for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
 
 
 def crossfit_derm7pt_findings(feature_dir: Path, k: int = 5, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
@@ -68,8 +75,10 @@ def case_rows(sources: Iterable[str], feature_dir: Path) -> list[CaseRow]:
             out += derm7pt_rows(["train", "extra", "val"], feature_dir)
         elif s == "dermnet":
             out += dermnet_rows(feature_dir)
+        elif s == "dermnet_train":
+            out += dermnet_rows(feature_dir, heldout=False)
         else:
-            raise ValueError(f"unknown source {s!r}; valid: {', '.join(SOURCES)}")
+            raise ValueError(f"unknown source {s!r}; valid: {', '.join(SOURCES + EXTRA_SOURCES)}")
     return out
 
 
@@ -185,14 +194,14 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``) and DermNet head
     (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) from ``<expert_features>/<source>__effnet.npz``.
 
-    ``crossfit``: a folder of cross-fitted outputs in the same layout (the GPU job's ``effnet/crossfit``), used
+    ``crossfit``: cross-fitted outputs (:func:`training.encoder.crossfit_outputs`: the GPU job's ``effnet/crossfit``
+    folder, its bundle or the registry id ``efficientnet-lite0-derm-crossfit``), used
     for the images it covers (the expert's own training images, which it would otherwise score in-sample);
     those records carry ``<name>_crossfit: true``."""
-    import numpy as np
-
-    from agent.nodes.encode import dermnet_label_probs
+    from agent.nodes.encode import expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
+    from training.encoder import expert_outputs
 
     heads = expert_info(Path(weights))["heads"]
     kb = KnowledgeBase()
@@ -200,24 +209,19 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     n = 0
     with open(dest.with_suffix(".tmp"), "w") as f:
         for source in sources:
-            zs = [np.load(Path(expert_features) / f"{source}__effnet.npz")]
-            cf = Path(crossfit) / f"{source}__effnet.npz" if crossfit else None
-            if cf is not None and cf.is_file():
-                zs.insert(0, np.load(cf))  # first: a cross-fitted output wins over the in-sample one
-            index: dict[str, tuple[int, int]] = {}
-            for zi, zz in enumerate(zs):
-                for k, i in enumerate(zz["ids"]):
-                    index.setdefault(str(i), (zi, k))
+            outputs = expert_outputs("dermnet" if source == "dermnet_train" else source, expert_features, crossfit)
             for row in case_rows([source], feature_dir):
-                if row.image not in index:
+                if row.image not in outputs:
                     continue
-                zi, k = index[row.image]
-                z = zs[zi]
-                rec = {"id": row.id, name: {c: round(float(p), 6) for c, p in zip(heads["ham"], z["probs_ham"][k])}}
-                if zs[zi] is not zs[-1]:
+                probs, crossfitted = outputs[row.image]
+                ep = expert_probs_from_heads(heads, probs, kb)
+                rec: dict[str, Any] = {"id": row.id, name: ep["effnet"]}
+                if crossfitted:
                     rec[f"{name}_crossfit"] = True
-                if "probs_dermnet" in z:
-                    rec[f"{name}_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], z["probs_dermnet"][k], kb).items()}
+                elif row.split in EXPERT_TRAINED_SPLITS.get(row.source, ()):
+                    rec[f"{name}_in_sample"] = True  # the expert trained on this image: the fusion trainer refuses to fit on it
+                if "effnet_dermnet" in ep:
+                    rec[f"{name}_dermnet"] = ep["effnet_dermnet"]
                 f.write(json.dumps(rec) + "\n")
                 n += 1
     os.replace(dest.with_suffix(".tmp"), dest)
@@ -259,14 +263,14 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".cache/fusion/experts.jsonl"))
-    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES + EXTRA_SOURCES)
     ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
     ap.add_argument("--expert-features", type=Path, default=None, help="its outputs on every image (python -m training.eval_encoder features --feature-dir ...)")
-    ap.add_argument("--expert-crossfit", type=Path, default=None, help="cross-fitted outputs for its training images (the GPU job's effnet/crossfit folder)")
+    ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
     a = ap.parse_args(argv)
     if a.tta:
         write_tta_outputs(a.out, a.feature_dir, a.sources)

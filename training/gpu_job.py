@@ -259,6 +259,14 @@ def extract_outputs(out: Path, dest: Path) -> dict[str, Path]:
         got[stage] = Path(dest) / stage
     if "encoder" in got:
         restore_encoder(got["encoder"])
+    if "effnet" in got and (got["effnet"] / "crossfit").is_dir():
+        from training.encoder import bundle_crossfit
+
+        runs = {}
+        for f in sorted(got["effnet"].glob("fold*/summary.json")):
+            r = json.loads(f.read_text())
+            runs[f.parent.name] = {k: r.get(k) for k in ("best_epoch", "epochs_run", "train_wall_s", "held_out", "best")}
+        bundle_crossfit(got["effnet"] / "crossfit", got["effnet"] / "crossfit.npz", {"fold_models": runs})
     return got
 
 

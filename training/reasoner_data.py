@@ -60,6 +60,10 @@ class ReasonerDataConfig(Strict):
     class_power: float = Field(1.0, ge=0, le=1, description="Subsampling class quotas ∝ count**class_power (1: data proportions, 0.5: rare classes up-weighted).")
     agent_config: Path | None = Field(None, description="Agent YAML whose heads, indexes and fusion render the cases (None: the shipped defaults).")
     profile_smoothing: float = Field(10.0, ge=0, description="Pseudo-counts pulling sparse confusion rows of the error profile towards the pooled one.")
+    expert_crossfit: str | None = Field(None, description="The second visual expert's cross-fitted outputs on its training images (registry id "
+                                                          "efficientnet-lite0-derm-crossfit, a bundle or folder): each HAM10000 / Derm7pt row it "
+                                                          "covers gets a deployment-like second opinion (ImageEncoding.expert_probs).")
+    expert_features: Path | None = Field(None, description="The shipped expert's outputs on unseen images (python -m training.eval_encoder features), for rows the cross-fitted ones do not cover.")
 
 
 # --------------------------------------------------------------------------- case rows
@@ -79,6 +83,7 @@ class CaseRow:
     metadata: dict[str, Any] = field(default_factory=dict)
     exclude: set[str] = field(default_factory=set)  # case-index ids the query must not retrieve
     perturbed: bool = False
+    expert_probs: dict[str, dict[str, float]] = field(default_factory=dict)  # the second visual expert's (ImageEncoding.expert_probs)
 
 
 def _features(source: str, feature_dir: Path) -> dict[str, np.ndarray]:
@@ -156,6 +161,33 @@ def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: in
             out.append(CaseRow(f"ham10000:{r['image_id']}", "ham10000", "train", r["image"], c, f["probs"][i], f["features"][i],
                                metadata=_ham_metadata(r), exclude=set(by_lesion[r["lesion_id"]])))  # fmt: skip
     return out
+
+
+def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None, expert: str = "efficientnet-lite0-derm") -> dict[str, int]:
+    """Give each row the second visual expert's outputs (``CaseRow.expert_probs``) as the agent's encode node
+    would: cross-fitted ones for the expert's own training images, else the shipped expert's cached ones.
+    Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts."""
+    from agent.nodes.encode import expert_probs_from_heads
+    from models.efficientnet import expert_info
+    from models.resolve import resolve
+    from retrieval.kb import KnowledgeBase
+    from training.encoder import expert_outputs
+
+    heads = expert_info(Path(resolve(expert, progress=False)))["heads"]
+    kb = KnowledgeBase()
+    trained = {"ham10000": ("train",), "derm7pt": ("train", "extra")}  # what the shipped expert trained on (training.encoder.build_tables)
+    counts = {"crossfit": 0, "shipped": 0, "none": 0}
+    by_source: dict[str, dict] = {}
+    for r in rows:
+        if r.source not in by_source:
+            by_source[r.source] = expert_outputs(r.source, features, crossfit)
+        got = by_source[r.source].get(r.image)
+        if got is None or (not got[1] and r.split in trained.get(r.source, ())):
+            counts["none"] += 1
+            continue
+        r.expert_probs = expert_probs_from_heads(heads, got[0], kb)
+        counts["crossfit" if got[1] else "shipped"] += 1
+    return counts
 
 
 def _hash(seed: int, key: str) -> str:
@@ -277,6 +309,7 @@ def render_state(row: CaseRow, stats: np.ndarray, agent):
         classifier_probs={c: float(p) for c, p in zip(HAM_CLASSES, row.probs)},
         features=np.asarray(row.features, np.float32),
         stats=stats,
+        expert_probs=row.expert_probs,
     )
     metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
     state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))
@@ -442,6 +475,8 @@ def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int =
         info.update(ham10000=len(ham), error_profile=profile, temperature=temperature)
     check_no_report_leak(rows)
     rows = stratified_subset(rows, cfg.max_cases, seed, cfg.class_power)
+    if cfg.expert_crossfit or cfg.expert_features:
+        info["second_expert"] = attach_expert_probs(rows, cfg.expert_features, cfg.expert_crossfit)
     records, skipped = render_cases(rows, agent or make_agent(cfg.agent_config), feature_dir, seed)
     info.update(cases=len(records), skipped_not_dermoscopy=len(skipped), labels=dict(sorted(Counter(r["label"] for r in records).items())))
     return records, info

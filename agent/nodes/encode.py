@@ -25,10 +25,15 @@ def second_expert_probs(expert: Any, image: Any, knowledge: Any) -> dict[str, di
     (if it has one) as 'effnet_dermnet'. The expert gives ``predict_heads`` and ``info['heads']``
     (:class:`models.efficientnet.EfficientNetExpert`)."""
     _, probs = expert.predict_heads([image])
-    heads = expert.info["heads"]
-    out = {"effnet": {c: round(float(p), 6) for c, p in zip(heads["ham"], probs["ham"][0])}}
-    if "dermnet" in probs:
-        out["effnet_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], probs["dermnet"][0], knowledge).items()}
+    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge)
+
+
+def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]], knowledge: Any) -> dict[str, dict[str, float]]:
+    """``ImageEncoding.expert_probs`` from one image's head outputs (head -> probabilities in ``heads[head]``
+    order): 'effnet' (HAM10000 head) and 'effnet_dermnet' (DermNet head under the case index's labels)."""
+    out = {"effnet": {c: round(float(p), 6) for c, p in zip(heads["ham"], probs["ham"])}}
+    if "dermnet" in probs and "dermnet" in heads:
+        out["effnet_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], probs["dermnet"], knowledge).items()}
     return out
 
 

@@ -1,0 +1,43 @@
+"""Cross-fitted second-expert outputs: folds keep a lesion's images together, bundles round-trip, a cross-fitted
+output wins over an in-sample one (training.encoder)."""
+
+import numpy as np
+
+from training.encoder import CROSSFIT_TABLES, bundle_crossfit, crossfit_outputs, crossfit_split, expert_outputs, fold_of, head_outputs_npz
+
+
+def _recs(source, n, per_group=1):
+    return [{"source": source, "image": f"{source}/{i}.jpg", "group": f"g{i // per_group}"} for i in range(n)]
+
+
+def test_folds_partition_each_table_and_keep_groups_together():
+    sets = {"train_ham": _recs("ham10000", 60, per_group=3), "train_derm7pt": _recs("derm7pt", 30), "train_dermnet": _recs("dermnet", 40),
+            "val_isic2018": _recs("isic2018_val", 10)}  # fmt: skip
+    held_all = {n: [] for n in CROSSFIT_TABLES}
+    for k in range(3):
+        kept, held = crossfit_split(sets, 3, k)
+        assert "val_isic2018" not in kept  # selection sets are never split
+        for n in CROSSFIT_TABLES:
+            assert sorted(kept[n] + held[n]) == list(range(len(sets[n]))) and not set(kept[n]) & set(held[n])
+            held_all[n] += held[n]
+        groups_held = {sets["train_ham"][i]["group"] for i in held["train_ham"]}
+        assert not groups_held & {sets["train_ham"][i]["group"] for i in kept["train_ham"]}  # a lesion is in one fold only
+    assert all(sorted(v) == list(range(len(sets[n]))) for n, v in held_all.items())  # each image held out exactly once
+    assert fold_of(sets["train_ham"][0], 3) == fold_of(sets["train_ham"][1], 3)
+    assert {fold_of(r, 3, seed=0) for r in sets["train_dermnet"]} == {0, 1, 2}
+
+
+def test_bundle_round_trip_and_crossfit_wins_over_in_sample(tmp_path):
+    recs = _recs("derm7pt", 4)
+    probs = {"ham": np.eye(7)[[0, 1, 2, 3]], "modality": np.eye(4)[[1, 1, 1, 1]]}
+    head_outputs_npz(tmp_path / "cf" / "derm7pt__effnet.npz", recs[:2], {k: v[:2] for k, v in probs.items()}, {"fold": np.array([0, 1])})
+    bundle = bundle_crossfit(tmp_path / "cf", tmp_path / "cf.npz", {"fold_models": {"fold0": {"best_epoch": 3}}})
+    got = crossfit_outputs(bundle, "derm7pt")
+    assert list(got["ids"]) == ["derm7pt/0.jpg", "derm7pt/1.jpg"] and np.allclose(got["probs_ham"], probs["ham"][:2])
+    assert crossfit_outputs(bundle, "ham10000") is None and crossfit_outputs(tmp_path / "cf", "ham10000") is None
+    # The shipped expert's cached outputs on all four images: in-sample on the first two, which the cross-fitted ones replace.
+    shipped = {"ham": np.eye(7)[[6, 6, 6, 6]]}
+    head_outputs_npz(tmp_path / "features" / "derm7pt__effnet.npz", recs, shipped)
+    out = expert_outputs("derm7pt", tmp_path / "features", bundle)
+    assert {k: (int(v[0]["ham"].argmax()), v[1]) for k, v in out.items()} == {
+        "derm7pt/0.jpg": (0, True), "derm7pt/1.jpg": (1, True), "derm7pt/2.jpg": (6, False), "derm7pt/3.jpg": (6, False)}

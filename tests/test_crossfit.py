@@ -41,3 +41,22 @@ def test_bundle_round_trip_and_crossfit_wins_over_in_sample(tmp_path):
     out = expert_outputs("derm7pt", tmp_path / "features", bundle)
     assert {k: (int(v[0]["ham"].argmax()), v[1]) for k, v in out.items()} == {
         "derm7pt/0.jpg": (0, True), "derm7pt/1.jpg": (1, True), "derm7pt/2.jpg": (6, False), "derm7pt/3.jpg": (6, False)}
+
+
+def test_reasoner_rows_get_the_second_opinion_the_agent_would_see_and_never_an_in_sample_one(tmp_path):
+    """training.reasoner_data.attach_expert_probs: cross-fitted outputs for the expert's training images, the shipped
+    expert's cached ones for unseen images, nothing for a training image the cross-fitting missed."""
+    from models.efficientnet import expert_info
+    from models.resolve import resolve
+    from training.reasoner_data import CaseRow, attach_expert_probs
+
+    heads = expert_info(resolve("efficientnet-lite0-derm", progress=False))["heads"]
+    rows = [CaseRow(f"derm7pt:{i}", "derm7pt", split, f"derm7pt/{i}.jpg", "nv", np.zeros(7), np.zeros(4)) for i, split in enumerate(["train", "extra", "val", "train"])]
+    recs = [{"source": "derm7pt", "image": r.image} for r in rows]
+    head_outputs_npz(tmp_path / "cf" / "derm7pt__effnet.npz", recs[:2], {"ham": np.eye(7)[[0, 1]], "dermnet": np.full((2, len(heads["dermnet"])), 1 / len(heads["dermnet"]))})
+    head_outputs_npz(tmp_path / "features" / "derm7pt__effnet.npz", recs, {"ham": np.eye(7)[[6, 6, 5, 6]]})
+    counts = attach_expert_probs(rows, tmp_path / "features", tmp_path / "cf")
+    assert counts == {"crossfit": 2, "shipped": 1, "none": 1}
+    top = [max(r.expert_probs["effnet"], key=r.expert_probs["effnet"].get) if r.expert_probs else None for r in rows]
+    assert top == [heads["ham"][0], heads["ham"][1], heads["ham"][5], None]  # row 3: a training image without a cross-fitted output
+    assert abs(sum(rows[0].expert_probs["effnet_dermnet"].values()) - 1) < 1e-4 and "effnet_dermnet" not in rows[2].expert_probs

@@ -173,3 +173,18 @@ def test_in_sample_expert_outputs_are_refused_and_cross_fitted_ones_accepted(tmp
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     c = metrics["counts"]
     assert c["clin_train"] == 60 and metrics["evaluation"]["dermnet_heldout"]["after"]["n"] == c["clin_fit"] + c["clin_eval"] > 100  # the whole held-out sixth is evaluation data
+
+
+def test_melanoma_operating_point_is_the_smallest_bias_reaching_the_target_within_the_accuracy_budget():
+    from training.fusion import Config, choose_melanoma_bias
+
+    # 10 melanomas the decision ranks second behind nv by a growing margin, 30 nevi it gets right with margin 0.9.
+    y = ["mel"] * 10 + ["nv"] * 30
+    oof = [{"mel": 0.5 - 0.02 * i, "nv": 0.5 + 0.02 * i} for i in range(10)] + [{"mel": 0.05, "nv": 0.95}] * 30
+    cfg = Config(melanoma_sensitivity_target=0.5, melanoma_bias_grid=[0.0, 0.1, 0.2, 0.5, 3.5])
+    bias, grid = choose_melanoma_bias(y, oof, reference=0.9, cfg=cfg)
+    sens = {g["bias"]: g["mel_sensitivity"] for g in grid}
+    assert sens[0.0] < 0.5 <= sens[bias] and bias == min(b for b, v in sens.items() if v >= 0.5)
+    # A bias that flips the nevi too costs accuracy beyond the budget and is never chosen.
+    assert choose_melanoma_bias(y, oof, 0.9, cfg.model_copy(update={"melanoma_sensitivity_target": 0.99}))[0] == 0.5
+    assert choose_melanoma_bias(y, oof, 0.9, cfg.model_copy(update={"melanoma_sensitivity_target": None}))[0] == 0.0

@@ -57,6 +57,10 @@ class Config(TrainConfig):
     eps: float = Field(1e-3, gt=0, lt=0.1, description="Probability floor before taking logs.")
     c_grid: list[float] = Field([0.001, 0.01, 0.1, 1.0], description="Inverse L2 strengths of the per-class weight deviations tried (cross-validated).")
     gamma_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Class weights of the decision model ∝ n_c^-γ tried (0: none, 1: balanced).")
+    melanoma_sensitivity_target: float | None = Field(None, gt=0, lt=1, description="Operating point: the smallest log-odds bias on melanoma's decision "
+                                                      "score (melanoma_bias_grid) whose out-of-fold melanoma sensitivity on the fit cases reaches this, "
+                                                      "accuracy kept within max_accuracy_drop (None: no bias).")
+    melanoma_bias_grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0], description="Biases tried (log-odds added to melanoma's decision score).")
     max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the γ of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
     morphology_c_grid: list[float] = Field([0.03, 0.1, 0.3, 1.0, 3.0])
     conformal_score: str = Field("lac", pattern="^(lac|aps)$")
@@ -318,19 +322,41 @@ def choose_decision(recs: list[dict], experts, cfg: Config) -> tuple[float, floa
     """(C, γ) of the decision model (a class-weighted stacker, sample weights ∝ n_class^-γ): the best CV
     balanced accuracy among settings whose CV accuracy is at most ``max_accuracy_drop`` below
     :func:`reference_accuracy` (the issue's constraint: balanced accuracy up, accuracy down by at most 2
-    points). Returns (C, γ, grid, out-of-fold decided labels)."""
+    points), then melanoma's operating point (:func:`choose_melanoma_bias`). Returns (C, γ, grid, out-of-fold
+    decided labels); the bias is the grid's last entry."""
     y = [r["label"] for r in recs]
     fold = _folds(y, cfg.folds, cfg.seed)
     reference = reference_accuracy(recs, experts)
-    grid, labels = [], {}
+    grid: list[dict] = []
+    probs: dict[tuple[float, float], list[dict[str, float]]] = {}
     for c in cfg.c_grid:
         for g in cfg.gamma_grid:
             oof = oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed)
             grid.append({"C": c, "gamma": g, **top_metrics(y, oof)})
-            labels[(c, g)] = decide_all(oof)
+            probs[(c, g)] = oof
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
     best = max(ok, key=lambda g: (g["balanced_accuracy"], g["accuracy"]))
-    return best["C"], best["gamma"], grid + [{"reference_accuracy": round(reference, 4)}], labels[(best["C"], best["gamma"])]
+    bias, bias_grid = choose_melanoma_bias(y, probs[(best["C"], best["gamma"])], reference, cfg)
+    shifted = [{c: v * (math.exp(bias) if c == "mel" else 1.0) for c, v in p.items()} for p in probs[(best["C"], best["gamma"])]]
+    grid = grid + [{"reference_accuracy": round(reference, 4)}, {"melanoma_bias": bias, "melanoma_bias_grid": bias_grid}]
+    return best["C"], best["gamma"], grid, decide_all(shifted)
+
+
+def choose_melanoma_bias(y: Sequence[str], oof: list[dict[str, float]], reference: float, cfg: Config) -> tuple[float, list[dict]]:
+    """The decision's melanoma operating point from out-of-fold decision probabilities on the fit cases: the
+    smallest bias δ (melanoma's probability × e^δ before the argmax) whose melanoma sensitivity reaches
+    ``melanoma_sensitivity_target`` with accuracy at least ``reference - max_accuracy_drop``; if none does,
+    the most sensitive δ that keeps the accuracy. Returns (δ, grid)."""
+    grid = []
+    for d in cfg.melanoma_bias_grid:
+        shifted = [{c: v * (math.exp(d) if c == "mel" else 1.0) for c, v in p.items()} for p in oof]
+        grid.append({"bias": d, **top_metrics(y, shifted)})
+    if cfg.melanoma_sensitivity_target is None:
+        return 0.0, grid
+    ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop]
+    reach = [g for g in ok if g.get("mel_sensitivity", 0.0) >= cfg.melanoma_sensitivity_target]
+    best = min(reach, key=lambda g: g["bias"]) if reach else max(ok, key=lambda g: (g.get("mel_sensitivity", 0.0), -g["bias"]), default={"bias": 0.0})
+    return float(best["bias"]), grid
 
 
 def fit_conditional(recs: list[dict], experts: Sequence[str], eps: float) -> ModalityFusion:
@@ -555,8 +581,12 @@ def train(cfg: Config) -> dict[str, Any]:
     x, _ = derm_design(fit, experts, cfg.eps)
     derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
     dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
-    derm.decision_coef, derm.decision_intercept = dec.coef, dec.intercept
-    derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_expert_weights": dec.meta["expert_weights"], "decision_grid": dgrid})
+    mel_bias = float(dgrid[-1]["melanoma_bias"])
+    intercept = np.array(dec.intercept, float)
+    intercept[HAM_CLASSES.index("mel")] += mel_bias
+    derm.decision_coef, derm.decision_intercept = dec.coef, intercept
+    derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_melanoma_bias": mel_bias, "decision_expert_weights": dec.meta["expert_weights"],
+                      "decision_grid": dgrid})  # fmt: skip
     calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
               cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
@@ -595,6 +625,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 keep = [e for e in experts if e != drop]
                 xf, _ = derm_design(fit, keep, cfg.eps)
                 m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed)  # the decision model without that expert
+                m.intercept = np.array(m.intercept, float) + mel_bias * np.eye(len(HAM_CLASSES))[HAM_CLASSES.index("mel")]
                 ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs))
             ev["ablation"] = ablation
         evals[name] = ev

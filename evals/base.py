@@ -128,4 +128,14 @@ class ProtocolResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Predictions:
+    """What a protocol's ``predict`` step returns and its ``score`` step reads: one record per case of
+    ``ProtocolContext.cases`` (None: no prediction, under ``allow_partial``), and how they were obtained
+    (cache hits, computed, fingerprint)."""
+
+    records: list[dict[str, Any] | None]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
 ProtocolFn = Callable[[ProtocolContext], ProtocolResult]

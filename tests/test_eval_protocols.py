@@ -247,3 +247,33 @@ def test_one_progress_reports_errors_cache_hits_and_eta():
     p.update(n_done=2, n_computed=0)  # cache hits: done, not computed
     assert len(logs) == 2 and logs[0].startswith("[eval]: 1/4 cases (0 errors, 1 computed)")
     assert "4/4 cases (1 errors, 2 computed)" in logs[-1] and "cases/s" in logs[-1] and "ETA 0 s" in logs[-1]
+
+
+def test_diagnosis_scores_from_records_alone(tmp_path):
+    """predict / score_predictions: the score step reads records only (no agent), so edited records rescore."""
+    from evals.base import Predictions, ProtocolContext
+    from evals.benchmark import load_benchmark, load_cases
+    from evals.protocols import diagnosis
+
+    bench_path = _diagnosis_bench(tmp_path)
+    out = tmp_path / "out"
+    summary = run_benchmark(bench_path, out, agent_factory=fake_agent, log=lambda m: None)
+    bench = load_benchmark(bench_path)
+    cases, _ = load_cases(bench)
+
+    class NoCache:
+        def get(self, key):
+            raise AssertionError("score_predictions read the cache")
+
+        put = get
+
+    ctx = ProtocolContext(bench=bench, cases=cases, out_dir=tmp_path / "rescored", cache=NoCache(), options=dict(bench.options), agent_factory=no_models)
+    records = [json.loads(x) for x in (out / "predictions" / "main.jsonl").read_text().splitlines()]
+    by_id = {r["case_id"]: r for r in records}
+    ordered = [by_id[c.id] for c in cases]
+    same = diagnosis.score_predictions(ctx, Predictions(ordered, {"cached": len(ordered)}))
+    assert same.metrics["headline"] == summary["metrics"]["headline"]
+    for r in ordered:  # every case now answered 'nv': accuracy is the share of nevi
+        r["diagnosis"]["label"] = "nv"
+    edited = diagnosis.score_predictions(ctx, Predictions(ordered, {}))
+    assert edited.metrics["headline"]["accuracy"]["value"] == pytest.approx(sum(c.label == "nv" for c in cases) / len(cases), abs=1e-4)

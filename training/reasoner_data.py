@@ -138,12 +138,13 @@ def _ham_metadata(r: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: int) -> list[CaseRow]:
-    """Up to ``per_class`` HAM10000 ``train`` images of each class (seeded; one image per lesion), probabilities NOT yet perturbed."""
+def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: int, only: set[str] | None = None) -> list[CaseRow]:
+    """Up to ``per_class`` HAM10000 ``train`` images of each class (seeded; one image per lesion; among ``only``
+    images if given), probabilities NOT yet perturbed."""
     from training.data import aligned, source_table
 
     table = source_table("ham10000")
-    rows, f = aligned([r for r in table if r["split"] == "train"], _features("ham10000", feature_dir))
+    rows, f = aligned([r for r in table if r["split"] == "train" and (only is None or r["image"] in only)], _features("ham10000", feature_dir))
     by_lesion: dict[str, list[str]] = {}
     for r in table:
         by_lesion.setdefault(r["lesion_id"], []).append(f"ham10000:{r['image_id']}")
@@ -464,7 +465,13 @@ def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int =
     info: dict[str, Any] = {"derm7pt": len(rows)}
     if cfg.ham_per_class and cfg.ham_classes:
         profile = measure_error_profile(feature_dir, cfg.profile_smoothing)
-        ham = ham_rows(cfg.ham_classes, cfg.ham_per_class, feature_dir, seed)
+        only = None
+        if cfg.expert_crossfit:  # HAM10000 rows only where the second expert has a deployment-like (cross-fitted) opinion
+            from training.encoder import crossfit_outputs
+
+            cf = crossfit_outputs(cfg.expert_crossfit, "ham10000")
+            only = {str(i) for i in cf["ids"]} if cf is not None else set()
+        ham = ham_rows(cfg.ham_classes, cfg.ham_per_class, feature_dir, seed, only)
         all_ham = _features("ham10000", feature_dir)["probs"]
         temperature = fit_temperature(all_ham, profile["mean_top"])
         rng = np.random.default_rng(seed)

@@ -1,6 +1,10 @@
 """Evaluation protocols, registered by task name and imported lazily (``module:function``).
 
-Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`).
+Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`). The cases are
+loaded by :mod:`evals.benchmark` before the protocol runs; the agent-backed protocols (diagnosis, modality,
+morphology) then split the rest into ``predict(ctx) -> Predictions`` (cached records, computing the missing
+ones) and ``score_predictions(ctx, predictions) -> ProtocolResult`` (no model), so a score can be recomputed or tested from
+records alone.
 """
 
 from __future__ import annotations

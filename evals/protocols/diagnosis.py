@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.base import ProtocolContext, ProtocolResult
+from evals.base import Predictions, ProtocolContext, ProtocolResult
 from evals.cache import AGENT
 from evals.classification import fmt, headline_names, score
 from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
@@ -94,12 +94,23 @@ def selective_scores(diagnosis: dict[str, Any]) -> dict[str, float]:
 
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
-    from evals.benchmark import canonical_label
+    return score_predictions(ctx, predict(ctx))
+
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """The agent's record of every case (cached, or computed now unless ``ctx.rescore``)."""
     from evals.predictions import ensure_predictions
+
+    return Predictions(*ensure_predictions(ctx, AGENT))
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """Every figure of the report from the agent's records alone (no model runs)."""
+    from evals.benchmark import canonical_label
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))
-    records, pstats = ensure_predictions(ctx, AGENT)
+    records, pstats = predictions.records, predictions.stats
     canon = canonical_label(ctx.bench)
     pairs = [(c, r) for c, r in zip(ctx.cases, records) if r is not None and c.label is not None]
     ok = [(c, r) for c, r in pairs if r.get("status") == "ok"]

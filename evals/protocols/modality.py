@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.base import ProtocolContext, ProtocolResult
+from evals.base import Predictions, ProtocolContext, ProtocolResult
 from evals.classification import fmt, headline_names, score
 from models.vocabulary import MODALITIES
 
@@ -25,14 +25,25 @@ def modality_of(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
+    return score_predictions(ctx, predict(ctx))
+
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """The encode + modality partial run of every case (or a full agent record of it), cached."""
+    from evals.predictions import MODALITY, ensure_predictions
+
+    return Predictions(*ensure_predictions(ctx, MODALITY, reuse_agent=True))
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """The modality figures from the records alone."""
     from evals.benchmark import canonical_label
     from evals.fairness import fairness, fairness_tables, group_values
     from evals.report import md_table
-    from evals.predictions import MODALITY, ensure_predictions
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))
-    records, pstats = ensure_predictions(ctx, MODALITY, reuse_agent=True)
+    records, pstats = predictions.records, predictions.stats
     canon = canonical_label(ctx.bench)
     ok = [(c, r) for c, r in zip(ctx.cases, records) if r is not None and r.get("status") == "ok" and c.label is not None]
     n_err = sum(1 for r in records if r is not None and r.get("status") != "ok")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.base import ProtocolContext, ProtocolResult
+from evals.base import Predictions, ProtocolContext, ProtocolResult
 from models.vocabulary import SEVEN_POINT, parse_findings
 
 
@@ -56,15 +56,26 @@ def _mean_metric(sizes: list[int], name: str):
 
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
-    from evals.report import md_table
+    return score_predictions(ctx, predict(ctx))
+
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """The encode + modality + morphology partial run of every case (or a full agent record of it), cached."""
     from evals.predictions import DESCRIBE, ensure_predictions
+
+    return Predictions(*ensure_predictions(ctx, DESCRIBE, reuse_agent=True))
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """The 7-point criteria figures from the records alone."""
     from evals.metrics import criteria_metrics
+    from evals.report import md_table
 
     opts = ctx.options
     n_boot, seed = int(opts.get("n_bootstrap", 1000)), int(opts.get("seed", 0))
     unmentioned = opts.get("unmentioned", "absent")
     criteria = [c for c in SEVEN_POINT if c in (ctx.bench.dataset.extra_columns or list(SEVEN_POINT))]
-    records, pstats = ensure_predictions(ctx, DESCRIBE, reuse_agent=True)
+    records, pstats = predictions.records, predictions.stats
     free_text = ctx.agent_config is not None and ctx.agent_config.morphology.kind == "vlm"
     truth: dict[str, list[str]] = {c: [] for c in criteria}
     pred: dict[str, list[str]] = {c: [] for c in criteria}

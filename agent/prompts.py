@@ -54,8 +54,10 @@ def render_user(
     classifier: dict[str, float] | None,
     feedback: str | None = None,
     shuffle_seed: int | None = None,
+    second_expert: dict[str, float] | None = None,
 ) -> str:
-    """Render the case for the LLM. ``shuffle_seed`` permutes candidate and evidence order (CCT-style perturbation)."""
+    """Render the case for the LLM. ``shuffle_seed`` permutes candidate and evidence order (CCT-style perturbation);
+    ``second_expert``: the second visual expert's distribution over the candidates (its line is omitted without it)."""
     evidence = list(state.retrieval.evidence) if state.retrieval else []
     tags = {ev.id: f"E{i + 1}" for i, ev in enumerate(evidence)}
     cands = list(candidates)
@@ -75,6 +77,9 @@ def render_user(
     if classifier:
         top = sorted(classifier.items(), key=lambda kv: -kv[1])[:4]
         lines.append("Lesion classifier (calibrated): " + ", ".join(f"{names.get(c, c)} {p:.2f}" for c, p in top))
+    if second_expert:
+        top = sorted(second_expert.items(), key=lambda kv: -kv[1])[:4]
+        lines.append("Second visual expert: " + ", ".join(f"{names.get(c, c)} {p:.2f}" for c, p in top))
     cases = [ev for ev in evidence if ev.kind == "case"]
     if cases:
         lines.append("Similar cases: " + "; ".join(f"[{tags[ev.id]}] {names.get(ev.label or '', ev.label)} (sim {ev.score:.2f})" for ev in cases))

@@ -24,7 +24,7 @@ def main() -> None:
 
     from agent.agent import Agent
     from agent.bench import bench_cases
-    from agent.nodes.reason import candidates_for, classifier_display
+    from agent.nodes.reason import candidates_for, classifier_display, second_expert_display
     from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, render_user
     from agent.state import CaseState
 
@@ -37,7 +37,8 @@ def main() -> None:
         if final.modality.rejected or final.modality.label not in ("dermoscopy", "clinical"):
             continue
         cands, names = candidates_for(final, agent.config)
-        convs.append((conversation(render_user(final, cands, names, classifier_display(final, agent.runtime, cands), None)), [names[x] for x in cands]))
+        convs.append((conversation(render_user(final, cands, names, classifier_display(final, agent.runtime, cands), None,
+                                                second_expert=second_expert_display(final, agent.runtime, cands))), [names[x] for x in cands]))
     llm = agent.runtime.llm
     llm._load()
     fp32 = llm._model

@@ -80,3 +80,19 @@ def test_the_evaluation_accepts_the_second_experts_citations_and_scores_it_alone
     g = grounding(doc, FakeKnowledge())
     assert g["citations_exist"] and not g["missing_citations"]
     assert system_predictions(doc)["effnet"][0] == "Psoriasis"
+
+
+def test_the_llm_prompt_shows_the_second_expert_over_the_candidates_and_omits_the_line_without_it():
+    from agent.testing import TestLLM
+
+    def prompts(second):
+        llm = TestLLM()
+        Agent(backends=backends(second_expert=second, llm=llm, fusion=fusion_model())).diagnose(img())  # this fusion fuses the LLM: it is asked
+        return [m["content"] for c in llm.calls for m in c["conversation"] if m["role"] == "user"]
+
+    with_it = prompts(FakeSecondExpert(ham={"nv": 0.7, "mel": 0.2, "bkl": 0.1}))
+    assert with_it and all("Second visual expert: " in p for p in with_it)
+    line = next(ln for ln in with_it[0].splitlines() if ln.startswith("Second visual expert: "))
+    shown = dict(part.rsplit(" ", 1) for part in line.removeprefix("Second visual expert: ").split(", "))
+    assert list(shown.values())[0] == "0.70" and len(shown) <= 4  # renormalised over the candidates, most probable first
+    assert not any("Second visual expert" in p for p in prompts(None))

@@ -380,7 +380,7 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
 def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[str, Any] | None:
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
-    from agent.nodes.reason import candidates_for, classifier_display
+    from agent.nodes.reason import candidates_for, classifier_display, second_expert_display
     from agent.prompts import conversation, evidence_tags, render_user, write_answer
 
     state, rt = render_state(row, stats, agent), agent.runtime
@@ -388,7 +388,7 @@ def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[s
         return None
     cands, names = candidates_for(state, rt.config)
     clf_display = classifier_display(state, rt, cands)
-    prompt = conversation(render_user(state, cands, names, clf_display, None))
+    prompt = conversation(render_user(state, cands, names, clf_display, None, second_expert=second_expert_display(state, rt, cands)))
     rng = random.Random(_hash(seed, row.id))
     rationale = target_rationale(state, rt, row.label, names, clf_display, rng)
     target = write_answer(names[row.label], rationale)

@@ -79,8 +79,19 @@ def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str,
     return fuse(candidates, {"w_classifier": rt.config.reasoner.classifier_display_weight}, classifier=clf)
 
 
+def second_expert_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
+    """The second visual expert's distribution as the prompt shows it: renormalised over the candidates (None
+    without the expert). Training renders cases with this same function."""
+    head = second_expert_head(state, rt.config)
+    if not head:
+        return None
+    probs = {c: float(head.get(c, 0.0)) for c in candidates}
+    total = sum(probs.values())
+    return {c: v / total for c, v in probs.items()} if total > 0 else None
+
+
 def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str, float]:
-    conv = conversation(render_user(state, cands, names, clf_display, feedback, shuffle_seed=seed))
+    conv = conversation(render_user(state, cands, names, clf_display, feedback, shuffle_seed=seed, second_expert=second_expert_display(state, rt, cands)))
     scores = rt.llm.score_continuations(conv, DIAGNOSIS_PREFIX, [names[c] for c in cands])
     return softmax_scores(dict(zip(cands, map(float, scores))))
 
@@ -89,7 +100,7 @@ def _json_answer(rt, state, cands, names, clf_display, feedback, retries) -> tup
     from models.structured import generate_structured
 
     conv = conversation(
-        render_user(state, cands, names, clf_display, feedback)
+        render_user(state, cands, names, clf_display, feedback, second_expert=second_expert_display(state, rt, cands))
         + '\nAnswer as JSON: {"diagnosis": "...", "differential": {"<candidate>": <probability>, ...}, "rationale": "..."}'
     )
     result = generate_structured(rt.llm, conv, LLMAnswer, retries=retries, max_new_tokens=256)
@@ -108,7 +119,7 @@ def _json_answer(rt, state, cands, names, clf_display, feedback, retries) -> tup
 
 
 def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) -> tuple[str | None, int]:
-    conv = conversation(render_user(state, cands, names, clf_display, feedback))
+    conv = conversation(render_user(state, cands, names, clf_display, feedback, second_expert=second_expert_display(state, rt, cands)))
     prefix = f"{DIAGNOSIS_PREFIX}{top_name}{RATIONALE_FIELD}"
     for attempt in range(cfg.retries + 1):
         temperature = 0.0 if attempt == 0 else 0.7

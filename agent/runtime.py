@@ -45,6 +45,7 @@ class Backends(Protocol):
     knowledge: Any
     consistency_model: Any
     cases: Any
+    expert_cases: Any
     llm: LLM
     fusion: FusionModel
 
@@ -176,6 +177,18 @@ class Runtime:
             return CaseRetriever(resolve_artifact(self.config.retrieval.case_index))
 
         return self._get("cases", build)
+
+    @functools.cached_property
+    def expert_cases(self):
+        """The case index over the second visual expert's features (``retrieval.expert_case_index``), or None."""
+
+        def build():
+            from retrieval.cases import CaseRetriever
+
+            ref = self.config.retrieval.expert_case_index
+            return None if ref is None else CaseRetriever(resolve_artifact(ref))
+
+        return self._get("expert_cases", build)
 
     @functools.cached_property
     def llm(self):

@@ -51,8 +51,9 @@ class ImageEncoding(BaseModel):
         "(DermNet classes, named as the case index names them).",
     )
     stats: Any = Field(default=None, repr=False, description="Colour/texture statistics (np.ndarray).")
+    expert_features: Any = Field(default=None, repr=False, description="The second visual expert's pooled features (np.ndarray; None without it).")
 
-    @field_serializer("features", "stats", when_used="json")
+    @field_serializer("features", "stats", "expert_features", when_used="json")
     def _no_arrays(self, value):
         return None
 
@@ -64,6 +65,7 @@ class ImageEncoding(BaseModel):
         if info.mode_is_json():
             data.pop("features", None)
             data.pop("stats", None)
+            data.pop("expert_features", None)
         return data
 
 

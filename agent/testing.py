@@ -213,6 +213,7 @@ def backends(**over):
         "kb": FakeKB(),
         "knowledge": FakeKnowledge(),
         "cases": FakeCases(),
+        "expert_cases": None,  # the second expert's case index: clinical photos fall back to ``cases`` without it
         "llm": TestLLM(),
         "fusion": fusion_model(),
     }

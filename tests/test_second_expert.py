@@ -96,3 +96,29 @@ def test_the_llm_prompt_shows_the_second_expert_over_the_candidates_and_omits_th
     shown = dict(part.rsplit(" ", 1) for part in line.removeprefix("Second visual expert: ").split(", "))
     assert list(shown.values())[0] == "0.70" and len(shown) <= 4  # renormalised over the candidates, most probable first
     assert not any("Second visual expert" in p for p in prompts(None))
+
+
+def test_clinical_photos_find_similar_cases_with_the_second_experts_features_and_dermoscopy_keeps_the_classifiers():
+    class Recording(FakeCases):
+        def __init__(self, hits):
+            super().__init__(hits)
+            self.queries = []
+
+        def search(self, features, k=8, **kw):
+            self.queries.append(np.asarray(features).shape[-1])
+            return super().search(features, k, **kw)
+
+    hits = [("dermnet:x", "Psoriasis", 0.9), ("dermnet:y", "Eczema", 0.8)]
+    xception, effnet = Recording(hits), Recording([("dermnet:z", "Psoriasis", 0.95)])
+    second = FakeSecondExpert()  # pooled features of width 8; the classifier double's are wider
+    d = Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=xception, expert_cases=effnet, second_expert=second, fusion=fusion_model())).diagnose(img())
+    assert effnet.queries == [8] and xception.queries == []
+    cited = {e.id for e in d.evidence if e.kind == "case"}
+    assert cited == {"case:dermnet:z"} and any("case-index-effnet" in (t.model_id or "") for t in d.trace if t.node == "retrieve")
+    # Without the expert (or its index) the classifier's index answers, as before.
+    xception.queries.clear()
+    Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=xception, expert_cases=effnet, fusion=fusion_model())).diagnose(img())
+    assert xception.queries and len(effnet.queries) == 1
+    xception.queries.clear()
+    Agent(backends=backends(cases=xception, expert_cases=effnet, second_expert=second, fusion=fusion_model())).diagnose(img())  # dermoscopy
+    assert xception.queries and len(effnet.queries) == 1

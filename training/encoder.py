@@ -450,6 +450,9 @@ def _loss(logits, labels, class_w, cfg: Config):
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+TRAINED_SPLITS = {"ham10000": ("train",), "derm7pt": ("train", "extra"), "dermnet": ("train",)}
+"""Splits of each source the expert trains on (:func:`build_tables`; DermNet 'train' = outside the held-out
+sixth): its outputs there are in-sample."""
 CROSSFIT_TABLES = {"train_ham": "ham10000", "train_derm7pt": "derm7pt", "train_dermnet": "dermnet"}
 """Training tables whose images get cross-fitted outputs, and the source each belongs to."""
 
@@ -521,7 +524,7 @@ def crossfit_outputs(where: Path | str, source: str) -> dict[str, np.ndarray] | 
 
 
 def expert_outputs(image_source: str, features: Path | None = None, crossfit: Path | str | None = None) -> dict[str, tuple[dict[str, np.ndarray], bool]]:
-    """image -> (head -> probabilities, cross-fitted?) for one source: the expert's outputs cached by
+    """image -> (head -> probabilities, plus 'features' where cached; cross-fitted?) for one source: the expert's outputs cached by
     ``python -m training.eval_encoder features`` (``<features>/<source>__effnet.npz``), where ``crossfit``
     (:func:`crossfit_outputs`) has none for the image; a cross-fitted output wins over an in-sample one."""
     out: dict[str, tuple[dict[str, np.ndarray], bool]] = {}
@@ -535,7 +538,10 @@ def expert_outputs(image_source: str, features: Path | None = None, crossfit: Pa
     for z, crossfitted in tables:
         heads = [k.removeprefix("probs_") for k in z if k.startswith("probs_")]
         for n, image in enumerate(z["ids"]):
-            out.setdefault(str(image), ({h: z[f"probs_{h}"][n] for h in heads}, crossfitted))
+            got = {h: z[f"probs_{h}"][n] for h in heads}
+            if "features" in z:
+                got["features"] = z["features"][n]
+            out.setdefault(str(image), (got, crossfitted))
     return out
 
 

@@ -33,8 +33,7 @@ from training.reasoner_data import CaseRow, derm7pt_rows, isic_rows
 
 SOURCES = ("isic2018_val", "derm7pt", "dermnet")
 EXTRA_SOURCES = ("dermnet_train",)
-EXPERT_TRAINED_SPLITS = {"derm7pt": ("train", "extra"), "dermnet": ("train",)}
-"""Splits of each source the second visual expert trained on (training.encoder.build_tables)."""
+
 """Collected on request: the DermNet photos of the case index (clinical fit rows once cross-fitted outputs exist)."""
 def dermnet_rows(feature_dir: Path, heldout: bool = True) -> list[CaseRow]:
     """The DermNet photos held out of the shipped case index (``training.data.is_dermnet_heldout``), or
@@ -118,8 +117,11 @@ def _done_ids(path: Path) -> set[str]:
     return done
 
 
-def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None) -> Path:
-    from training.reasoner_data import _stats, make_agent, render_state
+def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None, expert_features: Path | None = None) -> Path:
+    """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM). ``expert_features``: the
+    second expert's cached outputs (``eval_encoder features``), so that clinical photos search similar cases with
+    its features as the agent does (never for images it trained on, whose features are in-sample)."""
+    from training.reasoner_data import _stats, attach_expert_probs, make_agent, render_state
 
     out = llm_path(out) if with_llm else out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,11 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     if not todo:
         return out
     crossfit = crossfit_derm7pt_findings(feature_dir) if any(r.source == "derm7pt" and r.split != "val" for r in todo) else {}
+    if expert_features is not None:
+        print(f"second expert's outputs: {attach_expert_probs(todo, expert_features)}", flush=True)
+    elif any(r.source == "dermnet" for r in todo):
+        print("warning: no --expert-features: clinical photos will search similar cases with the lesion classifier's features, "
+              "not the second expert's as the default agent does", flush=True)
     stats = _stats(todo, feature_dir)
     agent = make_agent()
     rt = agent.runtime
@@ -201,7 +208,7 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     from agent.nodes.encode import expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
-    from training.encoder import expert_outputs
+    from training.encoder import TRAINED_SPLITS, expert_outputs
 
     heads = expert_info(Path(weights))["heads"]
     kb = KnowledgeBase()
@@ -218,7 +225,7 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                 rec: dict[str, Any] = {"id": row.id, name: ep["effnet"]}
                 if crossfitted:
                     rec[f"{name}_crossfit"] = True
-                elif row.split in EXPERT_TRAINED_SPLITS.get(row.source, ()):
+                elif row.split in TRAINED_SPLITS.get(row.source, ()):
                     rec[f"{name}_in_sample"] = True  # the expert trained on this image: the fusion trainer refuses to fit on it
                 if "effnet_dermnet" in ep:
                     rec[f"{name}_dermnet"] = ep["effnet_dermnet"]
@@ -269,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
-    ap.add_argument("--expert-features", type=Path, default=None, help="its outputs on every image (python -m training.eval_encoder features --feature-dir ...)")
+    ap.add_argument("--expert-features", type=Path, default=None, help="the second expert's outputs on every image (python -m training.eval_encoder features "
+                    "--feature-dir ...): with --expert-weights, write <out>_effnet.jsonl; else clinical photos search cases with its features")
     ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
     a = ap.parse_args(argv)
     if a.tta:
@@ -280,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--expert-weights needs --expert-features")
         write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit)
         return
-    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit)
+    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class CaseRow:
     exclude: set[str] = field(default_factory=set)  # case-index ids the query must not retrieve
     perturbed: bool = False
     expert_probs: dict[str, dict[str, float]] = field(default_factory=dict)  # the second visual expert's (ImageEncoding.expert_probs)
+    expert_features: np.ndarray | None = None  # its pooled features (ImageEncoding.expert_features; clinical photos search cases with them)
 
 
 def _features(source: str, feature_dir: Path) -> dict[str, np.ndarray]:
@@ -165,8 +166,9 @@ def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: in
 
 
 def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None, expert: str = "efficientnet-lite0-derm") -> dict[str, int]:
-    """Give each row the second visual expert's outputs (``CaseRow.expert_probs``) as the agent's encode node
-    would: cross-fitted ones for the expert's own training images, else the shipped expert's cached ones.
+    """Give each row the second visual expert's outputs (``CaseRow.expert_probs``, and ``expert_features`` where
+    cached) as the agent's encode node would: cross-fitted ones for the expert's own training images, else the
+    shipped expert's cached ones.
     Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts."""
     from agent.nodes.encode import expert_probs_from_heads
     from models.efficientnet import expert_info
@@ -174,19 +176,22 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
     from retrieval.kb import KnowledgeBase
     from training.encoder import expert_outputs
 
+    from training.encoder import TRAINED_SPLITS
+
     heads = expert_info(Path(resolve(expert, progress=False)))["heads"]
     kb = KnowledgeBase()
-    trained = {"ham10000": ("train",), "derm7pt": ("train", "extra")}  # what the shipped expert trained on (training.encoder.build_tables)
     counts = {"crossfit": 0, "shipped": 0, "none": 0}
     by_source: dict[str, dict] = {}
     for r in rows:
         if r.source not in by_source:
             by_source[r.source] = expert_outputs(r.source, features, crossfit)
         got = by_source[r.source].get(r.image)
-        if got is None or (not got[1] and r.split in trained.get(r.source, ())):
+        if got is None or (not got[1] and r.split in TRAINED_SPLITS.get(r.source, ())):
             counts["none"] += 1
             continue
         r.expert_probs = expert_probs_from_heads(heads, got[0], kb)
+        if "features" in got[0]:  # the shipped expert's, on an image it did not train on (cross-fitted outputs carry none)
+            r.expert_features = np.asarray(got[0]["features"], np.float32)
         counts["crossfit" if got[1] else "shipped"] += 1
     return counts
 
@@ -311,6 +316,7 @@ def render_state(row: CaseRow, stats: np.ndarray, agent):
         features=np.asarray(row.features, np.float32),
         stats=stats,
         expert_probs=row.expert_probs,
+        expert_features=row.expert_features,
     )
     metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
     state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))

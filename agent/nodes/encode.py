@@ -20,12 +20,12 @@ def dermnet_label_probs(classes: Sequence[str], probs: Sequence[float], knowledg
     return out
 
 
-def second_expert_probs(expert: Any, image: Any, knowledge: Any) -> dict[str, dict[str, float]]:
-    """``ImageEncoding.expert_probs`` of one image: the expert's HAM10000 head as 'effnet' and its DermNet head
-    (if it has one) as 'effnet_dermnet'. The expert gives ``predict_heads`` and ``info['heads']``
-    (:class:`models.efficientnet.EfficientNetExpert`)."""
-    _, probs = expert.predict_heads([image])
-    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge)
+def second_expert_outputs(expert: Any, image: Any, knowledge: Any) -> tuple[dict[str, dict[str, float]], Any]:
+    """``ImageEncoding.expert_probs`` and ``expert_features`` of one image: the expert's HAM10000 head as 'effnet',
+    its DermNet head (if it has one) as 'effnet_dermnet', and its pooled features. The expert gives
+    ``predict_heads`` and ``info['heads']`` (:class:`models.efficientnet.EfficientNetExpert`)."""
+    feats, probs = expert.predict_heads([image])
+    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge), feats[0]
 
 
 def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]], knowledge: Any) -> dict[str, dict[str, float]]:
@@ -59,12 +59,14 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
 
         res = rt.classifier.predict([tta_view(state.image, v) for v in views], [meta] * len(views))
         tta = [{label: round(float(p), 6) for label, p in zip(res.labels, row)} for row in res.probs]
+    expert_probs, expert_features = second_expert_outputs(second, state.image, rt.knowledge) if second is not None else ({}, None)
     enc = ImageEncoding(
         model_id=rt.classifier.model_id,
         classifier_probs=probs,
         features=out.features[0],
         stats=image_stats(state.image),
-        expert_probs=second_expert_probs(second, state.image, rt.knowledge) if second is not None else {},
+        expert_probs=expert_probs,
+        expert_features=expert_features,
         tta_probs=tta,
     )
     return NodeOutput(

@@ -16,6 +16,17 @@ def _query_text(state: CaseState) -> str:
     return " ".join(parts)
 
 
+def case_index_for(state: CaseState, rt: Backends, route) -> tuple[object, object, str]:
+    """(case index, query features, index id) for this case: the second visual expert's where the route says
+    ``case_features: second_expert`` and the expert and its index exist, else the lesion classifier's."""
+    cfg = rt.config.retrieval
+    if route.case_features == "second_expert" and state.encoding.expert_features is not None and cfg.expert_case_index is not None:
+        index = rt.expert_cases
+        if index is not None:
+            return index, state.encoding.expert_features, cfg.expert_case_index
+    return rt.cases, state.encoding.features, cfg.case_index
+
+
 def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.retrieval
     modality = state.modality.label
@@ -35,10 +46,12 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
             )
 
     route = rt.config.route(modality)
+    case_index_id = cfg.case_index
     if cfg.k_cases and route.case_sources and state.encoding is not None:
         from retrieval.cases import knn_label_distribution
 
-        same = rt.cases.search(state.encoding.features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases or None, sources=route.case_sources)[0]
+        index, query_features, case_index_id = case_index_for(state, rt, route)
+        same = index.search(query_features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases or None, sources=route.case_sources)[0]
         for h in same:
             evidence.append(
                 Evidence(
@@ -54,6 +67,6 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     return NodeOutput(
         {"retrieval": result},
         inputs={"query": query[:300], "modality": modality},
-        model_id=f"kb:{getattr(rt.kb, 'model_id', cfg.text_embedder)} + cases:{cfg.case_index}",
+        model_id=f"kb:{getattr(rt.kb, 'model_id', cfg.text_embedder)} + cases:{case_index_id}",
         notes=notes,
     )

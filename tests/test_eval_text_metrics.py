@@ -198,3 +198,17 @@ def test_shipped_benchmark_options_validate():
     bench = load_benchmark("mmskin_vqa")
     opts = vqa_text.Options.model_validate(bench.options)
     assert bench.task == "vqa_text" and opts.llm.model == "smollm2-135m-instruct" and opts.token_encoder == "all-minilm-l6-v2"
+
+
+def test_scores_come_from_the_records_alone(tmp_path, echo_llm):
+    """predict / score_predictions: answers edited to the references score (nearly: the repeated question shares one
+    record, so one of its two references wins) ROUGE-L 1, with no LLM call."""
+    opts = {"llm": echo_llm, "token_encoder": None, "n_bootstrap": 0, "batch_size": 2}
+    ctx = make_ctx("vqa_text", _qa_cases(), tmp_path / "out", opts, DictStore())
+    preds = vqa_text.predict(ctx)
+    assert len(preds.records) == len(QA) and preds.stats["computed"] == 4
+    EchoLLM.log.clear()
+    for rec, case in zip(preds.records, _qa_cases()):
+        rec["answer"] = case.answer
+    res = vqa_text.score_predictions(ctx, preds)
+    assert EchoLLM.log == [] and res.metrics["rouge_l"]["value"] > 0.9 > vqa_text.run(ctx).metrics["rouge_l"]["value"]

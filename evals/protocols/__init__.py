@@ -2,7 +2,7 @@
 
 Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`). The cases are
 loaded by :mod:`evals.benchmark` before the protocol runs; the agent-backed protocols (diagnosis, modality,
-morphology) then split the rest into ``predict(ctx) -> Predictions`` (cached records, computing the missing
+morphology) and vqa_text then split the rest into ``predict(ctx) -> Predictions`` (cached records, computing the missing
 ones) and ``score_predictions(ctx, predictions) -> ProtocolResult`` (no model), so a score can be recomputed or tested from
 records alone.
 """

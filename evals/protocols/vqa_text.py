@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.base import ProtocolContext, ProtocolResult
+from evals.base import Predictions, ProtocolContext, ProtocolResult
 from evals.protocols.common import BackendSpec, cached_map, config_hash, sha256_text
 from evals.text_metrics import DEFAULT_TOKEN_ENCODER
 
@@ -64,17 +64,23 @@ def _sample(n: int, limit: int | None, seed: int) -> list[int]:
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     """Generate (or read cached) answers, score them against the references, report."""
-    from evals.cache import case_key
-    from evals.classification import fmt
-    from evals.report import md_table
-    from evals.text_metrics import HFTokenEmbedder, text_metrics
+    return score_predictions(ctx, predict(ctx))
 
+
+def load(ctx: ProtocolContext) -> tuple[Options, list[Any], int]:
+    """(options, the sampled question-answer cases, how many usable pairs there were)."""
     opts = Options.model_validate(ctx.options)
     usable = [c for c in ctx.cases if c.question and c.answer]
     if not usable:
         raise ValueError(f"{ctx.bench.name}: no case has both a question and an answer")
-    cases = [usable[i] for i in _sample(len(usable), opts.limit, opts.seed)]
+    return opts, [usable[i] for i in _sample(len(usable), opts.limit, opts.seed)], len(usable)
 
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """The LLM's answer to each sampled question (cached; a repeated question is asked once)."""
+    from evals.cache import case_key
+
+    opts, cases, n_usable = load(ctx)
     cfg = config_hash({"llm": opts.llm.model_dump(), "system_prompt": opts.system_prompt, "max_new_tokens": opts.max_new_tokens})
     keys = [case_key(sha256_text(c.question), cfg, kind="vqa_text") for c in cases]
     case_of = {}
@@ -84,7 +90,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
 
     def prepare(missing: int, todo: int) -> None:
         backend["llm"] = llm = opts.llm.create("llm")
-        ctx.log(f"vqa_text: {len(cases)} of {len(usable)} pairs, {len(cases) - missing} cached, {todo} distinct questions to ask {llm.model_id}")
+        ctx.log(f"vqa_text: {len(cases)} of {n_usable} pairs, {len(cases) - missing} cached, {todo} distinct questions to ask {llm.model_id}")
 
     def ask(chunk: list[str]) -> list[dict[str, Any]]:
         llm = backend["llm"]
@@ -94,11 +100,24 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
                 for k, text in zip(chunk, out)]  # fmt: skip
 
     filled = cached_map(ctx, keys, ask, what="vqa_text", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
-    keep = filled.kept(keys)
-    cases, keys = [cases[i] for i in keep], [keys[i] for i in keep]
-    answers = [filled.records[k]["answer"] for k in keys]
-    n_cached = len(cases) - filled.missing
     model_id = backend["llm"].model_id if "llm" in backend else f"{opts.llm.backend}:{opts.llm.model or ''}".rstrip(":")
+    return Predictions([filled.records.get(k) for k in keys], {"missing": filled.missing, "computed": filled.computed, "seconds": filled.seconds, "model_id": model_id})
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """Text metrics of the answers against the references (no LLM; the token encoder of BERTScore-style F1 runs)."""
+    from evals.classification import fmt
+    from evals.report import md_table
+    from evals.text_metrics import HFTokenEmbedder, text_metrics
+
+    opts, cases, n_usable = load(ctx)
+    keep = [i for i, r in enumerate(predictions.records) if r is not None]
+    cases = [cases[i] for i in keep]
+    answers = [predictions.records[i]["answer"] for i in keep]
+    stats = predictions.stats
+    n_cached = len(cases) - stats.get("missing", 0)
+    model_id = stats.get("model_id", f"{opts.llm.backend}:{opts.llm.model or ''}".rstrip(":"))
+    filled_computed, filled_seconds = stats.get("computed", 0), stats.get("seconds", 0.0)
 
     embedder = HFTokenEmbedder(opts.token_encoder, device=opts.device) if opts.token_encoder else None
     ctx.log("vqa_text: scoring")
@@ -110,7 +129,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         **corpus,
         "meteor_synonyms": scored["meteor_synonyms"],
         "bertscore_model": scored["bertscore_model"],
-        "sample": {"limit": opts.limit, "seed": opts.seed, "of": len(usable)},
+        "sample": {"limit": opts.limit, "seed": opts.seed, "of": n_usable},
         "mean_answer_words": round(sum(len((a or "").split()) for a in answers) / len(answers), 2),
         "mean_reference_words": round(sum(len(c.answer.split()) for c in cases) / len(cases), 2),
     }
@@ -131,16 +150,16 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     notes = [
         f"Text-only: the benchmark's images are not available; {model_id} ({opts.llm.backend}) answered each question "
         f"without the image (greedy, max {opts.max_new_tokens} new tokens, system prompt {opts.system_prompt!r}).",
-        f"{len(cases)} pairs" + (f" sampled from {len(usable)} with seed {opts.seed}" if len(cases) < len(usable) else "")
-        + f"; {n_cached} answers from the cache, {filled.computed} distinct questions generated this run (a repeated question is asked once).",
+        f"{len(cases)} pairs" + (f" sampled from {n_usable} with seed {opts.seed}" if len(cases) < n_usable else "")
+        + f"; {n_cached} answers from the cache, {filled_computed} distinct questions generated this run (a repeated question is asked once).",
         "BLEU-4: sacrebleu corpus BLEU (13a, case-sensitive). ROUGE-L: rouge_score F with stemming. "
         f"METEOR: nltk, synonym matching: {scored['meteor_synonyms']}.",
     ]
     if embedder is not None:
         notes.append(f"BERTScore-style F1: greedy cosine matching of {embedder.model_id} last-layer token embeddings, "
                      "no idf, no baseline rescaling (not comparable with published BERTScore numbers).")  # fmt: skip
-    if filled.computed:
-        notes.append(f"Generation throughput: {filled.computed / max(filled.seconds, 1e-9):.2f} questions/s.")
+    if filled_computed:
+        notes.append(f"Generation throughput: {filled_computed / max(filled_seconds, 1e-9):.2f} questions/s.")
     return ProtocolResult(metrics=metrics, tables=tables, plots=plots, n_cases=len(cases), notes=notes)
 
 

@@ -1,10 +1,12 @@
 """Evaluation protocols, registered by task name and imported lazily (``module:function``).
 
-Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`). The cases are
-loaded by :mod:`evals.benchmark` before the protocol runs; the agent-backed protocols (diagnosis, modality,
-morphology) and vqa_text then split the rest into ``predict(ctx) -> Predictions`` (cached records, computing the missing
-ones) and ``score_predictions(ctx, predictions) -> ProtocolResult`` (no model), so a score can be recomputed or tested from
-records alone.
+Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`), made of two steps:
+``predict(ctx) -> Predictions`` (one cached record per case, computing the missing ones through the cache:
+:func:`evals.predictions.ensure_predictions` for the agent-backed protocols, :func:`evals.protocols.common.cached_map`
+for the model-backed ones) and ``score_predictions(ctx, predictions) -> ProtocolResult`` (records only, no model
+runs), so a score can be recomputed or tested from records alone. The cases are loaded by :mod:`evals.benchmark`
+before; a protocol whose steps derive more from the context (its options, sampled cases, candidates) has a
+``load(ctx)`` both steps call.
 """
 
 from __future__ import annotations

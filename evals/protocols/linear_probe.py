@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.base import EvalCase, ProtocolContext, ProtocolResult
+from evals.base import EvalCase, Predictions, ProtocolContext, ProtocolResult
 from evals.metrics import with_ci
 from evals.probe import DEFAULT_CS, linear_probe
 from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
@@ -105,10 +106,24 @@ def _rel_id(image: Path, root: Path) -> str | None:
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     """Encode (or read cached features of) the train and test cases, probe, report."""
-    from evals.cache import case_key
-    from evals.classification import fmt
-    from evals.metrics import accuracy, balanced_accuracy, macro_f1, macro_roc_auc
-    from evals.report import md_table
+    return score_predictions(ctx, predict(ctx))
+
+
+@dataclass
+class Loaded:
+    """The options, the train and test cases, and the local feature file's vectors (``seeded``: relative image id ->
+    vector) when one is given and found."""
+
+    opts: Options
+    train: list[EvalCase]
+    test: list[EvalCase]
+    seeded: dict[str, np.ndarray]
+    feature_file: Path | None
+    root: Path
+    notes: list[str]
+
+
+def load(ctx: ProtocolContext, log: bool = True) -> Loaded:
     from models.paths import data_dir
 
     opts = Options.model_validate(ctx.options)
@@ -126,21 +141,31 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     seeded: dict[str, np.ndarray] = {}
     root = data_dir().resolve()
     notes: list[str] = []
+    say = ctx.log if log else (lambda m: None)
     feature_file = Path(opts.feature_cache).expanduser() if opts.feature_cache else None
     if feature_file is not None and not feature_file.is_file():
         # The file is a local speed-up (git-ignored, absent in CI): without it every image is encoded.
         notes.append(f"feature_cache {feature_file} not found: every image was encoded; train_only_cached ignored.")
-        ctx.log(f"linear_probe: {notes[-1]}")
+        say(f"linear_probe: {notes[-1]}")
         feature_file = None
     if feature_file is not None:
         seeded = _npz_features(feature_file)
         if opts.train_only_cached:
             n_before = len(train)
             train = [c for c in train if _rel_id(c.image, root) in seeded]
-            ctx.log(f"linear_probe: training on the {len(train)} of {n_before} training cases in {opts.feature_cache}")
+            say(f"linear_probe: training on the {len(train)} of {n_before} training cases in {opts.feature_cache}")
     if not train or not test:
         raise ValueError(f"{ctx.bench.name}: {len(train)} training and {len(test)} test cases after the filters")
+    return Loaded(opts, train, test, seeded, feature_file, root, notes)
 
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """One feature record per train then test case (cached per image and encoder; the local feature file seeds the
+    cache first), None where ``allow_partial`` left a case without one."""
+    from evals.cache import case_key
+
+    ld = load(ctx)
+    opts, train, test, seeded, root = ld.opts, ld.train, ld.test, ld.seeded, ld.root
     # The features depend on the encoder spec alone (the spec names the weights), not on the probe's settings.
     cfg = config_hash({"encoder": opts.encoder.model_dump()})
     cases = train + test
@@ -170,15 +195,30 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         return [{"kind": "image_features", "case_id": case_of[k].id, "status": "ok", **_pack(v), "source": encoder.model_id} for k, v in zip(chunk, out)]
 
     filled = cached_map(ctx, keys, encode, what="linear_probe features", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
-    if len(filled.records) < len(set(keys)):  # --rescore with allow_partial: cases without features are not scored
-        n_train = len(train)
-        train = [c for c, k in zip(train, keys[:n_train]) if k in filled.records]
-        test = [c for c, k in zip(test, keys[n_train:]) if k in filled.records]
-        cases, keys = train + test, [k for k in keys if k in filled.records]
-    # The cached (float16) values, so a re-run sees the same numbers.
-    feats = [_unpack(filled.records[k]) for k in keys]
     if "encoder" in backend:
         encoder_id = backend["encoder"].model_id
+    return Predictions([filled.records.get(k) for k in keys], {"n_seeded": n_seeded, "missing": filled.missing, "encoder_id": encoder_id, "n_train": len(train)})
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """Fit the probe on the train cases' features and score it on the test cases' (no encoder runs)."""
+    from evals.classification import fmt
+    from evals.metrics import accuracy, balanced_accuracy, macro_f1, macro_roc_auc
+    from evals.report import md_table
+
+    ld = load(ctx, log=False)
+    opts, feature_file, notes = ld.opts, ld.feature_file, list(ld.notes)
+    n_train = len(ld.train)
+    recs = predictions.records
+    if len(recs) != n_train + len(ld.test):
+        raise ValueError(f"{len(recs)} feature records for {n_train} training and {len(ld.test)} test cases")
+    # --rescore with allow_partial: cases without features are not scored.
+    train = [c for c, r in zip(ld.train, recs[:n_train]) if r is not None]
+    test = [c for c, r in zip(ld.test, recs[n_train:]) if r is not None]
+    # The cached (float16) values, so a re-run sees the same numbers.
+    feats = [_unpack(r) for r in recs if r is not None]
+    n_seeded, encoder_id = predictions.stats.get("n_seeded", 0), predictions.stats.get("encoder_id", opts.encoder.backend)
+    filled_missing = predictions.stats.get("missing", 0)
 
     X = np.stack(feats)
     X_train, X_test = X[: len(train)], X[len(train) :]
@@ -240,7 +280,7 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         f"regression (lbfgs); C chosen by {res['folds']}-fold stratified CV on macro one-vs-rest ROC-AUC "
         f"(C = {res['best_C']:g}), refitted on all {len(train)} training cases, scored once on {len(test)} test cases.",
         f"Train: {opts.train_filter}; test: {opts.test_filter}. {n_seeded} feature vectors from {opts.feature_cache}, "
-        f"{filled.missing} encoded this run.",
+        f"{filled_missing} encoded this run.",
     ]
     if opts.train_only_cached and feature_file is not None:
         notes.append(f"Training used only the training cases present in {opts.feature_cache}.")

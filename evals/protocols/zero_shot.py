@@ -26,12 +26,13 @@ invalid-answer rate, each with a bootstrap 95% CI; per-class recall; confusion m
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
-from evals.base import ProtocolContext, ProtocolResult
+from evals.base import Predictions, ProtocolContext, ProtocolResult
 from evals.metrics import with_ci
 from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
 from models.resolve import sha256_file
@@ -64,13 +65,22 @@ def default_candidates(labels: list[str]) -> dict[str, str]:
 
 def run(ctx: ProtocolContext) -> ProtocolResult:
     """Ask the VLM about every labelled case and score the matched answers."""
-    import numpy as np
+    return score_predictions(ctx, predict(ctx))
 
-    from evals import plots
-    from evals.cache import case_key
-    from evals.classification import fmt, score
-    from evals.report import md_table
 
+@dataclass
+class Loaded:
+    """What both steps derive from the context: options, the labelled cases with images, the candidates and the prompt."""
+
+    opts: Options
+    cases: list[Any]
+    skipped: int
+    labels: list[str]
+    candidates: dict[str, str]
+    prompt: str
+
+
+def load(ctx: ProtocolContext) -> Loaded:
     if "vlm" not in ctx.options:
         # No VLM ships with the project: say how to name one rather than pydantic's bare "field required".
         raise ValueError(
@@ -81,7 +91,6 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     cases = [c for c in ctx.cases if c.label is not None and c.image is not None]
     if not cases:
         raise ValueError(f"{ctx.bench.name}: no case has both an image and a label")
-    skipped = len(ctx.cases) - len(cases)
     labels = list(ctx.bench.labels) or sorted({c.label for c in cases})
     if opts.candidates is None:
         candidates = default_candidates(labels)
@@ -92,8 +101,15 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     missing = sorted({c.label for c in cases} - set(candidates))
     if missing:
         raise ValueError(f"case labels {missing} are not among the candidates {sorted(candidates)}")
-    prompt = format_prompt(list(candidates.values()), opts.prompt)
+    return Loaded(opts, cases, len(ctx.cases) - len(cases), labels, candidates, format_prompt(list(candidates.values()), opts.prompt))
 
+
+def predict(ctx: ProtocolContext) -> Predictions:
+    """The VLM's answer for each labelled image (cached per image and configuration)."""
+    from evals.cache import case_key
+
+    ld = load(ctx)
+    opts, cases, prompt = ld.opts, ld.cases, ld.prompt
     # The answer depends on the VLM, its options, the prompt and the generation length; matching is redone every run.
     cfg = config_hash({"vlm": opts.vlm.model_dump(), "prompt": prompt, "max_new_tokens": opts.max_new_tokens})
     keys = [case_key(sha256_file(c.image), cfg, kind="zero_shot") for c in cases]
@@ -120,10 +136,25 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
         return [{"kind": "zero_shot", "case_id": case_of[k].id, "status": "ok", "answer": text, "model_id": vlm.model_id} for k, text in zip(chunk, out)]
 
     filled = cached_map(ctx, keys, ask, what="zero_shot", batch_size=opts.batch_size, allow_partial=opts.allow_partial, prepare=prepare)
-    keep = filled.kept(keys)
-    cases, keys = [cases[i] for i in keep], [keys[i] for i in keep]
-    answers = [filled.records[k]["answer"] for k in keys]
     model_id = backend["vlm"].model_id if "vlm" in backend else None
+    return Predictions([filled.records.get(k) for k in keys], {"missing": filled.missing, "computed": filled.computed, "seconds": filled.seconds, "model_id": model_id})
+
+
+def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> ProtocolResult:
+    """Match each answer to a candidate and score (no VLM runs)."""
+    import numpy as np
+
+    from evals import plots
+    from evals.classification import fmt, score
+    from evals.report import md_table
+
+    ld = load(ctx)
+    opts, labels, candidates, prompt, skipped = ld.opts, ld.labels, ld.candidates, ld.prompt, ld.skipped
+    keep = [i for i, r in enumerate(predictions.records) if r is not None]
+    cases = [ld.cases[i] for i in keep]
+    answers = [predictions.records[i]["answer"] for i in keep]
+    model_id = predictions.stats.get("model_id")
+    n_missing, n_computed, seconds = predictions.stats.get("missing", 0), predictions.stats.get("computed", 0), predictions.stats.get("seconds", 0.0)
 
     y = [c.label for c in cases]
     matched = [match_candidate(a or "", candidates, ctx.bench.aliases) for a in answers]
@@ -164,10 +195,10 @@ def run(ctx: ProtocolContext) -> ProtocolResult:
     notes = [
         f"Prompt: {prompt!r}. Answers are matched to the candidates case-insensitively, whole words, longest match; "
         "an answer naming no candidate, or several, is invalid and counted as wrong.",
-        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {filled.missing} answers generated this run, {len(cases) - filled.missing} from the cache.",
+        f"VLM {opts.vlm.backend}:{opts.vlm.model}; {n_missing} answers generated this run, {len(cases) - n_missing} from the cache.",
     ]
     if skipped:
         notes.append(f"{skipped} cases without a label or image were skipped.")
-    if filled.computed:
-        notes.append(f"Throughput: {filled.computed / max(filled.seconds, 1e-9):.2f} images/s ({model_id}).")
+    if n_computed:
+        notes.append(f"Throughput: {n_computed / max(seconds, 1e-9):.2f} images/s ({model_id}).")
     return ProtocolResult(metrics=metrics, tables=tables, plots=figs, n_cases=len(cases), notes=notes)

@@ -149,3 +149,25 @@ def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypat
     f = data.load_features("isic2018_val", "effnet", tmp_path)
     assert list(f["ids"]) == [r["image"] for r in rows] and f["features"].shape == (3, 1280) and f["probs"].shape == (3, 7)
     assert np.load(out)["probs_modality"].shape == (3, 4)
+
+
+@pytest.mark.data
+@pytest.mark.weights
+@pytest.mark.slow
+def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left_it_out(shared_data, tmp_path):
+    """dermgraph train encoder-crossfit: one model per fold from ImageNet; the bundle holds each training image once,
+    with the fold whose model never saw it, and reads back as fusion_data / reasoner_data read it."""
+    from training.encoder import CROSSFIT_TABLES, crossfit_outputs, fold_of
+
+    out = tmp_path / "cf"
+    summary = run_training("encoder-crossfit", CONFIGS / "encoder_smoke.yaml", [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "folds=2", "init=efficientnet-lite0-derm"])
+    cfg = load_train_config(trainer_module("encoder-crossfit").Config, CONFIGS / "encoder_smoke.yaml", ["folds=2"])
+    sets, _ = encoder.build_tables(cfg)
+    for table, source in CROSSFIT_TABLES.items():
+        got = crossfit_outputs(summary["bundle"], source)
+        recs = {r["image"]: r for r in sets[table]}
+        assert sorted(map(str, got["ids"])) == sorted(recs) and got["probs_ham"].shape == (len(recs), 7)
+        assert all(fold_of(recs[str(i)], 2) == f for i, f in zip(got["ids"], got["fold"]))
+    for k in (0, 1):  # every fold started from ImageNet, whatever init says
+        assert json.loads((out / f"fold{k}" / "config.yaml").read_text())["init"] is None
+    assert json.loads((out / "crossfit.json").read_text())["fold_models"]["fold1"]["held_out"] == summary["held_out"]["fold1"]

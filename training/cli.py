@@ -22,6 +22,7 @@ TRAINERS: dict[str, str] = {
     "reasoner-grpo": "training.reasoner_grpo",
     "fusion": "training.fusion",
     "encoder": "training.encoder",
+    "encoder-crossfit": "training.encoder_crossfit",
 }
 
 

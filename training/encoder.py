@@ -488,6 +488,47 @@ def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarra
     return path
 
 
+def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], images: dict[str, np.ndarray], folds: int, *,
+             deadline: float | None = None, device: str | None = None, log=print) -> dict[str, dict]:
+    """Cross-fitted outputs: ``folds`` models trained by ``cfg``'s recipe from the ImageNet weights (never
+    ``cfg.init``: an expert that saw every image), each without one fold of the training tables
+    (:func:`crossfit_split`), each predicting the fold it left out. Writes ``<out_dir>/fold<k>/`` (the run's
+    metrics, curves, summary) and ``<out_dir>/crossfit/<source>__effnet.npz`` (:func:`head_outputs_npz`, with the
+    ``fold`` of each image); returns each fold's summary. ``deadline`` (epoch seconds): the folds share the time
+    left (``max_minutes`` each), else ``cfg``'s own limits apply."""
+    from models.efficientnet import load_expert
+
+    out = Path(cfg.out_dir)
+    held_out: dict[str, list[tuple[int, list[int], dict[str, np.ndarray]]]] = {n: [] for n in CROSSFIT_TABLES}
+    results: dict[str, dict] = {}
+    for k in range(folds):
+        kept, held = crossfit_split(sets, folds, k, cfg.seed)
+        f_sets = {n: [recs[j] for j in kept[n]] if n in kept else recs for n, recs in sets.items()}
+        f_images = {n: images[n][kept[n]] if n in kept else images[n] for n in sets}
+        update: dict = {"out_dir": out / f"fold{k}", "init": None, "artifact": None}
+        if deadline is not None:
+            update["max_minutes"] = max(0.05, (deadline - time.time()) / (folds - k) / 60)
+        fcfg = cfg.model_copy(update=update)
+        fcfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (fcfg.out_dir / "config.yaml").write_text(json.dumps(fcfg.model_dump(mode="json"), indent=1))
+        log(f"crossfit fold {k + 1}/{folds}: {sum(len(v) for n, v in held.items())} images held out" + (f", {fcfg.max_minutes * 60:.0f} s" if fcfg.max_minutes else ""))
+        res = train(fcfg, tables=(f_sets, classes), images=f_images)
+        net, _ = load_expert(fcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))
+        for n, idx in held.items():
+            if idx:
+                held_out[n].append((k, idx, evaluate(net, images[n][idx], [sets[n][j] for j in idx], fcfg.image_size)))
+        res["held_out"] = {n: len(idx) for n, idx in held.items()}
+        (fcfg.out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
+        results[f"fold{k}"] = res
+    for n, parts in held_out.items():
+        if parts:
+            order = [j for _, idx, _ in parts for j in idx]
+            probs = {h: np.concatenate([p[h] for _, _, p in parts]) for h in parts[0][2] if h != "features"}
+            fold = np.concatenate([np.full(len(idx), k) for k, idx, _ in parts])
+            head_outputs_npz(out / "crossfit" / f"{CROSSFIT_TABLES[n]}__effnet.npz", [sets[n][j] for j in order], probs, {"fold": fold})
+    return results
+
+
 def bundle_crossfit(folder: Path, dest: Path, meta: dict | None = None) -> Path:
     """One file of the cross-fitted outputs in ``folder`` (``<source>__effnet.npz`` each): keys ``<source>__<key>``,
     and ``meta`` (JSON) e.g. the fold models' held-out figures. :func:`crossfit_outputs` reads it back."""
@@ -594,6 +635,23 @@ def _load_init(net, init: str, heads: dict[str, list[str]]) -> None:
     net.load_state_dict(old.state_dict())
 
 
+def decoded_images(cfg: Config, sets: dict[str, list[dict]], given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The decoded images of every table of ``sets`` (``given`` ones as they are, the others from the decoded-image
+    cache at the config's sizes)."""
+    given = given or {}
+    images = {}
+    for name, recs in sets.items():
+        if name in given:
+            if len(given[name]) != len(recs):
+                raise ValueError(f"{name}: {len(given[name])} images for {len(recs)} records")
+            images[name] = given[name]
+            continue
+        size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
+        syn_seed = cfg.seed + (1000 if name == "val_not_skin" else 0)
+        images[name] = image_cache(recs, size, cfg.cache_dir, name, syn_seed) if recs else np.zeros((0, size, size, 3), np.uint8)
+    return images
+
+
 def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = None, images: dict[str, np.ndarray] | None = None) -> dict:
     """Fine-tune; ``tables`` (records per split and the DermNet classes) replaces :func:`build_tables`, e.g. the
     GPU job's packed records, and ``images`` (split name -> decoded images in record order) replaces the
@@ -615,17 +673,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     n_syn = (max(1, cfg.limit_per_source // 8) if cfg.limit_per_source else 30) if cfg.mix.not_skin else 0
     sets["train_not_skin"] = _synthetic_records(n_syn, cfg.seed) if n_syn else []
     sets["val_not_skin"] = _synthetic_records(max(1, n_syn // 3), cfg.seed + 1000) if n_syn else []
-    given = images or {}
-    images = {}
-    for name, recs in sets.items():
-        if name in given:
-            if len(given[name]) != len(recs):
-                raise ValueError(f"{name}: {len(given[name])} images for {len(recs)} records")
-            images[name] = given[name]
-            continue
-        size = cfg.dermnet_store_size if name == "train_dermnet" else cfg.store_size
-        syn_seed = cfg.seed + (1000 if name == "val_not_skin" else 0)
-        images[name] = image_cache(recs, size, cfg.cache_dir, name, syn_seed) if recs else np.zeros((0, size, size, 3), np.uint8)
+    images = decoded_images(cfg, sets, images)
     pools = {k: v for k, v in sets.items() if k.startswith("train_")}
     val = {k: (images[k], v) for k, v in sets.items() if k.startswith("val_")}
     sizes = {k: len(v) for k, v in sets.items()}

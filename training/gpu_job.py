@@ -471,9 +471,6 @@ class Job:
         (``effnet_final``) the expert on everything, from ``effnet.init`` or ImageNet."""
         import gzip
 
-        import numpy as np
-
-        from models.efficientnet import load_expert
         from training import encoder
         from training.gpu_pack import read_effnet_images
 
@@ -502,44 +499,18 @@ class Job:
         self.log(f"effnet: {sum(len(v) for v in sets.values())} images decoded in {decode_s} s")
         runs = [f"fold{k}" for k in range(self.cfg.effnet_folds)] + (["final"] if self.cfg.effnet_final else [])
         results: dict[str, Any] = {}
-        held_out: dict[str, list[tuple[int, int, dict[str, np.ndarray]]]] = {n: [] for n in encoder.CROSSFIT_TABLES}
-        for i, run in enumerate(runs):
-            run_end = time.time() + (end - time.time() - self.cfg.effnet_eval_reserve_s) / (len(runs) - i)
-            if run == "final":
-                rcfg = cfg.model_copy(update={"out_dir": out})
-                r_sets, r_images = sets, images
-            else:
-                k = int(run[4:])
-                kept, held = encoder.crossfit_split(sets, self.cfg.effnet_folds, k, self.cfg.seed)
-                r_sets = {n: [recs[j] for j in kept[n]] if n in kept else recs for n, recs in sets.items()}
-                r_images = {n: images[n][kept[n]] if n in kept else images[n] for n in sets}
-                rcfg = cfg.model_copy(update={"out_dir": out / run, "init": None})
-            rcfg.out_dir.mkdir(parents=True, exist_ok=True)
-            rcfg = rcfg.model_copy(update={"max_minutes": max(0.05, (run_end - time.time()) / 60)})
-            (rcfg.out_dir / "config.yaml").write_text(json.dumps(rcfg.model_dump(mode="json"), indent=1))
-            self.log(f"effnet {run}: {rcfg.max_minutes * 60:.0f} s, init {rcfg.init or 'ImageNet'}")
-            res = encoder.train(rcfg, tables=(r_sets, classes), images=r_images)
-            res["decode_s"] = decode_s
-            if run != "final":
-                net, _ = load_expert(rcfg.out_dir / "best.safetensors", self.device)
-                for n, idx in held.items():
-                    if idx:
-                        probs = encoder.evaluate(net, images[n][idx], [sets[n][j] for j in idx], rcfg.image_size)
-                        held_out[n].append((k, idx, probs))
-                res["held_out"] = {n: len(idx) for n, idx in held.items()}
-                del net
-            (rcfg.out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
-            results[run] = res
+        if self.cfg.effnet_folds:  # the folds get their share of the time, the final run the rest
+            share = self.cfg.effnet_folds / len(runs)
+            deadline = time.time() + (end - time.time() - self.cfg.effnet_eval_reserve_s) * share
+            results.update(encoder.crossfit(cfg, sets, classes, images, self.cfg.effnet_folds, deadline=deadline, device=self.device, log=self.log))
+        if self.cfg.effnet_final:
+            rcfg = cfg.model_copy(update={"max_minutes": max(0.05, (end - time.time() - self.cfg.effnet_eval_reserve_s) / 60)})
+            (out / "config.yaml").write_text(json.dumps(rcfg.model_dump(mode="json"), indent=1))
+            self.log(f"effnet final: {rcfg.max_minutes * 60:.0f} s, init {rcfg.init or 'ImageNet'}")
+            results["final"] = encoder.train(rcfg, tables=(sets, classes), images=images)
+            (out / "summary.json").write_text(json.dumps({**results["final"], "decode_s": decode_s}, indent=1, default=str))
         members = []
         if self.cfg.effnet_folds:
-            for n, parts in held_out.items():
-                if not parts:
-                    continue
-                order = [j for _, idx, _ in parts for j in idx]
-                heads = [h for h in parts[0][2] if h != "features"]
-                probs = {h: np.concatenate([p[h] for _, _, p in parts]) for h in heads}
-                fold = np.concatenate([np.full(len(idx), k) for k, idx, _ in parts])
-                encoder.head_outputs_npz(out / "crossfit" / f"{encoder.CROSSFIT_TABLES[n]}__effnet.npz", [sets[n][j] for j in order], probs, {"fold": fold})
             members += ["crossfit"] + [f"{r}/{f}" for r in runs if r != "final" for f in ("metrics.jsonl", "summary.json", "learning_curves.png", "config.yaml")]
         if "final" in results:
             members += ["best.safetensors", "metrics.jsonl", "summary.json", "MODEL_CARD.md", "learning_curves.png", "config.yaml", "registry.yaml"]

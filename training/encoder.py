@@ -529,6 +529,11 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
     return results
 
 
+def fold_summary(res: dict) -> dict:
+    """What a cross-fitting bundle's metadata keeps of one fold model's training summary."""
+    return {k: res.get(k) for k in ("best_epoch", "epochs_run", "train_wall_s", "held_out", "best")}
+
+
 def bundle_crossfit(folder: Path, dest: Path, meta: dict | None = None) -> Path:
     """One file of the cross-fitted outputs in ``folder`` (``<source>__effnet.npz`` each): keys ``<source>__<key>``,
     and ``meta`` (JSON) e.g. the fold models' held-out figures. :func:`crossfit_outputs` reads it back."""

@@ -37,8 +37,7 @@ def train(cfg: Config) -> dict:
     images = encoder.decoded_images(cfg, sets)
     t0 = time.time()
     runs = encoder.crossfit(cfg, sets, classes, images, cfg.folds)
-    keys = ("best_epoch", "epochs_run", "train_wall_s", "held_out", "best")
-    meta = {"fold_models": {k: {kk: r.get(kk) for kk in keys} for k, r in runs.items()}, "config": cfg.model_dump(mode="json")}
+    meta = {"fold_models": {k: encoder.fold_summary(r) for k, r in runs.items()}, "config": cfg.model_dump(mode="json")}
     bundle = encoder.bundle_crossfit(Path(cfg.out_dir) / "crossfit", Path(cfg.out_dir) / "crossfit.npz", meta)
     (Path(cfg.out_dir) / "crossfit.json").write_text(json.dumps(meta, indent=1, default=str))
     return {"bundle": str(bundle), "size_mb": round(bundle.stat().st_size / 1e6, 2), "folds": cfg.folds, "train_wall_s": round(time.time() - t0, 1),

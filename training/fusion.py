@@ -337,9 +337,20 @@ def choose_decision(recs: list[dict], experts, cfg: Config) -> tuple[float, floa
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
     best = max(ok, key=lambda g: (g["balanced_accuracy"], g["accuracy"]))
     bias, bias_grid = choose_melanoma_bias(y, probs[(best["C"], best["gamma"])], reference, cfg)
-    shifted = [{c: v * (math.exp(bias) if c == "mel" else 1.0) for c, v in p.items()} for p in probs[(best["C"], best["gamma"])]]
     grid = grid + [{"reference_accuracy": round(reference, 4)}, {"melanoma_bias": bias, "melanoma_bias_grid": bias_grid}]
-    return best["C"], best["gamma"], grid, decide_all(shifted)
+    return best["C"], best["gamma"], grid, decide_all(shift_melanoma(probs[(best["C"], best["gamma"])], bias))
+
+
+def shift_melanoma(probs: list[dict[str, float]], bias: float) -> list[dict[str, float]]:
+    """Decision scores with melanoma's log-odds raised by ``bias`` (its probability × e^bias; argmax unchanged otherwise)."""
+    return [{c: v * (math.exp(bias) if c == "mel" else 1.0) for c, v in p.items()} for p in probs]
+
+
+def melanoma_biased(intercept: np.ndarray, bias: float) -> np.ndarray:
+    """A decision model's intercept with melanoma's raised by ``bias`` (the same operating point in logit space)."""
+    out = np.array(intercept, float)
+    out[HAM_CLASSES.index("mel")] += bias
+    return out
 
 
 def choose_melanoma_bias(y: Sequence[str], oof: list[dict[str, float]], reference: float, cfg: Config) -> tuple[float, list[dict]]:
@@ -349,8 +360,7 @@ def choose_melanoma_bias(y: Sequence[str], oof: list[dict[str, float]], referenc
     the most sensitive δ that keeps the accuracy. Returns (δ, grid)."""
     grid = []
     for d in cfg.melanoma_bias_grid:
-        shifted = [{c: v * (math.exp(d) if c == "mel" else 1.0) for c, v in p.items()} for p in oof]
-        grid.append({"bias": d, **top_metrics(y, shifted)})
+        grid.append({"bias": d, **top_metrics(y, shift_melanoma(oof, d))})
     if cfg.melanoma_sensitivity_target is None:
         return 0.0, grid
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop]
@@ -582,9 +592,7 @@ def train(cfg: Config) -> dict[str, Any]:
     derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
     dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
     mel_bias = float(dgrid[-1]["melanoma_bias"])
-    intercept = np.array(dec.intercept, float)
-    intercept[HAM_CLASSES.index("mel")] += mel_bias
-    derm.decision_coef, derm.decision_intercept = dec.coef, intercept
+    derm.decision_coef, derm.decision_intercept = dec.coef, melanoma_biased(dec.intercept, mel_bias)
     derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_melanoma_bias": mel_bias, "decision_expert_weights": dec.meta["expert_weights"],
                       "decision_grid": dgrid})  # fmt: skip
     calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
@@ -625,7 +633,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 keep = [e for e in experts if e != drop]
                 xf, _ = derm_design(fit, keep, cfg.eps)
                 m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed)  # the decision model without that expert
-                m.intercept = np.array(m.intercept, float) + mel_bias * np.eye(len(HAM_CLASSES))[HAM_CLASSES.index("mel")]
+                m.intercept = melanoma_biased(m.intercept, mel_bias)
                 ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs))
             ev["ablation"] = ablation
         evals[name] = ev

@@ -260,12 +260,9 @@ def extract_outputs(out: Path, dest: Path) -> dict[str, Path]:
     if "encoder" in got:
         restore_encoder(got["encoder"])
     if "effnet" in got and (got["effnet"] / "crossfit").is_dir():
-        from training.encoder import bundle_crossfit
+        from training.encoder import bundle_crossfit, fold_summary
 
-        runs = {}
-        for f in sorted(got["effnet"].glob("fold*/summary.json")):
-            r = json.loads(f.read_text())
-            runs[f.parent.name] = {k: r.get(k) for k in ("best_epoch", "epochs_run", "train_wall_s", "held_out", "best")}
+        runs = {f.parent.name: fold_summary(json.loads(f.read_text())) for f in sorted(got["effnet"].glob("fold*/summary.json"))}
         bundle_crossfit(got["effnet"] / "crossfit", got["effnet"] / "crossfit.npz", {"fold_models": runs})
     return got
 
@@ -477,7 +474,7 @@ class Job:
         if "effnet/tables.json.gz" not in self.v.manifest["members"]:
             return {"status": "skipped", "why": "the pack has no effnet data"}
         t0 = time.time()
-        has_base = any(m.startswith("effnet_base/") for m in self.v.manifest["members"])
+        has_base = self.has("effnet_base/")
         if has_base:
             self.install_cached("effnet_base")
         if self.cfg.effnet_folds and not has_base:

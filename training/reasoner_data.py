@@ -174,9 +174,7 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
     from models.efficientnet import expert_info
     from models.resolve import resolve
     from retrieval.kb import KnowledgeBase
-    from training.encoder import expert_outputs
-
-    from training.encoder import TRAINED_SPLITS
+    from training.encoder import TRAINED_SPLITS, expert_outputs
 
     heads = expert_info(Path(resolve(expert, progress=False)))["heads"]
     kb = KnowledgeBase()

@@ -82,6 +82,8 @@ class Config(TrainConfig):
     histology_holdout_every: int = Field(3, ge=2, description="Every n-th histology slide is held out for validation.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default / OMP_NUM_THREADS).")
     workers: int = Field(0, ge=0, description="Processes augmenting batches ahead of the GPU (0: in the training loop; same batches either way).")
+    device_augment: bool = Field(False, description="Keep the decoded images on the training device and augment whole batches there (training.batch_augment; the GPU recipe); workers are then unused.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Also keep an exponential moving average of the weights (and BN statistics); evaluate and ship it.")
     amp: bool = Field(False, description="bfloat16 autocast of the forward pass on CUDA (weights and optimiser stay float32).")
     resume: bool = Field(True, description="Continue from <out_dir>/checkpoint.pt when it exists and matches this config.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints within an epoch.")
@@ -386,17 +388,21 @@ def _batch(items, pools, images, cfg: Config, step_seed: int):
     from models.efficientnet import normalise
 
     torch.manual_seed(step_seed)
-    xs, labels = [], {"ham": [], "dermnet": [], "modality": [], "crit": []}
+    xs = [augment(images[name][i], pools[name][i]["kind"], cfg.image_size, tuple(cfg.closeup_scale) if closeup else None) for name, i, closeup in items]
+    return normalise(torch.stack(xs)), _labels(items, pools)
+
+
+def _labels(items, pools) -> dict:
+    import torch
+
+    labels: dict[str, list] = {"ham": [], "dermnet": [], "modality": [], "crit": []}
     for name, i, closeup in items:
-        r = pools[name][i]
-        x = augment(images[name][i], r["kind"], cfg.image_size, tuple(cfg.closeup_scale) if closeup else None)
-        xs.append(x)
-        lab = r["labels"]
+        lab = pools[name][i]["labels"]
         labels["ham"].append(lab["ham"])
         labels["dermnet"].append(-1 if closeup else lab["dermnet"])  # a close-up is too little of the photo to name the disease
         labels["modality"].append(lab["modality"])
         labels["crit"].append(lab["crit"])
-    return normalise(torch.stack(xs)), {k: torch.tensor(v) for k, v in labels.items()}
+    return {k: torch.tensor(v) for k, v in labels.items()}
 
 
 class _EpochBatches:
@@ -416,14 +422,27 @@ class _EpochBatches:
         return _batch(self.plan[s * bs : (s + 1) * bs], self.pools, self.images, self.cfg, self.cfg.seed * 1_000_003 + self.global0 + k)
 
 
-def epoch_batches(plan, start: int, steps: int, global0: int, pools, images, cfg: Config):
-    """Iterator over the (x, labels) batches of steps ``start..steps-1``."""
+def epoch_batches(plan, start: int, steps: int, global0: int, pools, images, cfg: Config, on_device=None):
+    """Iterator over the (x, labels) batches of steps ``start..steps-1``; with ``on_device`` (a
+    :class:`training.batch_augment.DeviceImages`) each batch is augmented there as a whole."""
+    if on_device is not None:
+        return _device_batches(plan, start, steps, global0, pools, on_device, cfg)
     ds = _EpochBatches(plan, start, steps, global0, pools, images, cfg)
     if cfg.workers == 0:
         return (ds[k] for k in range(len(ds)))
     import torch
 
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.workers, prefetch_factor=4, persistent_workers=False))
+
+
+def _device_batches(plan, start: int, steps: int, global0: int, pools, on_device, cfg: Config):
+    from models.efficientnet import normalise
+
+    bs = cfg.batch_size
+    for s in range(start, steps):
+        items = plan[s * bs : (s + 1) * bs]
+        x = on_device.batch(items, [pools[n][i]["kind"] for n, i, _ in items], cfg.seed * 1_000_003 + global0 + s - start, cfg.image_size, tuple(cfg.closeup_scale))
+        yield normalise(x), _labels(items, pools)
 
 
 def _loss(logits, labels, class_w, cfg: Config):
@@ -670,6 +689,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels once
     out = Path(cfg.out_dir)
     t_start = time.time()
 
@@ -717,6 +738,12 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    ema = None
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    shipped = ema.module if ema is not None else net  # what is evaluated, selected and saved
     fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every"}), sort_keys=True).encode()).hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}
@@ -729,6 +756,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         state.update(json.loads(ck["state"]))
         resumed = True
     if not resumed:
@@ -743,7 +772,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         state["elapsed_s"] += time.time() - t_mark[0]
         t_mark[0] = time.time()
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"fingerprint": fingerprint, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": json.dumps(state)}, tmp)
+        torch.save({"fingerprint": fingerprint, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": json.dumps(state),
+                    **({"ema": ema.state_dict()} if ema is not None else {})}, tmp)
         tmp.replace(ckpt_path)
 
     meta = {"image_size": cfg.image_size, "base": BASE_ID, "base_sha256": get_spec(BASE_ID).sha256, "artifact_id": cfg.artifact_id,
@@ -753,6 +783,11 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     if not resumed:
         log(kind="start", sizes=sizes, steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, threads=torch.get_num_threads())
     stopped_early = False
+    on_device = None
+    if cfg.device_augment:
+        from training.batch_augment import DeviceImages
+
+        on_device = DeviceImages({k: images[k] for k in pools}, device)
     from tqdm.auto import tqdm
 
     while state["epoch"] < cfg.epochs:
@@ -760,7 +795,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         plan = _epoch_plan(pools, cfg, ep)
         set_train_mode(net, frozen)
         bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {ep + 1}/{cfg.epochs}", disable=not cfg.progress, mininterval=5)
-        batches = epoch_batches(plan, state["step_in_epoch"], steps_per_epoch, state["global_step"], pools, images, cfg)
+        batches = epoch_batches(plan, state["step_in_epoch"], steps_per_epoch, state["global_step"], pools, images, cfg, on_device)
         while state["step_in_epoch"] < steps_per_epoch:
             x, labels = next(batches)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda")):
@@ -771,6 +806,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(net)
             if budget_s:
                 time_frac[0] = (state["elapsed_s"] + time.time() - t_mark[0]) / budget_s
             sched.step()
@@ -786,11 +823,11 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
                 stopped_early = True
                 break
         bar.close()
-        m = val_metrics(net, val, cfg.image_size)
+        m = val_metrics(shipped, val, cfg.image_size)
         log(kind="eval", epoch=ep + 1, step=state["global_step"], partial_epoch=stopped_early, **m)
         if state["best"] is None or m["score"] > state["best"]["score"]:
             state["best"], state["best_epoch"] = m, ep + 1
-            save_expert(net, out / "best.safetensors", {**meta, "epoch": ep + 1, "val": m})
+            save_expert(shipped, out / "best.safetensors", {**meta, "epoch": ep + 1, "val": m, **({"ema_decay": cfg.ema_decay} if ema is not None else {})})
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         set_train_mode(net, frozen)

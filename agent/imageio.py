@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -25,6 +24,8 @@ from typing import IO, Any
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from models.pixels import pixel_sha256  # noqa: F401  (also imported from here)
 
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -308,15 +309,6 @@ def _finish(
         format=fmt,
         warnings=tuple(dict.fromkeys(notes)),
     )
-
-
-def pixel_sha256(im: Image.Image) -> str:
-    """Hex SHA-256 of an RGB image's size and raw pixels (container- and metadata-independent)."""
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    h = hashlib.sha256(f"RGB {im.width}x{im.height}\n".encode("ascii"))
-    h.update(im.tobytes())
-    return h.hexdigest()
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:

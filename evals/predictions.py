@@ -1,8 +1,8 @@
 """The agent's per-case predictions for a benchmark, through the prediction cache.
 
 Predictions are produced per case (the full agent, or only the first nodes for the modality and
-morphology protocols) in this process or in ``workers`` processes with one torch thread each, every
-worker appending to its own cache shard. Progress and throughput are printed as cases finish.
+morphology protocols) in this process or in ``workers`` processes with one torch thread each, and
+cached as they come by the protocols' one cache-fill loop (:func:`evals.protocols.common.cached_map`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from evals.base import EvalCase, ProtocolContext
-from evals.cache import AGENT, ImageHashes, PredictionCache, case_key
-from evals.progress import Progress
+from evals.cache import AGENT, ImageHashes, case_key
 
 MODALITY = "modality"
 """Kind of a record with only the encoder and modality nodes run."""
@@ -92,7 +90,7 @@ def _partial(agent, case: EvalCase, until: str) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config_json: str, factory: Callable | None, shard_dir: str) -> None:
+def _init_worker(config_json: str, factory: Callable | None) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     try:
         import torch
@@ -104,53 +102,62 @@ def _init_worker(config_json: str, factory: Callable | None, shard_dir: str) -> 
 
     config = AgentConfig.model_validate_json(config_json)
     _WORKER["agent"] = (factory or default_agent_factory)(config)
-    _WORKER["cache"] = PredictionCache(shard_dir, shard=f"worker-{os.getpid()}")
 
 
-def _work(kind: str, key: str, case: EvalCase) -> tuple[str, str]:
-    rec = predict(_WORKER["agent"], case, kind)
-    _WORKER["cache"].put(key, rec)
-    return key, rec["status"]
+def _work(kind: str, case: EvalCase) -> dict[str, Any]:
+    return predict(_WORKER["agent"], case, kind)
 
 
-def compute(ctx: ProtocolContext, kind: str, todo: list[tuple[str, EvalCase]]) -> dict[str, Any]:
-    """Produce and cache records of ``kind`` for ``todo`` ((key, case) pairs); returns timing stats."""
-    if not todo:
-        return {"computed": 0}
-    if ctx.agent_config is None:
-        raise ValueError("this protocol needs an agent configuration")
-    workers = max(1, min(int(ctx.workers or 1), len(todo)))
-    progress = Progress(ctx.log, "[eval]", len(todo), every_s=15.0)
-    ctx.log(f"[eval] running {kind} on {len(todo)} cases ({workers} process{'es' if workers > 1 else ''})")
-    if workers == 1:
-        agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
+class _Producer:
+    """``compute`` for :func:`evals.protocols.common.cached_map`: the records of a chunk of cases, from the agent
+    in this process (micro-batched for full records when ``batch_size`` > 1) or from ``workers`` processes
+    with one torch thread each. Built on the first chunk, so a fully cached run loads no model."""
+
+    def __init__(self, ctx: ProtocolContext, kind: str, cases: dict[str, EvalCase]):
+        self.ctx, self.kind, self.cases = ctx, kind, cases
+        self.agent: Any = None
+        self.pool: Any = None
+        self.workers = 1
+        self.batch_size = 1
+
+    def start(self, n_missing: int, n_todo: int) -> None:
+        ctx = self.ctx
+        if ctx.agent_config is None:
+            raise ValueError("this protocol needs an agent configuration")
+        self.workers = max(1, min(int(ctx.workers or 1), n_todo))
+        ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''})")
+        if self.workers == 1:
+            from agent.batched import default_batch_size
+
+            self.agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
+            self.batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            init = (ctx.agent_config.model_dump_json(), ctx.agent_factory)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=init)
+
+    def chunk_size(self) -> int:
+        # In-process: one micro-batch (1 on CPU: each case is cached as it finishes). Pool: a few cases per worker.
+        return self.batch_size if self.workers == 1 else 2 * self.workers
+
+    def __call__(self, keys: list[str]) -> list[dict[str, Any]]:
+        cases = [self.cases[k] for k in keys]
+        if self.pool is not None:
+            return list(self.pool.map(_work, [self.kind] * len(cases), cases))
+        agent = self.agent
         from agent.agent import Agent
-        from agent.batched import default_batch_size
 
-        batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
+        if self.kind == AGENT and self.batch_size > 1 and isinstance(agent, Agent):
+            from agent.batched import BatchedAgent  # one encoder forward / FAISS query matrix per micro-batch
 
-        if kind == AGENT and batch_size > 1 and isinstance(agent, Agent):
-            from agent.batched import BatchedAgent  # micro-batches: one encoder forward / FAISS query matrix per batch
+            agent = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in cases], self.batch_size)
+        return [predict(agent, c, self.kind) for c in cases]
 
-            agent = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for _, c in todo], batch_size)
-        for key, case in todo:
-            rec = predict(agent, case, kind)
-            ctx.cache.put(key, rec)
-            progress.update(status=rec["status"])
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        shard_dir = str(ctx.cache.root) if isinstance(ctx.cache, PredictionCache) else str(ctx.out_dir / "predictions")
-        init = (ctx.agent_config.model_dump_json(), ctx.agent_factory, shard_dir)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=init) as pool:
-            futures = [pool.submit(_work, kind, key, case) for key, case in todo]
-            for fut in as_completed(futures):
-                progress.update(status=fut.result()[1])
-        if isinstance(ctx.cache, PredictionCache):
-            ctx.cache.reload()
-    seconds = time.perf_counter() - progress.t0
-    return {"computed": len(todo), "errors": progress.errors, "seconds": round(seconds, 2), "cases_per_second": round(len(todo) / seconds, 3) if seconds > 0 else None, "workers": workers}
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def case_keys(ctx: ProtocolContext, kind: str, fingerprint: str) -> list[str]:
@@ -170,40 +177,50 @@ def case_keys(ctx: ProtocolContext, kind: str, fingerprint: str) -> list[str]:
     return keys
 
 
-def _retry(rec: dict[str, Any] | None) -> bool:
-    """Missing, or an error other than an unreadable image (which would fail the same way again)."""
-    return rec is None or (rec.get("status") != "ok" and (rec.get("error") or {}).get("type") != "ImageInputError")
+def _retry(rec: dict[str, Any]) -> bool:
+    """An error other than an unreadable image (which would fail the same way again)."""
+    return rec.get("status") != "ok" and (rec.get("error") or {}).get("type") != "ImageInputError"
 
 
 def ensure_predictions(ctx: ProtocolContext, kind: str, reuse_agent: bool = False) -> tuple[list[dict[str, Any] | None], dict[str, Any]]:
-    """Cached records for every case (computing the missing ones unless ``ctx.rescore``), in case order.
+    """Cached records for every case (computing the missing ones unless ``ctx.rescore``), in case order,
+    through the protocols' one cache-fill loop (:func:`evals.protocols.common.cached_map`).
 
     ``reuse_agent``: a full-agent record of the same case and configuration also serves (it contains
     the partial outputs), so imported ``dermgraph batch`` results are used by every protocol.
     With ``ctx.rescore`` missing cases raise :class:`MissingPredictions`, unless the option
     ``allow_partial`` is set: then they are None and the caller scores the others.
     """
+    from evals.protocols.common import cached_map
+
     fp = fingerprint_for(ctx.agent_config, kind)
     keys = case_keys(ctx, kind, fp)
-    alt = case_keys(ctx, AGENT, fingerprint_for(ctx.agent_config, AGENT)) if reuse_agent and kind != AGENT else [None] * len(keys)
-    records: list[dict[str, Any] | None] = []
-    for key, akey in zip(keys, alt):
+    alt = dict(zip(keys, case_keys(ctx, AGENT, fingerprint_for(ctx.agent_config, AGENT)))) if reuse_agent and kind != AGENT else {}
+
+    def get(key: str) -> dict[str, Any] | None:
         rec = ctx.cache.get(key)
-        if _retry(rec) and akey is not None and not _retry(ctx.cache.get(akey)):
-            rec = ctx.cache.get(akey)
-        records.append(rec)
-    todo = [(k, c) for k, c, r in zip(keys, ctx.cases, records) if _retry(r) and not (ctx.rescore and r is not None)]
-    stats: dict[str, Any] = {"cached": len(keys) - len(todo), "kind": kind, "fingerprint": fp}
-    if todo and ctx.rescore:
-        if ctx.options.get("allow_partial"):
-            stats["missing"] = len(todo)
-            return records, stats
-        raise MissingPredictions(
-            f"{len(todo)} of {len(keys)} cases have no cached prediction in {getattr(ctx.cache, 'root', ctx.out_dir)} "
-            f"(kind {kind}, config {fp}); run without --rescore to compute them, --import-batch a dermgraph batch "
-            f"results file made with this configuration, --limit, or --opt allow_partial=true to score only the cached ones"
-        )
-    stats.update(compute(ctx, kind, todo))
-    if todo:
-        records = [ctx.cache.get(k) if _retry(r) else r for k, r in zip(keys, records)]
+        if (rec is None or _retry(rec)) and key in alt:
+            other = ctx.cache.get(alt[key])
+            if other is not None and not _retry(other):
+                return other
+        return rec
+
+    producer = _Producer(ctx, kind, dict(zip(keys, ctx.cases)))
+    hint = (f" (kind {kind}, config {fp}); --import-batch a dermgraph batch results file made with this configuration, "
+            "or use --limit")  # fmt: skip
+    try:
+        filled = cached_map(ctx, keys, producer, what="[eval]", batch_size=producer.chunk_size,
+                            allow_partial=bool(ctx.options.get("allow_partial")), prepare=producer.start, get=get, redo=_retry, hint=hint, unit="cases")  # fmt: skip
+    finally:
+        producer.close()
+    records = [filled.records.get(k) for k in keys]
+    stats: dict[str, Any] = {"cached": len(keys) - filled.missing, "kind": kind, "fingerprint": fp}
+    if ctx.rescore and any(r is None for r in records):
+        stats["missing"] = sum(r is None for r in records)
+    if filled.computed:
+        s = filled.seconds
+        stats.update(computed=filled.computed, errors=filled.errors, seconds=round(s, 2),
+                     cases_per_second=round(filled.computed / s, 3) if s > 0 else None, workers=producer.workers)  # fmt: skip
+    else:
+        stats["computed"] = 0
     return records, stats

@@ -215,13 +215,15 @@ def test_morphology_protocol_structured_and_free_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_write_their_own_shards(tmp_path):
+def test_two_worker_processes_give_each_case_once(tmp_path):
+    """Worker processes compute; the parent caches their records as they come (one shard), each case once."""
     bench = _diagnosis_bench(tmp_path, n=4)
     s = run_benchmark(bench, tmp_path / "out", workers=2, agent_factory=fake_agent, log=lambda m: None)
-    shards = sorted(p.name for p in (tmp_path / "out" / "predictions").glob("worker-*.jsonl"))
-    assert len(shards) == 2 and s["metrics"]["n_scored"] == 4
+    assert s["metrics"]["n_scored"] == 4
     keys = [json.loads(x)["key"] for p in (tmp_path / "out" / "predictions").glob("*.jsonl") for x in p.read_text().splitlines()]
     assert len(keys) == 4 == len(set(keys))
+    one = run_benchmark(bench, tmp_path / "one", workers=1, agent_factory=fake_agent, log=lambda m: None)
+    assert one["metrics"]["headline"] == s["metrics"]["headline"]
 
 
 def test_metric_helpers():

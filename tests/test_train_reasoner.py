@@ -293,9 +293,7 @@ def test_prompt_is_exactly_the_agents(built, agent, tiny_features):
     records = {r["id"]: r for r in built[0][0]}
     row = next(r for r in derm7pt_rows(["train", "extra"], tiny_features) if r.id in records)
     rec = records[row.id]
-    from training.reasoner_data import _stats
-
-    state = render_state(row, _stats([row], tiny_features)[row.id], agent)
+    state = render_state(row, agent)
     from agent.testing import fusion_model
 
     recorder = Recorder()

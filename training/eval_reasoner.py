@@ -69,7 +69,7 @@ def eval_cases(cfg: Config) -> list[dict[str, Any]]:
     if "derm7pt:val" in cfg.sets:
         rows += derm7pt_rows(["val"], cfg.feature_dir)
     rows = stratified_subset(rows, cfg.limit, cfg.seed, key=lambda r: (r.source, r.label))
-    records, _ = render_cases(rows, make_agent(cfg.agent_config), cfg.feature_dir, cfg.seed)
+    records, _ = render_cases(rows, make_agent(cfg.agent_config), cfg.seed)
     return records
 
 

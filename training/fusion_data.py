@@ -121,7 +121,7 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM). ``expert_features``: the
     second expert's cached outputs (``eval_encoder features``), so that clinical photos search similar cases with
     its features as the agent does (never for images it trained on, whose features are in-sample)."""
-    from training.reasoner_data import _stats, attach_expert_probs, make_agent, render_state
+    from training.reasoner_data import attach_expert_probs, make_agent, render_state
 
     out = llm_path(out) if with_llm else out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,13 +137,12 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     elif any(r.source == "dermnet" for r in todo):
         print("warning: no --expert-features: clinical photos will search similar cases with the lesion classifier's features, "
               "not the second expert's as the default agent does", flush=True)
-    stats = _stats(todo, feature_dir)
     agent = make_agent()
     rt = agent.runtime
     t0 = time.time()
     with out.open("a") as fh:
         for n, row in enumerate(todo, 1):
-            state = render_state(row, stats[row.id], agent)
+            state = render_state(row, agent)
             if row.id in crossfit and state.morphology is not None:
                 findings = [fd.model_copy(update={"probs": crossfit[row.id][fd.criterion], "value": max(crossfit[row.id][fd.criterion], key=crossfit[row.id][fd.criterion].get)})
                             for fd in state.morphology.findings if fd.criterion in crossfit[row.id]]  # fmt: skip

@@ -275,7 +275,7 @@ def pack_reasoner(cfg: PackConfig, staging: Path) -> list[dict[str, Any]]:
     if "derm7pt:val" in cfg.eval_sets:
         rows += derm7pt_rows(["val"], cfg.feature_dir)
     rows = stratified_subset(rows, cfg.eval_limit, cfg.seed, key=lambda r: (r.source, r.label))
-    evals, skipped = render_cases(rows, agent, cfg.feature_dir, cfg.seed)
+    evals, skipped = render_cases(rows, agent, cfg.seed)
     ids = {r["id"] for r in train}
     if ids & {r["id"] for r in evals}:
         raise ValueError("a report-set case is also a training case")

@@ -17,9 +17,9 @@ Training cases (``TRAIN_SOURCES``):
 Report sets, never used for training: ``isic2018_val`` (all of it) and Derm7pt ``val``
 (:func:`report_rows`); :func:`check_no_report_leak` enforces it.
 
-Each case goes through the agent's own graph (modality, morphology, retrieval: ``Agent.run(state,
-start_at="modality", until="retrieve")``); the state starts from the cached classifier probabilities and
-features instead of running the network. The query's own image (and, for HAM10000, its lesion) is
+Each case's image goes through the agent's own graph (encode, modality, morphology, retrieval:
+``Agent.run(..., until="retrieve")``) with the two image networks replayed from their cached outputs
+(:mod:`models.backends.replay`, keyed by the image's pixels). The query's own image (and, for HAM10000, its lesion) is
 excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt is ``agent.prompts.conversation(render_user(...))``
 with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
 ``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
@@ -83,7 +83,7 @@ class CaseRow:
     metadata: dict[str, Any] = field(default_factory=dict)
     exclude: set[str] = field(default_factory=set)  # case-index ids the query must not retrieve
     perturbed: bool = False
-    expert_probs: dict[str, dict[str, float]] = field(default_factory=dict)  # the second visual expert's (ImageEncoding.expert_probs)
+    expert_heads: dict[str, np.ndarray] = field(default_factory=dict)  # the second visual expert's head outputs (none: no opinion)
     expert_features: np.ndarray | None = None  # its pooled features (ImageEncoding.expert_features; clinical photos search cases with them)
 
 
@@ -165,19 +165,13 @@ def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: in
     return out
 
 
-def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None, expert: str = "efficientnet-lite0-derm") -> dict[str, int]:
-    """Give each row the second visual expert's outputs (``CaseRow.expert_probs``, and ``expert_features`` where
-    cached) as the agent's encode node would: cross-fitted ones for the expert's own training images, else the
+def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None) -> dict[str, int]:
+    """Give each row the second visual expert's outputs to replay (``CaseRow.expert_heads``, and
+    ``expert_features`` where cached): cross-fitted ones for the expert's own training images, else the
     shipped expert's cached ones.
     Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts."""
-    from agent.nodes.encode import expert_probs_from_heads
-    from models.efficientnet import expert_info
-    from models.resolve import resolve
-    from retrieval.kb import KnowledgeBase
     from training.encoder import TRAINED_SPLITS, expert_outputs
 
-    heads = expert_info(Path(resolve(expert, progress=False)))["heads"]
-    kb = KnowledgeBase()
     counts = {"crossfit": 0, "shipped": 0, "none": 0}
     by_source: dict[str, dict] = {}
     for r in rows:
@@ -187,7 +181,7 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
         if got is None or (not got[1] and r.split in TRAINED_SPLITS.get(r.source, ())):
             counts["none"] += 1
             continue
-        r.expert_probs = expert_probs_from_heads(heads, got[0], kb)
+        r.expert_heads = {h: v for h, v in got[0].items() if h != "features"}
         if "features" in got[0]:  # the shipped expert's, on an image it did not train on (cross-fitted outputs carry none)
             r.expert_features = np.asarray(got[0]["features"], np.float32)
         counts["crossfit" if got[1] else "shipped"] += 1
@@ -272,53 +266,38 @@ def perturb_probs(probs: np.ndarray, label: str, profile: dict[str, Any], temper
 
 
 def make_agent(agent_config: Path | None = None):
-    """The agent (real heads, KB, case index, fusion) whose first nodes render the cases."""
+    """The agent (real heads, KB, case index, fusion) whose graph renders the cases. Its two image networks are
+    replayed (:mod:`models.backends.replay`): :func:`render_state` records each row's cached (cross-fitted,
+    perturbed) outputs for the row's image, and the graph runs from the encode node as for a live case."""
     from agent.agent import Agent
+    from agent.config import load_config
+    from models.backends.replay import ReplayClassifier, ReplayExpert
+    from models.efficientnet import expert_info
+    from models.resolve import resolve
 
-    return Agent(agent_config)
+    config = load_config(agent_config)
+    backends: dict[str, Any] = {"classifier": ReplayClassifier(labels=HAM_CLASSES, model_id=getattr(config.encoder.classifier, "model", "sklesion-xception"))}
+    ref = config.encoder.second_expert
+    if ref is not None:
+        backends["second_expert"] = ReplayExpert(expert_info(Path(resolve(ref.model, progress=False)))["heads"], model_id=ref.model)
+    return Agent(config, backends=backends)
 
 
-def _stats(rows: list[CaseRow], feature_dir: Path) -> dict[str, np.ndarray]:
-    """Colour/texture statistics per row id: cached ``stats_<source>__full.npz`` when present, else from the image."""
-    from PIL import Image
-
-    from models.image_stats import image_stats
+def render_state(row: CaseRow, agent):
+    """The agent's state after encode → modality → morphology → retrieval on the row's image, the networks
+    replaying the row's recorded outputs, with the row's own image(s) left out of its retrieved cases. Every
+    expert runs, on a rejected image too (the whole graph would send it to the verifier): training data
+    records them all."""
     from models.paths import data_dir
 
-    out: dict[str, np.ndarray] = {}
-    for source in sorted({r.source for r in rows}):
-        cached: dict[str, np.ndarray] = {}
-        path = Path(feature_dir) / f"stats_{source}__full.npz"
-        if path.exists():
-            with np.load(path) as z:
-                cached = {str(i).removeprefix(f"{source}/"): s for i, s in zip(z["ids"], z["stats"])}
-        for r in rows:
-            if r.source == source:
-                s = cached.get(r.image)
-                if s is None:
-                    with Image.open(data_dir() / source / r.image) as im:
-                        s = image_stats(im.convert("RGB"))
-                out[r.id] = np.asarray(s, np.float32)
-    return out
-
-
-def render_state(row: CaseRow, stats: np.ndarray, agent):
-    """The agent's state after modality → morphology → retrieval, run by the agent's graph from the cached
-    encoder outputs, with the row's own image(s) left out of its retrieved cases. Every expert runs, on a
-    rejected image too (the whole graph would send it to the verifier): training data records them all."""
-    from agent.state import CaseState, ImageEncoding, PatientMetadata
-
-    enc = ImageEncoding(
-        model_id=getattr(agent.config.encoder.classifier, "model", "sklesion-xception"),
-        classifier_probs={c: float(p) for c, p in zip(HAM_CLASSES, row.probs)},
-        features=np.asarray(row.features, np.float32),
-        stats=stats,
-        expert_probs=row.expert_probs,
-        expert_features=row.expert_features,
-    )
-    metadata = PatientMetadata.model_validate(row.metadata) if row.metadata else None
-    state = CaseState(metadata=metadata, encoding=enc, exclude_cases=sorted(row.exclude))
-    state = agent.run(state, start_at="modality", until="modality")
+    rt = agent.runtime
+    if not hasattr(rt.classifier, "add"):
+        raise TypeError("render_state needs an agent whose networks replay recorded outputs (training.reasoner_data.make_agent)")
+    state = agent.prepare(data_dir() / row.source / row.image, metadata=row.metadata or None, exclude_cases=row.exclude)
+    rt.classifier.add(state.image_sha256, row.probs, row.features)
+    if rt.second_expert is not None:
+        rt.second_expert.add(state.image_sha256, row.expert_heads or None, row.expert_features)
+    state = agent.run(state, until="modality")
     return agent.run(state, start_at="morphology", until="retrieve")
 
 
@@ -381,13 +360,13 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
     return text + "."
 
 
-def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[str, Any] | None:
+def render_case(row: CaseRow, agent, seed: int = 0) -> dict[str, Any] | None:
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
     from agent.nodes.reason import candidates_for, classifier_display, second_expert_display
     from agent.prompts import conversation, evidence_tags, render_user, write_answer
 
-    state, rt = render_state(row, stats, agent), agent.runtime
+    state, rt = render_state(row, agent), agent.runtime
     if state.modality.label != "dermoscopy":
         return None
     cands, names = candidates_for(state, rt.config)
@@ -420,12 +399,11 @@ def render_case(row: CaseRow, stats: np.ndarray, agent, seed: int = 0) -> dict[s
     }
 
 
-def render_cases(rows: list[CaseRow], agent, feature_dir: Path, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
-    """Render rows (in order) through ``agent``; returns the records and the ids skipped as not dermoscopy."""
-    stats = _stats(rows, feature_dir)
+def render_cases(rows: list[CaseRow], agent, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render rows (in order) through ``agent`` (:func:`make_agent`); returns the records and the ids skipped as not dermoscopy."""
     out, skipped = [], []
     for r in rows:
-        rec = render_case(r, stats[r.id], agent, seed)
+        rec = render_case(r, agent, seed)
         if rec is None:
             skipped.append(r.id)
         else:
@@ -488,7 +466,7 @@ def build_training_cases(cfg: ReasonerDataConfig, feature_dir: Path, seed: int =
     rows = stratified_subset(rows, cfg.max_cases, seed, cfg.class_power)
     if cfg.expert_crossfit or cfg.expert_features:
         info["second_expert"] = attach_expert_probs(rows, cfg.expert_features, cfg.expert_crossfit)
-    records, skipped = render_cases(rows, agent or make_agent(cfg.agent_config), feature_dir, seed)
+    records, skipped = render_cases(rows, agent or make_agent(cfg.agent_config), seed)
     info.update(cases=len(records), skipped_not_dermoscopy=len(skipped), labels=dict(sorted(Counter(r["label"] for r in records).items())))
     return records, info
 

@@ -25,7 +25,9 @@ def second_expert_outputs(expert: Any, image: Any, knowledge: Any) -> tuple[dict
     its DermNet head (if it has one) as 'effnet_dermnet', and its pooled features. The expert gives
     ``predict_heads`` and ``info['heads']`` (:class:`models.efficientnet.EfficientNetExpert`)."""
     feats, probs = expert.predict_heads([image])
-    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge), feats[0]
+    if not probs:  # no opinion on this image (a replayed expert whose outputs there would be in-sample)
+        return {}, None
+    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge), None if feats is None else feats[0]
 
 
 def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]], knowledge: Any) -> dict[str, dict[str, float]]:

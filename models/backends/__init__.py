@@ -13,6 +13,7 @@ BACKENDS: dict[str, dict[str, str]] = {
     "classifier": {
         "sklesion": "models.sklesion:SklesionClassifier",
         "efficientnet": "models.efficientnet:EfficientNetExpert",
+        "replay": "models.backends.replay:ReplayClassifier",  # recorded outputs (training data, evaluations)
     },
     "llm": {
         "transformers": "models.backends.hf_llm:TransformersLLM",

@@ -6,9 +6,10 @@ parse ``Diagnosis: <name>\nRationale: <text citing [E#] tags>`` with these funct
 
 from __future__ import annotations
 
+import json
 import random
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # annotations only: scoring answers (training.rewards, the GPU job) needs no graph state or LangGraph
     from agent.state import CaseState, Evidence
@@ -156,3 +157,54 @@ def usable_rationale(text: str) -> bool:
     # Untuned small models echo the prompt template instead of answering.
     echoes = ("Candidates:", "Image modality:", "Lesion classifier", "Give the most likely")
     return not any(e in t for e in echoes)
+
+
+# --------------------------------------------------------------------------- checking answers (rewards, evaluations)
+
+
+def _match(name: str | None, candidates: Sequence[str]) -> str | None:
+    """The candidate ``name`` is exactly (case-insensitive, a final full stop allowed), else None."""
+    if name is None:
+        return None
+    by_lower = {c.lower(): c for c in candidates}
+    return by_lower.get(name.strip().rstrip(".").lower())
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def format_checks(text: str, candidates: Sequence[str], tags: Sequence[str]) -> dict[str, bool]:
+    """The four format checks: a candidate after ``Diagnosis:``; a ``Rationale:`` line the agent would
+    use (:func:`agent.prompts.usable_rationale`: long enough, no template echo); at least one [E#] tag;
+    every cited tag shown in the prompt."""
+    diagnosis, rationale = parse_answer(text)
+    cited = cited_tags(rationale or "")
+    return {
+        "candidate": _match(diagnosis, candidates) is not None,
+        "rationale": rationale is not None and usable_rationale(rationale),
+        "cites": bool(cited),
+        "tags_valid": bool(cited) and set(cited) <= set(tags),
+    }
+
+
+def is_format_valid(text: str, candidates: Sequence[str], tags: Sequence[str]) -> bool:
+    """Whether the answer passes every format check (the format-valid rate of the evaluation)."""
+    return all(format_checks(text, candidates, tags).values())
+
+
+def stated_consistency(text: str, candidates: Sequence[str], observed: Any, expected: Any, scorer=None) -> float | None:
+    """Agreement of the observed findings with those the KB expects for the stated diagnosis; None when
+    the answer names no candidate or the KB has no expectation for it. ``scorer(observed, expected, stated name)``
+    replaces the verifier's rule score (:func:`agent.consistency.morphology_agreement`), e.g. a trained verifier's."""
+    stated = stated_diagnosis(text, candidates)
+    if stated is None:
+        return None
+    exp = _json(expected).get(stated)
+    if not exp:
+        return None
+    if scorer is None:
+        from agent.consistency import morphology_agreement
+
+        return morphology_agreement(_json(observed), exp)
+    return scorer(_json(observed), exp, stated)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evals.filters import FilterRule, filter_function
 
-Task = Literal["diagnosis", "modality", "morphology", "zero_shot", "linear_probe", "vqa_text"]
+Task = Literal["diagnosis", "modality", "morphology", "zero_shot", "linear_probe", "vqa_text", "reasoner"]
 
 
 class _Strict(BaseModel):

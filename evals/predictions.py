@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from evals.base import EvalCase, ProtocolContext
 from evals.cache import AGENT, ImageHashes, case_key

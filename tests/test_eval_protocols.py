@@ -279,3 +279,43 @@ def test_diagnosis_scores_from_records_alone(tmp_path):
         r["diagnosis"]["label"] = "nv"
     edited = diagnosis.score_predictions(ctx, Predictions(ordered, {}))
     assert edited.metrics["headline"]["accuracy"]["value"] == pytest.approx(sum(c.label == "nv" for c in cases) / len(cases), abs=1e-4)
+
+
+class ReasonerTestLLM:
+    """An LLM backend for the reasoner protocol (``create("llm", ...)`` kwargs); it prefers melanoma and
+    answers in the agent's format citing [E1]."""
+
+    def __init__(self, model=None, device="cpu", adapter=None):
+        from agent.testing import TestLLM
+
+        self._llm = TestLLM(["Diagnosis: melanoma\nRationale: An atypical network and a veil [E1] fit melanoma."])
+        self.model_id = "reasoner-test"
+
+    def chat(self, conversations, **kw):
+        return self._llm.chat(conversations, **kw)
+
+    def score_continuations(self, conversation, prefix, continuations):
+        return self._llm.score_continuations(conversation, prefix, continuations)
+
+
+def test_reasoner_protocol_renders_the_agents_prompt_caches_per_model_and_rescores(tmp_path):
+    from models.backends import register
+
+    register("llm", "reasoner-test", "tests.test_eval_protocols:ReasonerTestLLM")
+    bench = _diagnosis_bench(tmp_path, n=4)
+    text = bench.read_text().replace("task: diagnosis", "task: reasoner").replace(
+        "options: {n_bootstrap: 50, min_group_size: 1}", "options: {n_bootstrap: 50, backend: reasoner-test, models: {base: null, tuned: no/such/adapter}}")
+    bench.write_text(text)
+    CALLS.clear()
+    s = run_benchmark(bench, tmp_path / "out", agent_factory=fake_agent, log=lambda m: None)
+    m = s["metrics"]
+    # every case is dermoscopy under the doubles; the LLM ranks melanoma first: 2 of 4 labels are mel
+    assert m["models"]["base"]["n"] == 4 and m["models"]["base"]["accuracy"] == 0.5 and m["models"]["base"]["mel_sensitivity"] == 1.0
+    assert m["models"]["base"]["format_valid"] == 1.0 and "tuned" not in m["models"]
+    assert CALLS.count("built") == 1  # one agent renders every case for every model
+    # the prompt scored is the one the reason node sends (agent.nodes.reason.reasoner_inputs)
+    rec = json.loads((tmp_path / "out" / "predictions" / "main.jsonl").read_text().splitlines()[0])
+    assert rec["scored"] and rec["candidates"][rec["candidate_labels"].index("mel")] == "melanoma"
+    CALLS.clear()
+    s2 = run_benchmark(bench, tmp_path / "out", agent_factory=fake_agent, log=lambda m: None, rescore=True)
+    assert CALLS == [] and s2["metrics"]["models"] == m["models"]

@@ -147,7 +147,8 @@ def _run_blocked(code: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_job_imports_nothing_the_gpu_image_lacks():
     code = """
-from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, eval_reasoner, rewards, encoder
+from training import gpu_job, gpu_pack, reasoner_sft, reasoner_grpo, describer_vlm, modality_encoder, rewards, encoder
+import evals.protocols.reasoner
 import models.efficientnet, training.synthetic, training.views
 from models.backends import hf_llm
 import models.backends.feature_vlm_net, models.heads, training.concepts, models.vocabulary

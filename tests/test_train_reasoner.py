@@ -146,7 +146,7 @@ def test_reward_curve_plot(tmp_path):
 
 
 def test_eval_metrics():
-    from training.eval_reasoner import metrics
+    from evals.protocols.reasoner import metrics
 
     outs = [
         {"label": "mel", "pred": "mel", "format_valid": True, "agreement": 0.6},

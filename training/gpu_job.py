@@ -13,7 +13,7 @@ stops (exit 3). Then, each stage with a share of the time left and stopped clean
 4. ``encoder``: :mod:`training.modality_encoder` on the pack's images (Xception from ``unfreeze_from``,
    per held-out-source fold and once on everything: frozen vs tuned on the same held-out images);
 5. ``effnet``: HOOK for the EfficientNet-Lite0 expert (``training.gpu_effnet.run`` when that module exists);
-6. ``eval``: base vs SFT vs SFT+GRPO on the pack's isic2018_val / Derm7pt val prompts (``training.eval_reasoner`` metrics).
+6. ``eval``: base vs SFT vs SFT+GRPO on the pack's isic2018_val / Derm7pt val prompts (``evals.protocols.reasoner`` metrics).
 
 Each finished stage is written to ``--out`` at once (so a run cut off later still returns it), as at most
 8 files of < 16 MiB: ``job.log``, ``summary.json``, ``reasoner_sft.tar.gz``, ``reasoner_grpo.tar.gz``,
@@ -521,7 +521,7 @@ class Job:
 
     def stage_eval(self, end: float) -> dict[str, Any]:
         from models.backends.hf_llm import TransformersLLM
-        from training.eval_reasoner import case_outputs, metrics, table
+        from evals.protocols.reasoner import case_outputs, metrics, table
 
         ec = self.cfg.eval
         out = self.work / "eval"

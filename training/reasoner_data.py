@@ -363,21 +363,16 @@ def target_rationale(state, rt, label: str, names: dict[str, str], clf_display: 
 def render_case(row: CaseRow, agent, seed: int = 0) -> dict[str, Any] | None:
     """The training/eval record of one case (None when the modality head does not see dermoscopy:
     the agent would then not ask the reasoner about HAM10000 classes)."""
-    from agent.nodes.reason import candidates_for, classifier_display, second_expert_display
-    from agent.prompts import conversation, evidence_tags, render_user, write_answer
+    from agent.nodes.reason import reasoner_inputs
+    from agent.prompts import write_answer
 
     state, rt = render_state(row, agent), agent.runtime
     if state.modality.label != "dermoscopy":
         return None
-    cands, names = candidates_for(state, rt.config)
-    clf_display = classifier_display(state, rt, cands)
-    prompt = conversation(render_user(state, cands, names, clf_display, None, second_expert=second_expert_display(state, rt, cands)))
+    shown = reasoner_inputs(state, rt)
+    names = shown["names"]
     rng = random.Random(_hash(seed, row.id))
-    rationale = target_rationale(state, rt, row.label, names, clf_display, rng)
-    target = write_answer(names[row.label], rationale)
-    observed = {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {}
-    expected = {names[c]: dict(e.expected_7pt) for c in cands if (e := rt.knowledge.entry_for_label(c)) is not None}
-    tags = evidence_tags(state.retrieval.evidence)
+    rationale = target_rationale(state, rt, row.label, names, shown["classifier_display"], rng)
     return {
         "id": row.id,
         "source": row.source,
@@ -386,16 +381,12 @@ def render_case(row: CaseRow, agent, seed: int = 0) -> dict[str, Any] | None:
         "label": row.label,
         "label_name": names[row.label],
         "perturbed": row.perturbed,
-        "prompt": prompt,
-        "completion": [{"role": "assistant", "content": target}],
-        "candidates": [names[c] for c in cands],
-        "candidate_labels": list(cands),
-        "tags": sorted(tags, key=lambda t: int(t[1:])),
-        "evidence_ids": [tags[t] for t in sorted(tags, key=lambda t: int(t[1:]))],
-        "classifier_top": names[max(clf_display, key=clf_display.get)] if clf_display else "",
+        "prompt": shown["prompt"],
+        "completion": [{"role": "assistant", "content": write_answer(names[row.label], rationale)}],
+        **{k: shown[k] for k in ("candidates", "candidate_labels", "tags", "evidence_ids", "classifier_top")},
         # JSON strings: variable-key dicts do not fit an Arrow schema.
-        "observed": json.dumps(observed, sort_keys=True),
-        "expected": json.dumps(expected, sort_keys=True),
+        "observed": json.dumps(shown["observed"], sort_keys=True),
+        "expected": json.dumps(shown["expected"], sort_keys=True),
     }
 
 

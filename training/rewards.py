@@ -20,13 +20,12 @@ as it wrote the format. Thresholds are the agent configuration's (:func:`min_agr
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.consistency import morphology_agreement
-from agent.prompts import cited_tags, parse_answer, stated_diagnosis, usable_rationale
+from agent.prompts import format_checks, is_format_valid, parse_answer, stated_consistency, stated_diagnosis  # noqa: F401  (is_format_valid: re-exported)
 
 _HEDGE = re.compile(r"\b(conflict\w*|disagree\w*|although|however|despite|but|prefers?|favou?rs?)\b", re.IGNORECASE)
 
@@ -54,37 +53,6 @@ def completion_text(completion: Any, prefix: str | None = None) -> str:
 def _texts(completions: list, kwargs: dict[str, Any]) -> list[str]:
     prefixes = kwargs.get("completion_prefix") or [None] * len(completions)
     return [completion_text(c, p) for c, p in zip(completions, prefixes)]
-
-
-def _match(name: str | None, candidates: Sequence[str]) -> str | None:
-    """The candidate ``name`` is exactly (case-insensitive, a final full stop allowed), else None."""
-    if name is None:
-        return None
-    by_lower = {c.lower(): c for c in candidates}
-    return by_lower.get(name.strip().rstrip(".").lower())
-
-
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def format_checks(text: str, candidates: Sequence[str], tags: Sequence[str]) -> dict[str, bool]:
-    """The four format checks: a candidate after ``Diagnosis:``; a ``Rationale:`` line the agent would
-    use (:func:`agent.prompts.usable_rationale`: long enough, no template echo); at least one [E#] tag;
-    every cited tag shown in the prompt."""
-    diagnosis, rationale = parse_answer(text)
-    cited = cited_tags(rationale or "")
-    return {
-        "candidate": _match(diagnosis, candidates) is not None,
-        "rationale": rationale is not None and usable_rationale(rationale),
-        "cites": bool(cited),
-        "tags_valid": bool(cited) and set(cited) <= set(tags),
-    }
-
-
-def is_format_valid(text: str, candidates: Sequence[str], tags: Sequence[str]) -> bool:
-    """Whether the answer passes every format check (the format-valid rate of the evaluation)."""
-    return all(format_checks(text, candidates, tags).values())
 
 
 def format_reward(prompts: list, completions: list, candidates: list, tags: list, **kwargs) -> list[float]:
@@ -138,18 +106,6 @@ def verifier_scorer(ref: str) -> ConsistencyScorer:
         return model.score(observed, code.get(diagnosis.lower(), diagnosis))
 
     return score
-
-
-def stated_consistency(text: str, candidates: Sequence[str], observed: Any, expected: Any, scorer: ConsistencyScorer = rule_consistency) -> float | None:
-    """Agreement of the observed findings with those the KB expects for the stated diagnosis; None when
-    the answer names no candidate or the KB has no expectation for it."""
-    stated = stated_diagnosis(text, candidates)
-    if stated is None:
-        return None
-    exp = _json(expected).get(stated)
-    if not exp:
-        return None
-    return scorer(_json(observed), exp, stated)
 
 
 def make_consistency_reward(scorer: ConsistencyScorer = rule_consistency) -> Callable[..., list[float]]:

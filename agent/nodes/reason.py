@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -90,8 +91,38 @@ def second_expert_display(state: CaseState, rt, candidates: list[str]) -> dict[s
     return {c: v / total for c, v in probs.items()} if total > 0 else None
 
 
+def llm_conversation(state: CaseState, rt, cands: list[str], names: dict[str, str], clf_display: dict[str, float] | None,
+                     feedback: str | None = None, seed: int | None = None, suffix: str = "") -> list[dict[str, str]]:
+    """The chat the reasoner LLM gets for this state (training data and evaluations render exactly this)."""
+    user = render_user(state, cands, names, clf_display, feedback, shuffle_seed=seed, second_expert=second_expert_display(state, rt, cands))
+    return conversation(user + suffix)
+
+
+def reasoner_inputs(state: CaseState, rt) -> dict[str, Any]:
+    """What the reasoner LLM is shown for a state after retrieval, and what checking its answer needs: the
+    chat (``prompt``), the candidates (display names and labels), the evidence tags and ids, the observed
+    findings (``{criterion: {value: p}}``) and the knowledge base's expected findings per candidate name. Training
+    data (``training.reasoner_data``) and the reasoner evaluation (``evals.protocols.reasoner``) render this."""
+    cands, names = candidates_for(state, rt.config)
+    clf_display = classifier_display(state, rt, cands)
+    tags = evidence_tags(state.retrieval.evidence) if state.retrieval else {}
+    order = sorted(tags, key=lambda t: int(t[1:]))
+    return {
+        "prompt": llm_conversation(state, rt, cands, names, clf_display),
+        "candidates": [names[c] for c in cands],
+        "candidate_labels": list(cands),
+        "names": names,
+        "classifier_display": clf_display,
+        "tags": order,
+        "evidence_ids": [tags[t] for t in order],
+        "classifier_top": names[max(clf_display, key=clf_display.get)] if clf_display else "",
+        "observed": {f.criterion: f.probs for f in state.morphology.findings} if state.morphology else {},
+        "expected": {names[c]: dict(e.expected_7pt) for c in cands if (e := rt.knowledge.entry_for_label(c)) is not None},
+    }
+
+
 def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str, float]:
-    conv = conversation(render_user(state, cands, names, clf_display, feedback, shuffle_seed=seed, second_expert=second_expert_display(state, rt, cands)))
+    conv = llm_conversation(state, rt, cands, names, clf_display, feedback, seed)
     scores = rt.llm.score_continuations(conv, DIAGNOSIS_PREFIX, [names[c] for c in cands])
     return softmax_scores(dict(zip(cands, map(float, scores))))
 
@@ -99,10 +130,8 @@ def _llm_probs(rt, state, cands, names, clf_display, feedback, seed) -> dict[str
 def _json_answer(rt, state, cands, names, clf_display, feedback, retries) -> tuple[dict[str, float] | None, str, list[str]]:
     from models.structured import generate_structured
 
-    conv = conversation(
-        render_user(state, cands, names, clf_display, feedback, second_expert=second_expert_display(state, rt, cands))
-        + '\nAnswer as JSON: {"diagnosis": "...", "differential": {"<candidate>": <probability>, ...}, "rationale": "..."}'
-    )
+    conv = llm_conversation(state, rt, cands, names, clf_display, feedback,
+                            suffix='\nAnswer as JSON: {"diagnosis": "...", "differential": {"<candidate>": <probability>, ...}, "rationale": "..."}')
     result = generate_structured(rt.llm, conv, LLMAnswer, retries=retries, max_new_tokens=256)
     notes = [f"attempt {i + 1}: {a.get('error')}" for i, a in enumerate(result.attempts) if a.get("error")]
     if result.value is None:
@@ -119,7 +148,7 @@ def _json_answer(rt, state, cands, names, clf_display, feedback, retries) -> tup
 
 
 def _rationale(rt, state, cands, names, clf_display, feedback, top_name, cfg) -> tuple[str | None, int]:
-    conv = conversation(render_user(state, cands, names, clf_display, feedback, second_expert=second_expert_display(state, rt, cands)))
+    conv = llm_conversation(state, rt, cands, names, clf_display, feedback)
     prefix = f"{DIAGNOSIS_PREFIX}{top_name}{RATIONALE_FIELD}"
     for attempt in range(cfg.retries + 1):
         temperature = 0.0 if attempt == 0 else 0.7

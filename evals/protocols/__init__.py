@@ -22,6 +22,7 @@ PROTOCOLS: dict[str, str] = {
     "zero_shot": "evals.protocols.zero_shot:run",
     "linear_probe": "evals.protocols.linear_probe:run",
     "vqa_text": "evals.protocols.vqa_text:run",
+    "reasoner": "evals.protocols.reasoner:run",
 }
 
 

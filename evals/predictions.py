@@ -2,7 +2,7 @@
 
 Predictions are produced per case (the full agent, or only the first nodes for the modality and
 morphology protocols) in this process or in ``workers`` processes with one torch thread each, and
-cached as they come by the protocols' one cache-fill loop (:func:`evals.protocols.common.cached_map`).
+cached as they come by the protocols' one cache-fill loop (:func:`evals.fill.cached_map`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from evals.base import EvalCase, ProtocolContext
 from evals.cache import AGENT, ImageHashes, case_key
+from evals.fill import MissingPredictions, cached_map  # noqa: F401  (MissingPredictions: also imported from here)
 
 MODALITY = "modality"
 """Kind of a record with only the encoder and modality nodes run."""
@@ -22,10 +23,6 @@ DESCRIBE = "describe"
 
 UNTIL = {MODALITY: "modality", DESCRIBE: "morphology"}
 """The last node a partial record runs (``Agent.run(..., until=...)``)."""
-
-
-class MissingPredictions(RuntimeError):
-    """``--rescore`` found cases without a cached prediction."""
 
 
 def fingerprint_for(config, kind: str) -> str:
@@ -108,7 +105,7 @@ def _work(kind: str, case: EvalCase) -> dict[str, Any]:
 
 
 class _Producer:
-    """``compute`` for :func:`evals.protocols.common.cached_map`: the records of a chunk of cases, from the agent
+    """``compute`` for :func:`evals.fill.cached_map`: the records of a chunk of cases, from the agent
     in this process (micro-batched for full records when ``batch_size`` > 1) or from ``workers`` processes
     with one torch thread each. Built on the first chunk, so a fully cached run loads no model."""
 
@@ -183,15 +180,13 @@ def _retry(rec: dict[str, Any]) -> bool:
 
 def ensure_predictions(ctx: ProtocolContext, kind: str, reuse_agent: bool = False) -> tuple[list[dict[str, Any] | None], dict[str, Any]]:
     """Cached records for every case (computing the missing ones unless ``ctx.rescore``), in case order,
-    through the protocols' one cache-fill loop (:func:`evals.protocols.common.cached_map`).
+    through the protocols' one cache-fill loop (:func:`evals.fill.cached_map`).
 
     ``reuse_agent``: a full-agent record of the same case and configuration also serves (it contains
     the partial outputs), so imported ``dermgraph batch`` results are used by every protocol.
     With ``ctx.rescore`` missing cases raise :class:`MissingPredictions`, unless the option
     ``allow_partial`` is set: then they are None and the caller scores the others.
     """
-    from evals.protocols.common import cached_map
-
     fp = fingerprint_for(ctx.agent_config, kind)
     keys = case_keys(ctx, kind, fp)
     alt = dict(zip(keys, case_keys(ctx, AGENT, fingerprint_for(ctx.agent_config, AGENT)))) if reuse_agent and kind != AGENT else {}

@@ -26,14 +26,12 @@ def main() -> None:
     from agent.bench import bench_cases
     from agent.nodes.reason import candidates_for, classifier_display, second_expert_display
     from agent.prompts import DIAGNOSIS_PREFIX, RATIONALE_FIELD, conversation, render_user
-    from agent.state import CaseState
 
     agent = Agent()
     cases = bench_cases(args.images, args.n)
     convs = []
     for c in cases:
-        state, _ = agent._initial_state(c.image, c.question, c.metadata or None)
-        final = CaseState.model_validate(agent.graph.invoke(state))
+        final = agent.run(c.image, c.question, c.metadata or None)
         if final.modality.rejected or final.modality.label not in ("dermoscopy", "clinical"):
             continue
         cands, names = candidates_for(final, agent.config)

@@ -155,7 +155,7 @@ def test_limit_and_unknown_names():
         load_benchmark("no_such_benchmark")
     with pytest.raises(ValueError, match="valid tasks: diagnosis, modality"):
         get_protocol("guessing")
-    assert set(PROTOCOLS) == {"diagnosis", "modality", "morphology", "zero_shot", "linear_probe", "vqa_text"}
+    assert set(PROTOCOLS) == {"diagnosis", "modality", "morphology", "zero_shot", "linear_probe", "vqa_text", "reasoner"}
 
 
 def test_shipped_benchmarks_validate():

@@ -2,7 +2,7 @@
 
 Each protocol is ``run(ctx: ProtocolContext) -> ProtocolResult`` (see :mod:`evals.base`), made of two steps:
 ``predict(ctx) -> Predictions`` (one cached record per case, computing the missing ones through the cache:
-:func:`evals.predictions.ensure_predictions` for the agent-backed protocols, :func:`evals.protocols.common.cached_map`
+:func:`evals.predictions.ensure_predictions` for the agent-backed protocols, :func:`evals.fill.cached_map`
 for the model-backed ones) and ``score_predictions(ctx, predictions) -> ProtocolResult`` (records only, no model
 runs), so a score can be recomputed or tested from records alone. The cases are loaded by :mod:`evals.benchmark`
 before; a protocol whose steps derive more from the context (its options, sampled cases, candidates) has a

@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from evals.base import EvalCase, Predictions, ProtocolContext, ProtocolResult
 from evals.metrics import with_ci
 from evals.probe import DEFAULT_CS, linear_probe
-from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
+from evals.fill import cached_map
+from evals.protocols.common import BackendSpec, config_hash, open_rgb
 from models.resolve import sha256_file
 
 

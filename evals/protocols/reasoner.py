@@ -201,7 +201,7 @@ class _Producer:
 def predict(ctx: ProtocolContext) -> Predictions:
     """One record per (case, model): the rendered candidates, the ranking and the free answer."""
     from evals.predictions import case_keys
-    from evals.protocols.common import cached_map
+    from evals.fill import cached_map
 
     loaded = load(ctx)
     fp = ctx.agent_config.fingerprint()

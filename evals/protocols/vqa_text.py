@@ -29,7 +29,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.base import Predictions, ProtocolContext, ProtocolResult
-from evals.protocols.common import BackendSpec, cached_map, config_hash, sha256_text
+from evals.fill import cached_map
+from evals.protocols.common import BackendSpec, config_hash, sha256_text
 from evals.text_metrics import DEFAULT_TOKEN_ENCODER
 
 DEFAULT_SYSTEM_PROMPT = "You are a dermatology assistant. Answer the question in one or two short sentences."

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from evals.answers import MMSKIN_PROMPT, format_prompt, match_candidate
 from evals.base import Predictions, ProtocolContext, ProtocolResult
 from evals.metrics import with_ci
-from evals.protocols.common import BackendSpec, cached_map, config_hash, open_rgb
+from evals.fill import cached_map
+from evals.protocols.common import BackendSpec, config_hash, open_rgb
 from models.resolve import sha256_file
 
 INVALID = "(invalid)"

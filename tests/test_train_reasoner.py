@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from agent.prompts import parse_answer, write_answer
+from agent.prompts import is_format_valid, parse_answer, write_answer
 from training.rewards import (
     calibration_reward,
     completion_text,
@@ -16,7 +16,6 @@ from training.rewards import (
     correctness_reward,
     format_checks,
     format_reward,
-    is_format_valid,
     make_consistency_reward,
 )
 
@@ -275,7 +274,6 @@ def test_prompt_is_exactly_the_agents(built, agent, tiny_features):
     names the truth and cites tags shown in the prompt."""
     from agent.agent import Agent
     from training.reasoner_data import derm7pt_rows, render_state
-    from training.rewards import is_format_valid
 
     class Recorder:
         model_id = "recorder"

@@ -405,6 +405,11 @@ def _labels(items, pools) -> dict:
     return {k: torch.tensor(v) for k, v in labels.items()}
 
 
+def _step_seed(cfg: Config, global_step: int) -> int:
+    """The seed of the batch at ``global_step``: the same batches on any path, resumed or not."""
+    return cfg.seed * 1_000_003 + global_step
+
+
 class _EpochBatches:
     """The batches of one epoch from step ``start`` on, as a map-style dataset (index = step), so a DataLoader's
     workers can augment ahead of the GPU. Each batch is seeded by its global step: the same batches as the
@@ -419,7 +424,7 @@ class _EpochBatches:
 
     def __getitem__(self, k: int):
         s, bs = self.start + k, self.cfg.batch_size
-        return _batch(self.plan[s * bs : (s + 1) * bs], self.pools, self.images, self.cfg, self.cfg.seed * 1_000_003 + self.global0 + k)
+        return _batch(self.plan[s * bs : (s + 1) * bs], self.pools, self.images, self.cfg, _step_seed(self.cfg, self.global0 + k))
 
 
 def epoch_batches(plan, start: int, steps: int, global0: int, pools, images, cfg: Config, on_device=None):
@@ -441,7 +446,7 @@ def _device_batches(plan, start: int, steps: int, global0: int, pools, on_device
     bs = cfg.batch_size
     for s in range(start, steps):
         items = plan[s * bs : (s + 1) * bs]
-        x = on_device.batch(items, [pools[n][i]["kind"] for n, i, _ in items], cfg.seed * 1_000_003 + global0 + s - start, cfg.image_size, tuple(cfg.closeup_scale))
+        x = on_device.batch(items, [pools[n][i]["kind"] for n, i, _ in items], _step_seed(cfg, global0 + s - start), cfg.image_size, tuple(cfg.closeup_scale))
         yield normalise(x), _labels(items, pools)
 
 

@@ -20,8 +20,8 @@ Report sets, never used for training: ``isic2018_val`` (all of it) and Derm7pt `
 Each case's image goes through the agent's own graph (encode, modality, morphology, retrieval:
 ``Agent.run(..., until="retrieve")``) with the two image networks replayed from their cached outputs
 (:mod:`models.backends.replay`, keyed by the image's pixels). The query's own image (and, for HAM10000, its lesion) is
-excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt is ``agent.prompts.conversation(render_user(...))``
-with the classifier display of ``agent.nodes.reason.classifier_display``; the target is
+excluded from its retrieved cases (``CaseState.exclude_cases``). The prompt and the candidates are
+``agent.nodes.reason.reasoner_inputs``, what the reason node sends the LLM; the target is
 ``Diagnosis: <true name>\\nRationale: <one line citing [E#] tags>``.
 
     dermgraph train reasoner-sft --config configs/train/reasoner_sft.yaml --set build_only=true   # build and inspect (no training)

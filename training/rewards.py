@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.consistency import morphology_agreement
-from agent.prompts import format_checks, is_format_valid, parse_answer, stated_consistency, stated_diagnosis  # noqa: F401  (is_format_valid: re-exported)
+from agent.prompts import format_checks, parse_answer, stated_consistency, stated_diagnosis
 
 _HEDGE = re.compile(r"\b(conflict\w*|disagree\w*|although|however|despite|but|prefers?|favou?rs?)\b", re.IGNORECASE)
 

@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class BackendSpec(BaseModel):
     """A backend from the ``models.backends`` registry: ``create(kind, backend, model=model, **options)``."""
 

@@ -226,13 +226,11 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
     names = ["accuracy", "balanced_accuracy"] + ([f"{pos}_sensitivity"] if pos else [])
     results: dict[str, dict[str, Any]] = {}
     headline: dict[str, Any] = {}
-    n_unscored = 0
     for name in loaded.models:
         outs = []
         for case, recs in zip(ctx.cases, predictions.records):
             rec = (recs or {}).get(name)
             if rec is None or rec.get("status") != "ok" or not rec.get("scored") or case.label is None:
-                n_unscored += name == next(iter(loaded.models))
                 continue
             outs.append({"label": case.label, "pred": rec["pred"], **answer_checks(rec["text"], rec)})
         results[name] = metrics(outs, threshold)
@@ -243,6 +241,7 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
     tables = {f"Reasoner candidate ranking and free answers ({ctx.bench.name}, 95% CI)":
               md_table(["model", "n", *(m.replace("_", " ") for m in names), "format-valid", "consistency", "mean agreement"], rows)}  # fmt: skip
     notes = [f"Consistent: agreement >= {threshold} (verifier.min_morphology_agreement)."]
+    n_unscored = len(ctx.cases) - results[next(iter(loaded.models))].get("n", 0)
     if n_unscored:
         notes.append(f"{n_unscored} cases not scored (not routed as dermoscopy, failed, or unlabelled).")
     if loaded.skipped:

@@ -41,9 +41,6 @@ class ReplayClassifier:
     def feature_dim(self) -> int:
         return next(iter(self._rows.values()))[1].shape[0] if self._rows else 0
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def add(self, image: Any, probs: Sequence[float], features: Sequence[float]) -> str:
         """Record the outputs for ``image`` (a PIL image or its pixel SHA-256); returns the key."""
         key = _key(image)

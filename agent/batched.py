@@ -16,6 +16,7 @@ pre-encoding stage batches deterministically and keeps one record per case, writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -140,6 +141,71 @@ class CachingCases(_Delegate):
         return self.inner.search(features, k=k, exclude_ids=exclude_ids, sources=sources)
 
 
+def _llm_key(kind: str, conversation, *args) -> str:
+    return json.dumps([kind, [dict(m) for m in conversation], *args], sort_keys=True, default=str)
+
+
+class CachingLLM(_Delegate):
+    """LLM whose first-round requests are answered from batched calls across the micro-batch's cases.
+
+    :meth:`recording` collects what the reason node asks (candidate scorings; greedy rationales) without running
+    the model; :meth:`fill` then runs them as batches (``models.protocols.score_many`` / ``chat_many``). Sampled
+    retries and revise rounds miss the cache and run per case. A batch whose prompts the backend had to
+    shorten (a trace note) is not cached, so those cases run per case and keep their note."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self._recording: dict[str, dict[str, Any]] | None = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Within the block calls return placeholders (zeros, empty replies) and are recorded; yields the record."""
+        self._recording = rec = {"score": {}, "chat": {}}
+        try:
+            yield rec
+        finally:
+            self._recording = None
+
+    def score_continuations(self, conversation, assistant_prefix, continuations):
+        key = _llm_key("score", conversation, assistant_prefix, list(continuations))
+        if key in self.cache:
+            self.hits += self._recording is None
+            return self.cache[key].copy()
+        if self._recording is not None:
+            self._recording["score"][key] = (conversation, assistant_prefix, list(continuations))
+            return np.zeros(len(continuations), dtype=np.float64)
+        self.misses += 1
+        return self.inner.score_continuations(conversation, assistant_prefix, continuations)
+
+    def chat(self, conversations, **kw):
+        keys = [_llm_key("chat", conv, sorted(kw.items())) for conv in conversations]
+        if keys and all(k in self.cache for k in keys):
+            self.hits += self._recording is None
+            return [self.cache[k] for k in keys]
+        if self._recording is not None:
+            if not kw.get("temperature"):  # sampled retries are seeded per case: they stay per case
+                for k, conv in zip(keys, conversations):
+                    self._recording["chat"][k] = (conv, dict(kw))
+            return [""] * len(conversations)
+        self.misses += 1
+        return self.inner.chat(conversations, **kw)
+
+    def fill(self, kind: str, requests: dict[str, Any]) -> None:
+        """Run the recorded ``kind`` ("score" or "chat") requests as one batched call and cache the answers."""
+        from models.protocols import chat_many, score_many
+
+        todo = {k: r for k, r in requests.items() if k not in self.cache}
+        if not todo:
+            return
+        drain = getattr(self.inner, "drain_notes", None)
+        if callable(drain):
+            drain()
+        answers = score_many(self.inner, list(todo.values())) if kind == "score" else chat_many(self.inner, list(todo.values()))
+        if callable(drain) and drain():
+            return  # a prompt was shortened: the per-case path records that note in the case's trace
+        self.cache.update(zip(todo, answers))
+
+
 def install_caches(rt) -> dict[str, _Delegate]:
     """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
     wrapped: dict[str, _Delegate] = {}
@@ -151,6 +217,12 @@ def install_caches(rt) -> dict[str, _Delegate]:
             cur = cls(cur)
             rt.__dict__[name] = cur  # replaces the functools.cached_property value
         wrapped[name] = cur
+    if uses_llm(rt):
+        cur = rt.llm
+        if not isinstance(cur, CachingLLM):
+            cur = CachingLLM(cur)
+            rt.__dict__["llm"] = cur
+        wrapped["llm"] = cur
     if rt.config.retrieval.k_knowledge:
         kb = rt.kb
         emb = getattr(kb, "embedder", None)
@@ -162,9 +234,14 @@ def install_caches(rt) -> dict[str, _Delegate]:
     return wrapped
 
 
+def uses_llm(rt) -> bool:
+    """Whether the reason node calls the LLM under this configuration (a stacker fusing it, or the LLM's summary)."""
+    return rt.config.reasoner.llm_summary or any("llm" in mf.experts for mf in rt.fusion.modalities.values())
+
+
 def uninstall_caches(rt) -> None:
     """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
-    for name in ("classifier", "second_expert", "cases"):
+    for name in ("classifier", "second_expert", "cases", "llm"):
         cur = rt.__dict__.get(name)
         if isinstance(cur, _Delegate):
             rt.__dict__[name] = cur.inner
@@ -251,10 +328,12 @@ class BatchedAgent:
             cfg = rt.config.retrieval
             texts: list[str] = []
             groups: dict[tuple, list[np.ndarray]] = defaultdict(list)
+            fronts = []
             for state, _ in states.values():
                 s = front_state(state, rt)
                 if s.modality.rejected:
                     continue
+                fronts.append(s)
                 if cfg.k_knowledge:
                     texts.append(_query_text(s))
                 sources = tuple(rt.config.route(s.modality.label).case_sources)
@@ -266,11 +345,42 @@ class BatchedAgent:
             lap("KB text embedding")
             self.backends["cases"].prefetch(groups)
             lap("FAISS case search")
+            if "llm" in self.backends:
+                self._prefetch_llm(fronts, rt)
+                lap("LLM (scoring, summaries)")
             self._prepared.update(states)
         except Exception as exc:  # batching is an optimisation: fall back to the per-case path
             self.prefetch_errors.append(f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.prefetch_seconds += time.perf_counter() - t0
+
+    def _prefetch_llm(self, fronts, rt) -> None:
+        """Batch the first round's LLM calls of ``fronts`` (states after the front nodes): retrieval runs on the
+        cached backends, then the reason node itself runs twice while the LLM records, once to learn the
+        candidate scorings (run as one batch), once more, with those scores, to learn the rationale requests."""
+        from agent.graph import NODES
+        from agent.nodes.base import traced
+
+        llm = self.backends["llm"]
+        ready = []
+        for s in fronts:
+            try:
+                upd = traced("retrieve", NODES["retrieve"], rt)(s)
+            except Exception:  # the case's own run reports it
+                continue
+            upd.pop("trace")
+            ready.append(s.model_copy(update=upd))
+        try:
+            for kind in ("score", "chat"):
+                with llm.recording() as rec:
+                    for s in ready:
+                        try:
+                            NODES["reason"](s, rt)
+                        except Exception:
+                            pass
+                llm.fill(kind, rec[kind])
+        except Exception as exc:  # e.g. a backend that cannot score: the per-case path handles it
+            self.prefetch_errors.append(f"LLM: {type(exc).__name__}: {exc}"[:500])
 
     def _initial_state_hook(self, img, question, metadata):
         handoff, self._handoff = self._handoff, None

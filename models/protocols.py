@@ -82,8 +82,40 @@ class LLM(Protocol):
         ...
 
 
-@runtime_checkable
-class VLM(Protocol):
+ScoreRequest = tuple[Sequence[Message], str, Sequence[str]]
+"""One :meth:`LLM.score_continuations` call's arguments: (conversation, assistant_prefix, continuations)."""
+
+
+def score_many(llm: LLM, requests: Sequence[ScoreRequest]) -> list[np.ndarray]:
+    """``llm.score_continuations`` for each request, in one batched call where the backend has
+    ``score_continuations_batch`` (several prompts per forward pass), else one call per request."""
+    batch = getattr(llm, "score_continuations_batch", None)
+    if callable(batch):
+        return list(batch(requests))
+    return [llm.score_continuations(conv, prefix, conts) for conv, prefix, conts in requests]
+
+
+ChatRequest = tuple[Sequence[Message], dict[str, Any]]
+"""One conversation and the keyword arguments of its :meth:`LLM.chat` call (``assistant_prefix``, ``max_new_tokens``, ...)."""
+
+
+def chat_many(llm: LLM, requests: Sequence[ChatRequest]) -> list[str]:
+    """One reply per request, in one batched call where the backend has ``chat_batch`` (requests with their own
+    ``assistant_prefix`` share a batch), else one ``chat`` call per group of requests with equal arguments."""
+    batch = getattr(llm, "chat_batch", None)
+    if callable(batch):
+        return list(batch(requests))
+    out: list[str] = [""] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for i, (_, kw) in enumerate(requests):
+        groups.setdefault(repr(sorted(kw.items())), []).append(i)
+    for idx in groups.values():
+        for i, text in zip(idx, llm.chat([requests[i][0] for i in idx], **requests[idx[0]][1]), strict=True):
+            out[i] = text
+    return out
+
+
+
     model_id: str
 
     def generate(

@@ -9,7 +9,7 @@ from PIL import Image
 
 from agent import Agent
 from agent.batch import Case, run_batch
-from agent.batched import BatchedAgent, CachingEmbedder, batched_case_diagnose
+from agent.batched import BatchedAgent, CachingEmbedder, CachingLLM, batched_case_diagnose
 from agent.testing import FakeClassifier, FakeSecondExpert, backends, concept_heads, fusion_model
 from models.vocabulary import HAM_CLASSES
 
@@ -78,7 +78,7 @@ def test_batched_records_equal_sequential(tmp_path, llm_fused):
     # Findings say nevus while classifier/cases/LLM lean melanoma: with the LLM fused the verifier asks for revisions.
     make = lambda: Agent(  # noqa: E731
         backends=backends(classifier=VaryingClassifier(), fusion=fusion(), concept_heads=concept_heads({"pigment_network": "typical"}), second_expert=FakeSecondExpert()),
-        overrides=["verifier.max_rounds=2", "verifier.target_accuracy={dermoscopy: 0.8}"],
+        overrides=["verifier.max_rounds=2", "verifier.target_accuracy={dermoscopy: 0.8}", f"reasoner.llm_summary={llm_fused}"],
     )
     seq_agent, bat_agent = make(), make()
     seq = _run(tmp_path, "seq", cases, seq_agent, None)
@@ -92,6 +92,13 @@ def test_batched_records_equal_sequential(tmp_path, llm_fused):
     assert [r["status"] for r in seq].count("error") == 1
     if llm_fused:
         assert any(r["diagnosis"]["rounds"] == 2 for r in ok)
+        # First rounds' scorings and summaries came from the micro-batches' calls; revise rounds ran per case.
+        llm = bat_agent.runtime.llm
+        first_rounds = sum(r["diagnosis"]["verdict"] != "rejected" for r in ok)
+        assert llm.hits == 2 * first_rounds, (llm.hits, first_rounds)
+        assert llm.inner.scored == seq_agent.runtime.llm.scored and len(llm.inner.chats) == len(seq_agent.runtime.llm.chats)
+    else:
+        assert not isinstance(bat_agent.runtime.llm, CachingLLM)  # the configuration does not use the LLM
     # the encoder ran once per micro-batch (4 of 8), not once per case
     assert bat_agent.runtime.classifier.inner.calls == 4
     assert bat_agent.runtime.classifier.misses == 0 and bat_agent.runtime.cases.misses == 0

@@ -19,7 +19,7 @@ from models.backends.hf_llm import (
 )
 from agent.testing import FakeOpenAIServer, build_tiny_llama, fake_logprob, fake_tokenize
 from models.backends.openai_compat import OpenAICompatibleLLM, OpenAIServerError, _Client
-from models.protocols import LLM
+from models.protocols import LLM, chat_many, score_many
 
 CONVS = [
     [{"role": "user", "content": "What is a melanoma?"}],
@@ -89,6 +89,45 @@ def test_tiny_score_matches_manual(tiny_llm):
         full = tiny_llm._score_full([continuation_start(tiny_llm.tokenizer, prompt, prompt + c) for c in CONTINUATIONS])
     np.testing.assert_allclose(got, full, atol=1e-3)
     assert tiny_llm.score_continuations(conv, "", []).shape == (0,)
+
+
+def _score_requests():
+    prefixes = ["The answer is", "Diagnosis:", "The answer is"]
+    return [(conv, prefix, CONTINUATIONS[i : i + 4 + i]) for i, (conv, prefix) in enumerate(zip(CONVS, prefixes))] + [(CONVS[0], "x", [])]
+
+
+def _check_score_batch(llm, atol):
+    requests = _score_requests()
+    got = llm.score_continuations_batch(requests)
+    assert [g.shape for g in got] == [(len(r[2]),) for r in requests]
+    for g, (conv, prefix, conts) in zip(got, requests):
+        np.testing.assert_allclose(g, llm.score_continuations(conv, prefix, conts), atol=atol)
+    assert [list(g) for g in score_many(llm, requests)] == [list(g) for g in got]  # the protocol helper uses it
+
+
+def _check_chat_batch(llm):
+    requests = [(CONVS[0], {"assistant_prefix": "Answer:", "max_new_tokens": 8}), (CONVS[1], {"assistant_prefix": "Colour:", "max_new_tokens": 8}),
+                (CONVS[2], {"assistant_prefix": "", "max_new_tokens": 5})]  # fmt: skip
+    got = llm.chat_batch(requests)
+    assert got == [llm.chat([conv], **kw)[0] for conv, kw in requests]
+    assert chat_many(llm, requests) == got
+
+
+def test_tiny_score_and_chat_across_prompts_equal_one_by_one(tiny_llm):
+    # max_batch_size=2: three prompts take two prefix passes and their candidates several suffix batches.
+    _check_score_batch(tiny_llm, atol=1e-4)
+    _check_chat_batch(tiny_llm)
+
+
+def test_protocol_helpers_fall_back_to_one_call_per_request():
+    from agent.testing import TestLLM
+
+    llm = TestLLM(replies=lambda conv: conv[-1]["content"][:4], scores={" nevus": -1.0})
+    requests = [(CONVS[0], "p", [" nevus", " x"]), (CONVS[1], "q", [" nevus"])]
+    assert [list(s) for s in score_many(llm, requests)] == [[-1.0, -5.0], [-1.0]] and llm.scored == 2
+    replies = chat_many(llm, [(CONVS[0], {"assistant_prefix": "a"}), (CONVS[1], {"assistant_prefix": "b"}), (CONVS[2], {"assistant_prefix": "a"})])
+    assert replies == ["What", "Name", "Desc"]
+    assert [c["kwargs"]["assistant_prefix"] for c in llm.chats] == ["a", "a", "b"]  # one chat call per group of equal arguments
 
 
 def test_continuation_start_counts_boundary_merges(tiny_llm):
@@ -192,6 +231,12 @@ def test_smollm2_score_matches_manual(smol):
     got = smol.score_continuations(conv, "The most dangerous is", CONTINUATIONS)
     np.testing.assert_allclose(got, manual_scores(smol, conv, "The most dangerous is", CONTINUATIONS), atol=1e-3)
     assert got[0] > got[4]  # " melanoma" is likelier than " seborrheic keratosis"
+
+
+@pytest.mark.weights
+def test_smollm2_score_and_chat_across_prompts_equal_one_by_one(smol):
+    _check_score_batch(smol, atol=1e-3)  # float rounding of differently shaped batches
+    _check_chat_batch(smol)
 
 
 @pytest.mark.weights

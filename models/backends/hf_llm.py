@@ -327,11 +327,29 @@ class TransformersLLM:
         stop: Sequence[str] | None = None,
     ) -> list[str]:
         """Batched chat completion; returns the text after ``assistant_prefix``, cut at ``stop``."""
+        return self._chat([(conv, assistant_prefix) for conv in conversations], max_new_tokens, temperature, seed, stop)
+
+    def chat_batch(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
+        """:meth:`chat` for requests with their own arguments (``models.protocols.chat_many``): those that differ
+        only in ``assistant_prefix`` are generated as one batch."""
+        groups: dict[str, list[int]] = {}
+        for i, (_, kw) in enumerate(requests):
+            groups.setdefault(repr(sorted((k, v) for k, v in kw.items() if k != "assistant_prefix")), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for idx in groups.values():
+            kw = {k: v for k, v in requests[idx[0]][1].items() if k != "assistant_prefix"}
+            pairs = [(requests[i][0], requests[i][1].get("assistant_prefix", "")) for i in idx]
+            for i, text in zip(idx, self._chat(pairs, **kw), strict=True):
+                out[i] = text
+        return out
+
+    def _chat(self, pairs: Sequence[tuple[Sequence[Message], str]], max_new_tokens: int = 256, temperature: float = 0.0,
+              seed: int | None = None, stop: Sequence[str] | None = None) -> list[str]:  # fmt: skip
         import torch
 
         self._load()
         tok, model = self._tokenizer, self._model
-        prompts = [render_prompt(tok, self._fit(conv, assistant_prefix, max_new_tokens), assistant_prefix) for conv in conversations]
+        prompts = [render_prompt(tok, self._fit(conv, prefix, max_new_tokens), prefix) for conv, prefix in pairs]
         gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
         if temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
@@ -408,15 +426,40 @@ class TransformersLLM:
         import torch
 
         self._load()
-        reserve = 8 + max((len(self._tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations), default=0)
-        prompt = render_prompt(self._tokenizer, self._fit(conversation, assistant_prefix, reserve), assistant_prefix)
-        seqs = [continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations]
+        seqs = self._sequences(conversation, assistant_prefix, continuations)
         if not seqs:
             return np.zeros(0, dtype=np.float64)
         with torch.inference_mode():
             if _supports_shared_prefix(self._model):
                 return self._score_shared_prefix(seqs)
             return self._score_full(seqs)
+
+    def score_continuations_batch(self, requests: Sequence[tuple[Sequence[Message], str, Sequence[str]]]) -> list[np.ndarray]:
+        """:meth:`score_continuations` for several prompts at once (``models.protocols.score_many``): up to
+        ``max_batch_size`` prompts' shared prefixes in one left-padded forward pass, then all their candidates'
+        suffixes in batches on rows of that KV cache. Equal to one call per request up to float rounding."""
+        import torch
+
+        self._load()
+        items = [self._sequences(*req) for req in requests]
+        out = [np.zeros(len(seqs), dtype=np.float64) for seqs in items]
+        todo = [i for i, seqs in enumerate(items) if seqs]
+        with torch.inference_mode():
+            if not _supports_shared_prefix(self._model):
+                for i in todo:
+                    out[i] = self._score_full(items[i])
+                return out
+            for c0 in range(0, len(todo), self.max_batch_size):
+                chunk = todo[c0 : c0 + self.max_batch_size]
+                for i, scores in zip(chunk, self._score_prompts([items[i] for i in chunk]), strict=True):
+                    out[i] = scores
+        return out
+
+    def _sequences(self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]) -> list[tuple[list[int], int]]:
+        """(token ids of prompt + continuation, index of its first continuation token) per continuation."""
+        reserve = 8 + max((len(self._tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations), default=0)
+        prompt = render_prompt(self._tokenizer, self._fit(conversation, assistant_prefix, reserve), assistant_prefix)
+        return [continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations]
 
     def _score_full(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
         """Score each (ids, start) by a full forward pass, in batches (right padding)."""
@@ -447,12 +490,8 @@ class TransformersLLM:
         import torch
 
         model, pad = self._model, self._tokenizer.pad_token_id
-        common = min(start for _, start in seqs)
+        common = _common_prefix(seqs)
         first = seqs[0][0]
-        common = min(common, *(len(ids) for ids, _ in seqs))
-        for ids, _ in seqs[1:]:
-            while common and ids[:common] != first[:common]:
-                common -= 1
         if common < 1:
             return self._score_full(seqs)
         dev = model.device
@@ -494,6 +533,76 @@ class TransformersLLM:
                 full = torch.cat([last_logprobs.unsqueeze(0), logprobs[r, :-1]], dim=0)
                 scores[c0 + r] = _span_logprob(full, ids, start, first=common)
         return scores
+
+
+    def _score_prompts(self, group: list[list[tuple[list[int], int]]]) -> list[np.ndarray]:
+        """Scores for several prompts' sequences: the prompts' common prefixes in one left-padded pass, then the
+        suffixes (every candidate of every prompt, ``max_batch_size`` rows at a time) on copies of rows of its cache."""
+        import copy
+
+        import torch
+
+        model, pad = self._model, self._tokenizer.pad_token_id
+        commons = [_common_prefix(seqs) for seqs in group]
+        out = [np.zeros(len(seqs), dtype=np.float64) for seqs in group]
+        keep = [b for b, n in enumerate(commons) if n >= 1]
+        for b in set(range(len(group))) - set(keep):
+            out[b] = self._score_full(group[b])
+        if not keep:
+            return out
+        dev = model.device
+        width = max(commons[b] for b in keep)
+        input_ids = torch.full((len(keep), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(keep), width), dtype=torch.long)
+        for r, b in enumerate(keep):
+            n = commons[b]
+            input_ids[r, width - n :] = torch.tensor(group[b][0][0][:n], dtype=torch.long)
+            mask[r, width - n :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True)
+        cache = res.past_key_values
+        last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # left padding: every row ends at its prompt's end
+        rows = [(r, b, ids, start) for r, b in enumerate(keep) for ids, start in group[b]]
+        done = {b: [] for b in keep}
+        for c0 in range(0, len(rows), self.max_batch_size):
+            part = rows[c0 : c0 + self.max_batch_size]
+            suffix_width = max(len(ids) - commons[b] for _, b, ids, _ in part)
+            scores = [0.0] * len(part)
+            if suffix_width > 0:
+                sel = torch.tensor([r for r, *_ in part], dtype=torch.long)
+                part_cache = copy.deepcopy(cache)
+                part_cache.batch_select_indices(sel.to(dev))
+                suffix = torch.full((len(part), suffix_width), pad, dtype=torch.long)
+                full_mask = torch.zeros((len(part), width + suffix_width), dtype=torch.long)
+                full_mask[:, :width] = mask[sel]
+                pos = torch.zeros((len(part), suffix_width), dtype=torch.long)
+                for j, (_, b, ids, _) in enumerate(part):
+                    tail = ids[commons[b] :]
+                    suffix[j, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                    full_mask[j, width : width + len(tail)] = 1
+                    pos[j] = torch.arange(commons[b], commons[b] + suffix_width)
+                logits = model(input_ids=suffix.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                               past_key_values=part_cache, use_cache=True).logits  # fmt: skip
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                for j, (r, b, ids, start) in enumerate(part):
+                    # Row k of `full` predicts token commons[b] + k; row 0 comes from the prefix pass.
+                    full = torch.cat([last_logprobs[r : r + 1], logprobs[j, :-1]], dim=0)
+                    scores[j] = _span_logprob(full, ids, start, first=commons[b])
+            for (_, b, _, _), sc in zip(part, scores, strict=True):
+                done[b].append(sc)
+        for b in keep:
+            out[b] = np.array(done[b], dtype=np.float64)
+        return out
+
+
+def _common_prefix(seqs: list[tuple[list[int], int]]) -> int:
+    """Length of the token prefix all ``seqs`` share, at most the first continuation token's index."""
+    first = seqs[0][0]
+    common = min(min(start for _, start in seqs), *(len(ids) for ids, _ in seqs))
+    for ids, _ in seqs[1:]:
+        while common and ids[:common] != first[:common]:
+            common -= 1
+    return common
 
 
 def _span_logprob(logprobs: Any, ids: list[int], start: int, first: int) -> float:

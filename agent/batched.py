@@ -3,9 +3,10 @@
 For each micro-batch of upcoming cases the :class:`BatchedAgent` loads the images once, runs the lesion
 encoder over all of them in one forward pass, runs the cheap front nodes (modality, morphology: the
 real node functions) to learn each case's modality and retrieval query, embeds every knowledge-base
-query in one call and searches the case index with one query matrix per modality. The results go into
-caching wrappers installed on the agent's runtime; the graph then runs each case as usual and its
-backends answer from the cache. Records are therefore those of the sequential path by construction
+query in one call and searches the case index with one query matrix per modality. Where the configuration
+uses the LLM, the first round's candidate scorings and rationales of the micro-batch run as batched LLM
+calls too (:func:`llm_first_round`). The results go into caching wrappers installed on the agent's
+runtime; the graph then runs each case as usual and its backends answer from the cache. Records are therefore those of the sequential path by construction
 (the cache returns what the wrapped backend returns for the same input; a miss falls through to it).
 
 Why not ``graph.batch()``: it runs invocations in a thread pool. Under the GIL on a 2-core machine the
@@ -190,20 +191,58 @@ class CachingLLM(_Delegate):
         self.misses += 1
         return self.inner.chat(conversations, **kw)
 
-    def fill(self, kind: str, requests: dict[str, Any]) -> None:
-        """Run the recorded ``kind`` ("score" or "chat") requests as one batched call and cache the answers."""
+    def fill(self, kind: str, requests: dict[str, Any], chunk: int | None = None) -> float:
+        """Run the recorded ``kind`` ("score" or "chat") requests as batched calls of ``chunk`` requests (None: one
+        call) and cache the answers; returns the seconds spent in the LLM."""
+        import time
+
         from models.protocols import chat_many, score_many
 
         todo = {k: r for k, r in requests.items() if k not in self.cache}
-        if not todo:
-            return
+        keys = list(todo)
+        step = chunk or max(1, len(keys))
         drain = getattr(self.inner, "drain_notes", None)
-        if callable(drain):
-            drain()
-        answers = score_many(self.inner, list(todo.values())) if kind == "score" else chat_many(self.inner, list(todo.values()))
-        if callable(drain) and drain():
-            return  # a prompt was shortened: the per-case path records that note in the case's trace
-        self.cache.update(zip(todo, answers))
+        seconds = 0.0
+        for c0 in range(0, len(keys), step):
+            part = keys[c0 : c0 + step]
+            if callable(drain):
+                drain()
+            t0 = time.perf_counter()
+            reqs = [todo[k] for k in part]
+            answers = score_many(self.inner, reqs) if kind == "score" else chat_many(self.inner, reqs)
+            seconds += time.perf_counter() - t0
+            if callable(drain) and drain():
+                continue  # a prompt was shortened: the per-case path records that note in the case's trace
+            self.cache.update(zip(part, answers))
+        return seconds
+
+
+def llm_first_round(fronts, rt, llm: CachingLLM, chunk: int | None = None) -> dict[str, float]:
+    """Fill ``llm`` (installed as ``rt.llm``) with the first round's LLM answers for ``fronts`` (states after the
+    front nodes): retrieval runs on them, then the reason node itself runs twice while the LLM records, once to
+    learn the candidate scorings (then run in batches), once more, with those scores, to learn the rationale
+    requests. Returns the LLM's seconds per kind."""
+    from agent.graph import NODES
+    from agent.nodes.base import traced
+
+    ready = []
+    for s in fronts:
+        try:
+            upd = traced("retrieve", NODES["retrieve"], rt)(s)
+        except Exception:  # the case's own run reports it
+            continue
+        upd.pop("trace")
+        ready.append(s.model_copy(update=upd))
+    seconds = {}
+    for kind in ("score", "chat"):
+        with llm.recording() as rec:
+            for s in ready:
+                try:
+                    NODES["reason"](s, rt)
+                except Exception:
+                    pass
+        seconds[kind] = llm.fill(kind, rec[kind], chunk)
+    return seconds
 
 
 def install_caches(rt) -> dict[str, _Delegate]:
@@ -355,30 +394,8 @@ class BatchedAgent:
             self.prefetch_seconds += time.perf_counter() - t0
 
     def _prefetch_llm(self, fronts, rt) -> None:
-        """Batch the first round's LLM calls of ``fronts`` (states after the front nodes): retrieval runs on the
-        cached backends, then the reason node itself runs twice while the LLM records, once to learn the
-        candidate scorings (run as one batch), once more, with those scores, to learn the rationale requests."""
-        from agent.graph import NODES
-        from agent.nodes.base import traced
-
-        llm = self.backends["llm"]
-        ready = []
-        for s in fronts:
-            try:
-                upd = traced("retrieve", NODES["retrieve"], rt)(s)
-            except Exception:  # the case's own run reports it
-                continue
-            upd.pop("trace")
-            ready.append(s.model_copy(update=upd))
         try:
-            for kind in ("score", "chat"):
-                with llm.recording() as rec:
-                    for s in ready:
-                        try:
-                            NODES["reason"](s, rt)
-                        except Exception:
-                            pass
-                llm.fill(kind, rec[kind])
+            llm_first_round(fronts, rt, self.backends["llm"])
         except Exception as exc:  # e.g. a backend that cannot score: the per-case path handles it
             self.prefetch_errors.append(f"LLM: {type(exc).__name__}: {exc}"[:500])
 

@@ -73,7 +73,7 @@ def _run_mode(agent, cases, mode: str, batch_size: int) -> tuple[dict[str, Any],
             nodes[t["node"]] += float(t["duration_s"])
     wall = time.perf_counter() - t0
     if mode == "batched":
-        nodes["prefetch (batched encoder + FAISS + text embedding)"] = runner.prefetch_seconds
+        nodes["prefetch (batched encoder, FAISS, text embedding, LLM)"] = runner.prefetch_seconds
         for k, v in runner.stage_seconds.items():
             nodes[f"  prefetch: {k}"] = v
         runner.close()
@@ -96,7 +96,7 @@ def _run_mode(agent, cases, mode: str, batch_size: int) -> tuple[dict[str, Any],
 
 def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     """Each model alone on the cases' inputs at ``batch_size`` (seconds for all cases)."""
-    from agent.batched import front_state
+    from agent.batched import CachingLLM, front_state, llm_first_round, uses_llm
     from agent.nodes.retrieve import _query_text
 
     rt = agent.runtime
@@ -118,12 +118,13 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
             second.predict_heads(images[i : i + batch_size])
         floors["second expert forward"] = time.perf_counter() - t0
     # Inputs of the later models, computed (untimed) with the agent's own front nodes.
-    texts, groups = [], defaultdict(list)
+    texts, groups, fronts = [], defaultdict(list), []
     cfg = rt.config.retrieval
     for s in states:
         s = front_state(s, rt)
         if s.modality.rejected:
             continue
+        fronts.append(s)
         texts.append(_query_text(s))
         sources = tuple(rt.config.route(s.modality.label).case_sources)
         if sources:
@@ -141,6 +142,16 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         for i in range(0, len(texts), batch_size):
             emb.embed(texts[i : i + batch_size])
         floors["KB text embedding"] = time.perf_counter() - t0
+    if uses_llm(rt):
+        # The first round's LLM calls, recorded through the reason node and run alone in chunks of batch_size.
+        installed = rt.llm
+        rt.__dict__["llm"] = probe = CachingLLM(unwrap(installed))
+        try:
+            seconds = llm_first_round(fronts, rt, probe, chunk=batch_size)
+        finally:
+            rt.__dict__["llm"] = installed
+        names = {"score": "LLM candidate scoring", "chat": "LLM summary"}
+        floors.update({names[k]: v for k, v in seconds.items() if v > 0})
     return {k: round(v, 4) for k, v in floors.items()}
 
 

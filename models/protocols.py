@@ -115,7 +115,8 @@ def chat_many(llm: LLM, requests: Sequence[ChatRequest]) -> list[str]:
     return out
 
 
-
+@runtime_checkable
+class VLM(Protocol):
     model_id: str
 
     def generate(

@@ -296,6 +296,8 @@ def export_onnx(model: Any, out_dir: Path) -> None:
     import torch
     from transformers import DynamicCache
 
+    from models.backends.hf_llm import cache_arg, cache_of
+
     cfg = model.config
     n_layers = cfg.num_hidden_layers
 
@@ -309,8 +311,8 @@ def export_onnx(model: Any, out_dir: Path) -> None:
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=cache, use_cache=True)
-            layers = out.past_key_values.layers
+                               **{cache_arg(self.m.model): cache}, use_cache=True)
+            layers = cache_of(out).layers
             return (out.last_hidden_state, *[t for i in range(n_layers) for t in (layers[i].keys, layers[i].values)])
 
     kvh = cfg.num_key_value_heads

@@ -150,3 +150,16 @@ def test_bench_reports_modes_floors_and_equality(tmp_path):
     assert r["warm_latency_s"]["repeats"] == 2 and "overhead" in format_report(r) and len(paths) == 3
     # the batched mode leaves the runtime as it found it
     assert type(agent.runtime.classifier).__name__ == "VaryingClassifier"
+
+
+def test_bench_times_the_llm_alone_where_the_configuration_uses_it(tmp_path):
+    from agent.bench import run_bench
+
+    _images(tmp_path, 3)
+    agent = Agent(backends=backends(classifier=VaryingClassifier(), fusion=fusion_model()), overrides=["reasoner.llm_summary=true"])
+    r = run_bench(tmp_path, n=4, batch_size=2, latency_repeats=0, agent=agent)
+    assert r["llm_used"] == ["candidate scoring", "summary"]
+    for m in r["modes"]:
+        assert {"LLM candidate scoring", "LLM summary"} <= set(m["floors_s"])
+    assert r["batched_equals_sequential"]["identical_records"] == 4
+    assert not isinstance(agent.runtime.llm, CachingLLM)  # the floor's probe is taken off again

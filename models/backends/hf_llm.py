@@ -403,7 +403,7 @@ class TransformersLLM:
         input_ids = torch.tensor([ids], device=dev)
         with torch.inference_mode(), seeded(seed, self.device):
             generated = self._model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=past, **gen_kwargs
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **{cache_arg(self._model): past}, **gen_kwargs
             )
         return trim_at_stop(self._decode_new(ids, generated[0, len(ids) :].tolist()), stops)
 
@@ -497,7 +497,7 @@ class TransformersLLM:
         dev = model.device
         prefix = torch.tensor([first[:common]], device=dev)
         out = model(input_ids=prefix, use_cache=True)
-        cache = out.past_key_values
+        cache = cache_of(out)
         if not hasattr(cache, "batch_repeat_interleave"):
             return self._score_full(seqs)
         if hasattr(cache, "crop"):
@@ -524,7 +524,7 @@ class TransformersLLM:
                 input_ids=input_ids.to(dev),
                 attention_mask=mask.to(dev),
                 position_ids=positions.to(dev),
-                past_key_values=chunk_cache,
+                **{cache_arg(model): chunk_cache},
                 use_cache=True,
             ).logits
             # Row j of `full` predicts token common + j; row 0 comes from the prefix pass.
@@ -560,7 +560,7 @@ class TransformersLLM:
             mask[r, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         res = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True)
-        cache = res.past_key_values
+        cache = cache_of(res)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # left padding: every row ends at its prompt's end
         rows = [(r, b, ids, start) for r, b in enumerate(keep) for ids, start in group[b]]
         done = {b: [] for b in keep}
@@ -582,7 +582,7 @@ class TransformersLLM:
                     full_mask[j, width : width + len(tail)] = 1
                     pos[j] = torch.arange(commons[b], commons[b] + suffix_width)
                 logits = model(input_ids=suffix.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
-                               past_key_values=part_cache, use_cache=True).logits  # fmt: skip
+                               **{cache_arg(model): part_cache}, use_cache=True).logits  # fmt: skip
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 for j, (r, b, ids, start) in enumerate(part):
                     # Row k of `full` predicts token commons[b] + k; row 0 comes from the prefix pass.
@@ -611,6 +611,18 @@ def _span_logprob(logprobs: Any, ids: list[int], start: int, first: int) -> floa
     for j in range(max(start, first), len(ids)):
         total += float(logprobs[j - first, ids[j]])
     return total
+
+
+def cache_arg(model: Any) -> str:
+    """The keyword a model's forward (and generate) takes its KV cache by: ``cache`` in recent transformers 5
+    releases, which deprecate ``past_key_values`` (removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache of a forward pass's output, whichever name this transformers release gives it."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _supports_shared_prefix(model: Any) -> bool:

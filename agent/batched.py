@@ -394,8 +394,10 @@ class BatchedAgent:
             self.prefetch_seconds += time.perf_counter() - t0
 
     def _prefetch_llm(self, fronts, rt) -> None:
+        llm = self.backends["llm"]
+        llm.cache = {}  # this micro-batch's answers only, as the other wrappers' prefetch
         try:
-            llm_first_round(fronts, rt, self.backends["llm"])
+            llm_first_round(fronts, rt, llm)
         except Exception as exc:  # e.g. a backend that cannot score: the per-case path handles it
             self.prefetch_errors.append(f"LLM: {type(exc).__name__}: {exc}"[:500])
 

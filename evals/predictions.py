@@ -100,8 +100,24 @@ def _init_worker(config_json: str, factory: Callable | None) -> None:
     _WORKER["agent"] = (factory or default_agent_factory)(config)
 
 
-def _work(kind: str, case: EvalCase) -> dict[str, Any]:
-    return predict(_WORKER["agent"], case, kind)
+def _work(kind: str, cases: list[EvalCase], batch_size: int) -> list[dict[str, Any]]:
+    return predict_chunk(_WORKER["agent"], cases, kind, batch_size)
+
+
+def predict_chunk(agent: Any, cases: list[EvalCase], kind: str, batch_size: int) -> list[dict[str, Any]]:
+    """The records of ``cases``, full-agent ones micro-batched when ``batch_size`` > 1 (one encoder forward,
+    FAISS query matrix and, where used, batched LLM calls per micro-batch: ``agent.batched``)."""
+    from agent.agent import Agent
+
+    if kind != AGENT or batch_size <= 1 or not isinstance(agent, Agent):
+        return [predict(agent, c, kind) for c in cases]
+    from agent.batched import BatchedAgent
+
+    batched = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in cases], batch_size)
+    try:
+        return [predict(batched, c, kind) for c in cases]
+    finally:
+        batched.close()
 
 
 class _Producer:
@@ -117,16 +133,16 @@ class _Producer:
         self.batch_size = 1
 
     def start(self, n_missing: int, n_todo: int) -> None:
+        from agent.batched import default_batch_size
+
         ctx = self.ctx
         if ctx.agent_config is None:
             raise ValueError("this protocol needs an agent configuration")
         self.workers = max(1, min(int(ctx.workers or 1), n_todo))
-        ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''})")
+        self.batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
+        ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''}, micro-batch {self.batch_size})")
         if self.workers == 1:
-            from agent.batched import default_batch_size
-
             self.agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
-            self.batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -135,21 +151,17 @@ class _Producer:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=init)
 
     def chunk_size(self) -> int:
-        # In-process: one micro-batch (1 on CPU: each case is cached as it finishes). Pool: a few cases per worker.
-        return self.batch_size if self.workers == 1 else 2 * self.workers
+        # In-process: one micro-batch (1 on CPU: each case is cached as it finishes). Pool: one micro-batch per
+        # worker, or two cases each when cases go one at a time.
+        return self.batch_size * self.workers if self.batch_size > 1 else (1 if self.workers == 1 else 2 * self.workers)
 
     def __call__(self, keys: list[str]) -> list[dict[str, Any]]:
         cases = [self.cases[k] for k in keys]
-        if self.pool is not None:
-            return list(self.pool.map(_work, [self.kind] * len(cases), cases))
-        agent = self.agent
-        from agent.agent import Agent
-
-        if self.kind == AGENT and self.batch_size > 1 and isinstance(agent, Agent):
-            from agent.batched import BatchedAgent  # one encoder forward / FAISS query matrix per micro-batch
-
-            agent = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in cases], self.batch_size)
-        return [predict(agent, c, self.kind) for c in cases]
+        if self.pool is None:
+            return predict_chunk(self.agent, cases, self.kind, self.batch_size)
+        step = max(1, -(-len(cases) // self.workers))  # ceil: one part per worker
+        parts = [cases[i : i + step] for i in range(0, len(cases), step)]
+        return [r for recs in self.pool.map(_work, [self.kind] * len(parts), parts, [self.batch_size] * len(parts)) for r in recs]
 
     def close(self) -> None:
         if self.pool is not None:

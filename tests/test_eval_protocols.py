@@ -224,6 +224,16 @@ def test_two_worker_processes_give_each_case_once(tmp_path):
     assert len(keys) == 4 == len(set(keys))
     one = run_benchmark(bench, tmp_path / "one", workers=1, agent_factory=fake_agent, log=lambda m: None)
     assert one["metrics"]["headline"] == s["metrics"]["headline"]
+    # Workers micro-batch too: 5 cases, 2 workers, micro-batches of 2 (each worker prefetches its part).
+    (tmp_path / "five").mkdir()
+    bench5 = _diagnosis_bench(tmp_path / "five", n=5)
+    logs: list[str] = []
+    batched = run_benchmark(bench5, tmp_path / "b", workers=2, options={"batch_size": 2}, agent_factory=fake_agent, log=logs.append)
+    assert any("(2 processes, micro-batch 2)" in m for m in logs), logs
+    plain = run_benchmark(bench5, tmp_path / "p", workers=1, options={"batch_size": 1}, agent_factory=fake_agent, log=lambda m: None)
+    assert batched["metrics"]["n_scored"] == 5 and batched["metrics"]["headline"] == plain["metrics"]["headline"]
+    recs = lambda d: sorted((json.loads(x)["key"], json.loads(x)["diagnosis"]["label"]) for p in (tmp_path / d / "predictions").glob("*.jsonl") for x in p.read_text().splitlines())  # noqa: E731
+    assert recs("b") == recs("p")
 
 
 def test_metric_helpers():

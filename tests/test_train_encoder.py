@@ -73,6 +73,25 @@ def test_frozen_stages():
         encoder.frozen_modules(bb, "block9")
 
 
+def test_speed_options_prepare_the_network_and_batches():
+    import torch
+
+    pytest.importorskip("timm")
+    from models.efficientnet import multitask_net
+
+    net = multitask_net({"ham": ["a", "b"]}, pretrained=False)
+    cfg = encoder.Config(channels_last=True, compile_mode="reduce-overhead")
+    fwd = encoder.encoder_forward(net, cfg, "cpu")
+    assert fwd is not net and fwd._orig_mod is net  # compiled lazily: nothing is compiled until the first call
+    assert net.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = encoder.to_input(torch.zeros(2, 3, 8, 8), cfg, "cpu")
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    plain = encoder.Config()
+    assert encoder.encoder_forward(net, plain, "cpu") is net and encoder.to_input(torch.zeros(2, 3, 8, 8), plain, "cpu").is_contiguous()
+    with pytest.raises(ValueError):
+        encoder.Config(compile_mode="fastest")
+
+
 @pytest.mark.data
 @pytest.mark.weights
 @pytest.mark.slow
@@ -104,12 +123,13 @@ def test_smoke_run_writes_expert_and_resumes(shared_data, tmp_path):
     img = Image.open(next((shared_data / "isic2018_val" / "images").glob("*.jpg")))
     assert EfficientNetExpert(out / "best.safetensors").predict([img]).probs.shape == (1, 7)
 
-    # the same command with more epochs resumes where the first stopped
+    # the same command with more epochs resumes where the first stopped; speed options may differ on resuming
     n_steps = len(steps)
-    summary2 = run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=2"])
+    summary2 = run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=2", "channels_last=true", "log_every=2"])
     recs2 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps2 = [r["step"] for r in recs2 if r["kind"] == "step"]
-    assert steps2 == list(range(1, 2 * n_steps + 1)) and summary2["epochs_run"] == 2
+    logged = [s for s in range(n_steps + 1, 2 * n_steps + 1) if s % 2 == 0 or s == 2 * n_steps]  # and each epoch's last step
+    assert steps2 == list(range(1, n_steps + 1)) + logged and summary2["epochs_run"] == 2
     # another configuration in the same folder is refused rather than mixed
     with pytest.raises(ValueError, match="another configuration"):
         run_training("encoder", CONFIGS / "encoder_smoke.yaml", [*over, "epochs=3", "lr=0.1"])

@@ -29,6 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -85,6 +86,11 @@ class Config(TrainConfig):
     device_augment: bool = Field(False, description="Keep the decoded images on the training device and augment whole batches there (training.batch_augment; the GPU recipe); workers are then unused.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Also keep an exponential moving average of the weights (and BN statistics); evaluate and ship it.")
     amp: bool = Field(False, description="bfloat16 autocast of the forward pass on CUDA (weights and optimiser stay float32).")
+    channels_last: bool = Field(False, description="Network and batches in channels-last memory format (faster convolutions on GPUs; measure with scripts/encoder_throughput.py).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        None, description="torch.compile the training forward pass with this mode (None: eager). Evaluation and the saved weights use the plain module."
+    )
+    log_every: int = Field(1, ge=1, description="Steps between metrics.jsonl step records (reading the loss waits for the device).")
     resume: bool = Field(True, description="Continue from <out_dir>/checkpoint.pt when it exists and matches this config.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints within an epoch.")
     progress: bool = Field(True, description="tqdm progress bar on stderr.")
@@ -471,7 +477,25 @@ def _loss(logits, labels, class_w, cfg: Config):
     if crit:
         parts["criteria"] = torch.stack(crit).mean()
     total = sum(cfg.task_weights.get(k, 1.0) * v for k, v in parts.items())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def to_input(x, cfg: Config, device: str):
+    """A batch on ``device`` in the memory format the network trains in."""
+    import torch
+
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def encoder_forward(net, cfg: Config, device: str):
+    """``net`` prepared for training on ``device`` (channels-last when configured) and the callable the
+    training step runs: ``torch.compile(net, mode=cfg.compile_mode)`` or ``net`` itself."""
+    import torch
+
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return torch.compile(net, mode=cfg.compile_mode) if cfg.compile_mode else net
 
 
 TRAINED_SPLITS = {"ham10000": ("train",), "derm7pt": ("train", "extra"), "dermnet": ("train",)}
@@ -718,6 +742,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     frozen_ids = {id(p) for m in frozen for p in m.parameters()}
     for m in frozen:
         m.requires_grad_(False)
+    fwd = encoder_forward(net, cfg, device)
     bb = [p for p in net.backbone.parameters() if id(p) not in frozen_ids]
     opt = torch.optim.AdamW([{"params": bb, "lr": cfg.lr}, {"params": list(net.heads.parameters()), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
 
@@ -749,7 +774,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
 
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     shipped = ema.module if ema is not None else net  # what is evaluated, selected and saved
-    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every"}), sort_keys=True).encode()).hexdigest()[:16]
+    speed = {"channels_last", "compile_mode", "log_every"}  # how fast, not what: a run may resume with other values
+    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every", *speed}), sort_keys=True).encode()).hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}
     metrics_path = out / "metrics.jsonl"
@@ -804,7 +830,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         while state["step_in_epoch"] < steps_per_epoch:
             x, labels = next(batches)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda")):
-                _, logits = net(x.to(device, non_blocking=True))
+                _, logits = fwd(to_input(x, cfg, device))
             logits = {k: v.float() for k, v in logits.items()}
             loss, parts = _loss(logits, {k: v.to(device) for k, v in labels.items()}, {k: v.to(device) for k, v in class_w.items()}, cfg)
             opt.zero_grad(set_to_none=True)
@@ -818,10 +844,11 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
             sched.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1
-            parts_total = float(loss.detach())
-            log(kind="step", epoch=ep, step=state["global_step"], lr=sched.get_last_lr()[0], loss={"total": parts_total, **parts})
             bar.update(1)
-            bar.set_postfix(loss=f"{parts_total:.3f}")
+            if state["global_step"] % cfg.log_every == 0 or state["step_in_epoch"] == steps_per_epoch:
+                parts_total = float(loss.detach())
+                log(kind="step", epoch=ep, step=state["global_step"], lr=sched.get_last_lr()[0], loss={"total": parts_total, **{k: float(v) for k, v in parts.items()}})
+                bar.set_postfix(loss=f"{parts_total:.3f}")
             if state["global_step"] % cfg.checkpoint_every == 0:
                 checkpoint()
             if budget_s and state["elapsed_s"] + time.time() - t_mark[0] > budget_s:

@@ -6,8 +6,9 @@ real node functions) to learn each case's modality and retrieval query, embeds e
 query in one call and searches the case index with one query matrix per modality. Where the configuration
 uses the LLM, the first round's candidate scorings and rationales of the micro-batch run as batched LLM
 calls too (:func:`llm_first_round`). The results go into caching wrappers installed on the agent's
-runtime; the graph then runs each case as usual and its backends answer from the cache. Records are therefore those of the sequential path by construction
-(the cache returns what the wrapped backend returns for the same input; a miss falls through to it).
+runtime; the graph then runs each case as usual and its backends answer from the cache. Records are
+therefore those of the sequential path by construction (the cache returns what the wrapped backend returns
+for the same input, up to the float rounding of a differently shaped batch; a miss falls through to it).
 
 Why not ``graph.batch()``: it runs invocations in a thread pool. Under the GIL on a 2-core machine the
 threads do not run the Python node code in parallel, and batching backends fed by concurrent threads

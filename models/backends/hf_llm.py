@@ -496,7 +496,7 @@ class TransformersLLM:
             return self._score_full(seqs)
         dev = model.device
         prefix = torch.tensor([first[:common]], device=dev)
-        out = model(input_ids=prefix, use_cache=True)
+        out = model(input_ids=prefix, use_cache=True, **last_logits_only(model))
         cache = cache_of(out)
         if not hasattr(cache, "batch_repeat_interleave"):
             return self._score_full(seqs)
@@ -559,7 +559,8 @@ class TransformersLLM:
             input_ids[r, width - n :] = torch.tensor(group[b][0][0][:n], dtype=torch.long)
             mask[r, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        res = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True)
+        res = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True,
+                    **last_logits_only(model))  # fmt: skip
         cache = cache_of(res)
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # left padding: every row ends at its prompt's end
         rows = [(r, b, ids, start) for r, b in enumerate(keep) for ids, start in group[b]]
@@ -617,6 +618,16 @@ def cache_arg(model: Any) -> str:
     """The keyword a model's forward (and generate) takes its KV cache by: ``cache`` in recent transformers 5
     releases, which deprecate ``past_key_values`` (removed in 5.40), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """Forward kwargs computing logits for the last position only (a prompt prefix's other positions predict
+    nothing we score: their vocabulary projection would cost ~10 % of the pass and prompt x vocabulary floats)."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def cache_of(output: Any) -> Any:

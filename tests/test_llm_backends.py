@@ -427,6 +427,16 @@ def test_vllm_wiring(monkeypatch, tmp_path):
     np.testing.assert_allclose(scores, [-0.5 * k for k in n])
     assert fake.calls[-1][2]["prompt_logprobs"] == 1 and fake.calls[-1][2]["max_tokens"] == 1
 
+    # Across prompts: one engine call for every candidate of every prompt; chats differing only in prefix together.
+    n_calls = len(fake.calls)
+    got = score_many(llm, [(CONVS[0], "The answer is", [" melanoma", "", " basal cell carcinoma"]), (CONVS[1], "x", []), (CONVS[2], "Dx:", [" nevus"])])
+    assert len(fake.calls) == n_calls + 1 and [len(g) for g in got] == [3, 0, 1]
+    np.testing.assert_allclose(got[0], scores)
+    replies = chat_many(llm, [(CONVS[0], {"assistant_prefix": "a", "max_new_tokens": 4}), (CONVS[1], {"assistant_prefix": "b", "max_new_tokens": 4}),
+                              (CONVS[2], {"assistant_prefix": "a", "max_new_tokens": 9})])  # fmt: skip
+    assert replies == ["mel. more"] * 3 and len(fake.calls) == n_calls + 3  # two groups of arguments: two engine calls
+    assert [p["prompt_token_ids"] for p in fake.calls[-2][1]] == [tok(render_prompt(tok, c, a), add_special_tokens=False)["input_ids"] for c, a in ((CONVS[0], "a"), (CONVS[1], "b"))]
+
 
 @pytest.mark.weights
 def test_rationale_after_scoring_reuses_prefix_cache_with_identical_output():

@@ -211,6 +211,16 @@ def continuation_start(tokenizer: Any, prompt: str, full: str) -> tuple[list[int
     return ids, start
 
 
+def group_chat_requests(requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[tuple[list[int], list[tuple[Sequence[Message], str]], dict[str, Any]]]:
+    """``chat_batch`` requests grouped by their arguments other than ``assistant_prefix``: per group the request
+    indices, the (conversation, assistant prefix) pairs and the shared arguments."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, kw) in enumerate(requests):
+        groups.setdefault(repr(sorted((k, v) for k, v in kw.items() if k != "assistant_prefix")), []).append(i)
+    return [(idx, [(requests[i][0], requests[i][1].get("assistant_prefix", "")) for i in idx],
+             {k: v for k, v in requests[idx[0]][1].items() if k != "assistant_prefix"}) for idx in groups.values()]  # fmt: skip
+
+
 def trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
     """Cut ``text`` at the earliest occurrence of any stop string."""
     cut = len(text)
@@ -332,13 +342,8 @@ class TransformersLLM:
     def chat_batch(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
         """:meth:`chat` for requests with their own arguments (``models.protocols.chat_many``): those that differ
         only in ``assistant_prefix`` are generated as one batch."""
-        groups: dict[str, list[int]] = {}
-        for i, (_, kw) in enumerate(requests):
-            groups.setdefault(repr(sorted((k, v) for k, v in kw.items() if k != "assistant_prefix")), []).append(i)
         out: list[str] = [""] * len(requests)
-        for idx in groups.values():
-            kw = {k: v for k, v in requests[idx[0]][1].items() if k != "assistant_prefix"}
-            pairs = [(requests[i][0], requests[i][1].get("assistant_prefix", "")) for i in idx]
+        for idx, pairs, kw in group_chat_requests(requests):
             for i, text in zip(idx, self._chat(pairs, **kw), strict=True):
                 out[i] = text
         return out

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.backends import require
-from models.backends.hf_llm import continuation_start, locate_causal_lm, model_id_for, render_prompt, trim_at_stop
+from models.backends.hf_llm import continuation_start, group_chat_requests, locate_causal_lm, model_id_for, render_prompt, trim_at_stop
 from models.protocols import Message
 
 
@@ -60,6 +60,19 @@ class VLLMLLM:
         stop: Sequence[str] | None = None,
     ) -> list[str]:
         """Batched chat completion through the engine's continuous batching."""
+        return self._chat([(conv, assistant_prefix) for conv in conversations], max_new_tokens, temperature, seed, stop)
+
+    def chat_batch(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
+        """:meth:`chat` for requests with their own arguments (``models.protocols.chat_many``); requests that
+        differ only in ``assistant_prefix`` go to the engine together."""
+        out: list[str] = [""] * len(requests)
+        for idx, pairs, kw in group_chat_requests(requests):
+            for i, text in zip(idx, self._chat(pairs, **kw), strict=True):
+                out[i] = text
+        return out
+
+    def _chat(self, pairs: Sequence[tuple[Sequence[Message], str]], max_new_tokens: int = 256, temperature: float = 0.0,
+              seed: int | None = None, stop: Sequence[str] | None = None) -> list[str]:  # fmt: skip
         self._load()
         stops = [s for s in stop or () if s]
         params = self._vllm.SamplingParams(
@@ -69,7 +82,7 @@ class VLLMLLM:
             max_tokens=max_new_tokens,
             stop=stops or None,
         )
-        prompts = [self._prompt_ids(render_prompt(self._tokenizer, conv, assistant_prefix)) for conv in conversations]
+        prompts = [self._prompt_ids(render_prompt(self._tokenizer, conv, prefix)) for conv, prefix in pairs]
         outputs = self._engine.generate(prompts, params, use_tqdm=False)
         return [trim_at_stop(out.outputs[0].text, stops) for out in outputs]
 
@@ -77,11 +90,21 @@ class VLLMLLM:
         self, conversation: Sequence[Message], assistant_prefix: str, continuations: Sequence[str]
     ) -> np.ndarray:
         """Sum of log-probs of each continuation's tokens, from vLLM's ``prompt_logprobs``."""
+        return self.score_continuations_batch([(conversation, assistant_prefix, continuations)])[0]
+
+    def score_continuations_batch(self, requests: Sequence[tuple[Sequence[Message], str, Sequence[str]]]) -> list[np.ndarray]:
+        """:meth:`score_continuations` for several prompts in one engine call (``models.protocols.score_many``)."""
         self._load()
-        if not continuations:
-            return np.zeros(0, dtype=np.float64)
-        prompt = render_prompt(self._tokenizer, conversation, assistant_prefix)
-        seqs = [continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations]
+        per_request = []
+        for conversation, assistant_prefix, continuations in requests:
+            prompt = render_prompt(self._tokenizer, conversation, assistant_prefix)
+            per_request.append([continuation_start(self._tokenizer, prompt, prompt + c) for c in continuations])
+        flat = [seq for seqs in per_request for seq in seqs]
+        scores = self._score(flat) if flat else np.zeros(0, dtype=np.float64)
+        bounds = np.cumsum([0] + [len(seqs) for seqs in per_request])
+        return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _score(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
         params = self._vllm.SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=1)
         outputs = self._engine.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
         scores = np.zeros(len(seqs), dtype=np.float64)

@@ -261,6 +261,46 @@ def test_one_progress_reports_errors_cache_hits_and_eta():
     assert "4/4 cases (1 errors, 2 computed)" in logs[-1] and "cases/s" in logs[-1] and "ETA 0 s" in logs[-1]
 
 
+def _agent_with_fusion_file(config):
+    """The doubles, with the fusion double's artifact loaded from the file the configuration names."""
+    from agent.testing import backends
+
+    b = backends()
+    del b["fusion"]
+    return Agent(config, backends=b)
+
+
+def test_prediction_sets_per_alpha_are_rebuilt_from_the_records(tmp_path):
+    from agent.testing import fusion_model
+
+    art = fusion_model().save(tmp_path / "fusion.json")
+    bench = _diagnosis_bench(tmp_path)
+    s = run_benchmark(bench, tmp_path / "out", overrides=[f"reasoner.fusion={art}"], options={"set_alphas": [0.1, 0.3]},
+                      agent_factory=_agent_with_fusion_file, log=lambda m: None)  # fmt: skip
+    ps = s["metrics"]["prediction_sets"]
+    by = ps["by_alpha"]
+    assert list(by) == ["0.1", "0.3"] and by["0.1"]["target"] == 0.9 and by["0.3"]["target"] == 0.7
+    assert by["0.1"]["coverage"] == ps["coverage"] and by["0.1"]["mean_size"] == pytest.approx(ps["mean_size"], abs=1e-3)  # the recorded α
+    assert by["0.3"]["mean_size"] <= by["0.1"]["mean_size"] and by["0.3"]["coverage"] <= by["0.1"]["coverage"]  # larger α: smaller sets
+    assert "Prediction sets per α" in (tmp_path / "out" / "report.md").read_text()
+    # Records made by another fusion than the configuration's are not rebuilt with the wrong calibration.
+    from agent.config import load_config
+    from evals.base import ProtocolContext
+    from evals.benchmark import load_benchmark
+    from evals.protocols.diagnosis import sets_by_alpha
+
+    fm = fusion_model()
+    fm.modalities["dermoscopy"].calibration_scores = fm.modalities["dermoscopy"].calibration_scores * 0.5
+    other = fm.save(tmp_path / "other.json")
+    records = [json.loads(x)["diagnosis"] for x in (tmp_path / "out" / "predictions" / "main.jsonl").read_text().splitlines()]
+    with_set = [(d, d["label"]) for d in records]
+    logs: list[str] = []
+    for ref, expect in ((art, True), (other, False)):
+        ctx = ProtocolContext(bench=load_benchmark(bench), cases=[], out_dir=tmp_path, cache=None, agent_config=load_config(None, [f"reasoner.fusion={ref}"]), log=logs.append)
+        assert bool(sets_by_alpha(ctx, with_set, [0.1], str, 0, 0)) is expect
+    assert any("were not made with" in m for m in logs)
+
+
 def test_diagnosis_scores_from_records_alone(tmp_path):
     """predict / score_predictions: the score step reads records only (no agent), so edited records rescore."""
     from evals.base import Predictions, ProtocolContext

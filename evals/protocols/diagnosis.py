@@ -9,7 +9,7 @@ ablations are read from the same record's append-only trace, so they cost nothin
 - full agent: the final label (given even when the verdict is 'abstain').
 
 Options (benchmark ``options`` or ``--opt``): ``n_bootstrap`` (1000), ``seed`` (0), ``coverages``
-([0.5, 0.8, 0.9, 1.0]), ``calibration_bins`` (10), ``selective_score`` ('confidence'),
+([0.5, 0.8, 0.9, 1.0]), ``set_alphas`` ([0.05, 0.1, 0.2]), ``calibration_bins`` (10), ``selective_score`` ('confidence'),
 ``age_bins`` ([40, 60]), ``group_bins``, ``min_group_size`` (10), ``allow_partial`` (false).
 """
 
@@ -30,6 +30,55 @@ SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone
 NO_ANSWER = "none"
 """Prediction of a system that gave no answer for a case (counts as wrong)."""
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
+DEFAULT_SET_ALPHAS = (0.05, 0.1, 0.2)
+
+
+def sets_by_alpha(ctx: ProtocolContext, with_set: list, alphas: list[float], canon, n_boot: int, seed: int) -> dict[str, Any]:
+    """Coverage and mean size of each case's split-conformal set at every α in ``alphas``: the sets are rebuilt
+    from the recorded fused probabilities with the fusion artifact's calibration scores (no model runs), so one run
+    at the configured α gives the whole table. Empty without an agent configuration or a loadable artifact."""
+    if ctx.agent_config is None or not alphas:
+        return {}
+    from models.integrity import artifact_sha256
+    from models.resolve import resolve_artifact
+    from models.stacker import FusionModel
+
+    ref = ctx.agent_config.reasoner.fusion
+    try:
+        path = resolve_artifact(ref)
+        fusion, sha = FusionModel.load(path), artifact_sha256(path)
+    except (ValueError, OSError, KeyError) as exc:
+        ctx.log(f"[eval] prediction sets per alpha skipped: {exc}")
+        return {}
+    made_by = {((d.get("versions") or {}).get("sha256") or {}).get("fusion") for d, _ in with_set}
+    if made_by != {sha}:
+        ctx.log(f"[eval] prediction sets per alpha skipped: the records were not made with {ref!r} (sha256 {sha[:12]}…)")
+        return {}
+    def rebuilt(d, alpha):
+        mf = fusion.modalities.get((d.get("modality") or {}).get("label"))
+        return None if mf is None else mf.prediction_set({x["label"]: x["probability"] for x in d.get("differential", [])}, alpha)
+
+    # The artifact must be the one that made the records: each rebuilt set at the record's own α is its recorded set.
+    if any(rebuilt(d, d["prediction_set_alpha"]) != d["prediction_set"] for d, _ in with_set):
+        ctx.log(f"[eval] prediction sets per alpha skipped: {ref!r} does not rebuild the recorded sets")
+        return {}
+    out: dict[str, Any] = {}
+    for alpha in alphas:
+        hits, sizes = [], []
+        for d, t in with_set:
+            members = rebuilt(d, alpha)
+            if members is None:
+                continue
+            hits.append(canon(t) in {canon(c) for c in members} or t in members)
+            sizes.append(len(members))
+        if not hits:
+            continue
+        h = np.array(hits)
+        entry = {"n": len(h), "coverage": round(float(h.mean()), 4), "target": round(1 - alpha, 4), "mean_size": round(float(np.mean(sizes)), 3)}
+        if n_boot and len(h) > 1:
+            entry["coverage_ci95"] = [round(v, 4) for v in bootstrap_ci(lambda x: x.mean(), h, n=n_boot, seed=seed)]
+        out[f"{alpha:g}"] = entry
+    return out
 
 
 def trace_node(diagnosis: dict[str, Any], name: str) -> dict[str, Any]:
@@ -186,6 +235,7 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
         sets.update({"alpha": alphas, "coverage": round(float(hit.mean()), 4), "mean_size": round(float(np.mean([len(d["prediction_set"]) for d, _ in with_set])), 3)})
         if n_boot and len(hit) > 1:
             sets["coverage_ci95"] = [round(v, 4) for v in bootstrap_ci(lambda h: h.mean(), hit, n=n_boot, seed=seed)]
+        sets["by_alpha"] = sets_by_alpha(ctx, with_set, [float(a) for a in opts.get("set_alphas", DEFAULT_SET_ALPHAS)], canon, n_boot, seed)
     from retrieval.kb import KnowledgeBase
 
     kb = KnowledgeBase()
@@ -273,6 +323,11 @@ def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
         t["Prediction sets (split-conformal)"] = md_table(["α", "cases with a calibrated set", "coverage", "mean size"],
                                                           [[", ".join(f"{a:g}" for a in ps["alpha"]), f"{ps['n_with_calibrated_set']} of {ps['n']}",
                                                             f"{ps['coverage']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), f"{ps['mean_size']:.2f}"]])  # fmt: skip
+    if ps.get("by_alpha"):
+        t["Prediction sets per α (rebuilt from the recorded fused probabilities)"] = md_table(
+            ["α", "target coverage", "coverage", "mean size", "cases"],
+            [[a, f"{e['target']:.2f}", f"{e['coverage']:.3f}" + (f" [{e['coverage_ci95'][0]:.3f}, {e['coverage_ci95'][1]:.3f}]" if e.get("coverage_ci95") else ""),
+              f"{e['mean_size']:.2f}", e["n"]] for a, e in ps["by_alpha"].items()])  # fmt: skip
     if g["n"]:
         t["Grounding of the reasoning"] = md_table(["cases", "all step citations exist", "claims checked in rationales", "unsupported claims", "LLM summaries shown / withheld"],
                                                    [[g["n"], g["citations_exist"], g["claims_checked"], g["unsupported_claims"], f"{g['llm_summaries_shown']} / {g['llm_summaries_withheld']}"]])  # fmt: skip

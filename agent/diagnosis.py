@@ -84,6 +84,7 @@ class Diagnosis(BaseModel):
     prediction_set: list[str] = Field(default_factory=list, description="Conformal prediction set: holds the true diagnosis with probability >= 1 - prediction_set_alpha.")
     prediction_set_alpha: float | None = None
     prediction_set_calibration: str | None = None
+    prediction_set_group: str | None = Field(None, description="Calibration group whose threshold the set used (images like this source's), or None (pooled).")
     reasoning_steps: list[ReasoningStep] = Field(default_factory=list, description="Observation, knowledge, expert, fusion and verdict steps; each cites ids that exist in the case.")
     summary_check: ClaimCheckResult | None = Field(None, description="The LLM's summary and its claim check (shown in the rationale only when it passed).")
     label: str | None = Field(None, description="Top diagnosis (also given when the verdict is 'abstain', for evaluation).")
@@ -144,6 +145,7 @@ class Diagnosis(BaseModel):
             prediction_set=r.prediction_set if r else [],
             prediction_set_alpha=r.prediction_set_alpha if r else None,
             prediction_set_calibration=r.prediction_set_calibration if r else None,
+            prediction_set_group=r.prediction_set_group if r else None,
             reasoning_steps=(list(r.steps) if r else []) + ([v.step] if v and v.step else []),
             summary_check=r.summary_check if r else None,
             label=r.top.label if r else None,

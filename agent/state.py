@@ -147,6 +147,7 @@ class ReasonerResult(BaseModel):
     prediction_set: list[str] = Field(default_factory=list, description="Split-conformal set: contains the true diagnosis with probability >= 1 - alpha.")
     prediction_set_alpha: float | None = None
     prediction_set_calibration: str | None = Field(None, description="The calibration data of the prediction set.")
+    prediction_set_group: str | None = Field(None, description="The calibration group whose conformal threshold the set used (group-conditional calibration), or None.")
     steps: list[ReasoningStep] = Field(default_factory=list, description="Observation, knowledge, expert and fusion steps (the verifier adds the verdict).")
     consulted: list[Evidence] = Field(default_factory=list, description="Knowledge-base passages looked up for the knowledge steps (citable like retrieved evidence).")
     summary_check: ClaimCheckResult | None = Field(None, description="The LLM's summary and its claim check; shown only when it passed.")

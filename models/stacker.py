@@ -101,6 +101,38 @@ class Fused:
 
 
 @dataclass
+class SetGroups:
+    """Groups of calibration cases with their own conformal threshold (Mondrian split-conformal): a linear model
+    over the lesion encoder's features assigns an image to the group (e.g. the acquisition source) its calibration
+    cases look most like, and the set uses the quantile of that group's scores, so that coverage holds per group
+    and not only on the pooled mix. ``calibration_group`` holds each calibration score's group as the model assigned
+    it out of fold (its errors are calibrated too)."""
+
+    names: list[str]
+    mean: np.ndarray  # (F,) standardisation of the features
+    scale: np.ndarray  # (F,)
+    coef: np.ndarray  # (1, F) for two groups (the second when positive), (K, F) otherwise
+    intercept: np.ndarray
+    calibration_group: np.ndarray  # (n,) ints
+    accuracy: float | None = None  # out-of-fold accuracy of the assignment on the calibration cases
+
+    def assign(self, features: Sequence[float] | np.ndarray) -> int:
+        """The group of an image from its encoder features."""
+        x = (np.asarray(features, float) - self.mean) / self.scale
+        z = self.coef @ x + self.intercept
+        return int(z[0] > 0) if len(z) == 1 else int(np.argmax(z))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SetGroups":
+        return cls(list(d["names"]), np.asarray(d["mean"], float), np.asarray(d["scale"], float), np.asarray(d["coef"], float),
+                   np.asarray(d["intercept"], float), np.asarray(d["calibration_group"], int), d.get("accuracy"))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": self.names, "mean": self.mean.round(6).tolist(), "scale": self.scale.round(6).tolist(), "coef": self.coef.round(6).tolist(),
+                "intercept": self.intercept.round(6).tolist(), "calibration_group": self.calibration_group.astype(int).tolist(), "accuracy": self.accuracy}  # fmt: skip
+
+
+@dataclass
 class ModalityFusion:
     """Stacker + conformal calibration + acceptance model of one modality."""
 
@@ -125,6 +157,7 @@ class ModalityFusion:
     # the conformal sets and the acceptance model) stay those of the calibrated, unweighted stacker.
     decision_coef: np.ndarray | None = None
     decision_intercept: np.ndarray | None = None
+    set_groups: SetGroups | None = None  # group-conditional conformal thresholds (None: one pooled threshold)
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fusion
@@ -182,11 +215,21 @@ class ModalityFusion:
         return Fused(probs, contrib, used, missing, list(probs))
 
     # ------------------------------------------------------------------ sets and acceptance
-    def qhat(self, alpha: float) -> float:
-        return conformal_quantile(self.calibration_scores, alpha)
+    def set_group(self, features: Sequence[float] | np.ndarray | None) -> int | None:
+        """The calibration group of an image with these encoder features (None: pooled calibration)."""
+        if self.set_groups is None or features is None or len(features) != len(self.set_groups.mean):
+            return None
+        return self.set_groups.assign(features)
 
-    def prediction_set(self, probs: Mapping[str, float], alpha: float) -> list[str]:
-        return prediction_set(probs, self.qhat(alpha), self.conformal_score)  # type: ignore[arg-type]
+    def qhat(self, alpha: float, group: int | None = None) -> float:
+        """The conformal threshold at ``alpha``: over the scores of calibration group ``group``, else all of them."""
+        scores = self.calibration_scores
+        if group is not None and self.set_groups is not None:
+            scores = scores[self.set_groups.calibration_group == group]
+        return conformal_quantile(scores, alpha)
+
+    def prediction_set(self, probs: Mapping[str, float], alpha: float, group: int | None = None) -> list[str]:
+        return prediction_set(probs, self.qhat(alpha, group), self.conformal_score)  # type: ignore[arg-type]
 
     def acceptance_score(self, signals: Mapping[str, float]) -> float:
         """Estimated probability that the top label is right, from the signals this model's acceptance uses."""
@@ -219,6 +262,7 @@ class ModalityFusion:
             acceptance_correct=np.asarray(acc.get("correct", []), bool),
             decision_coef=np.asarray(d["decision"]["coef"], float) if d.get("decision") else None,
             decision_intercept=np.asarray(d["decision"]["intercept"], float) if d.get("decision") else None,
+            set_groups=SetGroups.from_dict(d["conformal"]["groups"]) if (d.get("conformal") or {}).get("groups") else None,
             meta=dict(d.get("meta", {})),
         )
 
@@ -232,7 +276,8 @@ class ModalityFusion:
             "intercept": np.asarray(self.intercept if self.intercept is not None else []).round(6).tolist(),
             "centre": {k: v.round(6).tolist() for k, v in self.centre.items()},
             "conformal": {"score": self.conformal_score, "source": self.calibration_source,
-                          "scores": [None if math.isinf(s) else round(float(s), 6) for s in self.calibration_scores]},  # fmt: skip
+                          "scores": [None if math.isinf(s) else round(float(s), 6) for s in self.calibration_scores],
+                          "groups": None if self.set_groups is None else self.set_groups.to_dict()},  # fmt: skip
             "acceptance": {"features": list(self.acceptance_features), "coef": np.asarray(self.acceptance_coef).round(6).tolist(),
                            "intercept": round(self.acceptance_intercept, 6), "kappa": self.acceptance_kappa.round(6).tolist(),
                            "correct": self.acceptance_correct.astype(int).tolist()},  # fmt: skip

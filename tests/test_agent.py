@@ -154,6 +154,23 @@ def test_steps_cite_only_evidence_of_the_case():
     assert d.prediction_set and d.prediction_set[0] == d.label and d.prediction_set_alpha == 0.1
 
 
+def test_prediction_set_uses_the_threshold_of_the_images_calibration_group():
+    from agent.testing import FEAT, fusion_model
+    from models.stacker import SetGroups
+
+    fm = fusion_model()
+    mf = fm.modalities["dermoscopy"]
+    n = len(mf.calibration_scores)
+    mf.calibration_scores = np.where(np.arange(n) % 2 == 0, 1.0, 0.001)  # group "wide": every label; group "tight": top label only
+    pooled = Agent(backends=backends(fusion=fm)).diagnose(img())
+    assert pooled.prediction_set_group is None
+    for bias, name, wide in ((5.0, "wide", True), (-5.0, "tight", False)):  # the group model's intercept decides the group here
+        mf.set_groups = SetGroups(["tight", "wide"], np.zeros(FEAT), np.ones(FEAT), np.zeros((1, FEAT)), np.array([bias]), (np.arange(n) % 2 == 0).astype(int))
+        d = Agent(backends=backends(fusion=fm)).diagnose(img())
+        assert d.prediction_set_group == name and f"look like {name}'s" in d.prediction_set_calibration
+        assert (len(d.prediction_set) == len(d.differential)) is wide and d.prediction_set[0] == d.label
+
+
 def test_stream_yields_each_step_then_the_diagnosis():
     events = list(Agent(backends=backends()).stream(img()))
     assert [e.node for e in events[:-1]] == ["encode", "modality", "morphology", "retrieve", "reason", "verify"]

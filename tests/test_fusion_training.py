@@ -188,3 +188,32 @@ def test_melanoma_operating_point_is_the_smallest_bias_reaching_the_target_withi
     # A bias that flips the nevi too costs accuracy beyond the budget and is never chosen.
     assert choose_melanoma_bias(y, oof, 0.9, cfg.model_copy(update={"melanoma_sensitivity_target": 0.99}))[0] == 0.5
     assert choose_melanoma_bias(y, oof, 0.9, cfg.model_copy(update={"melanoma_sensitivity_target": None}))[0] == 0.0
+
+
+def test_group_conditional_sets_calibrate_each_source_apart(tmp_path):
+    """conformal_groups='source': a linear model of the source over encoder features picks the threshold; the fit
+    cases' groups are out of fold; the artifact round-trips; each group's threshold comes from its own scores."""
+    from training.fusion import SET_GROUP, Config, fit_set_groups
+
+    rng = np.random.default_rng(1)
+    recs = [r for r in _records(300, rng) if r["modality"] == "dermoscopy"]
+    fit, others = recs[:200], recs[200:]
+    feats = {r["id"]: rng.normal(size=16) + (2.0 if r["source"] == "derm7pt" else -2.0) for r in recs}
+    groups = fit_set_groups(fit, others, Config(folds=3), feats)
+    assert groups.names == ["derm7pt", "isic2018_val"] and groups.accuracy > 0.95
+    assert all(r[SET_GROUP] == groups.names.index(r["source"]) for r in others)
+    assert [r[SET_GROUP] for r in fit] == groups.calibration_group.tolist()
+    from agent.testing import fusion_model
+
+    model = fusion_model()
+    mf = model.modalities["dermoscopy"]
+    n = len(mf.calibration_scores)
+    mf.calibration_scores = np.where(np.arange(n) % 2 == 0, 0.9, 0.1)  # group 0 hard cases, group 1 easy ones
+    groups.calibration_group = (np.arange(n) % 2).astype(int)
+    mf.set_groups = groups
+    assert mf.qhat(0.1, 0) == pytest.approx(0.9) and mf.qhat(0.1, 1) == pytest.approx(0.1) and mf.qhat(0.1) == pytest.approx(0.9)
+    loaded = FusionModel.load(model.save(tmp_path / "f.json")).modalities["dermoscopy"]
+    assert loaded.set_groups.names == groups.names and np.array_equal(loaded.set_groups.calibration_group, groups.calibration_group)
+    x = feats[others[0]["id"]]
+    assert loaded.set_group(x) == groups.assign(x) == others[0][SET_GROUP]
+    assert loaded.set_group(x[:3]) is None and loaded.set_group(None) is None  # other features: pooled calibration

@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from models.conformal import conformal_quantile, max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
+from models.conformal import max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
 from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs, top_candidate
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 from training.config import TrainConfig
@@ -64,6 +64,11 @@ class Config(TrainConfig):
     max_accuracy_drop: float = Field(0.02, ge=0, description="Choose the γ of best CV balanced accuracy among those whose CV accuracy is at most this below the previous default's on the fit cases.")
     morphology_c_grid: list[float] = Field([0.03, 0.1, 0.3, 1.0, 3.0])
     conformal_score: str = Field("lac", pattern="^(lac|aps)$")
+    conformal_groups: Literal["source"] | None = Field(None, description="Group-conditional (Mondrian) dermoscopy sets: 'source' fits a linear model "
+                                                       "of the fit case's source (isic2018_val / Derm7pt) over the lesion encoder's features and "
+                                                       "calibrates one threshold per predicted source (None: one pooled threshold).")
+    group_c: float = Field(0.01, gt=0, description="Inverse L2 strength of the group model (standardised features).")
+    feature_dir: Path = Field(Path(".cache/features"), description="Cached lesion-encoder features (scripts/extract_features.py) the group model reads.")
     alphas: list[float] = Field([0.05, 0.1, 0.2], description="Miscoverage levels reported.")
     alpha: float = Field(0.1, gt=0, lt=1, description="The α whose set size feeds the acceptance model.")
     target_accuracy: float = Field(0.85, gt=0, lt=1)
@@ -452,13 +457,12 @@ def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float
     model.conformal_score = cfg.conformal_score
     model.calibration_scores = conformal_scores(recs, oof, cfg.conformal_score)
     model.calibration_source = source
-    qhat = conformal_quantile(model.calibration_scores, cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
     labels = labels or decide_all(oof)
     feats = tuple(cfg.acceptance_features)
     keep = [i for i, r in enumerate(recs) if not acceptance_sources or r["source"] in acceptance_sources]
     recs, oof, labels = [recs[i] for i in keep], [oof[i] for i in keep], [labels[i] for i in keep]
-    sig = [signals(r, p, qhat, cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
+    sig = [signals(r, p, model.qhat(cfg.alpha, r.get(SET_GROUP)), cfg.conformal_score, experts, lab) for r, p, lab in zip(recs, oof, labels)]
     correct = np.array([lab == r["label"] for r, lab in zip(recs, labels)])
     fold = np.random.default_rng(cfg.seed).permutation(len(recs)) % cfg.folds
     kappa = np.zeros(len(recs))
@@ -471,6 +475,50 @@ def calibrate(model: ModalityFusion, recs: list[dict], oof: list[dict[str, float
     model.acceptance_coef, model.acceptance_intercept = fit_acceptance(sig, correct, cfg.seed, feats)
     model.acceptance_kappa, model.acceptance_correct = kappa, correct
     model.meta["acceptance_rows"] = len(recs)
+
+
+SET_GROUP = "_set_group"
+"""Record key of the calibration group a dermoscopy record's prediction set uses (set by :func:`fit_set_groups`)."""
+
+
+def record_features(recs: list[dict], feature_dir: Path) -> dict[str, np.ndarray]:
+    """The lesion encoder's cached features of ``recs`` by record id (the agent reads the same features live)."""
+    from training.fusion_data import case_rows
+
+    sources = sorted({r["source"] for r in recs})
+    feats = {row.id: row.features for row in case_rows(sources, feature_dir)}
+    missing = [r["id"] for r in recs if r["id"] not in feats]
+    if missing:
+        raise ValueError(f"{len(missing)} records have no cached features in {feature_dir} (e.g. {missing[:3]}); run scripts/extract_features.py")
+    return feats
+
+
+def fit_set_groups(fit: list[dict], others: list[dict], cfg: Config, feats: dict[str, np.ndarray] | None = None):
+    """The group model of group-conditional sets: a logistic regression of each fit case's source over its encoder
+    features (``feats`` by record id; default: the cached features). Fit cases get their out-of-fold group (as
+    calibration groups), ``others`` the final model's."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from models.stacker import SetGroups
+
+    feats = record_features(fit + others, cfg.feature_dir) if feats is None else feats
+    names = sorted({r["source"] for r in fit})
+    if len(names) < 2:
+        raise ValueError(f"conformal_groups='source' needs fit cases from two sources or more, got {names}")
+    x = np.stack([feats[r["id"]] for r in fit]).astype(float)
+    g = np.array([names.index(r["source"]) for r in fit])
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mean) / scale
+    lr = LogisticRegression(C=cfg.group_c, max_iter=5000)
+    cv = cross_val_predict(lr, z, g, cv=StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed))
+    lr.fit(z, g)
+    groups = SetGroups(names, mean, scale, lr.coef_, lr.intercept_, cv, round(float((cv == g).mean()), 4))
+    for r, k in zip(fit, cv):
+        r[SET_GROUP] = int(k)
+    for r in others:
+        r[SET_GROUP] = groups.assign(feats[r["id"]])
+    return groups
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -495,12 +543,12 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
         out["mel_sensitivity_ci"] = [round(v, 4) for v in bootstrap_ci(lambda a, b: diagnosis_metrics(list(a), list(b))["mel_sensitivity"], *yp, n=cfg.n_bootstrap)]
     sets = {}
     for a in cfg.alphas:
-        s = [model.prediction_set(p, a) for p in probs]
+        s = [model.prediction_set(p, a, r.get(SET_GROUP)) for p, r in zip(probs, recs)]
         sets[str(a)] = {"coverage": round(float(np.mean([t in si for t, si in zip(y, s)])), 4), "mean_size": round(float(np.mean([len(si) for si in s])), 3)}
     out["prediction_sets"] = sets
-    qhat = model.qhat(cfg.alpha)
     experts = [e for e in model.experts if e != "morphology"]
-    kappa = np.array([model.acceptance_score(signals(r, p, qhat, cfg.conformal_score, experts, lab)) for r, p, lab in zip(recs, probs, pred)])
+    kappa = np.array([model.acceptance_score(signals(r, p, model.qhat(cfg.alpha, r.get(SET_GROUP)), cfg.conformal_score, experts, lab))
+                      for r, p, lab in zip(recs, probs, pred)])  # fmt: skip
     correct = np.array([a == b for a, b in zip(y, pred)])
     theta, info = model.threshold(cfg.target_accuracy, cfg.delta)
     acc = kappa >= theta
@@ -595,6 +643,10 @@ def train(cfg: Config) -> dict[str, Any]:
     derm.decision_coef, derm.decision_intercept = dec.coef, melanoma_biased(dec.intercept, mel_bias)
     derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_melanoma_bias": mel_bias, "decision_expert_weights": dec.meta["expert_weights"],
                       "decision_grid": dgrid})  # fmt: skip
+    if cfg.conformal_groups == "source":
+        derm.set_groups = fit_set_groups(fit, parts["isic_eval"] + parts["derm7pt_eval"], cfg)
+        derm.meta["set_groups"] = {"by": "source", "names": derm.set_groups.names, "oof_accuracy": derm.set_groups.accuracy,
+                                   "calibration_cases": [int((derm.set_groups.calibration_group == k).sum()) for k in range(len(derm.set_groups.names))]}  # fmt: skip
     calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
               cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})

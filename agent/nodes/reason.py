@@ -280,10 +280,16 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     if cfg.num_samples == 1 or source == "fallback":
         # Confidence consistency without LLM re-scorings: agreement of each available single expert with the fused answer.
         samples += [max(p, key=p.get) for p in experts.values() if p]
-    pred_set = mf.prediction_set(fused.probs, cfg.conformal_alpha)
+    group = mf.set_group(state.encoding.features if state.encoding else None)
+    pred_set = mf.prediction_set(fused.probs, cfg.conformal_alpha, group)
     set_source = mf.calibration_source
+    group_name = None
+    if group is not None:
+        group_name = mf.set_groups.names[group]
+        n_group = int((mf.set_groups.calibration_group == group).sum())
+        set_source += f"; threshold from the {n_group} calibration cases whose images look like {group_name}'s"
     set_alpha: float | None = cfg.conformal_alpha
-    if math.isinf(mf.qhat(cfg.conformal_alpha)):
+    if math.isinf(mf.qhat(cfg.conformal_alpha, group)):
         recall = mf.meta.get("candidate_recall")
         set_source = (f"{1 - cfg.conformal_alpha:.0%} coverage is not attainable for {mod} images: the candidate list held the true diagnosis in "
                       f"{recall:.0%} of calibration cases; the set is every candidate ({mf.calibration_source})") if recall is not None else \
@@ -332,6 +338,7 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
         prediction_set=pred_set,
         prediction_set_alpha=set_alpha,
         prediction_set_calibration=set_source,
+        prediction_set_group=group_name,
         steps=steps,
         consulted=consulted,
         summary_check=check,

@@ -56,7 +56,11 @@ def sets_by_alpha(ctx: ProtocolContext, with_set: list, alphas: list[float], can
         return {}
     def rebuilt(d, alpha):
         mf = fusion.modalities.get((d.get("modality") or {}).get("label"))
-        return None if mf is None else mf.prediction_set({x["label"]: x["probability"] for x in d.get("differential", [])}, alpha)
+        if mf is None:
+            return None
+        name = d.get("prediction_set_group")
+        group = mf.set_groups.names.index(name) if name is not None and mf.set_groups is not None and name in mf.set_groups.names else None
+        return mf.prediction_set({x["label"]: x["probability"] for x in d.get("differential", [])}, alpha, group)
 
     # The artifact must be the one that made the records: each rebuilt set at the record's own α is its recorded set.
     if any(rebuilt(d, d["prediction_set_alpha"]) != d["prediction_set"] for d, _ in with_set):

@@ -186,7 +186,8 @@ class Diagnosis(BaseModel):
             lines.append("differential: " + ", ".join(f"{d.name} {d.probability:.2f}" for d in self.differential[:4]))
         if self.prediction_set and self.prediction_set_alpha is not None:
             names = {d.label: d.name for d in self.differential}
-            lines.append(f"{round((1 - self.prediction_set_alpha) * 100)}% prediction set: {{{', '.join(names.get(c, c) for c in self.prediction_set)}}}")
+            like = f" (threshold of images like {self.prediction_set_group}'s)" if self.prediction_set_group else ""
+            lines.append(f"{round((1 - self.prediction_set_alpha) * 100)}% prediction set{like}: {{{', '.join(names.get(c, c) for c in self.prediction_set)}}}")
         elif self.prediction_set_calibration:
             lines.append(f"prediction set: none calibrated ({self.prediction_set_calibration})")
         lines.append(f"verdict: {self.verdict.upper()}" + (f" — {self.label_name} (p={self.confidence:.2f})" if self.label_name else ""))

@@ -211,14 +211,19 @@ def continuation_start(tokenizer: Any, prompt: str, full: str) -> tuple[list[int
     return ids, start
 
 
-def group_chat_requests(requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[tuple[list[int], list[tuple[Sequence[Message], str]], dict[str, Any]]]:
-    """``chat_batch`` requests grouped by their arguments other than ``assistant_prefix``: per group the request
-    indices, the (conversation, assistant prefix) pairs and the shared arguments."""
+def chat_in_groups(chat: Any, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
+    """``chat_batch`` for a backend whose ``chat(pairs, **kwargs)`` takes (conversation, assistant prefix) pairs:
+    requests that differ only in ``assistant_prefix`` go to one call; one reply per request, in order."""
     groups: dict[str, list[int]] = {}
     for i, (_, kw) in enumerate(requests):
         groups.setdefault(repr(sorted((k, v) for k, v in kw.items() if k != "assistant_prefix")), []).append(i)
-    return [(idx, [(requests[i][0], requests[i][1].get("assistant_prefix", "")) for i in idx],
-             {k: v for k, v in requests[idx[0]][1].items() if k != "assistant_prefix"}) for idx in groups.values()]  # fmt: skip
+    out: list[str] = [""] * len(requests)
+    for idx in groups.values():
+        kw = {k: v for k, v in requests[idx[0]][1].items() if k != "assistant_prefix"}
+        pairs = [(requests[i][0], requests[i][1].get("assistant_prefix", "")) for i in idx]
+        for i, text in zip(idx, chat(pairs, **kw), strict=True):
+            out[i] = text
+    return out
 
 
 def trim_at_stop(text: str, stop: Sequence[str] | None) -> str:
@@ -342,11 +347,7 @@ class TransformersLLM:
     def chat_batch(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
         """:meth:`chat` for requests with their own arguments (``models.protocols.chat_many``): those that differ
         only in ``assistant_prefix`` are generated as one batch."""
-        out: list[str] = [""] * len(requests)
-        for idx, pairs, kw in group_chat_requests(requests):
-            for i, text in zip(idx, self._chat(pairs, **kw), strict=True):
-                out[i] = text
-        return out
+        return chat_in_groups(self._chat, requests)
 
     def _chat(self, pairs: Sequence[tuple[Sequence[Message], str]], max_new_tokens: int = 256, temperature: float = 0.0,
               seed: int | None = None, stop: Sequence[str] | None = None) -> list[str]:  # fmt: skip

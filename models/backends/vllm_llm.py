@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.backends import require
-from models.backends.hf_llm import continuation_start, group_chat_requests, locate_causal_lm, model_id_for, render_prompt, trim_at_stop
+from models.backends.hf_llm import chat_in_groups, continuation_start, locate_causal_lm, model_id_for, render_prompt, trim_at_stop
 from models.protocols import Message
 
 
@@ -65,11 +65,7 @@ class VLLMLLM:
     def chat_batch(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[str]:
         """:meth:`chat` for requests with their own arguments (``models.protocols.chat_many``); requests that
         differ only in ``assistant_prefix`` go to the engine together."""
-        out: list[str] = [""] * len(requests)
-        for idx, pairs, kw in group_chat_requests(requests):
-            for i, text in zip(idx, self._chat(pairs, **kw), strict=True):
-                out[i] = text
-        return out
+        return chat_in_groups(self._chat, requests)
 
     def _chat(self, pairs: Sequence[tuple[Sequence[Message], str]], max_new_tokens: int = 256, temperature: float = 0.0,
               seed: int | None = None, stop: Sequence[str] | None = None) -> list[str]:  # fmt: skip

@@ -9,8 +9,10 @@ Input: the experts' first-round outputs on images the lesion classifier has not 
   digit; **evaluation**: the odd ones.
 
 Everything calibrated is cross-fitted: the morphology expert is refitted without each fold's Derm7pt
-cases, the stacker's out-of-fold probabilities give the conformal scores, and the acceptance model's
-out-of-fold scores give the SGR calibration pairs. The deployed models are refits on the whole fit part.
+cases, the stacker's out-of-fold probabilities give the conformal scores (with ``conformal_groups: source``, one
+threshold per source, each image assigned by a linear model over its encoder features, out of fold for the
+calibration cases), and the acceptance model's out-of-fold scores give the SGR calibration pairs. The deployed
+models are refits on the whole fit part.
 The command prints coverage and risk on the evaluation part, and the ablations (each expert dropped).
 
     dermgraph train fusion --config configs/train/fusion.yaml

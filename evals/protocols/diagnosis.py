@@ -54,12 +54,13 @@ def sets_by_alpha(ctx: ProtocolContext, with_set: list, alphas: list[float], can
     if made_by != {sha}:
         ctx.log(f"[eval] prediction sets per alpha skipped: the records were not made with {ref!r} (sha256 {sha[:12]}…)")
         return {}
+
     def rebuilt(d, alpha):
         mf = fusion.modalities.get((d.get("modality") or {}).get("label"))
         if mf is None:
             return None
-        name = d.get("prediction_set_group")
-        group = mf.set_groups.names.index(name) if name is not None and mf.set_groups is not None and name in mf.set_groups.names else None
+        names = mf.set_groups.names if mf.set_groups is not None else []
+        group = names.index(d["prediction_set_group"]) if d.get("prediction_set_group") in names else None
         return mf.prediction_set({x["label"]: x["probability"] for x in d.get("differential", [])}, alpha, group)
 
     # The artifact must be the one that made the records: each rebuilt set at the record's own α is its recorded set.

@@ -114,16 +114,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _common_prefix(seqs: list[tuple[list[int], int]]) -> int:
-    """The token prefix ``TransformersLLM._score_shared_prefix`` runs once (same rule)."""
-    first = seqs[0][0]
-    common = min(min(s for _, s in seqs), *(len(ids) for ids, _ in seqs))
-    for ids, _ in seqs[1:]:
-        while common and ids[:common] != first[:common]:
-            common -= 1
-    return common
-
-
 class _CachedLM:
     """Scoring and greedy summaries over a ``step(ids, past, pos) -> (per-position log-prob fn, past)`` runtime.
 
@@ -138,11 +128,11 @@ class _CachedLM:
         self._prefix: tuple[list[int], Any] | None = None
 
     def score_continuations(self, conversation, assistant_prefix: str, continuations) -> np.ndarray:
-        from models.backends.hf_llm import continuation_start, render_prompt
+        from models.backends.hf_llm import common_prefix, continuation_start, render_prompt
 
         prompt = render_prompt(self.tok, conversation, assistant_prefix)
         seqs = [continuation_start(self.tok, prompt, prompt + c) for c in continuations]
-        common = _common_prefix(seqs)
+        common = common_prefix(seqs)
         first = seqs[0][0]
         hidden, past = self._step([first[:common]], None, common_len=0, mask=None)
         self._prefix = (first[:common], past)

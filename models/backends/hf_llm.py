@@ -437,7 +437,7 @@ class TransformersLLM:
             return np.zeros(0, dtype=np.float64)
         with torch.inference_mode():
             if _supports_shared_prefix(self._model):
-                return self._score_shared_prefix(seqs)
+                return self._score_prompts([seqs], keep_prefix=True)[0]
             return self._score_full(seqs)
 
     def score_continuations_batch(self, requests: Sequence[tuple[Sequence[Message], str, Sequence[str]]]) -> list[np.ndarray]:
@@ -489,67 +489,16 @@ class TransformersLLM:
                 scores[c0 + r] = _span_logprob(rows, ids, start, first=first)
         return scores
 
-    def _score_shared_prefix(self, seqs: list[tuple[list[int], int]]) -> np.ndarray:
-        """Run the common token prefix once, then all suffixes in batches on copies of its KV cache."""
-        import copy
-
-        import torch
-
-        model, pad = self._model, self._tokenizer.pad_token_id
-        common = _common_prefix(seqs)
-        first = seqs[0][0]
-        if common < 1:
-            return self._score_full(seqs)
-        dev = model.device
-        prefix = torch.tensor([first[:common]], device=dev)
-        out = model(input_ids=prefix, use_cache=True, **last_logits_only(model))
-        cache = cache_of(out)
-        if not hasattr(cache, "batch_repeat_interleave"):
-            return self._score_full(seqs)
-        if hasattr(cache, "crop"):
-            self._prefix = (first[:common], copy.deepcopy(cache))
-        last_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-
-        scores = np.zeros(len(seqs), dtype=np.float64)
-        for c0 in range(0, len(seqs), self.max_batch_size):
-            chunk = seqs[c0 : c0 + self.max_batch_size]
-            width = max(len(ids) - common for ids, _ in chunk)
-            if width == 0:
-                continue
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), common + width), dtype=torch.long)
-            mask[:, :common] = 1
-            for r, (ids, _) in enumerate(chunk):
-                suffix = ids[common:]
-                input_ids[r, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-                mask[r, common : common + len(suffix)] = 1
-            chunk_cache = copy.deepcopy(cache)
-            chunk_cache.batch_repeat_interleave(len(chunk))
-            positions = torch.arange(common, common + width).unsqueeze(0).expand(len(chunk), -1)
-            logits = model(
-                input_ids=input_ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=positions.to(dev),
-                **{cache_arg(model): chunk_cache},
-                use_cache=True,
-            ).logits
-            # Row j of `full` predicts token common + j; row 0 comes from the prefix pass.
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for r, (ids, start) in enumerate(chunk):
-                full = torch.cat([last_logprobs.unsqueeze(0), logprobs[r, :-1]], dim=0)
-                scores[c0 + r] = _span_logprob(full, ids, start, first=common)
-        return scores
-
-
-    def _score_prompts(self, group: list[list[tuple[list[int], int]]]) -> list[np.ndarray]:
+    def _score_prompts(self, group: list[list[tuple[list[int], int]]], keep_prefix: bool = False) -> list[np.ndarray]:
         """Scores for several prompts' sequences: the prompts' common prefixes in one left-padded pass, then the
-        suffixes (every candidate of every prompt, ``max_batch_size`` rows at a time) on copies of rows of its cache."""
+        suffixes (every candidate of every prompt, ``max_batch_size`` rows at a time) on copies of rows of its cache.
+        ``keep_prefix`` (one prompt): keep the prefix's KV cache for a rationale generated after the same prompt."""
         import copy
 
         import torch
 
         model, pad = self._model, self._tokenizer.pad_token_id
-        commons = [_common_prefix(seqs) for seqs in group]
+        commons = [common_prefix(seqs) for seqs in group]
         out = [np.zeros(len(seqs), dtype=np.float64) for seqs in group]
         keep = [b for b, n in enumerate(commons) if n >= 1]
         for b in set(range(len(group))) - set(keep):
@@ -568,6 +517,12 @@ class TransformersLLM:
         res = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True,
                     **last_logits_only(model))  # fmt: skip
         cache = cache_of(res)
+        if not hasattr(cache, "batch_select_indices"):  # a cache layout whose rows cannot be selected: full passes
+            for b in keep:
+                out[b] = self._score_full(group[b])
+            return out
+        if keep_prefix and len(group) == 1 and hasattr(cache, "crop"):
+            self._prefix = (group[0][0][0][:width], copy.deepcopy(cache))  # one prompt: no padding, positions exact
         last_logprobs = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # left padding: every row ends at its prompt's end
         rows = [(r, b, ids, start) for r, b in enumerate(keep) for ids, start in group[b]]
         done = {b: [] for b in keep}
@@ -602,7 +557,7 @@ class TransformersLLM:
         return out
 
 
-def _common_prefix(seqs: list[tuple[list[int], int]]) -> int:
+def common_prefix(seqs: list[tuple[list[int], int]]) -> int:
     """Length of the token prefix all ``seqs`` share, at most the first continuation token's index."""
     first = seqs[0][0]
     common = min(min(start for _, start in seqs), *(len(ids) for ids, _ in seqs))

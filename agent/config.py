@@ -34,9 +34,14 @@ class EncoderConfig(_Strict):
         "a verifier signal where the fusion artifact's acceptance model uses 'tta_agreement'. Empty: none (one forward pass per view).",
     )
     second_expert: BackendRef | None = Field(
-        default_factory=lambda: BackendRef(backend="efficientnet", model="efficientnet-lite0-derm"),
+        default_factory=lambda: BackendRef(
+            backend="efficientnet", model="efficientnet-lite0-derm", options={"views": ["hflip", "vflip", "rot90"], "view_heads": ["dermnet"]}
+        ),
         description="Second visual expert (a multi-task EfficientNet-Lite0 trained by `dermgraph train encoder`): its HAM10000 head "
-        "for dermoscopy and its DermNet head for clinical photos, read by the fusion stacker where the artifact lists 'effnet'. None: not run.",
+        "for dermoscopy and its DermNet head for clinical photos, read by the fusion stacker where the artifact lists 'effnet', and its "
+        "7-point criteria heads (morphology.kind 'second-expert'). Options views / view_heads: test-time views (CCT), run in one batch "
+        "with the image, whose mean the listed heads give (by default the DermNet head only: the dermoscopy stacker was fitted on "
+        "cross-fitted single-view outputs). None: not run.",
     )
 
 
@@ -52,7 +57,12 @@ class ModalityConfig(_Strict):
 
 
 class MorphologyConfig(_Strict):
-    kind: Literal["concept-heads", "vlm"] = Field("concept-heads", description="Structured 7-point heads, or a VLM describer.")
+    kind: Literal["concept-heads", "second-expert", "vlm"] = Field(
+        "concept-heads",
+        description="Structured 7-point findings from the concept heads on the lesion classifier's features, from the second visual "
+        "expert's criteria heads (the concept heads where it gives none; pair with a fusion artifact fitted with findings_from: effnet), "
+        "or a VLM describer.",
+    )
     heads: str = Field("derm7pt-concept-heads", description="Registry id of the 7-point concept heads.")
     vlm: BackendRef | None = Field(None, description="VLM used when kind='vlm' (users bring weights).")
     vlm_prompt: str = Field(

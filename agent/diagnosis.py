@@ -27,8 +27,9 @@ def versions(config: AgentConfig) -> dict[str, Any]:
             pass
     out["models"] = {
         "classifier": config.encoder.classifier.model,
+        "second_expert": getattr(config.encoder.second_expert, "model", None),
         "modality_head": config.modality.head,
-        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "describer": describer_model(config),
         "kb_index": config.retrieval.kb_index,
         "case_index": config.retrieval.case_index,
         "llm": config.reasoner.llm.model,
@@ -36,6 +37,15 @@ def versions(config: AgentConfig) -> dict[str, Any]:
     }
     return out
 
+
+def describer_model(config: AgentConfig) -> str | None:
+    """The model whose findings the morphology node reports (the second expert's criteria heads, the concept heads or a VLM)."""
+    kind = config.morphology.kind
+    if kind == "vlm":
+        return getattr(config.morphology.vlm, "model", None)
+    if kind == "second-expert" and config.encoder.second_expert is not None:
+        return config.encoder.second_expert.model
+    return config.morphology.heads
 
 
 def model_hashes(config: AgentConfig) -> dict[str, str]:
@@ -46,9 +56,10 @@ def model_hashes(config: AgentConfig) -> dict[str, str]:
 
     refs = {
         "classifier": config.encoder.classifier.model,
+        "second_expert": getattr(config.encoder.second_expert, "model", None),
         "modality_head": config.modality.head,
         "modality_encoder": config.modality.encoder,
-        "describer": config.morphology.heads if config.morphology.kind == "concept-heads" else getattr(config.morphology.vlm, "model", None),
+        "describer": describer_model(config),
         "text_embedder": config.retrieval.text_embedder,
         "kb_index": config.retrieval.kb_index,
         "case_index": config.retrieval.case_index,

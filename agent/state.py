@@ -50,6 +50,9 @@ class ImageEncoding(BaseModel):
         description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes) and 'effnet_dermnet' "
         "(DermNet classes, named as the case index names them).",
     )
+    expert_criteria: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="The second visual expert's 7-point criteria heads: criterion -> value -> probability (empty without them)."
+    )
     stats: Any = Field(default=None, repr=False, description="Colour/texture statistics (np.ndarray).")
     expert_features: Any = Field(default=None, repr=False, description="The second visual expert's pooled features (np.ndarray; None without it).")
 

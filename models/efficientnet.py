@@ -219,12 +219,24 @@ def load_expert(path: Path, device: str = "cpu"):
 
 class EfficientNetExpert:
     """``ImageClassifier`` over a fine-tuned EfficientNet-Lite0 artifact: HAM10000 probabilities and 1280-d
-    pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria)."""
+    pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria).
+
+    ``views`` (CCT, :data:`models.tta.TTA_VIEWS`): a head's probabilities are the mean over the image and these
+    views of it, run in the same batch, for the heads in ``view_heads`` (None: every head); the other heads and
+    the pooled features are the image's own (the case index was built from those)."""
 
     feature_dim = FEATURE_DIM
 
-    def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32):
+    def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32,
+                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None):
         """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
+        from models.tta import TTA_VIEWS
+
+        unknown = [v for v in views if v not in TTA_VIEWS]
+        if unknown:
+            raise ValueError(f"unknown test-time views {unknown}; valid: {', '.join(TTA_VIEWS)}")
+        self.views = tuple(views)
+        self.view_heads = None if view_heads is None else tuple(view_heads)
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
         self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
@@ -252,19 +264,28 @@ class EfficientNetExpert:
         return tuple(self.info["heads"]["ham"])
 
     def predict_heads(self, images: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(features (N, 1280), {head: probabilities (N, C_head)}), float32."""
+        """(features (N, 1280), {head: probabilities (N, C_head)}), float32; with ``views``, the view heads' means over them."""
         import torch
+
+        from models.tta import tensor_view
 
         net, info = self._load()
         size = int(info["image_size"])
+        unknown = sorted(set(self.view_heads or ()) - set(info["heads"]))
+        if unknown:
+            raise ValueError(f"view_heads {unknown} are not heads of {self.model_id}; its heads: {', '.join(info['heads'])}")
         feats = np.zeros((len(images), FEATURE_DIM), np.float32)
         probs = {k: np.zeros((len(images), len(v)), np.float32) for k, v in info["heads"].items()}
+        step = max(1, self.batch_size // (1 + len(self.views)))  # images per forward pass, their views included
         with torch.inference_mode():
-            for lo in range(0, len(images), self.batch_size):
-                f, logits = net(to_tensor(images[lo : lo + self.batch_size], size).to(self.device))
-                feats[lo : lo + len(f)] = f.float().cpu().numpy()
+            for lo in range(0, len(images), step):
+                x = to_tensor(images[lo : lo + step], size).to(self.device)
+                n = len(x)
+                f, logits = net(torch.cat([x] + [tensor_view(x, v) for v in self.views]) if self.views else x)
+                feats[lo : lo + n] = f[:n].float().cpu().numpy()
                 for k, v in logits.items():
-                    probs[k][lo : lo + len(f)] = v.float().softmax(-1).cpu().numpy()
+                    p = v.float().softmax(-1).view(1 + len(self.views), n, -1)
+                    probs[k][lo : lo + n] = (p.mean(0) if self.view_heads is None or k in self.view_heads else p[0]).cpu().numpy()
         return feats, probs
 
     def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None) -> ClassifierOutput:

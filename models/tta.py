@@ -24,6 +24,20 @@ def tta_view(image: Any, name: str) -> Any:
     raise ValueError(f"unknown test-time view {name!r}; valid: {', '.join(TTA_VIEWS)}")
 
 
+def tensor_view(x: Any, name: str) -> Any:
+    """The same view of a batch of square image tensors (N, C, H, W), made after resizing (flips and a quarter turn
+    commute with resizing a square output)."""
+    import torch
+
+    if name == "hflip":
+        return torch.flip(x, dims=(3,))
+    if name == "vflip":
+        return torch.flip(x, dims=(2,))
+    if name == "rot90":
+        return torch.rot90(x, 1, dims=(2, 3))  # counter-clockwise, as PIL's ROTATE_90
+    raise ValueError(f"unknown test-time view {name!r}; valid: {', '.join(TTA_VIEWS)}")
+
+
 def tta_agreement(view_probs: Sequence[Mapping[str, float]] | None, label: str, candidates: Sequence[str] | None = None) -> float:
     """Share of the views whose most probable class (among ``candidates``, default all) is ``label``; 0.5 without views."""
     if not view_probs:

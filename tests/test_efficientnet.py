@@ -89,6 +89,34 @@ def test_expert_roundtrip_fp16_and_classifier_protocol(tmp_path):
     np.testing.assert_allclose(feats, out.features, atol=1e-5)  # deterministic inference
 
 
+def test_views_average_each_head_over_the_image_and_its_views(tmp_path):
+    """CCT for the second expert: each head is the mean over the image and its views (made as PIL would make
+    them), in one batch; features stay the original view's; unknown views are refused."""
+    from PIL import Image
+
+    from models.tta import tta_view
+
+    _, path = _tiny_expert(tmp_path)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    views = ("hflip", "vflip", "rot90")
+    plain = E.EfficientNetExpert(path)
+    feats, probs = E.EfficientNetExpert(path, views=views, batch_size=5).predict_heads(imgs)  # 5 // 4: one image per pass
+    per_view = [plain.predict_heads(imgs)] + [plain.predict_heads([tta_view(im, v) for im in imgs]) for v in views]
+    for head in probs:
+        np.testing.assert_allclose(probs[head], np.mean([p[head] for _, p in per_view], 0), atol=2e-5)
+    np.testing.assert_allclose(feats, per_view[0][0], atol=1e-5)
+    assert not np.allclose(probs["ham"], per_view[0][1]["ham"])  # the views do change the output
+    # view_heads: only those heads average; the others are the image's own.
+    _, some = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"]).predict_heads(imgs)
+    np.testing.assert_allclose(some["dermnet"], probs["dermnet"], atol=2e-5)
+    np.testing.assert_allclose(some["ham"], per_view[0][1]["ham"], atol=2e-5)
+    with pytest.raises(ValueError, match="unknown test-time views"):
+        E.EfficientNetExpert(path, views=("rot180",))
+    with pytest.raises(ValueError, match="not heads of"):
+        E.EfficientNetExpert(path, views=views, view_heads=["crit_streaks"]).predict_heads(imgs)
+
+
 def test_non_expert_file_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file

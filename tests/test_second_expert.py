@@ -43,6 +43,27 @@ def test_encoding_carries_both_heads_and_the_trace_names_both_models():
     assert Agent(backends=backends()).run(img(), until="encode").encoding.expert_probs == {}
 
 
+def test_findings_come_from_the_experts_criteria_heads_else_the_concept_heads_with_a_note():
+    from agent.config import AgentConfig
+
+    cfg = AgentConfig.model_validate({"morphology": {"kind": "second-expert"}})
+    expert = FakeSecondExpert(criteria={"pigment_network": "typical", "streaks": "irregular"})  # the concept-head double: atypical network, veil
+    state = Agent(cfg, backends=backends(second_expert=expert)).run(img(), until="morphology")
+    assert state.encoding.expert_criteria["pigment_network"]["typical"] == 0.8
+    found = {f.criterion: (f.value, f.confidence) for f in state.morphology.findings}
+    assert found["pigment_network"] == ("typical", 0.8) and found["streaks"] == ("irregular", 0.8) and found["blue_whitish_veil"] == ("absent", 0.8)
+    step = state.trace[-1]
+    assert step.model_id == "fake-second-expert" and "criteria heads" in step.inputs["uses"] and not step.notes
+    # The default (concept-heads) ignores the expert's criteria.
+    by_heads = Agent(backends=backends(second_expert=expert)).run(img(), until="morphology")
+    assert by_heads.trace[-1].model_id == "test-heads" and not by_heads.trace[-1].notes
+    assert {f.criterion: f.value for f in by_heads.morphology.findings} != {c: v for c, (v, _) in found.items()}
+    # An expert without criteria heads: the concept heads describe, and the trace says so.
+    state = Agent(cfg, backends=backends(second_expert=FakeSecondExpert())).run(img(), until="morphology")
+    assert state.encoding.expert_criteria == {} and state.morphology.findings == by_heads.morphology.findings
+    assert state.trace[-1].model_id == "test-heads" and "concept heads describe" in state.trace[-1].notes[0]
+
+
 def test_clinical_candidates_gain_the_experts_top_labels_and_its_vote_moves_the_fusion():
     cases = FakeCases([("dermnet:a", "Acne vulgaris", 0.9), ("dermnet:b", "Eczema", 0.6)])
     plain = Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=cases)).diagnose(img())

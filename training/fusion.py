@@ -51,6 +51,9 @@ class Config(TrainConfig):
     clinical_fit: list[Literal["heldout_even", "train"]] = Field(["heldout_even"], description="Clinical fit rows: the even-hash half of the held-out DermNet "
                                                                 "photos, and/or the case index's DermNet photos (fusion_data --sources dermnet_train; "
                                                                 "needs the second expert's cross-fitted outputs there).")
+    findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
+                                                              "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
+                                                              "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
     clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
@@ -81,13 +84,18 @@ class Config(TrainConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0) -> dict[str, list[dict]]:
+def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads") -> dict[str, list[dict]]:
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
-    held-out DermNet photos), clin_train (the case index's DermNet photos, when collected)."""
+    held-out DermNet photos), clin_train (the case index's DermNet photos, when collected). ``findings_from``
+    'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``)."""
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval", "clin_train")}
     for r in read_records(path, tuple(extra)):
+        if findings_from != "concept-heads" and r["findings"]:
+            if f"{findings_from}_findings" not in r:
+                raise ValueError(f"record {r['id']} has no {findings_from}_findings: rerun python -m training.fusion_data --expert-weights ... (findings_from: {findings_from})")
+            r["findings"] = r[f"{findings_from}_findings"]
         if r.get("modality") == "clinical" and "effnet_dermnet" in r:
             r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
             if clinical_extra_candidates:
@@ -622,7 +630,7 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
@@ -694,8 +702,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     metrics = {"counts": counts, "morphology_expert": morph_info, "evaluation": evals,
                "dermoscopy": {"C": c, "gamma": gamma, "oof": derm.meta["oof"]}, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
-    model.meta.update({"fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
-                                     "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted concept-head findings)"},
+    model.meta.update({"findings_from": cfg.findings_from, "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
+                                     "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted "
+                                                          f"{'second-expert criteria' if cfg.findings_from == 'effnet' else 'concept-head'} findings)"},
                        "licence": "derived from ISIC 2018 (CC BY-NC 4.0), Derm7pt (CC BY-NC-ND 4.0), DermNet NZ images (research use): non-commercial",
                        "summary": {k: {kk: vv for kk, vv in v["after"].items() if kk not in ("risk_coverage",)} for k, v in evals.items()}})  # fmt: skip
     out = model.save(cfg.out_dir / "fusion_stacker.json")

@@ -197,14 +197,15 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet",
                          crossfit: Path | None = None) -> Path:
-    """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``) and DermNet head
-    (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) from ``<expert_features>/<source>__effnet.npz``.
+    """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``), DermNet head
+    (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) and 7-point criteria heads
+    (``<name>_findings``) from ``<expert_features>/<source>__effnet.npz``.
 
     ``crossfit``: cross-fitted outputs (:func:`training.encoder.crossfit_outputs`: the GPU job's ``effnet/crossfit``
     folder, its bundle or the registry id ``efficientnet-lite0-derm-crossfit``), used
     for the images it covers (the expert's own training images, which it would otherwise score in-sample);
     those records carry ``<name>_crossfit: true``."""
-    from agent.nodes.encode import expert_probs_from_heads
+    from agent.nodes.encode import expert_criteria_from_heads, expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
     from training.encoder import TRAINED_SPLITS, expert_outputs
@@ -228,6 +229,8 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                     rec[f"{name}_in_sample"] = True  # the expert trained on this image: the fusion trainer refuses to fit on it
                 if "effnet_dermnet" in ep:
                     rec[f"{name}_dermnet"] = ep["effnet_dermnet"]
+                if crit := expert_criteria_from_heads(heads, probs):
+                    rec[f"{name}_findings"] = crit
                 f.write(json.dumps(rec) + "\n")
                 n += 1
     os.replace(dest.with_suffix(".tmp"), dest)

@@ -20,14 +20,21 @@ def dermnet_label_probs(classes: Sequence[str], probs: Sequence[float], knowledg
     return out
 
 
-def second_expert_outputs(expert: Any, image: Any, knowledge: Any) -> tuple[dict[str, dict[str, float]], Any]:
-    """``ImageEncoding.expert_probs`` and ``expert_features`` of one image: the expert's HAM10000 head as 'effnet',
-    its DermNet head (if it has one) as 'effnet_dermnet', and its pooled features. The expert gives
-    ``predict_heads`` and ``info['heads']`` (:class:`models.efficientnet.EfficientNetExpert`)."""
+def second_expert_outputs(expert: Any, image: Any, knowledge: Any) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], Any]:
+    """``ImageEncoding.expert_probs``, ``expert_criteria`` and ``expert_features`` of one image: the expert's HAM10000
+    head as 'effnet', its DermNet head (if it has one) as 'effnet_dermnet', its 7-point criteria heads, and its pooled
+    features. The expert gives ``predict_heads`` and ``info['heads']`` (:class:`models.efficientnet.EfficientNetExpert`)."""
     feats, probs = expert.predict_heads([image])
     if not probs:  # no opinion on this image (a replayed expert whose outputs there would be in-sample)
-        return {}, None
-    return expert_probs_from_heads(expert.info["heads"], {h: v[0] for h, v in probs.items()}, knowledge), None if feats is None else feats[0]
+        return {}, {}, None
+    one = {h: v[0] for h, v in probs.items()}
+    heads = expert.info["heads"]
+    return expert_probs_from_heads(heads, one, knowledge), expert_criteria_from_heads(heads, one), None if feats is None else feats[0]
+
+
+def expert_criteria_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    """``ImageEncoding.expert_criteria``: criterion -> value -> probability from the expert's ``crit_<criterion>`` heads."""
+    return {h.removeprefix("crit_"): {c: round(float(p), 6) for c, p in zip(heads[h], probs[h])} for h in heads if h.startswith("crit_") and h in probs}
 
 
 def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]], knowledge: Any) -> dict[str, dict[str, float]]:
@@ -61,13 +68,14 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
 
         res = rt.classifier.predict([tta_view(state.image, v) for v in views], [meta] * len(views))
         tta = [{label: round(float(p), 6) for label, p in zip(res.labels, row)} for row in res.probs]
-    expert_probs, expert_features = second_expert_outputs(second, state.image, rt.knowledge) if second is not None else ({}, None)
+    expert_probs, expert_criteria, expert_features = second_expert_outputs(second, state.image, rt.knowledge) if second is not None else ({}, {}, None)
     enc = ImageEncoding(
         model_id=rt.classifier.model_id,
         classifier_probs=probs,
         features=out.features[0],
         stats=image_stats(state.image),
         expert_probs=expert_probs,
+        expert_criteria=expert_criteria,
         expert_features=expert_features,
         tta_probs=tta,
     )

@@ -7,7 +7,7 @@ import numpy as np
 from agent.nodes.base import NodeOutput
 from agent.runtime import Backends
 from agent.state import CaseState, Finding, MorphologyResult
-from models.vocabulary import HAM_CLASSES, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING, parse_findings
+from models.vocabulary import HAM_CLASSES, SEVEN_POINT, SEVEN_POINT_PHRASES, SEVEN_POINT_SCORING, parse_findings
 
 
 def seven_point_score(findings: list[Finding]) -> int:
@@ -62,28 +62,34 @@ def _not_learned(state: CaseState, what_is_assessed: str) -> NodeOutput:
     return NodeOutput({"morphology": result}, inputs={"modality": modality}, model_id=None, notes=["describer skipped: modality not learned"])
 
 
+def _finding(criterion: str, probs: dict[str, float]) -> Finding:
+    value = max(probs, key=probs.get)
+    return Finding(criterion=criterion, value=value, confidence=round(float(probs[value]), 4), probs={c: round(float(v), 4) for c, v in probs.items()})
+
+
 def describe_concepts(state: CaseState, rt: Backends) -> NodeOutput:
     modality = state.modality.label
     if not rt.config.route(modality).describer:
         return _not_learned(state, "shipped describer only assesses the seven dermoscopic 7-point criteria")
-
+    if rt.config.morphology.kind == "second-expert" and state.encoding.expert_criteria:
+        crit = state.encoding.expert_criteria
+        findings = [_finding(c, crit[c]) for c in SEVEN_POINT if c in crit]
+        return _findings_output(state, findings, 0.5, "the second visual expert's criteria heads", rt.second_expert.model_id)
+    notes = ["the second visual expert gave no 7-point criteria: the concept heads describe"] if rt.config.morphology.kind == "second-expert" else []
     heads = rt.concept_heads
     probs = heads.predict_proba(state.encoding.features[None])
-    findings = []
-    for criterion, head in heads.heads.items():
-        p = probs[criterion][0]
-        i = int(p.argmax())
-        findings.append(
-            Finding(criterion=criterion, value=head.classes[i], confidence=round(float(p[i]), 4), probs={c: round(float(v), 4) for c, v in zip(head.classes, p)})
-        )
-    min_conf = float(heads.meta.get("min_confidence", 0.5))
+    findings = [_finding(c, dict(zip(head.classes, map(float, probs[c][0])))) for c, head in heads.heads.items()]
+    return _findings_output(state, findings, float(heads.meta.get("min_confidence", 0.5)), "encoder features", heads.meta.get("id"), notes)
+
+
+def _findings_output(state: CaseState, findings: list[Finding], min_conf: float, uses: str, model_id: str | None, notes: list[str] | None = None) -> NodeOutput:
     result = MorphologyResult(
         findings=findings,
         description=verbalise(findings, min_conf),
         limitations=[f"criteria with confidence < {min_conf:.2f} are uncertain"] if any(f.confidence < min_conf for f in findings) else [],
         seven_point_score=seven_point_score(findings),
     )
-    return NodeOutput({"morphology": result}, inputs={"modality": modality, "uses": "encoder features"}, model_id=heads.meta.get("id"))
+    return NodeOutput({"morphology": result}, inputs={"modality": state.modality.label, "uses": uses}, model_id=model_id, notes=notes or [])
 
 
 def describe_vlm(state: CaseState, rt: Backends) -> NodeOutput:
@@ -117,7 +123,7 @@ def describe_vlm(state: CaseState, rt: Backends) -> NodeOutput:
 
 
 def describe(state: CaseState, rt: Backends) -> NodeOutput:
-    """Dispatch on config: concept heads (default) or a VLM."""
+    """Dispatch on config: the second expert's criteria heads (default) or the concept heads, or a VLM."""
     if rt.config.morphology.kind == "vlm":
         return describe_vlm(state, rt)
     return describe_concepts(state, rt)

@@ -196,10 +196,20 @@ class Runtime:
 
     @functools.cached_property
     def fusion(self):
-        """The fusion artifact (:class:`models.stacker.FusionModel`)."""
+        """The fusion artifact (:class:`models.stacker.FusionModel`), refused if its findings model was fitted on another
+        describer's findings than ``morphology.kind`` gives."""
         from models.stacker import FusionModel
 
-        return self._get("fusion", lambda: FusionModel.load(resolve_artifact(self.config.reasoner.fusion)))
+        def load():
+            model = FusionModel.load(resolve_artifact(self.config.reasoner.fusion))
+            fitted = model.meta.get("findings_from", "concept-heads")
+            given = {"concept-heads": "concept-heads", "second-expert": "effnet"}.get(self.config.morphology.kind)
+            if model.morphology_expert is not None and given is not None and fitted != given:
+                raise ValueError(f"fusion artifact {self.config.reasoner.fusion!r} was fitted on {fitted} findings but morphology.kind is "
+                                 f"{self.config.morphology.kind!r}: refit it (dermgraph train fusion --set findings_from={given}) or set morphology.kind")
+            return model
+
+        return self._get("fusion", load)
 
 
 BACKEND_ROLES: tuple[str, ...] = tuple(n for n, v in vars(Runtime).items() if isinstance(v, functools.cached_property))

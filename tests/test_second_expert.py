@@ -143,3 +143,24 @@ def test_clinical_photos_find_similar_cases_with_the_second_experts_features_and
     xception.queries.clear()
     Agent(backends=backends(cases=xception, expert_cases=effnet, second_expert=second, fusion=fusion_model())).diagnose(img())  # dermoscopy
     assert xception.queries and len(effnet.queries) == 1
+
+
+def test_a_fusion_artifact_fitted_on_other_findings_is_refused(tmp_path):
+    """The findings model reads the describer's findings: an artifact fitted on the concept heads' refuses the
+    second expert's criteria (and the other way round), naming the fix."""
+    import pytest
+
+    from agent.config import AgentConfig
+    from agent.runtime import Runtime
+    from agent.testing import fusion_model
+
+    model = fusion_model()
+    path = model.save(tmp_path / "fusion.json")  # no findings_from: fitted on the concept heads, as before the option
+    ok = Runtime(AgentConfig.model_validate({"reasoner": {"fusion": str(path)}}))
+    assert ok.fusion.morphology_expert is not None
+    bad = Runtime(AgentConfig.model_validate({"reasoner": {"fusion": str(path)}, "morphology": {"kind": "second-expert"}}))
+    with pytest.raises(ValueError, match="findings_from=effnet"):
+        bad.fusion
+    model.meta["findings_from"] = "effnet"
+    model.save(path)
+    assert Runtime(AgentConfig.model_validate({"reasoner": {"fusion": str(path)}, "morphology": {"kind": "second-expert"}})).fusion is not None

@@ -180,7 +180,8 @@ def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left
     from training.encoder import CROSSFIT_TABLES, crossfit_outputs, fold_of
 
     out = tmp_path / "cf"
-    summary = run_training("encoder-crossfit", CONFIGS / "encoder_smoke.yaml", [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "folds=2", "init=efficientnet-lite0-derm"])
+    summary = run_training("encoder-crossfit", CONFIGS / "encoder_smoke.yaml", [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "folds=2", "init=efficientnet-lite0-derm",
+                                                                               "crossfit_views=[hflip,rot90]"])
     cfg = load_train_config(trainer_module("encoder-crossfit").Config, CONFIGS / "encoder_smoke.yaml", ["folds=2"])
     sets, _ = encoder.build_tables(cfg)
     for table, source in CROSSFIT_TABLES.items():
@@ -188,6 +189,9 @@ def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left
         recs = {r["image"]: r for r in sets[table]}
         assert sorted(map(str, got["ids"])) == sorted(recs) and got["probs_ham"].shape == (len(recs), 7)
         assert all(fold_of(recs[str(i)], 2) == f for i, f in zip(got["ids"], got["fold"]))
+        # crossfit_views: each head's mean over the image and its views, beside the single-view outputs
+        assert got["probs_dermnet__views"].shape == got["probs_dermnet"].shape and not np.allclose(got["probs_ham__views"], got["probs_ham"])
+        np.testing.assert_allclose(got["probs_ham__views"].sum(1), 1, atol=1e-4)
     for k in (0, 1):  # every fold started from ImageNet, whatever init says
         assert json.loads((out / f"fold{k}" / "config.yaml").read_text())["init"] is None
     assert json.loads((out / "crossfit.json").read_text())["fold_models"]["fold1"]["held_out"] == summary["held_out"]["fold1"]

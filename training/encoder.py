@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -86,6 +86,9 @@ class Config(TrainConfig):
     device_augment: bool = Field(False, description="Keep the decoded images on the training device and augment whole batches there (training.batch_augment; the GPU recipe); workers are then unused.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Also keep an exponential moving average of the weights (and BN statistics); evaluate and ship it.")
     amp: bool = Field(False, description="bfloat16 autocast of the forward pass on CUDA (weights and optimiser stay float32).")
+    crossfit_views: list[Literal["hflip", "vflip", "rot90"]] = Field([], description="Cross-fitting: each fold model also predicts its held-out images "
+                                                                     "over these test-time views (models.tta), stored as probs_<head>__views beside the "
+                                                                     "single-view outputs, for an agent that averages them (encoder.second_expert views).")
     channels_last: bool = Field(False, description="Network and batches in channels-last memory format (faster convolutions on GPUs; measure with scripts/encoder_throughput.py).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="torch.compile the training forward pass with this mode (None: eager). Evaluation and the saved weights use the plain module."
@@ -284,20 +287,27 @@ def _class_weights(labels: np.ndarray, n: int, power: float) -> np.ndarray:
 # evaluation
 
 
-def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int = 64) -> dict[str, np.ndarray]:
-    """Softmax outputs of every head (and features) on cached images, in record order."""
+def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int = 64, views: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Softmax outputs of every head (and features) on cached images, in record order; with ``views``
+    (:data:`models.tta.TTA_VIEWS`), each head's mean over the image and those views (features: the image's)."""
     import torch
+
+    from models.efficientnet import normalise
+    from models.tta import tensor_view
 
     net.eval()
     outs: dict[str, list] = {}
     with torch.inference_mode():
-        from models.efficientnet import normalise
-
         for lo in range(0, len(records), batch):
-            f, logits = net(normalise(_eval_tensor(imgs[lo : lo + batch], size)).to(next(net.parameters()).device))
+            x = normalise(_eval_tensor(imgs[lo : lo + batch], size)).to(next(net.parameters()).device)
+            f, logits = net(x)
             outs.setdefault("features", []).append(f.float().cpu().numpy())
-            for k, v in logits.items():
-                outs.setdefault(k, []).append(v.float().softmax(-1).cpu().numpy())
+            probs = {k: v.float().softmax(-1) for k, v in logits.items()}
+            for view in views:
+                for k, v in net(tensor_view(x, view))[1].items():
+                    probs[k] = probs[k] + v.float().softmax(-1)
+            for k, p in probs.items():
+                outs.setdefault(k, []).append((p / (1 + len(views))).cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
@@ -564,7 +574,12 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
         net, _ = load_expert(fcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))
         for n, idx in held.items():
             if idx:
-                held_out[n].append((k, idx, evaluate(net, images[n][idx], [sets[n][j] for j in idx], fcfg.image_size)))
+                recs = [sets[n][j] for j in idx]
+                outs = evaluate(net, images[n][idx], recs, fcfg.image_size)
+                if cfg.crossfit_views:
+                    viewed = evaluate(net, images[n][idx], recs, fcfg.image_size, views=cfg.crossfit_views)
+                    outs.update({f"{h}__views": p for h, p in viewed.items() if h != "features"})
+                held_out[n].append((k, idx, outs))
         res["held_out"] = {n: len(idx) for n, idx in held.items()}
         (fcfg.out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
         results[f"fold{k}"] = res
@@ -774,7 +789,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
 
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     shipped = ema.module if ema is not None else net  # what is evaluated, selected and saved
-    speed = {"channels_last", "compile_mode", "log_every"}  # how fast, not what: a run may resume with other values
+    speed = {"channels_last", "compile_mode", "log_every", "crossfit_views"}  # how fast or what is predicted after, not what is trained: a run may resume with other values
     fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every", *speed}), sort_keys=True).encode()).hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}

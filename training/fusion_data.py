@@ -196,7 +196,7 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 
 def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet",
-                         crossfit: Path | None = None) -> Path:
+                         crossfit: Path | None = None, view_heads: Iterable[str] = ()) -> Path:
     """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``), DermNet head
     (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) and 7-point criteria heads
     (``<name>_findings``) from ``<expert_features>/<source>__effnet.npz``.
@@ -204,7 +204,10 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     ``crossfit``: cross-fitted outputs (:func:`training.encoder.crossfit_outputs`: the GPU job's ``effnet/crossfit``
     folder, its bundle or the registry id ``efficientnet-lite0-derm-crossfit``), used
     for the images it covers (the expert's own training images, which it would otherwise score in-sample);
-    those records carry ``<name>_crossfit: true``."""
+    those records carry ``<name>_crossfit: true``. ``view_heads``: the heads the agent averages over test-time views
+    (``encoder.second_expert`` options, as ``expert_features`` was written): the cross-fitted outputs' view means
+    (``<head>__views``, encoder ``crossfit_views``) are used for them where the bundle has them; a count of those
+    without is printed (single-view there)."""
     from agent.nodes.encode import expert_criteria_from_heads, expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
@@ -213,7 +216,7 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     heads = expert_info(Path(weights))["heads"]
     kb = KnowledgeBase()
     dest = expert_path(out, name)
-    n = 0
+    n = single_view = 0
     with open(dest.with_suffix(".tmp"), "w") as f:
         for source in sources:
             outputs = expert_outputs("dermnet" if source == "dermnet_train" else source, expert_features, crossfit)
@@ -221,6 +224,10 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                 if row.image not in outputs:
                     continue
                 probs, crossfitted = outputs[row.image]
+                if crossfitted and view_heads:
+                    single = [h for h in view_heads if f"{h}__views" not in probs]
+                    single_view += bool(single)
+                    probs = {**probs, **{h: probs[f"{h}__views"] for h in view_heads if h not in single}}
                 ep = expert_probs_from_heads(heads, probs, kb)
                 rec: dict[str, Any] = {"id": row.id, name: ep["effnet"]}
                 if crossfitted:
@@ -235,6 +242,8 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                 n += 1
     os.replace(dest.with_suffix(".tmp"), dest)
     print(f"{n} cases -> {dest}")
+    if single_view:
+        print(f"{single_view} cross-fitted cases have no view means for {list(view_heads)} (a bundle made without crossfit_views): single-view outputs there")
     return dest
 
 
@@ -280,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
     ap.add_argument("--expert-features", type=Path, default=None, help="the second expert's outputs on every image (python -m training.eval_encoder features "
                     "--feature-dir ...): with --expert-weights, write <out>_effnet.jsonl; else clinical photos search cases with its features")
+    ap.add_argument("--expert-view-heads", nargs="*", default=[], help="heads --expert-features averages over test-time views (eval_encoder --view-heads): "
+                    "the cross-fitted view means are used for them")
     ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
     a = ap.parse_args(argv)
     if a.tta:
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.expert_weights is not None:
         if a.expert_features is None:
             ap.error("--expert-weights needs --expert-features")
-        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit)
+        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads)
         return
     collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features)
 

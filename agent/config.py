@@ -211,24 +211,33 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or disabled (None) section starts empty
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"override {key!r}: {part!r} is not a section")
     node[parts[-1]] = value
 
 
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["reasoner.num_samples=5", "device=cuda"]`` → nested dict; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
+def _override_items(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["reasoner.num_samples=5"]`` → ``[("reasoner.num_samples", 5)]``; values are parsed as YAML."""
+    out = []
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            out.append((key.strip(), yaml.safe_load(raw)))
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: value is not valid YAML ({_one_line(exc)})") from None
-        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["reasoner.num_samples=5", "device=cuda"]`` → nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for key, value in _override_items(overrides):
+        _set_dotted(out, key, value)
     return out
 
 
@@ -257,12 +266,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         data = loaded
-    data = _merge(data, parse_overrides(overrides))
-    return AgentConfig.model_validate(data)
+    # Overrides apply to the validated file, defaults filled in, so that a dotted key inside a defaulted section
+    # (encoder.second_expert.options.views) keeps that section's other defaults.
+    return apply_overrides(AgentConfig.model_validate(data), overrides)
 
 
 def apply_overrides(config: AgentConfig, overrides: list[str] | None) -> AgentConfig:
-    """A copy of ``config`` with dotted overrides applied (validated like a loaded file)."""
+    """A copy of ``config`` with dotted overrides applied (validated like a loaded file). Each override sets the value
+    at its path and keeps the rest: ``encoder.second_expert.options.views=[]`` keeps the expert's model and other
+    options, while ``verifier.target_accuracy={clinical: 0.85}`` replaces the whole mapping."""
     if not overrides:
         return config
-    return AgentConfig.model_validate(_merge(config.model_dump(), parse_overrides(overrides)))
+    data = config.model_dump()
+    for key, value in _override_items(overrides):
+        _set_dotted(data, key, value)
+    return AgentConfig.model_validate(data)

@@ -40,6 +40,24 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert res.exit_code != 0 and "num_sampels" in res.output
 
 
+def test_a_dotted_override_inside_a_defaulted_section_keeps_its_other_defaults(tmp_path):
+    """--set encoder.second_expert.options.views=[] needs no full second_expert; unknown keys still fail."""
+    import pytest
+    from pydantic import ValidationError
+
+    from agent.config import AgentConfig, load_config
+
+    cfg = load_config(None, ["encoder.second_expert.options.views=[]"])
+    default = AgentConfig().encoder.second_expert
+    assert cfg.encoder.second_expert.model == default.model and cfg.encoder.second_expert.options == {**default.options, "views": []}
+    f = tmp_path / "c.yaml"
+    f.write_text("reasoner:\n  retries: 1\n")
+    cfg = load_config(f, ["reasoner.num_samples=3"])
+    assert (cfg.reasoner.retries, cfg.reasoner.num_samples) == (1, 3)
+    with pytest.raises(ValidationError, match="num_sampels"):
+        load_config(f, ["reasoner.num_sampels=3"])
+
+
 def test_graph_prints_mermaid():
     res = runner.invoke(app, ["graph"])
     assert res.exit_code == 0 and "encode --> modality" in res.output and "verify -.-> reason" in res.output

@@ -47,8 +47,8 @@ class ImageEncoding(BaseModel):
     tta_probs: list[dict[str, float]] = Field(default_factory=list, description="The lesion classifier on each test-time view (encoder.tta_views), in order.")
     expert_probs: dict[str, dict[str, float]] = Field(
         default_factory=dict,
-        description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes) and 'effnet_dermnet' "
-        "(DermNet classes, named as the case index names them).",
+        description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes), 'effnet_dermnet' "
+        "(DermNet classes, named as the case index names them) and 'effnet_modality'.",
     )
     expert_criteria: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="The second visual expert's 7-point criteria heads: criterion -> value -> probability (empty without them)."

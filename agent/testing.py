@@ -74,12 +74,17 @@ class FakeSecondExpert:
 
     model_id = "fake-second-expert"
 
-    def __init__(self, ham: dict[str, float] | None = None, dermnet: dict[str, float] | None = None, criteria: dict[str, str] | None = None):
-        """``criteria``: criterion -> value its ``crit_<criterion>`` head favours (p = 0.8; no criteria heads when None)."""
+    def __init__(self, ham: dict[str, float] | None = None, dermnet: dict[str, float] | None = None, criteria: dict[str, str] | None = None,
+                 modality: dict[str, float] | None = None):
+        """``criteria``: criterion -> value its ``crit_<criterion>`` head favours (p = 0.8; no criteria heads when None);
+        ``modality``: its modality head's probabilities (no modality head when None)."""
         self.ham = ham or {"nv": 0.7, "mel": 0.2, "bkl": 0.1}
         self.dermnet = dermnet or {"Psoriasis": 0.6, "Eczema": 0.3, "Melanoma": 0.1}
         self.criteria = criteria
+        self.modality = modality
         self.info = {"heads": {"ham": list(HAM_CLASSES), "dermnet": list(self.dermnet)}}
+        if modality is not None:
+            self.info["heads"]["modality"] = list(MODALITIES)
         if criteria is not None:
             self.info["heads"].update({f"crit_{c}": list(vals) for c, vals in SEVEN_POINT.items()})
         self.calls = 0
@@ -89,6 +94,8 @@ class FakeSecondExpert:
         ham = np.array([[self.ham.get(c, 0.0) for c in HAM_CLASSES] for _ in images], dtype=np.float32)
         dn = np.array([list(self.dermnet.values()) for _ in images], dtype=np.float32)
         heads = {"ham": ham, "dermnet": dn}
+        if self.modality is not None:
+            heads["modality"] = np.array([[self.modality.get(m, 0.0) for m in MODALITIES] for _ in images], dtype=np.float32)
         for c, vals in SEVEN_POINT.items() if self.criteria is not None else ():
             favoured = self.criteria.get(c, "absent")
             row = [0.8 if v == favoured else 0.2 / (len(vals) - 1) for v in vals]

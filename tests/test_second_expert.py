@@ -164,3 +164,21 @@ def test_a_fusion_artifact_fitted_on_other_findings_is_refused(tmp_path):
     model.meta["findings_from"] = "effnet"
     model.save(path)
     assert Runtime(AgentConfig.model_validate({"reasoner": {"fusion": str(path)}, "morphology": {"kind": "second-expert"}})).fusion is not None
+
+
+def test_modality_is_the_mean_of_the_head_and_the_experts_modality_head():
+    """The head (a double sure of dermoscopy, p = 0.88) and an expert sure of a clinical photo: equal weights give
+    clinical; weight 0 gives the head alone; no expert modality head, the head alone."""
+    from agent.config import AgentConfig
+
+    expert = FakeSecondExpert(modality={"clinical": 0.98, "dermoscopy": 0.02})
+    state = Agent(backends=backends(second_expert=expert)).run(img(), until="modality")
+    assert state.encoding.expert_probs["effnet_modality"]["clinical"] == 0.98
+    head = Agent(AgentConfig.model_validate({"modality": {"second_expert_weight": 0}}), backends=backends(second_expert=expert)).run(img(), until="modality")
+    assert head.modality.label == "dermoscopy"
+    p_head = head.modality.probs
+    assert state.modality.label == "clinical"
+    assert abs(state.modality.probs["clinical"] - (0.5 * p_head["clinical"] + 0.49)) < 1e-3
+    assert "second visual expert's modality head" in state.trace[-1].inputs["uses"]
+    plain = Agent(backends=backends(second_expert=FakeSecondExpert())).run(img(), until="modality")
+    assert plain.modality.probs == p_head and "second visual expert" not in plain.trace[-1].inputs["uses"]

@@ -39,10 +39,13 @@ def expert_criteria_from_heads(heads: dict[str, Sequence[str]], probs: dict[str,
 
 def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Sequence[float]], knowledge: Any) -> dict[str, dict[str, float]]:
     """``ImageEncoding.expert_probs`` from one image's head outputs (head -> probabilities in ``heads[head]``
-    order): 'effnet' (HAM10000 head) and 'effnet_dermnet' (DermNet head under the case index's labels)."""
+    order): 'effnet' (HAM10000 head), 'effnet_dermnet' (DermNet head under the case index's labels) and
+    'effnet_modality' (its modality head)."""
     out = {"effnet": {c: round(float(p), 6) for c, p in zip(heads["ham"], probs["ham"])}}
     if "dermnet" in probs and "dermnet" in heads:
         out["effnet_dermnet"] = {c: round(p, 6) for c, p in dermnet_label_probs(heads["dermnet"], probs["dermnet"], knowledge).items()}
+    if "modality" in probs and "modality" in heads:
+        out["effnet_modality"] = {c: round(float(p), 6) for c, p in zip(heads["modality"], probs["modality"])}
     return out
 
 

@@ -23,6 +23,13 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     x = modality_inputs(features, state.encoding.stats)
     head = heads.heads["modality"]
     p = heads.predict_proba(x)["modality"][0]
+    uses = ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"
+    expert = state.encoding.expert_probs.get("effnet_modality")
+    if expert and cfg.second_expert_weight > 0:
+        # Two views of the question: the head misses tight close-ups (centre-30% crops), the expert some whole images.
+        w = cfg.second_expert_weight
+        p = (1 - w) * p + w * np.array([expert.get(c, 0.0) for c in head.classes])
+        uses += f", mean with the second visual expert's modality head (weight {w:g})"
     probs = {c: round(float(v), 4) for c, v in zip(head.classes, p)}
     label = head.classes[int(p.argmax())]
     conf = float(p.max())
@@ -50,7 +57,7 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     )
     return NodeOutput(
         {"modality": result},
-        inputs={"uses": ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"},
+        inputs={"uses": uses},
         model_id=heads.meta.get("id", rt.config.modality.head),
         notes=notes,
     )

@@ -1,0 +1,65 @@
+"""The agent's modality decision on held-out images, whole and as close-ups: the modality head alone, the second
+visual expert's modality head alone, and their mean at each weight (``modality.second_expert_weight``).
+
+Sets: isic2018_val, Derm7pt ``val``, the DermNet held-out sixth (whole, and centre crops keeping 50 % / 30 % of
+each side, standing in for phone close-ups of one lesion), held-out histology, synthetic not-skin images (the
+expert trainer's tables, ``training.encoder.build_tables``).
+
+    python scripts/modality_closeups.py [--weights 0 0.25 0.5 0.75 1] [--out runs/modality_closeups.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SETS = (("val_isic2018", None), ("val_derm7pt", None), ("val_dermnet", None), ("val_dermnet", "crop50"), ("val_dermnet", "crop30"),
+        ("val_histology", None), ("val_not_skin", None))  # fmt: skip
+
+
+def main() -> None:
+    from agent.config import AgentConfig
+    from agent.nodes.modality import modality_inputs
+    from agent.runtime import Runtime
+    from models.image_stats import image_stats
+    from training.encoder import Config, _synthetic_records, build_tables
+    from training.eval_encoder import MODALITIES, _views
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    rt = Runtime(AgentConfig())
+    head = rt.modality_heads
+    order = [head.heads["modality"].classes.index(m) for m in MODALITIES]
+    sets, _ = build_tables(Config())
+    sets["val_not_skin"] = _synthetic_records(10, 1000)
+    res: dict[str, dict[str, float]] = {}
+    for name, view in SETS:
+        images = _views(sets[name], view)
+        y = np.array([r["labels"]["modality"] for r in sets[name]])
+        feats = np.concatenate([rt.classifier.predict(images[i : i + 16]).features for i in range(0, len(images), 16)])
+        x = np.concatenate([modality_inputs(f, image_stats(im)) for f, im in zip(feats, images)])
+        p_head = head.predict_proba(x)["modality"][:, order]
+        p_expert = rt.second_expert.predict_heads(images)[1]["modality"]
+        key = name + (f"_{view}" if view else "")
+        res[key] = {"n": len(y), **{f"w={w:g}": round(float((((1 - w) * p_head + w * p_expert).argmax(1) == y).mean()), 4) for w in a.weights}}
+        print(key, res[key], flush=True)
+    whole = [k for k in res if "crop" not in k]
+    for w in a.weights:
+        n = sum(res[k]["n"] for k in whole)
+        res.setdefault("whole_images", {"n": n})[f"w={w:g}"] = round(sum(res[k][f"w={w:g}"] * res[k]["n"] for k in whole) / n, 4)
+    print("whole_images", res["whole_images"])
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,13 +35,15 @@ class EncoderConfig(_Strict):
     )
     second_expert: BackendRef | None = Field(
         default_factory=lambda: BackendRef(
-            backend="efficientnet", model="efficientnet-lite0-derm", options={"views": ["hflip", "vflip", "rot90"], "view_heads": ["dermnet"]}
+            backend="efficientnet",
+            model="efficientnet-lite0-derm",
+            options={"views": ["hflip", "vflip", "rot90"], "view_heads": ["dermnet"], "views_if": "modality=clinical"},
         ),
         description="Second visual expert (a multi-task EfficientNet-Lite0 trained by `dermgraph train encoder`): its HAM10000 head "
         "for dermoscopy and its DermNet head for clinical photos, read by the fusion stacker where the artifact lists 'effnet', and its "
-        "7-point criteria heads (morphology.kind 'second-expert'). Options views / view_heads: test-time views (CCT), run in one batch "
-        "with the image, whose mean the listed heads give (by default the DermNet head only: the dermoscopy stacker was fitted on "
-        "cross-fitted single-view outputs). None: not run.",
+        "7-point criteria heads (morphology.kind 'second-expert'). Options views / view_heads / views_if: test-time views (CCT) whose "
+        "mean the listed heads give, for the images whose own modality head calls them clinical (by default the DermNet head only: the "
+        "dermoscopy stacker was fitted on cross-fitted single-view outputs, and dermoscopy images skip the extra passes). None: not run.",
     )
 
 

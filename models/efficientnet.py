@@ -222,13 +222,15 @@ class EfficientNetExpert:
     pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria).
 
     ``views`` (CCT, :data:`models.tta.TTA_VIEWS`): a head's probabilities are the mean over the image and these
-    views of it, run in the same batch, for the heads in ``view_heads`` (None: every head); the other heads and
-    the pooled features are the image's own (the case index was built from those)."""
+    views of it for the heads in ``view_heads`` (None: every head); the other heads and the pooled features are
+    the image's own (the case index was built from those). ``views_if`` ("head=label", e.g. "modality=clinical"):
+    only images whose own output on that head ranks that label first get the views (a second forward pass over
+    them alone), so that the cost falls where the averaged heads are read."""
 
     feature_dim = FEATURE_DIM
 
     def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32,
-                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None):
+                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None):
         """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
         from models.tta import TTA_VIEWS
 
@@ -237,6 +239,9 @@ class EfficientNetExpert:
             raise ValueError(f"unknown test-time views {unknown}; valid: {', '.join(TTA_VIEWS)}")
         self.views = tuple(views)
         self.view_heads = None if view_heads is None else tuple(view_heads)
+        if views_if is not None and (views_if.count("=") != 1 or not all(views_if.split("="))):
+            raise ValueError(f"views_if {views_if!r} must look like head=label, e.g. modality=clinical")
+        self.views_if = None if views_if is None else tuple(views_if.split("="))
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
         self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
@@ -274,18 +279,33 @@ class EfficientNetExpert:
         unknown = sorted(set(self.view_heads or ()) - set(info["heads"]))
         if unknown:
             raise ValueError(f"view_heads {unknown} are not heads of {self.model_id}; its heads: {', '.join(info['heads'])}")
+        if self.views_if is not None and self.views_if[1] not in info["heads"].get(self.views_if[0], ()):
+            raise ValueError(f"views_if {'='.join(self.views_if)}: {self.model_id} has no head {self.views_if[0]!r} with label {self.views_if[1]!r}")
         feats = np.zeros((len(images), FEATURE_DIM), np.float32)
         probs = {k: np.zeros((len(images), len(v)), np.float32) for k, v in info["heads"].items()}
+        averaged = [k for k in info["heads"] if self.views and (self.view_heads is None or k in self.view_heads)]
         step = max(1, self.batch_size // (1 + len(self.views)))  # images per forward pass, their views included
         with torch.inference_mode():
             for lo in range(0, len(images), step):
                 x = to_tensor(images[lo : lo + step], size).to(self.device)
                 n = len(x)
-                f, logits = net(torch.cat([x] + [tensor_view(x, v) for v in self.views]) if self.views else x)
+                if self.views_if is None:  # one pass over the images and their views
+                    f, logits = net(torch.cat([x] + [tensor_view(x, v) for v in self.views]) if self.views else x)
+                    chosen = torch.arange(n)
+                else:  # the images first; then the views of those the condition picks
+                    f, logits = net(x)
+                    head, label = self.views_if
+                    chosen = torch.nonzero(logits[head].argmax(-1).cpu() == info["heads"][head].index(label)).flatten()
+                    if len(chosen) and self.views:
+                        _, vlogits = net(torch.cat([tensor_view(x[chosen.to(x.device)], v) for v in self.views]))
+                        logits = {k: torch.cat([v[:n], vlogits[k]]) for k, v in logits.items()}
                 feats[lo : lo + n] = f[:n].float().cpu().numpy()
                 for k, v in logits.items():
-                    p = v.float().softmax(-1).view(1 + len(self.views), n, -1)
-                    probs[k][lo : lo + n] = (p.mean(0) if self.view_heads is None or k in self.view_heads else p[0]).cpu().numpy()
+                    p = v.float().softmax(-1)
+                    out = p[:n].clone()
+                    if k in averaged and len(chosen):
+                        out[chosen.to(out.device)] = (p[chosen.to(p.device)] + p[n:].reshape(len(self.views), len(chosen), -1).sum(0)) / (1 + len(self.views))
+                    probs[k][lo : lo + n] = out.cpu().numpy()
         return feats, probs
 
     def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None) -> ClassifierOutput:

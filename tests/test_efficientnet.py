@@ -111,6 +111,29 @@ def test_views_average_each_head_over_the_image_and_its_views(tmp_path):
     _, some = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"]).predict_heads(imgs)
     np.testing.assert_allclose(some["dermnet"], probs["dermnet"], atol=2e-5)
     np.testing.assert_allclose(some["ham"], per_view[0][1]["ham"], atol=2e-5)
+    # views_if: only images whose own modality head ranks the label first get the views (a seeded tiny net and
+    # colour gradients, so that the label is first for some images and not for others).
+    import torch
+
+    torch.manual_seed(1)
+    _, path = _tiny_expert(tmp_path / "seeded")
+    ramp = np.linspace(0, 255, 56).astype(np.uint8)
+    grads = [Image.fromarray(np.stack([np.tile(ramp, (40, 1)), np.full((40, 56), c, np.uint8), np.full((40, 56), 255 - c, np.uint8)], -1)) for c in (0, 60, 120, 180, 255)]
+    single = E.EfficientNetExpert(path).predict_heads(grads)[1]
+    every = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"]).predict_heads(grads)[1]
+    first = int(single["modality"][0].argmax())
+    picked = single["modality"].argmax(1) == first
+    assert 0 < picked.sum() < len(grads)
+    label = E.expert_info(path)["heads"]["modality"][first]
+    _, cond = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"], views_if=f"modality={label}").predict_heads(grads)
+    np.testing.assert_allclose(cond["dermnet"][picked], every["dermnet"][picked], atol=2e-5)
+    np.testing.assert_allclose(cond["dermnet"][~picked], single["dermnet"][~picked], atol=2e-5)
+    assert not np.allclose(cond["dermnet"][picked], single["dermnet"][picked])
+    np.testing.assert_allclose(cond["ham"], single["ham"], atol=2e-5)
+    with pytest.raises(ValueError, match="head=label"):
+        E.EfficientNetExpert(path, views=views, views_if="clinical")
+    with pytest.raises(ValueError, match="no head 'modality' with label 'skin'"):
+        E.EfficientNetExpert(path, views=views, views_if="modality=skin").predict_heads(imgs)
     with pytest.raises(ValueError, match="unknown test-time views"):
         E.EfficientNetExpert(path, views=("rot180",))
     with pytest.raises(ValueError, match="not heads of"):

@@ -99,6 +99,32 @@ def test_fit_parts_never_include_the_evaluation_halves(trained):
     assert not {r["id"] for r in parts["clin_fit"]} & {r["id"] for r in parts["clin_eval"]}
 
 
+def test_findings_from_the_second_expert_replace_the_records_findings_and_are_required(tmp_path):
+    """findings_from: effnet reads each record's <expert>_findings (the second expert's criteria heads); a record
+    without them is an error that names the command, and the published artifact says which findings it read."""
+    from training.fusion import Config, load_parts, train
+    from training.fusion_data import expert_path
+
+    rng = np.random.default_rng(2)
+    recs = _records(300, rng)
+    path = tmp_path / "experts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    theirs = {r["id"]: _findings(r["label"], rng) for r in recs}
+    expert_path(path, "effnet").write_text("".join(json.dumps({"id": i, "effnet": r["classifier"], "effnet_findings": theirs[i]}) + "\n"
+                                                   for i, r in zip(theirs, recs)))  # fmt: skip
+    parts = load_parts(path, ["effnet"], findings_from="effnet")
+    derm = [r for p in parts.values() for r in p if r["modality"] == "dermoscopy"]
+    assert derm and all(r["findings"] == theirs[r["id"]] for r in derm)
+    assert all(not r["findings"] for p in parts.values() for r in p if r["modality"] == "clinical")  # no findings stay none
+    cfg = Config(experts_file=path, out_dir=tmp_path / "out", artifact=None, extra_experts=["effnet"], findings_from="effnet",
+                 dermoscopy_experts=["classifier", "knn", "morphology", "effnet"], n_bootstrap=0)  # fmt: skip
+    train(cfg)
+    assert FusionModel.load(tmp_path / "out" / "fusion_stacker.json").meta["findings_from"] == "effnet"
+    expert_path(path, "effnet").write_text("".join(json.dumps({"id": r["id"], "effnet": r["classifier"]}) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="no effnet_findings.*fusion_data"):
+        load_parts(path, ["effnet"], findings_from="effnet")
+
+
 def test_second_expert_agreement_is_an_acceptance_signal_calibrated_on_the_named_sources(tmp_path):
     """With the second expert's outputs in an extra file: the clinical candidates gain its labels, the acceptance
     model weighs its agreement, and only the rows of ``acceptance_sources`` train the acceptance model and set the threshold."""

@@ -123,7 +123,7 @@ def describe_vlm(state: CaseState, rt: Backends) -> NodeOutput:
 
 
 def describe(state: CaseState, rt: Backends) -> NodeOutput:
-    """Dispatch on config: the second expert's criteria heads (default) or the concept heads, or a VLM."""
+    """Dispatch on config: the concept heads (default) or the second expert's criteria heads, or a VLM."""
     if rt.config.morphology.kind == "vlm":
         return describe_vlm(state, rt)
     return describe_concepts(state, rt)

@@ -217,15 +217,28 @@ def load_expert(path: Path, device: str = "cpu"):
     return net.to(device).eval(), info
 
 
+def view_mean(net, x, views: Sequence[str], probs: dict[str, Any]) -> dict[str, Any]:
+    """Each head of ``probs`` (softmax outputs of ``net`` on the batch ``x``) averaged with ``net``'s softmax on the
+    test-time ``views`` of ``x`` (:func:`models.tta.tensor_view`), all views in one forward pass."""
+    import torch
+
+    from models.tta import tensor_view
+
+    if not views:
+        return dict(probs)
+    logits = net(torch.cat([tensor_view(x, v) for v in views]))[1]
+    return {k: (p + logits[k].float().softmax(-1).reshape(len(views), len(x), -1).sum(0)) / (1 + len(views)) for k, p in probs.items()}
+
+
 class EfficientNetExpert:
     """``ImageClassifier`` over a fine-tuned EfficientNet-Lite0 artifact: HAM10000 probabilities and 1280-d
     pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria).
 
     ``views`` (CCT, :data:`models.tta.TTA_VIEWS`): a head's probabilities are the mean over the image and these
-    views of it for the heads in ``view_heads`` (None: every head); the other heads and the pooled features are
-    the image's own (the case index was built from those). ``views_if`` ("head=label", e.g. "modality=clinical"):
-    only images whose own output on that head ranks that label first get the views (a second forward pass over
-    them alone), so that the cost falls where the averaged heads are read."""
+    views of it (:func:`view_mean`, one forward pass over the views) for the heads in ``view_heads`` (None: every head);
+    the other heads and the pooled features are the image's own (the case index was built from those).
+    ``views_if`` ("head=label", e.g. "modality=clinical"): only images whose own output on that head ranks that
+    label first get the views, so that the cost falls where the averaged heads are read."""
 
     feature_dim = FEATURE_DIM
 
@@ -272,8 +285,6 @@ class EfficientNetExpert:
         """(features (N, 1280), {head: probabilities (N, C_head)}), float32; with ``views``, the view heads' means over them."""
         import torch
 
-        from models.tta import tensor_view
-
         net, info = self._load()
         size = int(info["image_size"])
         unknown = sorted(set(self.view_heads or ()) - set(info["heads"]))
@@ -283,29 +294,23 @@ class EfficientNetExpert:
             raise ValueError(f"views_if {'='.join(self.views_if)}: {self.model_id} has no head {self.views_if[0]!r} with label {self.views_if[1]!r}")
         feats = np.zeros((len(images), FEATURE_DIM), np.float32)
         probs = {k: np.zeros((len(images), len(v)), np.float32) for k, v in info["heads"].items()}
-        averaged = [k for k in info["heads"] if self.views and (self.view_heads is None or k in self.view_heads)]
-        step = max(1, self.batch_size // (1 + len(self.views)))  # images per forward pass, their views included
+        averaged = [k for k in info["heads"] if self.view_heads is None or k in self.view_heads]
         with torch.inference_mode():
-            for lo in range(0, len(images), step):
-                x = to_tensor(images[lo : lo + step], size).to(self.device)
-                n = len(x)
-                if self.views_if is None:  # one pass over the images and their views
-                    f, logits = net(torch.cat([x] + [tensor_view(x, v) for v in self.views]) if self.views else x)
-                    chosen = torch.arange(n)
-                else:  # the images first; then the views of those the condition picks
-                    f, logits = net(x)
+            for lo in range(0, len(images), self.batch_size):
+                x = to_tensor(images[lo : lo + self.batch_size], size).to(self.device)
+                f, logits = net(x)
+                p = {k: v.float().softmax(-1) for k, v in logits.items()}
+                chosen = torch.arange(len(x), device=x.device)
+                if self.views_if is not None:  # only the images the condition picks get the views
                     head, label = self.views_if
-                    chosen = torch.nonzero(logits[head].argmax(-1).cpu() == info["heads"][head].index(label)).flatten()
-                    if len(chosen) and self.views:
-                        _, vlogits = net(torch.cat([tensor_view(x[chosen.to(x.device)], v) for v in self.views]))
-                        logits = {k: torch.cat([v[:n], vlogits[k]]) for k, v in logits.items()}
-                feats[lo : lo + n] = f[:n].float().cpu().numpy()
-                for k, v in logits.items():
-                    p = v.float().softmax(-1)
-                    out = p[:n].clone()
-                    if k in averaged and len(chosen):
-                        out[chosen.to(out.device)] = (p[chosen.to(p.device)] + p[n:].reshape(len(self.views), len(chosen), -1).sum(0)) / (1 + len(self.views))
-                    probs[k][lo : lo + n] = out.cpu().numpy()
+                    chosen = torch.nonzero(logits[head].argmax(-1) == info["heads"][head].index(label)).flatten()
+                if self.views and len(chosen):
+                    viewed = view_mean(net, x[chosen], self.views, {k: p[k][chosen] for k in averaged})
+                    for k in averaged:
+                        p[k][chosen] = viewed[k]
+                feats[lo : lo + len(x)] = f.float().cpu().numpy()
+                for k, v in p.items():
+                    probs[k][lo : lo + len(x)] = v.cpu().numpy()
         return feats, probs
 
     def predict(self, images: Sequence[Any], metadata: Sequence[dict | None] | None = None) -> ClassifierOutput:

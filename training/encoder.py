@@ -292,8 +292,7 @@ def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int =
     (:data:`models.tta.TTA_VIEWS`), each head's mean over the image and those views (features: the image's)."""
     import torch
 
-    from models.efficientnet import normalise
-    from models.tta import tensor_view
+    from models.efficientnet import normalise, view_mean
 
     net.eval()
     outs: dict[str, list] = {}
@@ -302,12 +301,9 @@ def evaluate(net, imgs: np.ndarray, records: list[dict], size: int, batch: int =
             x = normalise(_eval_tensor(imgs[lo : lo + batch], size)).to(next(net.parameters()).device)
             f, logits = net(x)
             outs.setdefault("features", []).append(f.float().cpu().numpy())
-            probs = {k: v.float().softmax(-1) for k, v in logits.items()}
-            for view in views:
-                for k, v in net(tensor_view(x, view))[1].items():
-                    probs[k] = probs[k] + v.float().softmax(-1)
+            probs = view_mean(net, x, views, {k: v.float().softmax(-1) for k, v in logits.items()})
             for k, p in probs.items():
-                outs.setdefault(k, []).append((p / (1 + len(views))).cpu().numpy())
+                outs.setdefault(k, []).append(p.cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 

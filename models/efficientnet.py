@@ -238,12 +238,15 @@ class EfficientNetExpert:
     views of it (:func:`view_mean`, one forward pass over the views) for the heads in ``view_heads`` (None: every head);
     the other heads and the pooled features are the image's own (the case index was built from those).
     ``views_if`` ("head=label", e.g. "modality=clinical"): only images whose own output on that head ranks that
-    label first get the views, so that the cost falls where the averaged heads are read."""
+    label first get the views, so that the cost falls where the averaged heads are read. ``view_size``: the resolution
+    (px) at which those images are encoded again for the view heads and their pooled features (None: the trained
+    size); a network trained on random resized crops sees objects larger in training than at test time, so a larger
+    test resolution can suit it (Touvron et al. 2019, FixRes). Their other heads stay at the trained size."""
 
     feature_dim = FEATURE_DIM
 
     def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32,
-                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None):
+                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None, view_size: int | None = None):
         """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
         from models.tta import TTA_VIEWS
 
@@ -255,6 +258,9 @@ class EfficientNetExpert:
         if views_if is not None and (views_if.count("=") != 1 or not all(views_if.split("="))):
             raise ValueError(f"views_if {views_if!r} must look like head=label, e.g. modality=clinical")
         self.views_if = None if views_if is None else tuple(views_if.split("="))
+        if view_size is not None and not 32 <= int(view_size) <= 1024:
+            raise ValueError(f"view_size {view_size} must be between 32 and 1024 px (None: the trained size)")
+        self.view_size = None if view_size is None else int(view_size)
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
         self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
@@ -282,7 +288,8 @@ class EfficientNetExpert:
         return tuple(self.info["heads"]["ham"])
 
     def predict_heads(self, images: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(features (N, 1280), {head: probabilities (N, C_head)}), float32; with ``views``, the view heads' means over them."""
+        """(features (N, 1280), {head: probabilities (N, C_head)}), float32; with ``views``, the view heads' means over them
+        (and with ``view_size``, those heads and the pooled features of the images that get the views at that size)."""
         import torch
 
         net, info = self._load()
@@ -304,8 +311,16 @@ class EfficientNetExpert:
                 if self.views_if is not None:  # only the images the condition picks get the views
                     head, label = self.views_if
                     chosen = torch.nonzero(logits[head].argmax(-1) == info["heads"][head].index(label)).flatten()
-                if self.views and len(chosen):
-                    viewed = view_mean(net, x[chosen], self.views, {k: p[k][chosen] for k in averaged})
+                resized = self.view_size is not None and self.view_size != size
+                if (self.views or resized) and len(chosen):
+                    xv, pv = x[chosen], {k: p[k][chosen] for k in averaged}
+                    if resized:  # the chosen images again at the view resolution, their own pass included
+                        batch = images[lo : lo + self.batch_size]
+                        xv = to_tensor([batch[i] for i in chosen.tolist()], self.view_size).to(self.device)
+                        fv, lv = net(xv)
+                        f[chosen] = fv
+                        pv = {k: v.float().softmax(-1) for k, v in lv.items() if k in averaged}
+                    viewed = view_mean(net, xv, self.views, pv)
                     for k in averaged:
                         p[k][chosen] = viewed[k]
                 feats[lo : lo + len(x)] = f.float().cpu().numpy()

@@ -89,6 +89,36 @@ def test_expert_roundtrip_fp16_and_classifier_protocol(tmp_path):
     np.testing.assert_allclose(feats, out.features, atol=1e-5)  # deterministic inference
 
 
+def test_view_size_encodes_the_viewed_images_again_at_that_resolution(tmp_path):
+    """view_size (FixRes): the images the condition picks get their view heads and pooled features from passes at
+    that size (the same network saved for that size is the reference); the others and the other heads keep the
+    trained size; an absurd size is refused."""
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(1)
+    net, path = _tiny_expert(tmp_path)
+    big = E.save_expert(net, tmp_path / "expert96.safetensors", {"image_size": 96})
+    ramp = np.linspace(0, 255, 56).astype(np.uint8)
+    grads = [Image.fromarray(np.stack([np.tile(ramp, (40, 1)), np.full((40, 56), c, np.uint8), np.full((40, 56), 255 - c, np.uint8)], -1)) for c in (0, 60, 120, 180, 255)]
+    views = ("hflip", "vflip", "rot90")
+    f64, p64 = E.EfficientNetExpert(path).predict_heads(grads)
+    f96, p96 = E.EfficientNetExpert(big, views=views, view_heads=["dermnet"]).predict_heads(grads)
+    first = int(p64["modality"][0].argmax())
+    picked = p64["modality"].argmax(1) == first
+    assert 0 < picked.sum() < len(grads)
+    label = E.expert_info(path)["heads"]["modality"][first]
+    feats, probs = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"], views_if=f"modality={label}", view_size=96, batch_size=3).predict_heads(grads)
+    np.testing.assert_allclose(probs["dermnet"][picked], p96["dermnet"][picked], atol=2e-5)
+    np.testing.assert_allclose(feats[picked], f96[picked], atol=1e-4)
+    np.testing.assert_allclose(probs["dermnet"][~picked], p64["dermnet"][~picked], atol=2e-5)
+    np.testing.assert_allclose(feats[~picked], f64[~picked], atol=1e-4)
+    np.testing.assert_allclose(probs["ham"], p64["ham"], atol=2e-5)
+    assert not np.allclose(feats[picked], f64[picked])
+    with pytest.raises(ValueError, match="view_size"):
+        E.EfficientNetExpert(path, view_size=4)
+
+
 def test_views_average_each_head_over_the_image_and_its_views(tmp_path):
     """CCT for the second expert: each head is the mean over the image and its views (made as PIL would make
     them), in one batch; features stay the original view's; unknown views are refused."""

@@ -57,19 +57,20 @@ def _ci(metric, *arrays, n: int = 1000) -> list[float] | None:
 
 
 def evaluate(weights: Path, batch_size: int = 32, n_bootstrap: int = 1000, log=print, views: Sequence[str] = (), view_heads: Sequence[str] | None = None,
-             views_if: str | None = None) -> dict:
+             views_if: str | None = None, view_size: int | None = None) -> dict:
     """Every figure of the expert alone on held-out data (see the module docstring); ``views``: test-time views averaged."""
     from evals.metrics import balanced_accuracy, macro_f1
     from models.efficientnet import EfficientNetExpert
     from training.encoder import Config, _synthetic_records, build_tables
 
-    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if)
+    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
     info = expert.info
     sets, dn_classes = build_tables(Config())
     sets["val_not_skin"] = _synthetic_records(10, 1000)
     if info["heads"]["dermnet"] != dn_classes:
         raise ValueError("the expert's DermNet classes differ from ../shared/data/dermnet")
-    res: dict = {"weights": str(weights), "image_size": info["image_size"], "views": list(views), "view_heads": view_heads, "views_if": views_if, "n_bootstrap": n_bootstrap}
+    res: dict = {"weights": str(weights), "image_size": info["image_size"], "views": list(views), "view_heads": view_heads, "views_if": views_if, "view_size": view_size,
+                 "n_bootstrap": n_bootstrap}
     mod_y, mod_p = [], []
 
     def run(name, recs, view=None):
@@ -128,8 +129,10 @@ def evaluate(weights: Path, batch_size: int = 32, n_bootstrap: int = 1000, log=p
     return res
 
 
-def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None) -> dict:
-    """Seconds per image of preprocessing + the network on CPU (batch 1 and batch 16), printed."""
+def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None,
+          view_size: int | None = None, source: str = "isic2018_val") -> dict:
+    """Seconds per image of preprocessing + the network on CPU (batch 1 and batch 16) on the first ``n`` images of
+    ``source`` (a folder of the shared data: isic2018_val dermoscopy, dermnet clinical photos), printed."""
     import torch
     from PIL import Image
 
@@ -137,11 +140,11 @@ def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (
     from models.paths import data_dir
 
     torch.set_num_threads(threads)
-    files = sorted((data_dir() / "isic2018_val" / "images").glob("*.jpg"))[:n]
+    files = sorted((data_dir() / source / "images").rglob("*.jpg"))[:n]
     imgs = [Image.open(f).convert("RGB") for f in files] or [Image.new("RGB", (224, 224), (180, 120, 100))] * n
-    expert = EfficientNetExpert(weights, views=views, view_heads=view_heads, views_if=views_if)
+    expert = EfficientNetExpert(weights, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
     expert.predict_heads(imgs[:2])  # load + warm up
-    out = {"threads": threads, "images": len(imgs), "image_size": expert.info["image_size"]}
+    out = {"source": source, "threads": threads, "images": len(imgs), "image_size": expert.info["image_size"], "views": list(views), "view_size": view_size}
     for bs in (1, 16):
         expert.batch_size = bs
         t = time.perf_counter()
@@ -152,7 +155,7 @@ def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (
 
 
 def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print, views: Sequence[str] = (), view_heads: Sequence[str] | None = None,
-                   views_if: str | None = None) -> list[Path]:
+                   views_if: str | None = None, view_size: int | None = None) -> list[Path]:
     """The expert's outputs on every image of ``sources`` as ``<feature_dir>/<source>__effnet.npz`` in the
     layout of ``training.data.load_features`` (ids, probs = HAM head, features) plus ``probs_<head>`` per head.
     Outputs on images the expert trained on (HAM10000 train, Derm7pt train/extra, DermNet outside the
@@ -165,7 +168,7 @@ def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_s
     from training.data import source_table
     from training.views import make_view
 
-    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if)
+    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
     written = []
     for source in sources:
         rows = source_table(source)
@@ -200,21 +203,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--views", nargs="*", default=[], help="test-time views whose mean the view heads give (models.tta.TTA_VIEWS), as the agent runs the expert")
     p.add_argument("--view-heads", nargs="*", default=None, help="heads averaged over --views (default: all)")
     p.add_argument("--views-if", default=None, help="head=label: only images whose own output ranks that label first get the views (e.g. modality=clinical)")
+    p.add_argument("--view-size", type=int, default=None, help="resolution (px) of the view heads' passes, as the expert's view_size option (default: the trained size)")
+    p.add_argument("--bench-source", default="isic2018_val", help="bench: the shared data folder whose images are timed (e.g. dermnet)")
     a = p.parse_args(argv)
+    opts = {"views": a.views, "view_heads": a.view_heads, "views_if": a.views_if, "view_size": a.view_size}
     if a.what == "features":
         import torch
 
         torch.set_num_threads(a.threads)
-        write_features(a.weights, a.feature_dir, a.sources, views=a.views, view_heads=a.view_heads, views_if=a.views_if)
+        write_features(a.weights, a.feature_dir, a.sources, **opts)
         return
     if a.what == "bench":
-        res = bench(a.weights, threads=a.threads, views=a.views, view_heads=a.view_heads, views_if=a.views_if)
+        res = bench(a.weights, threads=a.threads, source=a.bench_source, **opts)
     else:
         import torch
 
         torch.set_num_threads(a.threads)
         t = time.time()
-        res = evaluate(a.weights, n_bootstrap=a.n_bootstrap, views=a.views, view_heads=a.view_heads, views_if=a.views_if)
+        res = evaluate(a.weights, n_bootstrap=a.n_bootstrap, **opts)
         res["wall_s"] = round(time.time() - t, 1)
         print(json.dumps(res, indent=1))
     if a.out:

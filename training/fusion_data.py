@@ -117,10 +117,13 @@ def _done_ids(path: Path) -> set[str]:
     return done
 
 
-def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None, expert_features: Path | None = None) -> Path:
+def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None, expert_features: Path | None = None,
+            agent_config: Path | None = None) -> Path:
     """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM). ``expert_features``: the
     second expert's cached outputs (``eval_encoder features``), so that clinical photos search similar cases with
-    its features as the agent does (never for images it trained on, whose features are in-sample)."""
+    its features as the agent does (never for images it trained on, whose features are in-sample).
+    ``agent_config``: the agent YAML whose nodes render the cases (default: the default agent), e.g. one whose
+    ``retrieval.expert_case_index`` is a rebuilt index."""
     from training.reasoner_data import attach_expert_probs, make_agent, render_state
 
     out = llm_path(out) if with_llm else out
@@ -137,7 +140,7 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     elif any(r.source == "dermnet" for r in todo):
         print("warning: no --expert-features: clinical photos will search similar cases with the lesion classifier's features, "
               "not the second expert's as the default agent does", flush=True)
-    agent = make_agent()
+    agent = make_agent(agent_config)
     rt = agent.runtime
     t0 = time.time()
     with out.open("a") as fh:
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--agent-config", type=Path, default=None, help="agent YAML whose nodes render the cases (default: the default agent)")
     ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")
     ap.add_argument("--expert-features", type=Path, default=None, help="the second expert's outputs on every image (python -m training.eval_encoder features "
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--expert-weights needs --expert-features")
         write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads)
         return
-    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features)
+    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features, agent_config=a.agent_config)
 
 
 if __name__ == "__main__":

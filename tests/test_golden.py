@@ -1,5 +1,6 @@
-"""The default agent's outputs on 40 isic2018_val + 20 Derm7pt val cases equal the saved records byte for byte
-(timings and package versions aside). Regenerate after a deliberate behaviour change: ``python scripts/make_golden.py``."""
+"""The default agent's outputs on 40 isic2018_val + 20 Derm7pt val cases equal the saved records: labels, texts and
+verdicts exactly, numbers within float noise (timings and package versions aside; ``make_golden.first_difference``).
+Regenerate after a deliberate behaviour change: ``python scripts/make_golden.py``."""
 
 import importlib.util
 import json

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--views", nargs="*", default=[], help="test-time views whose mean the view heads give (models.tta.TTA_VIEWS), as the agent runs the expert")
     p.add_argument("--view-heads", nargs="*", default=None, help="heads averaged over --views (default: all)")
     p.add_argument("--views-if", default=None, help="head=label: only images whose own output ranks that label first get the views (e.g. modality=clinical)")
-    p.add_argument("--view-size", type=int, default=None, help="resolution (px) of the view heads' passes, as the expert's view_size option (default: the trained size)")
+    p.add_argument("--view-size", type=int, default=None, help="resolution (px) at which the images that get the views are encoded for the view heads and pooled features (the expert's view_size option; default: the trained size)")
     p.add_argument("--bench-source", default="isic2018_val", help="bench: the shared data folder whose images are timed (e.g. dermnet)")
     a = p.parse_args(argv)
     opts = {"views": a.views, "view_heads": a.view_heads, "views_if": a.views_if, "view_size": a.view_size}

@@ -313,13 +313,13 @@ class EfficientNetExpert:
                     chosen = torch.nonzero(logits[head].argmax(-1) == info["heads"][head].index(label)).flatten()
                 resized = self.view_size is not None and self.view_size != size
                 if (self.views or resized) and len(chosen):
-                    xv, pv = x[chosen], {k: p[k][chosen] for k in averaged}
                     if resized:  # the chosen images again at the view resolution, their own pass included
                         batch = images[lo : lo + self.batch_size]
                         xv = to_tensor([batch[i] for i in chosen.tolist()], self.view_size).to(self.device)
-                        fv, lv = net(xv)
-                        f[chosen] = fv
-                        pv = {k: v.float().softmax(-1) for k, v in lv.items() if k in averaged}
+                        f[chosen], lv = net(xv)
+                        pv = {k: lv[k].float().softmax(-1) for k in averaged}
+                    else:
+                        xv, pv = x[chosen], {k: p[k][chosen] for k in averaged}
                     viewed = view_mean(net, xv, self.views, pv)
                     for k in averaged:
                         p[k][chosen] = viewed[k]

@@ -124,23 +124,27 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-def first_difference(want, got, path: str = "", rel: float = FLOAT_REL_TOL, abs_: float = FLOAT_ABS_TOL) -> str | None:
+def first_difference(want, got, path: str = "") -> str | None:
     """The path of the first difference between two records, or None. Floats may differ in their last bits across
-    CPUs (the vendors' kernels pick other instruction paths), so they compare within a tolerance; every label, text,
-    verdict, id and count must be equal."""
-    if isinstance(want, bool) or isinstance(got, bool) or not (isinstance(want, (int, float)) and isinstance(got, (int, float))):
-        if type(want) is not type(got):
-            return path or "/"
-        if isinstance(want, dict):
-            if want.keys() != got.keys():
-                return f"{path}/{{{', '.join(sorted(want.keys() ^ got.keys()))}}}"
-            return next((d for k in want if (d := first_difference(want[k], got[k], f"{path}/{k}", rel, abs_)) is not None), None)
-        if isinstance(want, list):
-            if len(want) != len(got):
-                return f"{path} (length {len(want)} vs {len(got)})"
-            return next((d for i, (w, g) in enumerate(zip(want, got)) if (d := first_difference(w, g, f"{path}[{i}]", rel, abs_)) is not None), None)
-        return None if want == got else path or "/"
-    return None if math.isclose(want, got, rel_tol=rel, abs_tol=abs_) else path
+    CPUs (the vendors' kernels pick other instruction paths), so numbers compare within a tolerance; every label,
+    text, verdict, id, flag and count must be equal."""
+    if _number(want) and _number(got):
+        return None if math.isclose(want, got, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL) else path
+    if type(want) is not type(got):
+        return path or "/"
+    if isinstance(want, dict):
+        if want.keys() != got.keys():
+            return f"{path}/{{{', '.join(sorted(want.keys() ^ got.keys()))}}}"
+        return next((d for k in want if (d := first_difference(want[k], got[k], f"{path}/{k}")) is not None), None)
+    if isinstance(want, list):
+        if len(want) != len(got):
+            return f"{path} (length {len(want)} vs {len(got)})"
+        return next((d for i, (w, g) in enumerate(zip(want, got)) if (d := first_difference(w, g, f"{path}[{i}]")) is not None), None)
+    return None if want == got else path or "/"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # a flag is compared exactly, not as 0/1
 
 
 if __name__ == "__main__":

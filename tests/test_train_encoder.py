@@ -169,6 +169,20 @@ def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypat
     f = data.load_features("isic2018_val", "effnet", tmp_path)
     assert list(f["ids"]) == [r["image"] for r in rows] and f["features"].shape == (3, 1280) and f["probs"].shape == (3, 7)
     assert np.load(out)["probs_modality"].shape == (3, 4)
+    # the view options reach the expert as the agent's options would set them
+    from PIL import Image
+
+    from models.efficientnet import EfficientNetExpert
+    from models.paths import data_dir
+    from training.views import make_view
+
+    opts = eval_encoder.ViewOptions(views=("hflip",), view_heads=("ham",))
+    (viewed,) = eval_encoder.write_features(path, tmp_path / "views", ["isic2018_val"], log=lambda m: None, options=opts)
+    imgs = [make_view(Image.open(data_dir() / "isic2018_val" / r["image"]).convert("RGB"), "full") for r in rows]
+    _, want = EfficientNetExpert(path, views=("hflip",), view_heads=("ham",)).predict_heads(imgs)
+    np.testing.assert_allclose(np.load(viewed)["probs_ham"], want["ham"], atol=1e-6)
+    assert not np.allclose(np.load(viewed)["probs_ham"], np.load(out)["probs_ham"])
+    assert opts.record() == {"views": ["hflip"], "view_heads": ["ham"], "views_if": None, "view_size": None}
 
 
 @pytest.mark.data

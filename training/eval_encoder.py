@@ -17,6 +17,7 @@ not the trainer's cache) and reports, with percentile-bootstrap 95% CIs:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,28 @@ import numpy as np
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 
 MODALITIES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewOptions:
+    """How the expert is run at test time: :class:`models.efficientnet.EfficientNetExpert`'s view keywords, as the
+    agent's ``encoder.second_expert.options`` set them (``views`` averaged for ``view_heads``, only for images
+    passing ``views_if``, encoded at ``view_size``)."""
+
+    views: Sequence[str] = ()
+    view_heads: Sequence[str] | None = None
+    views_if: str | None = None
+    view_size: int | None = None
+
+    def expert(self, weights: Path, **kw):
+        from models.efficientnet import EfficientNetExpert
+
+        return EfficientNetExpert(weights, **kw, **dataclasses.asdict(self))
+
+    def record(self) -> dict:
+        """The options as stored with a result (lists, not tuples, for JSON)."""
+        d = dataclasses.asdict(self)
+        return {**d, "views": list(self.views), "view_heads": None if self.view_heads is None else list(self.view_heads)}
 
 
 def _views(records: list[dict], view: str | None = None):
@@ -56,21 +79,18 @@ def _ci(metric, *arrays, n: int = 1000) -> list[float] | None:
         return None
 
 
-def evaluate(weights: Path, batch_size: int = 32, n_bootstrap: int = 1000, log=print, views: Sequence[str] = (), view_heads: Sequence[str] | None = None,
-             views_if: str | None = None, view_size: int | None = None) -> dict:
-    """Every figure of the expert alone on held-out data (see the module docstring); ``views``: test-time views averaged."""
+def evaluate(weights: Path, batch_size: int = 32, n_bootstrap: int = 1000, log=print, options: ViewOptions = ViewOptions()) -> dict:
+    """Every figure of the expert alone on held-out data (see the module docstring), run as ``options`` say."""
     from evals.metrics import balanced_accuracy, macro_f1
-    from models.efficientnet import EfficientNetExpert
     from training.encoder import Config, _synthetic_records, build_tables
 
-    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
+    expert = options.expert(weights, batch_size=batch_size)
     info = expert.info
     sets, dn_classes = build_tables(Config())
     sets["val_not_skin"] = _synthetic_records(10, 1000)
     if info["heads"]["dermnet"] != dn_classes:
         raise ValueError("the expert's DermNet classes differ from ../shared/data/dermnet")
-    res: dict = {"weights": str(weights), "image_size": info["image_size"], "views": list(views), "view_heads": view_heads, "views_if": views_if, "view_size": view_size,
-                 "n_bootstrap": n_bootstrap}
+    res: dict = {"weights": str(weights), "image_size": info["image_size"], **options.record(), "n_bootstrap": n_bootstrap}
     mod_y, mod_p = [], []
 
     def run(name, recs, view=None):
@@ -129,22 +149,20 @@ def evaluate(weights: Path, batch_size: int = 32, n_bootstrap: int = 1000, log=p
     return res
 
 
-def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None,
-          view_size: int | None = None, source: str = "isic2018_val") -> dict:
+def bench(weights: Path, n: int = 48, threads: int = 1, options: ViewOptions = ViewOptions(), source: str = "isic2018_val") -> dict:
     """Seconds per image of preprocessing + the network on CPU (batch 1 and batch 16) on the first ``n`` images of
     ``source`` (a folder of the shared data: isic2018_val dermoscopy, dermnet clinical photos), printed."""
     import torch
     from PIL import Image
 
-    from models.efficientnet import EfficientNetExpert
     from models.paths import data_dir
 
     torch.set_num_threads(threads)
     files = sorted((data_dir() / source / "images").rglob("*.jpg"))[:n]
     imgs = [Image.open(f).convert("RGB") for f in files] or [Image.new("RGB", (224, 224), (180, 120, 100))] * n
-    expert = EfficientNetExpert(weights, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
+    expert = options.expert(weights)
     expert.predict_heads(imgs[:2])  # load + warm up
-    out = {"source": source, "threads": threads, "images": len(imgs), "image_size": expert.info["image_size"], "views": list(views), "view_size": view_size}
+    out = {"source": source, "threads": threads, "images": len(imgs), "image_size": expert.info["image_size"], **options.record()}
     for bs in (1, 16):
         expert.batch_size = bs
         t = time.perf_counter()
@@ -154,21 +172,19 @@ def bench(weights: Path, n: int = 48, threads: int = 1, views: Sequence[str] = (
     return out
 
 
-def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print, views: Sequence[str] = (), view_heads: Sequence[str] | None = None,
-                   views_if: str | None = None, view_size: int | None = None) -> list[Path]:
+def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print, options: ViewOptions = ViewOptions()) -> list[Path]:
     """The expert's outputs on every image of ``sources`` as ``<feature_dir>/<source>__effnet.npz`` in the
     layout of ``training.data.load_features`` (ids, probs = HAM head, features) plus ``probs_<head>`` per head.
     Outputs on images the expert trained on (HAM10000 train, Derm7pt train/extra, DermNet outside the
-    held-out sixth) are in-sample: only the held-out ones are deployment-like. ``views``: each head's mean over
-    the image and these test-time views for ``view_heads`` (None: all), as the agent's ``encoder.second_expert`` options."""
+    held-out sixth) are in-sample: only the held-out ones are deployment-like. ``options``: the test-time views,
+    as the agent's ``encoder.second_expert`` options run them."""
     from PIL import Image
 
-    from models.efficientnet import EfficientNetExpert
     from models.paths import data_dir
     from training.data import source_table
     from training.views import make_view
 
-    expert = EfficientNetExpert(weights, batch_size=batch_size, views=views, view_heads=view_heads, views_if=views_if, view_size=view_size)
+    expert = options.expert(weights, batch_size=batch_size)
     written = []
     for source in sources:
         rows = source_table(source)
@@ -206,21 +222,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--view-size", type=int, default=None, help="resolution (px) at which the images that get the views are encoded for the view heads and pooled features (the expert's view_size option; default: the trained size)")
     p.add_argument("--bench-source", default="isic2018_val", help="bench: the shared data folder whose images are timed (e.g. dermnet)")
     a = p.parse_args(argv)
-    opts = {"views": a.views, "view_heads": a.view_heads, "views_if": a.views_if, "view_size": a.view_size}
+    opts = ViewOptions(views=tuple(a.views), view_heads=None if a.view_heads is None else tuple(a.view_heads), views_if=a.views_if, view_size=a.view_size)
     if a.what == "features":
         import torch
 
         torch.set_num_threads(a.threads)
-        write_features(a.weights, a.feature_dir, a.sources, **opts)
+        write_features(a.weights, a.feature_dir, a.sources, options=opts)
         return
     if a.what == "bench":
-        res = bench(a.weights, threads=a.threads, source=a.bench_source, **opts)
+        res = bench(a.weights, threads=a.threads, source=a.bench_source, options=opts)
     else:
         import torch
 
         torch.set_num_threads(a.threads)
         t = time.time()
-        res = evaluate(a.weights, n_bootstrap=a.n_bootstrap, **opts)
+        res = evaluate(a.weights, n_bootstrap=a.n_bootstrap, options=opts)
         res["wall_s"] = round(time.time() - t, 1)
         print(json.dumps(res, indent=1))
     if a.out:

@@ -1,0 +1,35 @@
+"""Every shipped trainer configuration validates against its trainer's Config (unknown keys are errors), so a
+recipe in configs/train cannot drift from the code it runs (the GPU job's and pack's files: tests/test_gpu_job.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from training.cli import trainer_module
+from training.config import load_train_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
+OWN_TESTS = ("gpu_job", "gpu_pack")  # validated section by section in tests/test_gpu_job.py
+# file-name prefix -> trainer (`dermgraph train <trainer> --config <file>`); longer prefixes first
+TRAINER_OF = {"reasoner_sft": "reasoner-sft", "reasoner_grpo": "reasoner-grpo", "encoder": "encoder", "modality": "modality",
+              "concepts": "concepts", "verifier": "verifier", "describer": "describer", "fusion": "fusion"}  # fmt: skip
+
+
+def _trainer(path: Path) -> str | None:
+    return next((t for p, t in TRAINER_OF.items() if path.stem.startswith(p)), None)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith(OWN_TESTS)), ids=lambda p: p.name)
+def test_trainer_config_validates(path):
+    trainer = _trainer(path)
+    assert trainer is not None, f"{path.name}: name no trainer in TRAINER_OF (add it, or a test of its own)"
+    cfg = load_train_config(trainer_module(trainer).Config, path, [])
+    assert cfg.seed is not None
+
+
+def test_cpu_continuation_recipe_starts_from_the_shipped_expert():
+    from training.encoder import Config
+
+    cfg = load_train_config(Config, CONFIGS / "encoder_cpu_continue.yaml", [])
+    assert cfg.device == "cpu" and cfg.train_from == "stem" and cfg.image_size == 224 and cfg.ema_decay
+    assert cfg.init is not None and Path(cfg.init).name == "efficientnet_lite0_derm.safetensors"

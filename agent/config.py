@@ -37,7 +37,8 @@ class EncoderConfig(_Strict):
         default_factory=lambda: BackendRef(
             backend="efficientnet",
             model="efficientnet-lite0-derm",
-            options={"views": ["hflip", "vflip", "rot90"], "view_heads": ["dermnet"], "views_if": "modality=clinical"},
+            options={"views": ["hflip", "vflip", "rot90"], "view_heads": ["dermnet"], "views_if": "modality=clinical",
+                     "members": ["efficientnet-lite0-derm-continued"], "members_if": "modality=dermoscopy"},
         ),
         description="Second visual expert (a multi-task EfficientNet-Lite0 trained by `dermgraph train encoder`): its HAM10000 head "
         "for dermoscopy and its DermNet head for clinical photos, read by the fusion stacker where the artifact lists 'effnet', and its "
@@ -46,7 +47,9 @@ class EncoderConfig(_Strict):
         "dermoscopy stacker was fitted on cross-fitted single-view outputs, and dermoscopy images skip the extra passes). Option view_size "
         "(FixRes): those images' view heads and pooled features at that resolution instead of the trained 224 px; not the default (README: "
         "+0.065 s per clinical photo for +0.8 / +3 points of fused top-1 / top-5), and the clinical case index must be rebuilt with the same "
-        "options. None: not run.",
+        "options. Options members / members_if: an output ensemble, other experts of the same heads whose probabilities are averaged in for the "
+        "images whose own modality head names that modality (by default the CPU continuation, efficientnet-lite0-derm-continued, on images "
+        "called dermoscopy: one extra pass where the views are not spent; README: A second visual expert). None: not run.",
     )
 
 

@@ -230,6 +230,20 @@ def view_mean(net, x, views: Sequence[str], probs: dict[str, Any]) -> dict[str, 
     return {k: (p + logits[k].float().softmax(-1).reshape(len(views), len(x), -1).sum(0)) / (1 + len(views)) for k, p in probs.items()}
 
 
+def _condition(spec: str | None, what: str) -> tuple[str, str] | None:
+    if spec is not None and (spec.count("=") != 1 or not all(spec.split("="))):
+        raise ValueError(f"{what} {spec!r} must look like head=label, e.g. modality=clinical")
+    return None if spec is None else tuple(spec.split("="))  # type: ignore[return-value]
+
+
+def _artifact(ref: str | Path) -> tuple[str, Path | None]:
+    """(id, file or None): an expert file stands for itself (its stem is its id); anything else is a registry id
+    resolved on first use."""
+    if Path(ref).suffix == ".safetensors" and Path(ref).is_file():
+        return Path(ref).stem, Path(ref)
+    return str(ref), None
+
+
 class EfficientNetExpert:
     """``ImageClassifier`` over a fine-tuned EfficientNet-Lite0 artifact: HAM10000 probabilities and 1280-d
     pooled features; :meth:`predict_heads` adds every other head (dermnet, modality, 7-point criteria).
@@ -241,12 +255,19 @@ class EfficientNetExpert:
     label first get the views, so that the cost falls where the averaged heads are read. ``view_size``: the resolution
     (px) at which those images are encoded again for the view heads and their pooled features (None: the trained
     size); a network trained on random resized crops sees objects larger in training than at test time, so a larger
-    test resolution can suit it (Touvron et al. 2019, FixRes). Their other heads stay at the trained size."""
+    test resolution can suit it (Touvron et al. 2019, FixRes). Their other heads stay at the trained size.
+
+    ``members`` (an output ensemble): other fine-tuned experts with the same heads and image size (registry ids or
+    files), run on the same batch as this network, each as this one is run (the same views on the same images);
+    every head is the mean of this network's and the members' probabilities. ``members_if`` ("head=label", judged
+    on this network's own output like ``views_if``): only those images get the members (e.g. modality=dermoscopy,
+    where the views are not spent). The pooled features stay this network's (the case index was built from them)."""
 
     feature_dim = FEATURE_DIM
 
     def __init__(self, weights: str | Path | None = None, model: str = "efficientnet-lite0-derm", device: str = "cpu", batch_size: int = 32,
-                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None, view_size: int | None = None):
+                 views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None, view_size: int | None = None,
+                 members: Sequence[str] = (), members_if: str | None = None):
         """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use."""
         from models.tta import TTA_VIEWS
 
@@ -255,28 +276,43 @@ class EfficientNetExpert:
             raise ValueError(f"unknown test-time views {unknown}; valid: {', '.join(TTA_VIEWS)}")
         self.views = tuple(views)
         self.view_heads = None if view_heads is None else tuple(view_heads)
-        if views_if is not None and (views_if.count("=") != 1 or not all(views_if.split("="))):
-            raise ValueError(f"views_if {views_if!r} must look like head=label, e.g. modality=clinical")
-        self.views_if = None if views_if is None else tuple(views_if.split("="))
+        self.views_if = _condition(views_if, "views_if")
         if view_size is not None and not 32 <= int(view_size) <= 1024:
             raise ValueError(f"view_size {view_size} must be between 32 and 1024 px (None: the trained size)")
         self.view_size = None if view_size is None else int(view_size)
+        self.members_if = _condition(members_if, "members_if")
+        if members_if is not None and not members:
+            raise ValueError("members_if without members")
+        self._members = [list(_artifact(m)) for m in members]
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
-        self.model_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
+        self._primary_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
+        self.model_id = "+".join([self._primary_id, *(m[0] for m in self._members)])
         self.weights = Path(weights) if weights is not None else None
         self.device = device
         self.batch_size = int(batch_size)
         self._net = None
         self._info: dict | None = None
+        self._member_nets: list = []
 
     def _load(self):
         if self._net is None:
             if self.weights is None:
                 from models.resolve import resolve
 
-                self.weights = Path(resolve(self.model_id))
-            self._net, self._info = load_expert(self.weights, self.device)
+                self.weights = Path(resolve(self._primary_id))
+            net, info = load_expert(self.weights, self.device)
+            nets = []
+            for m in self._members:
+                if m[1] is None:
+                    from models.resolve import resolve
+
+                    m[1] = Path(resolve(m[0]))
+                mnet, minfo = load_expert(m[1], self.device)
+                if minfo["heads"] != info["heads"] or int(minfo["image_size"]) != int(info["image_size"]):
+                    raise ValueError(f"ensemble member {m[0]} has other heads or image size than {self._primary_id}; members must share both")
+                nets.append(mnet)
+            self._net, self._info, self._member_nets = net, info, nets
         return self._net, self._info
 
     @property
@@ -287,9 +323,37 @@ class EfficientNetExpert:
     def labels(self) -> tuple[str, ...]:
         return tuple(self.info["heads"]["ham"])
 
+    def _picked(self, condition: tuple[str, str] | None, logits: dict[str, Any], n: int):
+        """Indices of the batch whose own ``condition`` head ranks its label first (all without a condition)."""
+        import torch
+
+        if condition is None:
+            return torch.arange(n, device=self.device)
+        head, label = condition
+        return torch.nonzero(logits[head].argmax(-1) == self.info["heads"][head].index(label)).flatten()
+
+    def _run(self, net, x, batch: Sequence[Any], chosen, averaged: Sequence[str], logits=None):
+        """One network on the batch ``x`` (PIL ``batch``): (pooled features, {head: probabilities}), the images at
+        ``chosen`` with their views (and at ``view_size``) for the ``averaged`` heads."""
+        f, logits = net(x) if logits is None else logits
+        p = {k: v.float().softmax(-1) for k, v in logits.items()}
+        resized = self.view_size is not None and self.view_size != int(self.info["image_size"])
+        if (self.views or resized) and len(chosen):
+            if resized:  # the chosen images again at the view resolution, their own pass included
+                xv = to_tensor([batch[i] for i in chosen.tolist()], self.view_size).to(self.device)
+                f[chosen], lv = net(xv)
+                pv = {k: lv[k].float().softmax(-1) for k in averaged}
+            else:
+                xv, pv = x[chosen], {k: p[k][chosen] for k in averaged}
+            viewed = view_mean(net, xv, self.views, pv)
+            for k in averaged:
+                p[k][chosen] = viewed[k]
+        return f, p
+
     def predict_heads(self, images: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(features (N, 1280), {head: probabilities (N, C_head)}), float32; with ``views``, the view heads' means over them
-        (and with ``view_size``, those heads and the pooled features of the images that get the views at that size)."""
+        (and with ``view_size``, those heads and the pooled features of the images that get the views at that size);
+        with ``members``, every head's mean over the ensemble for the images ``members_if`` picks."""
         import torch
 
         net, info = self._load()
@@ -297,32 +361,30 @@ class EfficientNetExpert:
         unknown = sorted(set(self.view_heads or ()) - set(info["heads"]))
         if unknown:
             raise ValueError(f"view_heads {unknown} are not heads of {self.model_id}; its heads: {', '.join(info['heads'])}")
-        if self.views_if is not None and self.views_if[1] not in info["heads"].get(self.views_if[0], ()):
-            raise ValueError(f"views_if {'='.join(self.views_if)}: {self.model_id} has no head {self.views_if[0]!r} with label {self.views_if[1]!r}")
+        for name, cond in (("views_if", self.views_if), ("members_if", self.members_if)):
+            if cond is not None and cond[1] not in info["heads"].get(cond[0], ()):
+                raise ValueError(f"{name} {'='.join(cond)}: {self._primary_id} has no head {cond[0]!r} with label {cond[1]!r}")
         feats = np.zeros((len(images), FEATURE_DIM), np.float32)
         probs = {k: np.zeros((len(images), len(v)), np.float32) for k, v in info["heads"].items()}
         averaged = [k for k in info["heads"] if self.view_heads is None or k in self.view_heads]
         with torch.inference_mode():
             for lo in range(0, len(images), self.batch_size):
-                x = to_tensor(images[lo : lo + self.batch_size], size).to(self.device)
-                f, logits = net(x)
-                p = {k: v.float().softmax(-1) for k, v in logits.items()}
-                chosen = torch.arange(len(x), device=x.device)
-                if self.views_if is not None:  # only the images the condition picks get the views
-                    head, label = self.views_if
-                    chosen = torch.nonzero(logits[head].argmax(-1) == info["heads"][head].index(label)).flatten()
-                resized = self.view_size is not None and self.view_size != size
-                if (self.views or resized) and len(chosen):
-                    if resized:  # the chosen images again at the view resolution, their own pass included
-                        batch = images[lo : lo + self.batch_size]
-                        xv = to_tensor([batch[i] for i in chosen.tolist()], self.view_size).to(self.device)
-                        f[chosen], lv = net(xv)
-                        pv = {k: lv[k].float().softmax(-1) for k in averaged}
-                    else:
-                        xv, pv = x[chosen], {k: p[k][chosen] for k in averaged}
-                    viewed = view_mean(net, xv, self.views, pv)
-                    for k in averaged:
-                        p[k][chosen] = viewed[k]
+                batch = images[lo : lo + self.batch_size]
+                x = to_tensor(batch, size).to(self.device)
+                out = net(x)
+                chosen = self._picked(self.views_if, out[1], len(x))  # judged on the image's own output, before any views
+                ens = self._picked(self.members_if, out[1], len(x)) if self._member_nets else chosen[:0]
+                f, p = self._run(net, x, batch, chosen, averaged, logits=out)
+                if len(ens):
+                    sub = [batch[i] for i in ens.tolist()]
+                    sub_chosen = torch.nonzero(torch.isin(ens, chosen)).flatten()  # the members view what this network viewed
+                    total = {k: p[k][ens].clone() for k in p}
+                    for mnet in self._member_nets:
+                        _, pm = self._run(mnet, x[ens], sub, sub_chosen, averaged)
+                        for k in total:
+                            total[k] += pm[k]
+                    for k in total:
+                        p[k][ens] = total[k] / (1 + len(self._member_nets))
                 feats[lo : lo + len(x)] = f.float().cpu().numpy()
                 for k, v in p.items():
                     probs[k][lo : lo + len(x)] = v.cpu().numpy()

@@ -170,6 +170,52 @@ def test_views_average_each_head_over_the_image_and_its_views(tmp_path):
         E.EfficientNetExpert(path, views=views, view_heads=["crit_streaks"]).predict_heads(imgs)
 
 
+def test_members_average_every_head_over_the_ensemble_where_picked(tmp_path):
+    """An output ensemble: for the images members_if picks (judged on the first network's own output), each head is
+    the mean of the networks' probabilities, each network run as the first is (its views on the same images); the
+    others and the pooled features are the first network's; members with other heads, a condition without members
+    and a condition on a missing label are refused."""
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(1)
+    _, path = _tiny_expert(tmp_path / "a")
+    torch.manual_seed(2)
+    _, other = _tiny_expert(tmp_path / "b")
+    ramp = np.linspace(0, 255, 56).astype(np.uint8)
+    grads = [Image.fromarray(np.stack([np.tile(ramp, (40, 1)), np.full((40, 56), c, np.uint8), np.full((40, 56), 255 - c, np.uint8)], -1)) for c in (0, 60, 120, 180, 255)]
+    fa, pa = E.EfficientNetExpert(path).predict_heads(grads)
+    _, pb = E.EfficientNetExpert(other).predict_heads(grads)
+    ens = E.EfficientNetExpert(path, members=[str(other)])
+    assert ens.model_id == "efficientnet-lite0-derm+expert"  # both in the trace (a member file by its stem)
+    fe, pe = ens.predict_heads(grads)
+    for head in pa:
+        np.testing.assert_allclose(pe[head], (pa[head] + pb[head]) / 2, atol=2e-5)
+    np.testing.assert_allclose(fe, fa, atol=1e-5)
+    first = int(pa["modality"][0].argmax())
+    picked = pa["modality"].argmax(1) == first
+    assert 0 < picked.sum() < len(grads)
+    label = E.expert_info(path)["heads"]["modality"][first]
+    _, pc = E.EfficientNetExpert(path, members=[str(other)], members_if=f"modality={label}", batch_size=3).predict_heads(grads)
+    for head in pa:
+        np.testing.assert_allclose(pc[head][picked], pe[head][picked], atol=2e-5)
+        np.testing.assert_allclose(pc[head][~picked], pa[head][~picked], atol=2e-5)
+    # Views: each member is averaged over the same views of the same images.
+    views = ("hflip", "rot90")
+    _, va = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"]).predict_heads(grads)
+    _, vb = E.EfficientNetExpert(other, views=views, view_heads=["dermnet"]).predict_heads(grads)
+    _, ve = E.EfficientNetExpert(path, views=views, view_heads=["dermnet"], members=[str(other)]).predict_heads(grads)
+    np.testing.assert_allclose(ve["dermnet"], (va["dermnet"] + vb["dermnet"]) / 2, atol=2e-5)
+    heads = {"ham": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], "dermnet": ["a", "b"], "modality": ["clinical", "dermoscopy", "histopathology", "not_skin"]}
+    odd = E.save_expert(E.multitask_net(heads, pretrained=False), tmp_path / "odd.safetensors", {"image_size": 64})
+    with pytest.raises(ValueError, match="members must share"):
+        E.EfficientNetExpert(path, members=[str(odd)]).predict_heads(grads)
+    with pytest.raises(ValueError, match="members_if without members"):
+        E.EfficientNetExpert(path, members_if="modality=dermoscopy")
+    with pytest.raises(ValueError, match="members_if modality=skin"):
+        E.EfficientNetExpert(path, members=[str(other)], members_if="modality=skin").predict_heads(grads)
+
+
 def test_non_expert_file_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -182,7 +182,7 @@ def test_write_features_in_load_features_layout(shared_data, tmp_path, monkeypat
     _, want = EfficientNetExpert(path, views=("hflip",), view_heads=("ham",)).predict_heads(imgs)
     np.testing.assert_allclose(np.load(viewed)["probs_ham"], want["ham"], atol=1e-6)
     assert not np.allclose(np.load(viewed)["probs_ham"], np.load(out)["probs_ham"])
-    assert opts.record() == {"views": ["hflip"], "view_heads": ["ham"], "views_if": None, "view_size": None}
+    assert opts.record() == {"views": ["hflip"], "view_heads": ["ham"], "views_if": None, "view_size": None, "members": [], "members_if": None}
 
 
 @pytest.mark.data

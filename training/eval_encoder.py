@@ -34,12 +34,14 @@ MODALITIES = ["clinical", "dermoscopy", "histopathology", "not_skin"]
 class ViewOptions:
     """How the expert is run at test time: :class:`models.efficientnet.EfficientNetExpert`'s view keywords, as the
     agent's ``encoder.second_expert.options`` set them (``views`` averaged for ``view_heads``, only for images
-    passing ``views_if``, encoded at ``view_size``)."""
+    passing ``views_if``, encoded at ``view_size``; ``members`` averaged in for images passing ``members_if``)."""
 
     views: Sequence[str] = ()
     view_heads: Sequence[str] | None = None
     views_if: str | None = None
     view_size: int | None = None
+    members: Sequence[str] = ()
+    members_if: str | None = None
 
     def expert(self, weights: Path, **kw):
         from models.efficientnet import EfficientNetExpert
@@ -49,7 +51,7 @@ class ViewOptions:
     def record(self) -> dict:
         """The options as stored with a result (lists, not tuples, for JSON)."""
         d = dataclasses.asdict(self)
-        return {**d, "views": list(self.views), "view_heads": None if self.view_heads is None else list(self.view_heads)}
+        return {**d, "views": list(self.views), "view_heads": None if self.view_heads is None else list(self.view_heads), "members": list(self.members)}
 
 
 def _views(records: list[dict], view: str | None = None):
@@ -220,9 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--view-heads", nargs="*", default=None, help="heads averaged over --views (default: all)")
     p.add_argument("--views-if", default=None, help="head=label: only images whose own output ranks that label first get the views (e.g. modality=clinical)")
     p.add_argument("--view-size", type=int, default=None, help="resolution (px) at which the images that get the views are encoded for the view heads and pooled features (the expert's view_size option; default: the trained size)")
+    p.add_argument("--members", nargs="*", default=[], help="ensemble members averaged with --weights (registry ids or expert files; the expert's members option)")
+    p.add_argument("--members-if", default=None, help="head=label: only images whose own output ranks that label first get the members (e.g. modality=dermoscopy)")
     p.add_argument("--bench-source", default="isic2018_val", help="bench: the shared data folder whose images are timed (e.g. dermnet)")
     a = p.parse_args(argv)
-    opts = ViewOptions(views=tuple(a.views), view_heads=None if a.view_heads is None else tuple(a.view_heads), views_if=a.views_if, view_size=a.view_size)
+    opts = ViewOptions(views=tuple(a.views), view_heads=None if a.view_heads is None else tuple(a.view_heads), views_if=a.views_if, view_size=a.view_size,
+                       members=tuple(a.members), members_if=a.members_if)
     if a.what == "features":
         import torch
 

@@ -283,11 +283,11 @@ class EfficientNetExpert:
         self.members_if = _condition(members_if, "members_if")
         if members_if is not None and not members:
             raise ValueError("members_if without members")
-        self._members = [list(_artifact(m)) for m in members]
+        self._members = [_artifact(m) for m in members]
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
         self._primary_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
-        self.model_id = "+".join([self._primary_id, *(m[0] for m in self._members)])
+        self.model_id = "+".join([self._primary_id, *(member_id for member_id, _ in self._members)])
         self.weights = Path(weights) if weights is not None else None
         self.device = device
         self.batch_size = int(batch_size)
@@ -303,14 +303,14 @@ class EfficientNetExpert:
                 self.weights = Path(resolve(self._primary_id))
             net, info = load_expert(self.weights, self.device)
             nets = []
-            for m in self._members:
-                if m[1] is None:
+            for member_id, path in self._members:
+                if path is None:
                     from models.resolve import resolve
 
-                    m[1] = Path(resolve(m[0]))
-                mnet, minfo = load_expert(m[1], self.device)
+                    path = Path(resolve(member_id))
+                mnet, minfo = load_expert(path, self.device)
                 if minfo["heads"] != info["heads"] or int(minfo["image_size"]) != int(info["image_size"]):
-                    raise ValueError(f"ensemble member {m[0]} has other heads or image size than {self._primary_id}; members must share both")
+                    raise ValueError(f"ensemble member {member_id} has other heads or image size than {self._primary_id}; members must share both")
                 nets.append(mnet)
             self._net, self._info, self._member_nets = net, info, nets
         return self._net, self._info

@@ -236,12 +236,9 @@ def _condition(spec: str | None, what: str) -> tuple[str, str] | None:
     return None if spec is None else tuple(spec.split("="))  # type: ignore[return-value]
 
 
-def _artifact(ref: str | Path) -> tuple[str, Path | None]:
-    """(id, file or None): an expert file stands for itself (its stem is its id); anything else is a registry id
-    resolved on first use."""
-    if Path(ref).suffix == ".safetensors" and Path(ref).is_file():
-        return Path(ref).stem, Path(ref)
-    return str(ref), None
+def _expert_id(ref: str | Path) -> str:
+    """An expert file is named by its stem, anything else (a registry id) by itself."""
+    return Path(ref).stem if Path(ref).suffix == ".safetensors" and Path(ref).is_file() else str(ref)
 
 
 class EfficientNetExpert:
@@ -283,11 +280,11 @@ class EfficientNetExpert:
         self.members_if = _condition(members_if, "members_if")
         if members_if is not None and not members:
             raise ValueError("members_if without members")
-        self._members = [_artifact(m) for m in members]
+        self._members = [str(m) for m in members]  # files or registry ids, resolved on first use
         if weights is None and Path(model).suffix == ".safetensors" and Path(model).is_file():
             weights = model
         self._primary_id = model if weights is None or Path(model).suffix != ".safetensors" else Path(model).stem
-        self.model_id = "+".join([self._primary_id, *(member_id for member_id, _ in self._members)])
+        self.model_id = "+".join([self._primary_id, *map(_expert_id, self._members)])
         self.weights = Path(weights) if weights is not None else None
         self.device = device
         self.batch_size = int(batch_size)
@@ -303,14 +300,12 @@ class EfficientNetExpert:
                 self.weights = Path(resolve(self._primary_id))
             net, info = load_expert(self.weights, self.device)
             nets = []
-            for member_id, path in self._members:
-                if path is None:
-                    from models.resolve import resolve
+            for ref in self._members:
+                from models.resolve import resolve_artifact
 
-                    path = Path(resolve(member_id))
-                mnet, minfo = load_expert(path, self.device)
+                mnet, minfo = load_expert(resolve_artifact(ref), self.device)
                 if minfo["heads"] != info["heads"] or int(minfo["image_size"]) != int(info["image_size"]):
-                    raise ValueError(f"ensemble member {member_id} has other heads or image size than {self._primary_id}; members must share both")
+                    raise ValueError(f"ensemble member {_expert_id(ref)} has other heads or image size than {self._primary_id}; members must share both")
                 nets.append(mnet)
             self._net, self._info, self._member_nets = net, info, nets
         return self._net, self._info

@@ -243,3 +243,44 @@ def test_group_conditional_sets_calibrate_each_source_apart(tmp_path):
     x = feats[others[0]["id"]]
     assert loaded.set_group(x) == groups.assign(x) == others[0][SET_GROUP]
     assert loaded.set_group(x[:3]) is None and loaded.set_group(None) is None  # other features: pooled calibration
+
+
+def test_stand_in_offsets_keep_a_weaker_stand_ins_rows_from_pulling_the_deployed_weight_down():
+    """Rows whose expert output comes from weaker cross-fitted stand-ins (``<expert>_crossfit``) get their own weight
+    offset, so the deployed weight moves towards the one the real expert's rows call for and fits those rows better."""
+    from training.fusion import derm_design, fit_multinomial, fuse_fit_rows, stand_in_mask, with_stand_in
+
+    rng = np.random.default_rng(3)
+    recs = []
+    for i, y in enumerate(rng.choice(["nv", "mel", "bkl", "bcc"], size=1200).tolist()):
+        stand_in = i % 2 == 0  # half the rows: a much weaker stand-in of the expert
+        recs.append({"label": y, "classifier": _noisy(y, rng, 0.6), "effnet": _noisy(y, rng, 0.3 if stand_in else 1.0), "effnet_crossfit": stand_in})
+    experts = ["classifier", "effnet"]
+    x, _ = derm_design(recs, experts, 1e-3)
+    s = stand_in_mask(recs, experts)
+    assert s[:, 1].sum() == 600 and not s[:, 0].any()
+    y = [r["label"] for r in recs]
+    real = np.flatnonzero(~s[:, 1])
+
+    def fit(rows, mask=None):
+        return fit_multinomial(x[rows], [y[i] for i in rows], 0.01, 0.0, experts, 1e-3, 0, mask)
+
+    def weight(m):
+        return m.meta["expert_weights"]["effnet"]
+
+    def real_rows_nll(m):
+        return -np.mean([np.log(m.fuse(HAM_CLASSES, {e: recs[i][e] for e in experts}).probs[y[i]]) for i in real])
+
+    every = np.arange(len(recs))
+    clean, pooled, offset = fit(real), fit(every), fit(every, s)
+    assert weight(pooled) + 0.5 < weight(offset) < weight(clean)  # the stand-ins drag the pooled weight down; the offset absorbs most of it
+    assert real_rows_nll(offset) < 0.85 * real_rows_nll(pooled)
+    u = offset.meta["stand_in_offsets"]
+    assert set(u) == {"effnet"} and u["effnet"] < -0.5 and not pooled.meta["stand_in_offsets"]
+    # The artifact's coefficients are the deployed ones; a stand-in row is fused with its offset added back.
+    assert with_stand_in(offset, [False, False]) is offset
+    real_row, stand_in_row = recs[1], recs[0]
+    assert fuse_fit_rows(offset, [real_row])[0] == offset.fuse(HAM_CLASSES, {e: real_row[e] for e in experts}).probs
+    shifted = with_stand_in(offset, [False, True])
+    assert fuse_fit_rows(offset, [stand_in_row])[0] == shifted.fuse(HAM_CLASSES, {e: stand_in_row[e] for e in experts}).probs
+    assert not np.allclose(shifted.coef, offset.coef)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -51,6 +52,9 @@ class Config(TrainConfig):
     clinical_fit: list[Literal["heldout_even", "train"]] = Field(["heldout_even"], description="Clinical fit rows: the even-hash half of the held-out DermNet "
                                                                 "photos, and/or the case index's DermNet photos (fusion_data --sources dermnet_train; "
                                                                 "needs the second expert's cross-fitted outputs there).")
+    stand_in_offsets: bool = Field(False, description="Fit a weight offset per expert for the rows whose output of it comes from cross-fitted "
+                                   "stand-in models (<expert>_crossfit: weaker than the expert the agent runs), so that those rows inform every other "
+                                   "parameter without pulling that expert's deployed weight down; the artifact keeps the deployed weights only.")
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
@@ -96,6 +100,9 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
             if f"{findings_from}_findings" not in r:
                 raise ValueError(f"record {r['id']} has no {findings_from}_findings: rerun python -m training.fusion_data --expert-weights ... (findings_from: {findings_from})")
             r["findings"] = r[f"{findings_from}_findings"]
+            r["morphology_crossfit"] = bool(r.get(f"{findings_from}_crossfit"))
+        elif r["findings"]:
+            r["morphology_crossfit"] = bool(r.get("crossfit_findings"))
         if r.get("modality") == "clinical" and "effnet_dermnet" in r:
             r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
             if clinical_extra_candidates:
@@ -208,6 +215,12 @@ def derm_design(recs: list[dict], experts: Sequence[str], eps: float) -> tuple[n
     return x, np.isnan(x)
 
 
+def stand_in_mask(recs: list[dict], experts: Sequence[str]) -> np.ndarray:
+    """(n, E): True where a record's output of an expert comes from cross-fitted stand-in models
+    (``<expert>_crossfit``, written by ``training.fusion_data --expert-crossfit``), not the model the agent runs."""
+    return np.array([[bool(r.get(f"{e}_crossfit")) for e in experts] for r in recs], bool).reshape(len(recs), len(experts))
+
+
 def _class_weights(y: Sequence[str], gamma: float) -> dict[str, float]:
     labels, counts = np.unique(np.asarray(y), return_counts=True)
     w = counts.astype(float) ** -gamma
@@ -215,14 +228,18 @@ def _class_weights(y: Sequence[str], gamma: float) -> dict[str, float]:
     return {str(k): float(v) for k, v in zip(labels, w)}
 
 
-def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, experts: Sequence[str], eps: float, seed: int) -> ModalityFusion:
+def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, experts: Sequence[str], eps: float, seed: int,
+                    stand_in: np.ndarray | None = None) -> ModalityFusion:  # fmt: skip
     """A product of experts with class-specific corrections, as one multinomial logit:
 
-        z_c = b_c + Σ_e (w_e + v_ec) · log p_e(c)
+        z_c = b_c + Σ_e (w_e + v_ec + u_e · s_ne) · log p_e(c)
 
     w_e is each expert's weight, v_ec its per-class deviation, shrunk towards 0 by an L2 penalty 1/C
     (C → 0: a pure weighted product of experts with class biases; C large: free per-class weights);
-    samples are weighted ∝ n_class^-γ. 2E·C + C parameters at most, fitted by L-BFGS."""
+    samples are weighted ∝ n_class^-γ. 2E·C + C parameters at most, fitted by L-BFGS. ``stand_in`` (n, E)
+    marks outputs from cross-fitted stand-in models (s_ne = 1): their own weight offset u_e, lightly penalised,
+    is fitted and kept in ``meta['stand_in_offsets']`` but not in the returned coefficients, which are the
+    deployed expert's (:func:`with_stand_in` puts it back)."""
     from scipy.optimize import minimize
 
     C = len(HAM_CLASSES)
@@ -238,14 +255,15 @@ def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, exp
     sw = sw / sw.sum()
     lam_v, lam_b = 1.0 / c, 1e-3
     present = np.isin(np.arange(C), yi)
+    S = np.zeros((len(x), E)) if stand_in is None else np.asarray(stand_in, float)
 
     def unpack(theta):
-        return theta[:E], theta[E:E + E * C].reshape(E, C), theta[E + E * C:]
+        return theta[:E], theta[E:E + E * C].reshape(E, C), theta[E + E * C:E + E * C + C], theta[E + E * C + C:]
 
     def loss(theta):
-        w, v, b = unpack(theta)
+        w, v, b, u = unpack(theta)
         wv = w[:, None] + v  # (E, C)
-        z = b + np.einsum("nec,ec->nc", X, wv)
+        z = b + np.einsum("nec,ec->nc", X, wv) + np.einsum("nec,ne->nc", X, S * u)
         z = np.where(present, z, -30.0)  # a class absent from the fit data is never predicted
         z = z - z.max(1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -257,11 +275,13 @@ def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, exp
         gw = gwv.sum(1)
         gv = gwv + 2 * lam_v * v
         gb = g.sum(0) + 2 * lam_b * b
-        return nll + lam_v * (v ** 2).sum() + lam_b * (b ** 2).sum(), np.concatenate([gw, gv.ravel(), gb])
+        gu = (np.einsum("nc,nec->ne", g, X) * S).sum(0) + 2 * lam_b * u
+        penalty = lam_v * (v ** 2).sum() + lam_b * ((b ** 2).sum() + (u ** 2).sum())
+        return nll + penalty, np.concatenate([gw, gv.ravel(), gb, gu])
 
-    theta0 = np.concatenate([np.full(E, 1.0 / E), np.zeros(E * C), np.zeros(C)])
+    theta0 = np.concatenate([np.full(E, 1.0 / E), np.zeros(E * C), np.zeros(C), np.zeros(E)])
     res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 2000})
-    w, v, b = unpack(res.x)
+    w, v, b, u = unpack(res.x)
     wv = w[:, None] + v
     coef = np.zeros((C, E * C))
     for j in range(E):
@@ -269,7 +289,33 @@ def fit_multinomial(x: np.ndarray, y: Sequence[str], c: float, gamma: float, exp
     intercept = np.where(present, b, -30.0)
     centre = {e: centre_full[j * C:(j + 1) * C] for j, e in enumerate(experts)}
     return ModalityFusion("dermoscopy", "multinomial", list(experts), eps, list(HAM_CLASSES), coef, intercept, centre,
-                          meta={"C": c, "gamma": gamma, "expert_weights": {e: round(float(wj), 4) for e, wj in zip(experts, w)}})  # fmt: skip
+                          meta={"C": c, "gamma": gamma, "expert_weights": {e: round(float(wj), 4) for e, wj in zip(experts, w)},
+                                "stand_in_offsets": {e: float(uj) for e, uj, on in zip(experts, u, S.any(0)) if on}})  # fmt: skip
+
+
+def with_stand_in(model: ModalityFusion, flags: Sequence[bool]) -> ModalityFusion:
+    """``model`` as fitted for a row whose experts' outputs are stand-ins where ``flags`` says so (each such
+    expert's weight offset added to its block of coefficients)."""
+    offsets = model.meta.get("stand_in_offsets") or {}
+    if not any(flags) or not offsets:
+        return model
+    C = len(model.classes)
+    coef = np.array(model.coef, float).copy()
+    for j, (e, on) in enumerate(zip(model.experts, flags)):
+        if on and e in offsets:
+            coef[np.arange(C), j * C + np.arange(C)] += offsets[e]
+    return replace(model, coef=coef)
+
+
+def fuse_fit_rows(model: ModalityFusion, recs: list[dict]) -> list[dict[str, float]]:
+    """Fused probabilities of fit/calibration rows, each with the stand-in offsets its outputs call for."""
+    mask = stand_in_mask(recs, model.experts)
+    variants: dict[tuple[bool, ...], ModalityFusion] = {}
+    out = []
+    for r, flags in zip(recs, map(tuple, mask)):
+        m = variants.setdefault(flags, with_stand_in(model, flags))
+        out.append(m.fuse(HAM_CLASSES, _outputs(r, m.experts)).probs)
+    return out
 
 
 def _outputs(r: dict, experts: Sequence[str]) -> dict[str, Any]:
@@ -284,14 +330,15 @@ def fuse_all(model: ModalityFusion, recs: list[dict]):
     return [model.fuse(r["candidates"] if model.kind == "conditional_logit" else HAM_CLASSES, _outputs(r, model.experts)) for r in recs]
 
 
-def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed) -> list[dict[str, float]]:
+def oof_multinomial(recs: list[dict], experts, c, gamma, eps, fold, seed, stand_in: bool = False) -> list[dict[str, float]]:
     x, _ = derm_design(recs, experts, eps)
+    s = stand_in_mask(recs, experts) if stand_in else None
     y = [r["label"] for r in recs]
     out: list[Any] = [None] * len(recs)
     for j in range(fold.max() + 1):
         tr, te = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
-        m = fit_multinomial(x[tr], [y[i] for i in tr], c, gamma, experts, eps, seed)
-        for i, p in zip(te, fuse_records(m, [recs[i] for i in te])):
+        m = fit_multinomial(x[tr], [y[i] for i in tr], c, gamma, experts, eps, seed, None if s is None else s[tr])
+        for i, p in zip(te, fuse_fit_rows(m, [recs[i] for i in te])):
             out[i] = p
     return out
 
@@ -325,7 +372,7 @@ def choose_stacker(recs: list[dict], experts, cfg: Config) -> tuple[float, list[
     fold = _folds(y, cfg.folds, cfg.seed)
     grid, oofs = [], {}
     for c in cfg.c_grid:
-        oof = oof_multinomial(recs, experts, c, 0.0, cfg.eps, fold, cfg.seed)
+        oof = oof_multinomial(recs, experts, c, 0.0, cfg.eps, fold, cfg.seed, cfg.stand_in_offsets)
         nll = float(np.mean([-math.log(max(p.get(t, 0.0), 1e-9)) for p, t in zip(oof, y)]))
         grid.append({"C": c, "log_loss": round(nll, 4), **top_metrics(y, oof)})
         oofs[c] = oof
@@ -346,7 +393,7 @@ def choose_decision(recs: list[dict], experts, cfg: Config) -> tuple[float, floa
     probs: dict[tuple[float, float], list[dict[str, float]]] = {}
     for c in cfg.c_grid:
         for g in cfg.gamma_grid:
-            oof = oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed)
+            oof = oof_multinomial(recs, experts, c, g, cfg.eps, fold, cfg.seed, cfg.stand_in_offsets)
             grid.append({"C": c, "gamma": g, **top_metrics(y, oof)})
             probs[(c, g)] = oof
     ok = [g for g in grid if g["accuracy"] >= reference - cfg.max_accuracy_drop] or grid
@@ -647,11 +694,13 @@ def train(cfg: Config) -> dict[str, Any]:
     dc, gamma, dgrid, oof_labels = choose_decision(fit, experts, cfg)
     fold = _folds(y, cfg.folds, cfg.seed)
     x, _ = derm_design(fit, experts, cfg.eps)
-    derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed)
-    dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed)
+    s = stand_in_mask(fit, experts) if cfg.stand_in_offsets else None
+    derm = fit_multinomial(x, y, c, 0.0, experts, cfg.eps, cfg.seed, s)
+    dec = fit_multinomial(x, y, dc, gamma, experts, cfg.eps, cfg.seed, s)
     mel_bias = float(dgrid[-1]["melanoma_bias"])
     derm.decision_coef, derm.decision_intercept = dec.coef, melanoma_biased(dec.intercept, mel_bias)
     derm.meta.update({"decision_C": dc, "decision_gamma": gamma, "decision_melanoma_bias": mel_bias, "decision_expert_weights": dec.meta["expert_weights"],
+                      "decision_stand_in_offsets": dec.meta["stand_in_offsets"],
                       "decision_grid": dgrid})  # fmt: skip
     if cfg.conformal_groups == "source":
         derm.set_groups = fit_set_groups(fit, parts["isic_eval"] + parts["derm7pt_eval"], cfg)
@@ -694,7 +743,8 @@ def train(cfg: Config) -> dict[str, Any]:
             for drop in experts:
                 keep = [e for e in experts if e != drop]
                 xf, _ = derm_design(fit, keep, cfg.eps)
-                m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed)  # the decision model without that expert
+                sf = stand_in_mask(fit, keep) if cfg.stand_in_offsets else None
+                m = fit_multinomial(xf, y, dc, gamma, keep, cfg.eps, cfg.seed, sf)  # the decision model without that expert
                 m.intercept = melanoma_biased(m.intercept, mel_bias)
                 ablation[f"without_{drop}"] = top_metrics([r["label"] for r in recs], fuse_records(m, recs))
             ev["ablation"] = ablation

@@ -15,6 +15,7 @@ from pathlib import Path
 
 TRAINERS: dict[str, str] = {
     "modality": "training.modality",
+    "modality-heldout": "training.modality_heldout",
     "concepts": "training.concepts",
     "verifier": "training.verifier",
     "describer": "training.describer_vlm",

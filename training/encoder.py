@@ -81,6 +81,8 @@ class Config(TrainConfig):
     limit_per_source: int | None = Field(None, ge=1, description="Use only this many images per source and split (smoke runs).")
     closeup_scale: tuple[float, float] = Field((0.06, 0.3), description="Area fraction of the close-up crops of clinical photos.")
     histology_holdout_every: int = Field(3, ge=2, description="Every n-th histology slide is held out for validation.")
+    not_skin_kinds: list[str] | None = Field(None, description="Synthetic not-skin kinds (training.synthetic.KINDS) trained and validated on (None: all), "
+                                             "e.g. to hold kinds out (training.modality_heldout).")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default / OMP_NUM_THREADS).")
     workers: int = Field(0, ge=0, description="Processes augmenting batches ahead of the GPU (0: in the training loop; same batches either way).")
     device_augment: bool = Field(False, description="Keep the decoded images on the training device and augment whole batches there (training.batch_augment; the GPU recipe); workers are then unused.")
@@ -179,6 +181,18 @@ def build_tables(cfg: Config, root: Path | None = None) -> tuple[dict[str, list[
 def _synthetic_records(n_per_kind: int, seed: int) -> list[dict]:
     return [{"source": "synthetic", "image": f"{k}:{seed}:{i}", "path": "", "view": "full", "kind": "other", "labels": {**_empty_labels(), "modality": 3}}
             for i, k in enumerate(_synthetic_kinds(n_per_kind))]  # fmt: skip
+
+
+def _kinds(records: list[dict], kinds: list[str] | None) -> list[dict]:
+    """The synthetic records of ``kinds`` (None: all); unknown kinds are refused."""
+    if kinds is None:
+        return records
+    from training.synthetic import KINDS
+
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown not_skin_kinds {unknown}; valid: {', '.join(KINDS)}")
+    return [r for r in records if r["image"].split(":")[0] in kinds]
 
 
 def _synthetic_kinds(n_per_kind: int) -> list[str]:
@@ -737,8 +751,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     sets, dn_classes = tables if tables is not None else build_tables(cfg)
     sets = dict(sets)
     n_syn = (max(1, cfg.limit_per_source // 8) if cfg.limit_per_source else 30) if cfg.mix.not_skin else 0
-    sets["train_not_skin"] = _synthetic_records(n_syn, cfg.seed) if n_syn else []
-    sets["val_not_skin"] = _synthetic_records(max(1, n_syn // 3), cfg.seed + 1000) if n_syn else []
+    sets["train_not_skin"] = _kinds(_synthetic_records(n_syn, cfg.seed), cfg.not_skin_kinds) if n_syn else []
+    sets["val_not_skin"] = _kinds(_synthetic_records(max(1, n_syn // 3), cfg.seed + 1000), cfg.not_skin_kinds) if n_syn else []
     images = decoded_images(cfg, sets, images)
     pools = {k: v for k, v in sets.items() if k.startswith("train_")}
     val = {k: (images[k], v) for k, v in sets.items() if k.startswith("val_")}
@@ -786,7 +800,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     shipped = ema.module if ema is not None else net  # what is evaluated, selected and saved
     speed = {"channels_last", "compile_mode", "log_every", "crossfit_views"}  # how fast or what is predicted after, not what is trained: a run may resume with other values
-    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every", *speed}), sort_keys=True).encode()).hexdigest()[:16]
+    unset = {"not_skin_kinds"} if cfg.not_skin_kinds is None else set()  # added later: runs without it keep their fingerprint
+    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every", *speed, *unset}), sort_keys=True).encode()).hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}
     metrics_path = out / "metrics.jsonl"

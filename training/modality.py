@@ -200,7 +200,7 @@ def _synthetic_images(n: int, seed: int) -> list:
     return _SYNTH_CACHE[(n, seed)]
 
 
-def _folds(groups: np.ndarray, cfg: Config) -> list[np.ndarray]:
+def source_folds(groups: np.ndarray, cfg: Config) -> list[np.ndarray]:
     """Fold k holds out dermoscopy sources k (mod n_folds) and the k-th share of every other modality's groups."""
     k = cfg.n_folds
     derm = [f"dermoscopy:{s}" for s in cfg.dermoscopy_sources]
@@ -244,7 +244,7 @@ def _crossval(features_of_fold, y: np.ndarray, groups: np.ndarray, cfg: Config, 
     features under fold k's encoder (the same array unless the encoder is fine-tuned per fold)."""
     pred = np.empty(len(y), dtype=object)
     dist_held = np.full(len(y), np.nan)
-    for k, held in enumerate(_folds(groups, cfg)):
+    for k, held in enumerate(source_folds(groups, cfg)):
         if not held.any() or held.all():
             continue
         x = features_of_fold(k, held)

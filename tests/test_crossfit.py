@@ -2,6 +2,7 @@
 output wins over an in-sample one (training.encoder)."""
 
 import numpy as np
+import pytest
 
 from training.encoder import CROSSFIT_TABLES, bundle_crossfit, crossfit_outputs, crossfit_split, expert_outputs, fold_of, head_outputs_npz
 
@@ -60,3 +61,23 @@ def test_reasoner_rows_get_the_second_opinion_the_agent_would_see_and_never_an_i
     top = [heads["ham"][int(np.argmax(r.expert_heads["ham"]))] if r.expert_heads else None for r in rows]
     assert top == [heads["ham"][0], heads["ham"][1], heads["ham"][5], None]  # row 3: a training image without a cross-fitted output
     assert "dermnet" in rows[0].expert_heads and "dermnet" not in rows[2].expert_heads
+
+
+def test_member_outputs_are_averaged_where_the_agents_members_if_would_run_them():
+    """A fold's member outputs (``__member``) join the fold model's as the agent's ensemble does: every head (and its
+    view mean) averaged for the images ``members_if`` picks, judged on the fold model's own output; member keys dropped."""
+    from training.encoder import MODALITIES, member_mean
+
+    derm = np.eye(4)[MODALITIES.index("dermoscopy")] * 0.9 + 0.025
+    clin = np.eye(4)[MODALITIES.index("clinical")] * 0.9 + 0.025
+    probs = {"ham": np.array([0.8, 0.2]), "ham__member": np.array([0.4, 0.6]), "ham__views": np.array([0.7, 0.3]), "ham__views__member": np.array([0.5, 0.5]),
+             "modality": derm, "modality__member": derm}  # fmt: skip
+    both = member_mean(probs, "modality=dermoscopy")
+    assert set(both) == {"ham", "ham__views", "modality"}
+    assert np.allclose(both["ham"], [0.6, 0.4]) and np.allclose(both["ham__views"], [0.6, 0.4])
+    assert np.allclose(member_mean({**probs, "modality": clin}, "modality=dermoscopy")["ham"], [0.8, 0.2])  # the member does not run on clinical photos
+    assert np.allclose(member_mean(probs)["ham"], [0.6, 0.4])  # no condition: every image
+    own = {"ham": np.array([0.8, 0.2])}
+    assert member_mean(own, "modality=dermoscopy") == own  # no member outputs: the fold model's alone
+    with pytest.raises(ValueError, match="members_if 'modality=photo'"):
+        member_mean(probs, "modality=photo")

@@ -218,6 +218,8 @@ def test_smoke_job_runs_every_stage_and_returns_at_most_8_small_files(tiny_featu
     for table, source in CROSSFIT_TABLES.items():
         z = np.load(got["effnet"] / "crossfit" / f"{source}__effnet.npz")
         assert z["probs_ham"].shape == (len(z["ids"]), 7) and np.allclose(z["probs_ham"].sum(1), 1, atol=1e-3) and set(z["fold"]) <= {0, 1}
+        # Each fold model's member (continued from it, effnet_member) predicted the same held-out images.
+        assert z["probs_ham__member"].shape == z["probs_ham"].shape and not np.allclose(z["probs_ham__member"], z["probs_ham"])
         assert len(set(z["ids"])) == len(z["ids"]) == summary["stages"]["effnet"]["runs"]["fold0"]["held_out"][table] + summary["stages"]["effnet"]["runs"]["fold1"]["held_out"][table]
         recs = {r["image"]: r for r in packed["sets"][table]}
         assert set(z["ids"]) == set(recs) and all(fold_of(recs[i], 2) == f for i, f in zip(z["ids"], z["fold"]))

@@ -556,16 +556,29 @@ def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarra
     return path
 
 
+MEMBER_SUFFIX = "__member"
+"""Key suffix of a cross-fitting fold's member outputs (``probs_<head>__member``, ``probs_<head>__views__member``)."""
+
+
 def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], images: dict[str, np.ndarray], folds: int, *,
-             deadline: float | None = None, device: str | None = None, log=print) -> dict[str, dict]:
+             deadline: float | None = None, device: str | None = None, log=print, member: Config | None = None,
+             member_share: float = 0.4) -> dict[str, dict]:  # fmt: skip
     """Cross-fitted outputs: ``folds`` models trained by ``cfg``'s recipe from the ImageNet weights (never
     ``cfg.init``: an expert that saw every image), each without one fold of the training tables
     (:func:`crossfit_split`), each predicting the fold it left out. Writes ``<out_dir>/fold<k>/`` (the run's
     metrics, curves, summary) and ``<out_dir>/crossfit/<source>__effnet.npz`` (:func:`head_outputs_npz`, with the
     ``fold`` of each image); returns each fold's summary. ``deadline`` (epoch seconds): the folds share the time
-    left (``max_minutes`` each), else ``cfg``'s own limits apply."""
+    left (``max_minutes`` each; with a member, ``member_share`` of a fold's time is the member's), else ``cfg``'s
+    own limits apply.
+
+    ``member``: each fold model is then continued by this recipe (its ``init`` = the fold model, the same fold's
+    tables), as the agent's ensemble member was continued from the shipped expert (encoder.second_expert
+    ``members``), and the held-out fold also gets the member's outputs (``probs_<head>__member``, and
+    ``probs_<head>__views__member`` with ``crossfit_views``), which :func:`member_mean` combines as the agent does."""
     from models.efficientnet import load_expert
 
+    if member is not None and not 0 < member_share < 1:
+        raise ValueError(f"member_share {member_share} must be in (0, 1)")
     out = Path(cfg.out_dir)
     held_out: dict[str, list[tuple[int, list[int], dict[str, np.ndarray]]]] = {n: [] for n in CROSSFIT_TABLES}
     results: dict[str, dict] = {}
@@ -574,21 +587,36 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
         f_sets = {n: [recs[j] for j in kept[n]] if n in kept else recs for n, recs in sets.items()}
         f_images = {n: images[n][kept[n]] if n in kept else images[n] for n in sets}
         update: dict = {"out_dir": out / f"fold{k}", "init": None, "artifact": None}
-        if deadline is not None:
-            update["max_minutes"] = max(0.05, (deadline - time.time()) / (folds - k) / 60)
+        fold_end = None if deadline is None else time.time() + (deadline - time.time()) / (folds - k)
+        if fold_end is not None:
+            update["max_minutes"] = max(0.05, (fold_end - time.time()) * (1 - member_share if member is not None else 1.0) / 60)
         fcfg = cfg.model_copy(update=update)
         fcfg.out_dir.mkdir(parents=True, exist_ok=True)
         (fcfg.out_dir / "config.yaml").write_text(json.dumps(fcfg.model_dump(mode="json"), indent=1))
         log(f"crossfit fold {k + 1}/{folds}: {sum(len(v) for n, v in held.items())} images held out" + (f", {fcfg.max_minutes * 60:.0f} s" if fcfg.max_minutes else ""))
         res = train(fcfg, tables=(f_sets, classes), images=f_images)
-        net, _ = load_expert(fcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))
+        nets = [("", load_expert(fcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))[0], fcfg)]
+        if member is not None:
+            mupdate: dict = {"out_dir": out / f"fold{k}{MEMBER_SUFFIX}", "init": str(fcfg.out_dir / "best.safetensors"), "artifact": None,
+                             "crossfit_views": cfg.crossfit_views}  # fmt: skip
+            if fold_end is not None:
+                mupdate["max_minutes"] = max(0.05, (fold_end - time.time()) / 60)
+            mcfg = member.model_copy(update=mupdate)
+            mcfg.out_dir.mkdir(parents=True, exist_ok=True)
+            (mcfg.out_dir / "config.yaml").write_text(json.dumps(mcfg.model_dump(mode="json"), indent=1))
+            log(f"crossfit fold {k + 1}/{folds}: member from the fold model" + (f", {mcfg.max_minutes * 60:.0f} s" if mcfg.max_minutes else ""))
+            res["member"] = fold_summary(train(mcfg, tables=(f_sets, classes), images=f_images))
+            nets.append((MEMBER_SUFFIX, load_expert(mcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))[0], mcfg))
         for n, idx in held.items():
             if idx:
                 recs = [sets[n][j] for j in idx]
-                outs = evaluate(net, images[n][idx], recs, fcfg.image_size)
-                if cfg.crossfit_views:
-                    viewed = evaluate(net, images[n][idx], recs, fcfg.image_size, views=cfg.crossfit_views)
-                    outs.update({f"{h}__views": p for h, p in viewed.items() if h != "features"})
+                outs: dict[str, np.ndarray] = {}
+                for suffix, net, ncfg in nets:
+                    got = evaluate(net, images[n][idx], recs, ncfg.image_size)
+                    outs.update({f"{h}{suffix}": p for h, p in got.items() if not (suffix and h == "features")})
+                    if cfg.crossfit_views:
+                        viewed = evaluate(net, images[n][idx], recs, ncfg.image_size, views=cfg.crossfit_views)
+                        outs.update({f"{h}__views{suffix}": p for h, p in viewed.items() if h != "features"})
                 held_out[n].append((k, idx, outs))
         res["held_out"] = {n: len(idx) for n, idx in held.items()}
         (fcfg.out_dir / "summary.json").write_text(json.dumps(res, indent=1, default=str))
@@ -640,6 +668,26 @@ def crossfit_outputs(where: Path | str, source: str) -> dict[str, np.ndarray] | 
     with np.load(path) as z:
         got = {k.split("__", 1)[1]: z[k] for k in z.files if k.startswith(f"{source}__")}
     return got or None
+
+
+def member_mean(probs: dict[str, np.ndarray], members_if: str | None = None, heads: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
+    """One image's cross-fitted outputs as the agent's ensemble gives them (``models.efficientnet.EfficientNetExpert``
+    ``members`` / ``members_if``): where the fold's member predicted it (``<head>__member`` keys, :func:`crossfit`) and
+    ``members_if`` ("head=label"; judged on the fold model's own single-view output; None: always) holds, every head
+    (and its ``__views`` mean) is the mean of the two networks'; elsewhere the fold model's alone. Member keys are
+    dropped. ``heads``: labels per head (default: the heads this trainer builds with fixed labels)."""
+    if heads is None:
+        heads = {"ham": list(HAM_CLASSES), "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+    own = {k: v for k, v in probs.items() if not k.endswith(MEMBER_SUFFIX)}
+    if not any(k.endswith(MEMBER_SUFFIX) for k in probs):
+        return own
+    if members_if is not None:
+        head, _, label = members_if.partition("=")
+        if label not in heads.get(head, ()) or head not in own:
+            raise ValueError(f"members_if {members_if!r}: expected head=label, one of the labels of a head among {sorted(h for h in heads if h in own)}")
+        if list(heads[head])[int(np.argmax(own[head]))] != label:
+            return own
+    return {k: (v + probs[k + MEMBER_SUFFIX]) / 2 if k + MEMBER_SUFFIX in probs else v for k, v in own.items()}
 
 
 def expert_outputs(image_source: str, features: Path | None = None, crossfit: Path | str | None = None) -> dict[str, tuple[dict[str, np.ndarray], bool]]:

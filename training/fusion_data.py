@@ -199,7 +199,7 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 
 def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet",
-                         crossfit: Path | None = None, view_heads: Iterable[str] = ()) -> Path:
+                         crossfit: Path | None = None, view_heads: Iterable[str] = (), members_if: str | None = None) -> Path:
     """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``), DermNet head
     (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) and 7-point criteria heads
     (``<name>_findings``) from ``<expert_features>/<source>__effnet.npz``.
@@ -210,11 +210,13 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     those records carry ``<name>_crossfit: true``. ``view_heads``: the heads the agent averages over test-time views
     (``encoder.second_expert`` options, as ``expert_features`` was written): the cross-fitted outputs' view means
     (``<head>__views``, encoder ``crossfit_views``) are used for them where the bundle has them; a count of those
-    without is printed (single-view there)."""
+    without is printed (single-view there). Where the bundle has each fold's ensemble member too (encoder ``crossfit``
+    ``member``), the two networks' outputs are averaged as the agent's ensemble does (``members_if``, as in
+    ``encoder.second_expert`` options; :func:`training.encoder.member_mean`)."""
     from agent.nodes.encode import expert_criteria_from_heads, expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
-    from training.encoder import TRAINED_SPLITS, expert_outputs
+    from training.encoder import TRAINED_SPLITS, expert_outputs, member_mean
 
     heads = expert_info(Path(weights))["heads"]
     kb = KnowledgeBase()
@@ -227,6 +229,8 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                 if row.image not in outputs:
                     continue
                 probs, crossfitted = outputs[row.image]
+                if crossfitted:
+                    probs = member_mean(probs, members_if, heads)
                 if crossfitted and view_heads:
                     single = [h for h in view_heads if f"{h}__views" not in probs]
                     single_view += bool(single)
@@ -295,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                     "--feature-dir ...): with --expert-weights, write <out>_effnet.jsonl; else clinical photos search cases with its features")
     ap.add_argument("--expert-view-heads", nargs="*", default=[], help="heads --expert-features averages over test-time views (eval_encoder --view-heads): "
                     "the cross-fitted view means are used for them")
+    ap.add_argument("--expert-members-if", default=None, help="the agent's members_if (e.g. modality=dermoscopy): where the cross-fitted bundle has each fold's "
+                    "ensemble member, the images it picks get both networks' mean (default: every image the member predicted)")
     ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
     a = ap.parse_args(argv)
     if a.tta:
@@ -303,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.expert_weights is not None:
         if a.expert_features is None:
             ap.error("--expert-weights needs --expert-features")
-        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads)
+        write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads,
+                             members_if=a.expert_members_if)
         return
     collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features, agent_config=a.agent_config)
 

@@ -81,6 +81,10 @@ def job_config_class():
         effnet_eval_reserve_s: float = Field(10.0, ge=0, description="Of the effnet stage's time kept for its last held-out evaluation and outputs.")
         effnet_folds: int = Field(0, ge=0, description="Cross-fitting models (k >= 2; 0: none), each from ImageNet without one fold, predicting it.")
         effnet_final: bool = Field(True, description="Then train the expert on everything (effnet.init or ImageNet).")
+        effnet_member: dict[str, Any] | None = Field(None, description="Continue each cross-fitting fold model by these training.encoder.Config fields over "
+                                                     "the effnet config (init: the fold model), as the agent's ensemble member was continued from the shipped "
+                                                     "expert; the held-out fold also gets the member's outputs (training.encoder.crossfit member). None: no member.")
+        effnet_member_share: float = Field(0.4, gt=0, lt=1, description="Of each fold's time, the member's share.")
         eval: EvalSettings = Field(default_factory=EvalSettings)
 
     return JobConfig
@@ -499,7 +503,11 @@ class Job:
         if self.cfg.effnet_folds:  # the folds get their share of the time, the final run the rest
             share = self.cfg.effnet_folds / len(runs)
             deadline = time.time() + (end - time.time() - self.cfg.effnet_eval_reserve_s) * share
-            results.update(encoder.crossfit(cfg, sets, classes, images, self.cfg.effnet_folds, deadline=deadline, device=self.device, log=self.log))
+            member = None
+            if self.cfg.effnet_member is not None:
+                member = encoder.Config.model_validate({**cfg.model_dump(), **self.cfg.effnet_member, "out_dir": out, "artifact": None})
+            results.update(encoder.crossfit(cfg, sets, classes, images, self.cfg.effnet_folds, deadline=deadline, device=self.device, log=self.log,
+                                            member=member, member_share=self.cfg.effnet_member_share))  # fmt: skip
         if self.cfg.effnet_final:
             rcfg = cfg.model_copy(update={"max_minutes": max(0.05, (end - time.time() - self.cfg.effnet_eval_reserve_s) / 60)})
             (out / "config.yaml").write_text(json.dumps(rcfg.model_dump(mode="json"), indent=1))
@@ -508,7 +516,8 @@ class Job:
             (out / "summary.json").write_text(json.dumps({**results["final"], "decode_s": decode_s}, indent=1, default=str))
         members = []
         if self.cfg.effnet_folds:
-            members += ["crossfit"] + [f"{r}/{f}" for r in runs if r != "final" for f in ("metrics.jsonl", "summary.json", "learning_curves.png", "config.yaml")]
+            folds = [r for r in runs if r != "final"] + ([f"{r}{encoder.MEMBER_SUFFIX}" for r in runs if r != "final"] if self.cfg.effnet_member is not None else [])
+            members += ["crossfit"] + [f"{r}/{f}" for r in folds for f in ("metrics.jsonl", "summary.json", "learning_curves.png", "config.yaml")]
         if "final" in results:
             members += ["best.safetensors", "metrics.jsonl", "summary.json", "MODEL_CARD.md", "learning_curves.png", "config.yaml", "registry.yaml"]
         write_tar(self.out, "effnet.tar.gz", out, members)

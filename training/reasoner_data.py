@@ -170,8 +170,12 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
     ``expert_features`` where cached): cross-fitted ones for the expert's own training images, else the
     shipped expert's cached ones.
     Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts."""
-    from training.encoder import TRAINED_SPLITS, expert_outputs
+    from agent.config import AgentConfig
+    from training.encoder import TRAINED_SPLITS, expert_outputs, member_mean
 
+    # Cross-fitted outputs with each fold's ensemble member are combined as the default agent runs its expert.
+    second = AgentConfig().encoder.second_expert
+    members_if = second.options.get("members_if") if second is not None else None
     counts = {"crossfit": 0, "shipped": 0, "none": 0}
     by_source: dict[str, dict] = {}
     for r in rows:
@@ -181,7 +185,8 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
         if got is None or (not got[1] and r.split in TRAINED_SPLITS.get(r.source, ())):
             counts["none"] += 1
             continue
-        r.expert_heads = {h: v for h, v in got[0].items() if h != "features"}
+        heads = member_mean(got[0], members_if) if got[1] else got[0]
+        r.expert_heads = {h: v for h, v in heads.items() if h != "features"}
         if "features" in got[0]:  # the shipped expert's, on an image it did not train on (cross-fitted outputs carry none)
             r.expert_features = np.asarray(got[0]["features"], np.float32)
         counts["crossfit" if got[1] else "shipped"] += 1

@@ -66,3 +66,35 @@ def test_shipped_config_validates_and_unknown_keys_are_errors():
     load_train_config(encoder.Config, cfg.encoder, cfg.encoder_set)  # the fold recipe's overrides are valid
     with pytest.raises(ValidationError):
         load_train_config(mod.Config, path, ["no_such_option=1"])
+
+
+@pytest.mark.data
+@pytest.mark.weights
+@pytest.mark.slow
+def test_smoke_run_scores_every_held_out_image_by_a_fold_expert_that_never_trained_on_its_source(tiny_features, tmp_path):
+    """The whole protocol on the tiny feature cache and the encoder's smoke recipe: every image of the head's dataset is
+    scored once, by the head and the expert of the fold that held its source out; the fold experts' training tables
+    lack the held-out dermoscopy dataset."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from training.cli import run_training
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "train"
+    mod_cfg = tmp_path / "modality.yaml"
+    mod_cfg.write_text(yaml.safe_dump({**yaml.safe_load((configs / "modality_smoke.yaml").read_text()), "feature_dir": str(tiny_features)}))
+    overrides = [f"out_dir={tmp_path / 'out'}", f"modality={mod_cfg}", f"encoder={configs / 'encoder_smoke.yaml'}",
+                 f"encoder_set=[cache_dir={tmp_path / 'images'}, threads=1]"]  # fmt: skip
+    summary = run_training("modality-heldout", configs / "modality_heldout.yaml", overrides)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    pred = np.load(tmp_path / "out" / "predictions.npz", allow_pickle=True)
+    assert summary["n"] == metrics["n"] == len(pred["y"]) == len(set(pred["refs"])) > 50
+    assert np.allclose(pred["expert"].sum(1), 1, atol=1e-3) and np.allclose(pred["head"].sum(1), 1, atol=1e-3)
+    folds = {f["fold"]: f for f in metrics["folds"]}
+    assert sorted(folds) == [0, 1, 2] and sum(f["n"] for f in folds.values()) == metrics["n"]
+    held = {f["fold"]: {g for g in f["held_out"] if g.startswith("dermoscopy:")} for f in folds.values()}
+    assert held == {0: {"dermoscopy:ham10000"}, 1: {"dermoscopy:derm7pt"}, 2: {"dermoscopy:isic2018_val"}}
+    assert folds[0]["trained"]["train_ham"] == 0 < folds[1]["trained"]["train_ham"] and folds[1]["trained"]["train_derm7pt"] == 0 < folds[0]["trained"]["train_derm7pt"]
+    assert set(metrics["agent_mean"]) == set(metrics["head"]) == set(metrics["expert"]) and 0 <= metrics["agent_mean"]["all"] <= 1

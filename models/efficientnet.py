@@ -230,7 +230,8 @@ def view_mean(net, x, views: Sequence[str], probs: dict[str, Any]) -> dict[str, 
     return {k: (p + logits[k].float().softmax(-1).reshape(len(views), len(x), -1).sum(0)) / (1 + len(views)) for k, p in probs.items()}
 
 
-def _condition(spec: str | None, what: str) -> tuple[str, str] | None:
+def parse_condition(spec: str | None, what: str) -> tuple[str, str] | None:
+    """``"head=label"`` (a ``views_if`` / ``members_if`` option) as (head, label); None stays None."""
     if spec is not None and (spec.count("=") != 1 or not all(spec.split("="))):
         raise ValueError(f"{what} {spec!r} must look like head=label, e.g. modality=clinical")
     return None if spec is None else tuple(spec.split("="))  # type: ignore[return-value]
@@ -273,11 +274,11 @@ class EfficientNetExpert:
             raise ValueError(f"unknown test-time views {unknown}; valid: {', '.join(TTA_VIEWS)}")
         self.views = tuple(views)
         self.view_heads = None if view_heads is None else tuple(view_heads)
-        self.views_if = _condition(views_if, "views_if")
+        self.views_if = parse_condition(views_if, "views_if")
         if view_size is not None and not 32 <= int(view_size) <= 1024:
             raise ValueError(f"view_size {view_size} must be between 32 and 1024 px (None: the trained size)")
         self.view_size = None if view_size is None else int(view_size)
-        self.members_if = _condition(members_if, "members_if")
+        self.members_if = parse_condition(members_if, "members_if")
         if members_if is not None and not members:
             raise ValueError("members_if without members")
         self._members = [str(m) for m in members]  # files or registry ids, resolved on first use

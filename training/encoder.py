@@ -682,7 +682,9 @@ def member_mean(probs: dict[str, np.ndarray], members_if: str | None = None, hea
     if not any(k.endswith(MEMBER_SUFFIX) for k in probs):
         return own
     if members_if is not None:
-        head, _, label = members_if.partition("=")
+        from models.efficientnet import parse_condition
+
+        head, label = parse_condition(members_if, "members_if")  # type: ignore[misc]
         if label not in heads.get(head, ()) or head not in own:
             raise ValueError(f"members_if {members_if!r}: expected head=label, one of the labels of a head among {sorted(h for h in heads if h in own)}")
         if list(heads[head])[int(np.argmax(own[head]))] != label:

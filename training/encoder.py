@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -561,7 +561,7 @@ MEMBER_SUFFIX = "__member"
 
 
 def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], images: dict[str, np.ndarray], folds: int, *,
-             deadline: float | None = None, device: str | None = None, log=print, member: Config | None = None,
+             deadline: float | None = None, device: str | None = None, log=print, member: dict[str, Any] | None = None,
              member_share: float = 0.4) -> dict[str, dict]:  # fmt: skip
     """Cross-fitted outputs: ``folds`` models trained by ``cfg``'s recipe from the ImageNet weights (never
     ``cfg.init``: an expert that saw every image), each without one fold of the training tables
@@ -571,14 +571,16 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
     left (``max_minutes`` each; with a member, ``member_share`` of a fold's time is the member's), else ``cfg``'s
     own limits apply.
 
-    ``member``: each fold model is then continued by this recipe (its ``init`` = the fold model, the same fold's
-    tables), as the agent's ensemble member was continued from the shipped expert (encoder.second_expert
+    ``member``: each fold model is then continued by ``cfg``'s recipe with these fields changed (its ``init`` = the
+    fold model, the same fold's tables), as the agent's ensemble member was continued from the shipped expert (encoder.second_expert
     ``members``), and the held-out fold also gets the member's outputs (``probs_<head>__member``, and
     ``probs_<head>__views__member`` with ``crossfit_views``), which :func:`member_mean` combines as the agent does."""
     from models.efficientnet import load_expert
 
     if member is not None and not 0 < member_share < 1:
         raise ValueError(f"member_share {member_share} must be in (0, 1)")
+    # cfg may be a subclass (encoder-crossfit's): the member recipe is an encoder Config over the same fields.
+    member_cfg = None if member is None else Config.model_validate({**cfg.model_dump(include=set(Config.model_fields)), **member})
     out = Path(cfg.out_dir)
     held_out: dict[str, list[tuple[int, list[int], dict[str, np.ndarray]]]] = {n: [] for n in CROSSFIT_TABLES}
     results: dict[str, dict] = {}
@@ -596,12 +598,12 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
         log(f"crossfit fold {k + 1}/{folds}: {sum(len(v) for n, v in held.items())} images held out" + (f", {fcfg.max_minutes * 60:.0f} s" if fcfg.max_minutes else ""))
         res = train(fcfg, tables=(f_sets, classes), images=f_images)
         nets = [("", load_expert(fcfg.out_dir / "best.safetensors", device or resolve_device(cfg.device))[0], fcfg)]
-        if member is not None:
+        if member_cfg is not None:
             mupdate: dict = {"out_dir": out / f"fold{k}{MEMBER_SUFFIX}", "init": str(fcfg.out_dir / "best.safetensors"), "artifact": None,
                              "crossfit_views": cfg.crossfit_views}  # fmt: skip
             if fold_end is not None:
                 mupdate["max_minutes"] = max(0.05, (fold_end - time.time()) / 60)
-            mcfg = member.model_copy(update=mupdate)
+            mcfg = member_cfg.model_copy(update=mupdate)
             mcfg.out_dir.mkdir(parents=True, exist_ok=True)
             (mcfg.out_dir / "config.yaml").write_text(json.dumps(mcfg.model_dump(mode="json"), indent=1))
             log(f"crossfit fold {k + 1}/{folds}: member from the fold model" + (f", {mcfg.max_minutes * 60:.0f} s" if mcfg.max_minutes else ""))
@@ -613,7 +615,7 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
                 outs: dict[str, np.ndarray] = {}
                 for suffix, net, ncfg in nets:
                     got = evaluate(net, images[n][idx], recs, ncfg.image_size)
-                    outs.update({f"{h}{suffix}": p for h, p in got.items() if not (suffix and h == "features")})
+                    outs.update({f"{h}{suffix}": p for h, p in got.items() if h != "features"})
                     if cfg.crossfit_views:
                         viewed = evaluate(net, images[n][idx], recs, ncfg.image_size, views=cfg.crossfit_views)
                         outs.update({f"{h}__views{suffix}": p for h, p in viewed.items() if h != "features"})
@@ -624,7 +626,7 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
     for n, parts in held_out.items():
         if parts:
             order = [j for _, idx, _ in parts for j in idx]
-            probs = {h: np.concatenate([p[h] for _, _, p in parts]) for h in parts[0][2] if h != "features"}
+            probs = {h: np.concatenate([p[h] for _, _, p in parts]) for h in parts[0][2]}
             fold = np.concatenate([np.full(len(idx), k) for k, idx, _ in parts])
             head_outputs_npz(out / "crossfit" / f"{CROSSFIT_TABLES[n]}__effnet.npz", [sets[n][j] for j in order], probs, {"fold": fold})
     return results

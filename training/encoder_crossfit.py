@@ -41,11 +41,7 @@ def train(cfg: Config) -> dict:
     sets, classes = encoder.build_tables(cfg)
     images = encoder.decoded_images(cfg, sets)
     t0 = time.time()
-    member = None
-    if cfg.member is not None:
-        fields = set(encoder.Config.model_fields)
-        member = encoder.Config.model_validate({**cfg.model_dump(include=fields), **cfg.member})
-    runs = encoder.crossfit(cfg, sets, classes, images, cfg.folds, member=member)
+    runs = encoder.crossfit(cfg, sets, classes, images, cfg.folds, member=cfg.member)
     meta = {"fold_models": {k: encoder.fold_summary(r) for k, r in runs.items()}, "config": cfg.model_dump(mode="json")}
     bundle = encoder.bundle_crossfit(Path(cfg.out_dir) / "crossfit", Path(cfg.out_dir) / "crossfit.npz", meta)
     (Path(cfg.out_dir) / "crossfit.json").write_text(json.dumps(meta, indent=1, default=str))

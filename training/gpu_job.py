@@ -503,11 +503,8 @@ class Job:
         if self.cfg.effnet_folds:  # the folds get their share of the time, the final run the rest
             share = self.cfg.effnet_folds / len(runs)
             deadline = time.time() + (end - time.time() - self.cfg.effnet_eval_reserve_s) * share
-            member = None
-            if self.cfg.effnet_member is not None:
-                member = encoder.Config.model_validate({**cfg.model_dump(), **self.cfg.effnet_member, "out_dir": out, "artifact": None})
             results.update(encoder.crossfit(cfg, sets, classes, images, self.cfg.effnet_folds, deadline=deadline, device=self.device, log=self.log,
-                                            member=member, member_share=self.cfg.effnet_member_share))  # fmt: skip
+                                            member=self.cfg.effnet_member, member_share=self.cfg.effnet_member_share))  # fmt: skip
         if self.cfg.effnet_final:
             rcfg = cfg.model_copy(update={"max_minutes": max(0.05, (end - time.time() - self.cfg.effnet_eval_reserve_s) / 60)})
             (out / "config.yaml").write_text(json.dumps(rcfg.model_dump(mode="json"), indent=1))

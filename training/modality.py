@@ -235,7 +235,7 @@ def _pca(x_std: np.ndarray, dim: int, seed: int):
     return PCA(max(1, min(dim, x_std.shape[0] - 1, x_std.shape[1])), random_state=seed).fit(x_std)
 
 
-def _accuracy_by_tag(y, pred, tags) -> dict[str, float]:
+def accuracy_by_tag(y, pred, tags) -> dict[str, float]:
     return {t: round(float(np.mean(y[tags == t] == pred[tags == t])), 4) for t in sorted(set(tags))}
 
 
@@ -270,7 +270,7 @@ def _heldout_metrics(y: np.ndarray, pred: np.ndarray, tags: np.ndarray, cfg: Con
     pred_s = pred[scored].astype(str)
     return {
         "heldout_accuracy": round(float(np.mean(y[scored] == pred_s)), 4),
-        "heldout_accuracy_by_source": _accuracy_by_tag(y[scored], pred_s, tags[scored]),
+        "heldout_accuracy_by_source": accuracy_by_tag(y[scored], pred_s, tags[scored]),
         "confusion_matrix": {"labels": CLASSES, "matrix": confusion_matrix(y[scored], pred_s, labels=CLASSES).tolist()},
         "n": {c: int((y == c).sum()) for c in CLASSES},
         "protocol": f"{cfg.n_folds} folds, each holding out whole dermoscopy dataset(s), 1/{cfg.n_folds} of DermNet classes, of histology slides and of synthetic kinds",
@@ -417,7 +417,7 @@ def _before_after(cfg: Config, x, y, tags, new, metrics) -> dict:
     def direct(hs):
         p = hs.predict_proba(x)["modality"]
         pred = np.array(hs.heads["modality"].classes)[p.argmax(1)]
-        return round(float(np.mean(pred == y)), 4), _accuracy_by_tag(y, pred, tags)
+        return round(float(np.mean(pred == y)), 4), accuracy_by_tag(y, pred, tags)
 
     old_all, old_by = direct(old) if old is not None else (None, {})
     new_all, new_by = direct(new)

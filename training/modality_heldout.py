@@ -85,8 +85,11 @@ def expert_probs(weights: Path, refs: list[str], batch_size: int) -> np.ndarray:
 
 
 def _accuracy(y: np.ndarray, p: np.ndarray, tags: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy of the most probable class, over all and per source/view tag."""
+    from training.modality import accuracy_by_tag
+
     pred = np.array(classes)[p.argmax(1)]
-    return {"all": round(float((pred == y).mean()), 4), **{t: round(float((pred[tags == t] == y[tags == t]).mean()), 4) for t in sorted(set(tags))}}
+    return {"all": round(float((pred == y).mean()), 4), **accuracy_by_tag(y, pred, tags)}
 
 
 def train(cfg: Config) -> dict:

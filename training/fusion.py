@@ -60,9 +60,6 @@ class Config(TrainConfig):
                                     "training.calibrate_fusion.derm7pt_val_split) and evaluate on its report half: the only Derm7pt cases where every "
                                     "expert's output is the deployed model's (the second expert trained on train/extra), so Derm7pt's set and "
                                     "acceptance calibration sees deployment-like outputs.")
-    calibration_rows: Literal["all", "deployed"] = Field("all", description="Dermoscopy fit rows whose out-of-fold outputs calibrate the sets and "
-                                                         "the acceptance threshold: all, or only those where every expert's output is the deployed model's "
-                                                         "(no <expert>_crossfit stand-in and no cross-fitted findings).")
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
@@ -728,15 +725,8 @@ def train(cfg: Config) -> dict[str, Any]:
         derm.set_groups = fit_set_groups(fit, parts["isic_eval"] + parts["derm7pt_eval"], cfg)
         derm.meta["set_groups"] = {"by": "source", "names": derm.set_groups.names, "oof_accuracy": derm.set_groups.accuracy,
                                    "calibration_cases": [int((derm.set_groups.calibration_group == k).sum()) for k in range(len(derm.set_groups.names))]}  # fmt: skip
-    cal = list(range(len(fit)))
-    if cfg.calibration_rows == "deployed":
-        stand_in = stand_in_mask(fit, experts).any(axis=1) | np.array([bool(r.get("morphology_crossfit")) for r in fit])
-        cal = [i for i in cal if not stand_in[i]]
-        if derm.set_groups is not None:
-            derm.set_groups = replace(derm.set_groups, calibration_group=derm.set_groups.calibration_group[cal])
-    calibrate(derm, [fit[i] for i in cal], [oof[i] for i in cal], cfg,
-              f"out-of-fold stacker outputs on {len(cal)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in fit_part_names(cfg))}"
-              f"{', rows with deployed outputs only' if cfg.calibration_rows == 'deployed' else ''})", [oof_labels[i] for i in cal], cfg.acceptance_sources)
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in fit_part_names(cfg))})", oof_labels,
+              cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
     # Clinical.

@@ -99,32 +99,6 @@ def test_fit_parts_never_include_the_evaluation_halves(trained):
     assert not {r["id"] for r in parts["clin_fit"]} & {r["id"] for r in parts["clin_eval"]}
 
 
-def test_derm7pt_val_calib_half_joins_the_fit_and_its_report_half_stays_out(trained, tmp_path):
-    from training.calibrate_fusion import stratified_halves
-    from training.fusion import Config, load_parts, train
-
-    cfg, _, metrics = trained
-    base, moved = load_parts(cfg.experts_file), load_parts(cfg.experts_file, derm7pt_val_calib=True)
-    val = [r for r in base["derm7pt_eval"]]
-    halves = stratified_halves([(r["id"].split(":", 1)[1], r["label"]) for r in val])
-    assert {r["half"] for r in val} == {"calib", "report"} and all(r["half"] == halves[r["id"].split(":", 1)[1]] for r in val)
-    calib = {r["id"] for r in val if r["half"] == "calib"}
-    assert {r["id"] for r in moved["derm_fit"]} == {r["id"] for r in base["derm_fit"]} | calib
-    assert {r["id"] for r in moved["derm7pt_eval"]} == {r["id"] for r in val} - calib
-    # Each class alternates between the halves, so both halves hold every class (within one case).
-    for lab in {r["label"] for r in val}:
-        n = [sum(r["label"] == lab and r["half"] == h for r in val) for h in ("calib", "report")]
-        assert abs(n[0] - n[1]) <= 1
-    # The report half is reported either way, on the same cases; the morphology expert still fits on train/extra only.
-    out = train(cfg.model_copy(update={"derm7pt_val_calib": True, "out_dir": tmp_path / "o", "artifact": None}))
-    m2 = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert "derm7pt_val" not in m2["evaluation"] and "derm7pt_val" in metrics["evaluation"]
-    assert m2["evaluation"]["derm7pt_val_report"]["after"]["n"] == metrics["evaluation"]["derm7pt_val_report"]["after"]["n"] == len(val) - len(calib)
-    assert m2["counts"]["derm_fit"] == metrics["counts"]["derm_fit"] + len(calib)
-    assert m2["morphology_expert"]["n_train"] == metrics["morphology_expert"]["n_train"]
-    assert "Derm7pt val calib half" in FusionModel.load(out["artifact"]).modalities["dermoscopy"].calibration_source
-
-
 def test_findings_from_the_second_expert_replace_the_records_findings_and_are_required(tmp_path):
     """findings_from: effnet reads each record's <expert>_findings (the second expert's criteria heads); a record
     without them is an error that names the command, and the published artifact says which findings it read."""

@@ -29,26 +29,20 @@ app = typer.Typer(add_completion=False)
 EPS = 1e-4
 
 
-def stratified_halves(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """(id, label) pairs → id → 'calib'/'report': within each label, ids in sha1 order alternate between the halves."""
-    by_class: dict[str, list[str]] = {}
-    for i, lab in pairs:
-        by_class.setdefault(lab, []).append(i)
-    out = {}
-    for ids in by_class.values():
-        for k, i in enumerate(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())):
-            out[i] = "calib" if k % 2 == 0 else "report"
-    return out
+def isic_half(image_id: str, dx: str, rows_by_class: dict[str, list[str]]) -> str:
+    """'calib' or 'report': alternate within each class in sha1 order (deterministic, class-stratified)."""
+    ids = rows_by_class[dx]
+    return "calib" if ids.index(image_id) % 2 == 0 else "report"
 
 
 def isic_split(rows: list[dict[str, str]]) -> dict[str, str]:
     """image_id → 'calib'/'report' for isic2018_val."""
-    return stratified_halves([(r["image_id"], r["dx"]) for r in rows])
-
-
-def derm7pt_val_split(rows: list[dict[str, str]]) -> dict[str, str]:
-    """case_index → 'calib'/'report' for the Derm7pt ``val`` cases with a HAM10000 class (as isic_split does)."""
-    return stratified_halves([(r["case_index"], lab) for r in rows if r["split"] == "val" and (lab := derm7pt_to_ham(r["diagnosis"])) is not None])
+    by_class: dict[str, list[str]] = {}
+    for r in rows:
+        by_class.setdefault(r["dx"], []).append(r["image_id"])
+    for k in by_class:
+        by_class[k].sort(key=lambda i: hashlib.sha1(i.encode()).hexdigest())
+    return {r["image_id"]: isic_half(r["image_id"], r["dx"], by_class) for r in rows}
 
 
 def calibration_cases() -> list[dict]:

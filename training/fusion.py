@@ -3,9 +3,8 @@
 Input: the experts' first-round outputs on images the lesion classifier has not seen
 (``python -m training.fusion_data``). Parts:
 
-* **fit** (dermoscopy): the ``calib`` half of isic2018_val + Derm7pt ``train``/``extra`` (+ the ``calib`` half of
-  Derm7pt ``val`` with ``derm7pt_val_calib``); **evaluation** (never fitted on): the ``report`` half of isic2018_val
-  and Derm7pt ``val`` (its ``report`` half with ``derm7pt_val_calib``; that half is always reported too).
+* **fit** (dermoscopy): the ``calib`` half of isic2018_val + Derm7pt ``train``/``extra``;
+  **evaluation** (never fitted on): the ``report`` half of isic2018_val and Derm7pt ``val``.
 * **fit** (clinical): the DermNet photos held out of the case index whose content hash ends in an even
   digit; **evaluation**: the odd ones.
 
@@ -38,7 +37,7 @@ from training.config import TrainConfig
 
 DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
 CLIN_EXPERTS = ("knn", "llm")
-FIT_PART_NAMES = {"isic2018_val": "isic2018_val calib half", "derm7pt": "Derm7pt train/extra", "derm7pt_val_calib": "Derm7pt val calib half"}
+FIT_PART_NAMES = {"isic2018_val": "isic2018_val calib half", "derm7pt": "Derm7pt train/extra"}
 
 
 class Config(TrainConfig):
@@ -56,10 +55,6 @@ class Config(TrainConfig):
     stand_in_offsets: bool = Field(False, description="Fit a weight offset per expert for the rows whose output of it comes from cross-fitted "
                                    "stand-in models (<expert>_crossfit: weaker than the expert the agent runs), so that those rows inform every other "
                                    "parameter without pulling that expert's deployed weight down; the artifact keeps the deployed weights only.")
-    derm7pt_val_calib: bool = Field(False, description="Fit on the calib half of Derm7pt val too (class-stratified, "
-                                    "training.calibrate_fusion.derm7pt_val_split) and evaluate on its report half: the only Derm7pt cases where every "
-                                    "expert's output is the deployed model's (the second expert trained on train/extra), so Derm7pt's set and "
-                                    "acceptance calibration sees deployment-like outputs.")
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
@@ -93,22 +88,14 @@ class Config(TrainConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads",
-               derm7pt_val_calib: bool = False) -> dict[str, list[dict]]:
+def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads") -> dict[str, list[dict]]:
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
     held-out DermNet photos), clin_train (the case index's DermNet photos, when collected). ``findings_from``
-    'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``).
-    ``derm7pt_val_calib``: the calib half of Derm7pt val joins derm_fit. Derm7pt val records get ``half``."""
-    from training.calibrate_fusion import stratified_halves
+    'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``)."""
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval", "clin_train")}
-    records = list(read_records(path, tuple(extra)))
-    # The same halves as training.calibrate_fusion.derm7pt_val_split, from the records' own ids and labels.
-    val_half = stratified_halves([(r["id"].split(":", 1)[1], r["label"]) for r in records if r["source"] == "derm7pt" and r["split"] == "val"])
-    for r in records:
-        if r["source"] == "derm7pt" and r["split"] == "val":
-            r["half"] = val_half[r["id"].split(":", 1)[1]]
+    for r in read_records(path, tuple(extra)):
         if findings_from != "concept-heads" and r["findings"]:
             if f"{findings_from}_findings" not in r:
                 raise ValueError(f"record {r['id']} has no {findings_from}_findings: rerun python -m training.fusion_data --expert-weights ... (findings_from: {findings_from})")
@@ -131,14 +118,8 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
             if r["source"] == "isic2018_val":
                 parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)
             else:
-                fit = r["split"] in ("train", "extra") or (derm7pt_val_calib and r.get("half") == "calib")
-                parts["derm_fit" if fit else "derm7pt_eval"].append(r)
+                parts["derm_fit" if r["split"] in ("train", "extra") else "derm7pt_eval"].append(r)
     return parts
-
-
-def fit_part_names(cfg: Config) -> list[str]:
-    """The dermoscopy fit part's pieces (keys of FIT_PART_NAMES)."""
-    return list(cfg.fit_sources) + (["derm7pt_val_calib"] if cfg.derm7pt_val_calib else [])
 
 
 def check_out_of_sample(recs: list[dict], experts: Sequence[str], what: str) -> None:
@@ -200,7 +181,7 @@ def choose_morphology_c(findings, y, grid, k, seed) -> tuple[float, dict[float, 
 def add_morphology_outputs(parts: dict[str, list[dict]], cfg: Config) -> tuple[MorphologyExpert, dict]:
     """Fit the morphology expert on Derm7pt train+extra and write each record's ``morphology`` output
     (out-of-fold for the cases it was fitted on)."""
-    train = [r for r in parts["derm_fit"] if r["source"] == "derm7pt" and r["split"] in ("train", "extra") and r["findings"]]
+    train = [r for r in parts["derm_fit"] if r["source"] == "derm7pt" and r["findings"]]
     fnd, y = [r["findings"] for r in train], [r["label"] for r in train]
     c, losses = choose_morphology_c(fnd, y, cfg.morphology_c_grid, cfg.folds, cfg.seed)
     fold = _folds(y, cfg.folds, cfg.seed + 1)
@@ -696,14 +677,14 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.derm7pt_val_calib)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
     morph, morph_info = add_morphology_outputs(parts, cfg)
 
     # Dermoscopy.
-    fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources or r.get("half") == "calib"]  # Derm7pt val's calib half is deployment-like
+    fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources]
     check_out_of_sample(fit, cfg.dermoscopy_experts, "the dermoscopy stacker")
     if "second_expert_agrees" in cfg.acceptance_features:
         check_out_of_sample([r for r in fit if not cfg.acceptance_sources or r["source"] in cfg.acceptance_sources], cfg.extra_experts, "the acceptance model")
@@ -725,7 +706,7 @@ def train(cfg: Config) -> dict[str, Any]:
         derm.set_groups = fit_set_groups(fit, parts["isic_eval"] + parts["derm7pt_eval"], cfg)
         derm.meta["set_groups"] = {"by": "source", "names": derm.set_groups.names, "oof_accuracy": derm.set_groups.accuracy,
                                    "calibration_cases": [int((derm.set_groups.calibration_group == k).sum()) for k in range(len(derm.set_groups.names))]}  # fmt: skip
-    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in fit_part_names(cfg))})", oof_labels,
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
               cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
@@ -750,10 +731,8 @@ def train(cfg: Config) -> dict[str, Any]:
     model = FusionModel(morph, modalities, {"id": cfg.artifact_id})
     # Evaluation parts.
     evals: dict[str, Any] = {}
-    d7_report = [r for r in parts["derm7pt_eval"] if r.get("half") == "report"]
-    for name, recs, mod in (("isic2018_val_report", parts["isic_eval"], "dermoscopy"),
-                            ("derm7pt_val", parts["derm7pt_eval"] if not cfg.derm7pt_val_calib else [], "dermoscopy"),
-                            ("derm7pt_val_report", d7_report, "dermoscopy"), ("dermnet_heldout_odd", parts["clin_eval"], "clinical"),
+    for name, recs, mod in (("isic2018_val_report", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
+                            ("dermnet_heldout_odd", parts["clin_eval"], "clinical"),
                             ("dermnet_heldout", parts["clin_fit"] + parts["clin_eval"] if "heldout_even" not in cfg.clinical_fit else [], "clinical")):  # fmt: skip
         if mod not in modalities or not recs:
             continue

@@ -4,7 +4,8 @@ Writes ``.cache/features/<source>__<view>.npz`` in the repository root (git-igno
 ``ids`` (image paths relative to the data folder), ``probs`` (N, 7) float32, ``features`` (N, 2048)
 float16 and ``labels`` (the 7 class codes). Views: ``full`` for every source; DermNet also gets
 ``masked`` (its lower-left watermark painted over with the image's median colour) and ``crop50``
-(the centre half of each side of the masked photo). HAM10000 images get their metadata (age, sex,
+(the centre half of each side of the masked photo); dermoscopy sources also get ``centre70`` / ``centre50``
+(plain centre crops, for the modality head). HAM10000 images get their metadata (age, sex,
 localization); the other sources have none.
 
 Resumable: finished outputs are skipped, and a running source is checkpointed every few hundred
@@ -44,13 +45,15 @@ class Source:
     with_metadata: bool = False
 
 
+# Dermoscopy images also as tight centre crops: the modality head trains on them (training.modality dermoscopy_views).
+DERMOSCOPY_VIEWS = ("full", "centre70", "centre50")
 # smallest / most used for evaluation first, so partial runs are already useful
 SOURCES: dict[str, Source] = {
-    "isic2018_val": Source("labels.csv", "image"),
-    "derm7pt": Source("meta.csv", "derm", image_prefix="images/"),
+    "isic2018_val": Source("labels.csv", "image", views=DERMOSCOPY_VIEWS),
+    "derm7pt": Source("meta.csv", "derm", image_prefix="images/", views=DERMOSCOPY_VIEWS),
     "histology": Source("labels.csv", "image"),
     "dermnet": Source("labels.csv", "image", views=("full", "masked", "crop50")),
-    "ham10000": Source("metadata.csv", "image", with_metadata=True),
+    "ham10000": Source("metadata.csv", "image", with_metadata=True, views=DERMOSCOPY_VIEWS),
 }
 
 

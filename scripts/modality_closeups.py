@@ -2,7 +2,8 @@
 visual expert's modality head alone, and their mean at each weight (``modality.second_expert_weight``).
 
 Sets: isic2018_val, Derm7pt ``val``, the DermNet held-out sixth (whole, and centre crops keeping 50 % / 30 % of
-each side, standing in for phone close-ups of one lesion), held-out histology, synthetic not-skin images (the
+each side, standing in for phone close-ups of one lesion), the dermoscopy sets as tight centre crops (70 % / 50 %: a
+user's crop of a dermoscopy image must still route as dermoscopy), held-out histology, synthetic not-skin images (the
 expert trainer's tables, ``training.encoder.build_tables``).
 
     python scripts/modality_closeups.py [--weights 0 0.25 0.5 0.75 1] [--out runs/modality_closeups.json]
@@ -19,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SETS = (("val_isic2018", None), ("val_derm7pt", None), ("val_dermnet", None), ("val_dermnet", "crop50"), ("val_dermnet", "crop30"),
-        ("val_histology", None), ("val_not_skin", None))  # fmt: skip
+SETS = (("val_isic2018", None), ("val_isic2018", "centre70"), ("val_isic2018", "centre50"), ("val_derm7pt", None), ("val_derm7pt", "centre70"),
+        ("val_derm7pt", "centre50"), ("val_dermnet", None), ("val_dermnet", "crop50"), ("val_dermnet", "crop30"), ("val_histology", None),
+        ("val_not_skin", None))  # fmt: skip
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
         key = name + (f"_{view}" if view else "")
         res[key] = {"n": len(y), **{f"w={w:g}": round(float((((1 - w) * p_head + w * p_expert).argmax(1) == y).mean()), 4) for w in a.weights}}
         print(key, res[key], flush=True)
-    whole = [k for k in res if "crop" not in k]
+    whole = [k for k in res if "crop" not in k and "centre" not in k]
     for w in a.weights:
         n = sum(res[k]["n"] for k in whole)
         res.setdefault("whole_images", {"n": n})[f"w={w:g}"] = round(sum(res[k][f"w={w:g}"] * res[k]["n"] for k in whole) / n, 4)

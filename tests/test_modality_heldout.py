@@ -98,3 +98,43 @@ def test_smoke_run_scores_every_held_out_image_by_a_fold_expert_that_never_train
     assert held == {0: {"dermoscopy:ham10000"}, 1: {"dermoscopy:derm7pt"}, 2: {"dermoscopy:isic2018_val"}}
     assert folds[0]["trained"]["train_ham"] == 0 < folds[1]["trained"]["train_ham"] and folds[1]["trained"]["train_derm7pt"] == 0 < folds[0]["trained"]["train_derm7pt"]
     assert set(metrics["agent_mean"]) == set(metrics["head"]) == set(metrics["expert"]) and 0 <= metrics["agent_mean"]["all"] <= 1
+
+
+def test_headline_accuracy_leaves_the_dermoscopy_crop_views_out():
+    from training.modality import Config, _heldout_metrics, headline_rows
+
+    cfg = Config(dermoscopy_views=["full", "centre70"])
+    tags = np.array(["ham10000:full", "ham10000:centre70", "derm7pt:centre70", "dermnet:crop50", "histology:full", "synthetic"])
+    assert headline_rows(tags, cfg).tolist() == [True, False, False, True, True, True]
+    y = np.array(["dermoscopy", "dermoscopy", "dermoscopy", "clinical", "histopathology", "not_skin"])
+    pred = np.array(["dermoscopy", "clinical", "clinical", "clinical", "histopathology", "not_skin"], dtype=object)
+    m = _heldout_metrics(y, pred, tags, cfg)
+    assert m["heldout_accuracy"] == 1.0 and m["heldout_accuracy_all_views"] == round(4 / 6, 4)
+    assert m["heldout_accuracy_by_source"]["ham10000:centre70"] == 0.0
+    assert headline_rows(tags, Config()).all()
+
+
+@pytest.mark.data
+@pytest.mark.weights
+@pytest.mark.slow
+def test_dermoscopy_crop_views_train_with_their_source_and_are_held_out_with_it(tiny_features, tmp_path):
+    import shutil
+
+    from training.modality import Config, build_dataset, source_folds
+
+    feats = tmp_path / "features"
+    shutil.copytree(tiny_features, feats)
+    for src in ("ham10000", "derm7pt", "isic2018_val"):
+        shutil.copy(feats / f"{src}__full.npz", feats / f"{src}__centre70.npz")
+    base = Config(feature_dir=feats, clinical_views=["full"], n_synthetic=1)
+    cfg = base.model_copy(update={"dermoscopy_views": ["full", "centre70"]})
+    _, y0, g0, t0, _ = build_dataset(base)
+    x, y, groups, tags, refs = build_dataset(cfg)
+    crops = np.array([t.endswith(":centre70") for t in tags])
+    assert crops.sum() == sum(t.endswith(":full") and t.split(":")[0] in cfg.dermoscopy_sources for t in t0) > 0
+    assert set(y[crops]) == {"dermoscopy"} and len(y) == len(y0) + crops.sum()
+    assert {r.split(":")[2] for r in refs[crops]} == {"centre70"}
+    for held in source_folds(groups, cfg):  # a crop is held out exactly when its source is
+        for src in cfg.dermoscopy_sources:
+            rows = np.array([t.startswith(src + ":") for t in tags])
+            assert len(set(held[rows])) == 1

@@ -84,12 +84,13 @@ def expert_probs(weights: Path, refs: list[str], batch_size: int) -> np.ndarray:
     return np.concatenate(out)[:, order] if out else np.zeros((0, len(MODALITIES)), np.float32)
 
 
-def _accuracy(y: np.ndarray, p: np.ndarray, tags: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy of the most probable class, over all and per source/view tag."""
+def _accuracy(y: np.ndarray, p: np.ndarray, tags: np.ndarray, classes: list[str], headline: np.ndarray) -> dict[str, Any]:
+    """Accuracy of the most probable class, over the ``headline`` rows ('all': every image but the dermoscopy crop views)
+    and per source/view tag."""
     from training.modality import accuracy_by_tag
 
     pred = np.array(classes)[p.argmax(1)]
-    return {"all": round(float((pred == y).mean()), 4), **accuracy_by_tag(y, pred, tags)}
+    return {"all": round(float((pred == y)[headline].mean()), 4), **accuracy_by_tag(y, pred, tags)}
 
 
 def train(cfg: Config) -> dict:
@@ -106,6 +107,7 @@ def train(cfg: Config) -> dict:
     w = AgentConfig().modality.second_expert_weight if cfg.second_expert_weight is None else cfg.second_expert_weight
     classes = list(MODALITIES)
     x, y, groups, tags, refs = mod.build_dataset(mcfg)
+    headline = mod.headline_rows(tags, mcfg)
     folds = mod.source_folds(groups, mcfg)
     sets, dn_classes = enc.build_tables(ecfg0)
     slide_of = {r["image"]: r["source"] for r in source_table("histology")}
@@ -141,20 +143,21 @@ def train(cfg: Config) -> dict:
         p_expert[idx] = expert_probs(weights, [str(refs[i]) for i in idx], cfg.batch_size)
         per_fold.append({"fold": k, "held_out": sorted(held_groups), "n": int(held.sum()),
                          "trained": {n: len(v) for n, v in tables.items() if n.startswith("train_")},
-                         "head": _accuracy(y[held], p_head[held], tags[held], classes)["all"],
-                         "expert": _accuracy(y[held], p_expert[held], tags[held], classes)["all"],
-                         "mean": _accuracy(y[held], (1 - w) * p_head[held] + w * p_expert[held], tags[held], classes)["all"]})  # fmt: skip
+                         "head": _accuracy(y[held], p_head[held], tags[held], classes, headline[held])["all"],
+                         "expert": _accuracy(y[held], p_expert[held], tags[held], classes, headline[held])["all"],
+                         "mean": _accuracy(y[held], (1 - w) * p_head[held] + w * p_expert[held], tags[held], classes, headline[held])["all"]})  # fmt: skip
         print(json.dumps(per_fold[-1]), flush=True)
     done = ~np.isnan(p_expert).any(1)
-    yd, td = y[done], tags[done]
+    yd, td, hd = y[done], tags[done], headline[done]
     metrics = {
         "protocol": f"{mcfg.n_folds} folds of training.modality (whole dermoscopy datasets, thirds of DermNet classes, histology slides and synthetic kinds held out); "
                     f"the expert per fold: {cfg.encoder} with its fold's sources removed from training and selection",  # fmt: skip
         "second_expert_weight": w,
-        "n": int(done.sum()),
-        "head": _accuracy(yd, p_head[done], td, classes),
-        "expert": _accuracy(yd, p_expert[done], td, classes),
-        "agent_mean": _accuracy(yd, (1 - w) * p_head[done] + w * p_expert[done], td, classes),
+        "n": int(hd.sum()),
+        "n_with_crop_views": int(done.sum()),
+        "head": _accuracy(yd, p_head[done], td, classes, hd),
+        "expert": _accuracy(yd, p_expert[done], td, classes, hd),
+        "agent_mean": _accuracy(yd, (1 - w) * p_head[done] + w * p_expert[done], td, classes, hd),
         "folds": per_fold,
         "wall_s": round(time.time() - t0, 1),
     }

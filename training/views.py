@@ -2,7 +2,10 @@
 
 DermNet photos carry a watermark in the lower-left corner that a model can learn instead of the
 content; ``masked`` paints it over. ``crop50`` (centre half of each side) imitates tight close-ups of
-single lesions, which look like dermoscopy to features learned on HAM10000.
+single lesions, which look like dermoscopy to features learned on HAM10000. ``centre70`` / ``centre50`` are
+plain centre crops (no watermark to mask) of dermoscopy images: a tightly framed dermoscopy image (a user's
+crop, or a dataset cropped around the lesion as Derm7pt is) must still look like dermoscopy, so the head
+must not learn that tight framing means a clinical photo.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "full": lambda im: im,
     "masked": mask_dermnet_watermark,
     "crop50": lambda im: center_crop(mask_dermnet_watermark(im), 0.5),
+    "centre70": lambda im: center_crop(im, 0.7),
+    "centre50": lambda im: center_crop(im, 0.5),
 }
 
 

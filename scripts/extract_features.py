@@ -4,8 +4,8 @@ Writes ``.cache/features/<source>__<view>.npz`` in the repository root (git-igno
 ``ids`` (image paths relative to the data folder), ``probs`` (N, 7) float32, ``features`` (N, 2048)
 float16 and ``labels`` (the 7 class codes). Views: ``full`` for every source; DermNet also gets
 ``masked`` (its lower-left watermark painted over with the image's median colour) and ``crop50``
-(the centre half of each side of the masked photo); dermoscopy sources also get ``centre70`` / ``centre50``
-(plain centre crops, for the modality head). HAM10000 images get their metadata (age, sex,
+(the centre half of each side of the masked photo); dermoscopy sources also give ``centre70`` / ``centre50``
+(plain centre crops) when ``--views`` names them. HAM10000 images get their metadata (age, sex,
 localization); the other sources have none.
 
 Resumable: finished outputs are skipped, and a running source is checkpointed every few hundred
@@ -43,17 +43,18 @@ class Source:
     image_prefix: str = ""  # folder the CSV's paths are relative to, inside the source folder
     views: tuple[str, ...] = ("full",)
     with_metadata: bool = False
+    optional_views: tuple[str, ...] = ()  # extracted only when --views names them
 
 
-# Dermoscopy images also as tight centre crops: the modality head trains on them (training.modality dermoscopy_views).
-DERMOSCOPY_VIEWS = ("full", "centre70", "centre50")
+# Dermoscopy images can also be had as tight centre crops (for training.modality's dermoscopy_views): --views centre70.
+DERMOSCOPY_CROPS = ("centre70", "centre50")
 # smallest / most used for evaluation first, so partial runs are already useful
 SOURCES: dict[str, Source] = {
-    "isic2018_val": Source("labels.csv", "image", views=DERMOSCOPY_VIEWS),
-    "derm7pt": Source("meta.csv", "derm", image_prefix="images/", views=DERMOSCOPY_VIEWS),
+    "isic2018_val": Source("labels.csv", "image", optional_views=DERMOSCOPY_CROPS),
+    "derm7pt": Source("meta.csv", "derm", image_prefix="images/", optional_views=DERMOSCOPY_CROPS),
     "histology": Source("labels.csv", "image"),
     "dermnet": Source("labels.csv", "image", views=("full", "masked", "crop50")),
-    "ham10000": Source("metadata.csv", "image", with_metadata=True, views=DERMOSCOPY_VIEWS),
+    "ham10000": Source("metadata.csv", "image", with_metadata=True, optional_views=DERMOSCOPY_CROPS),
 }
 
 
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.sources:
-        for view in SOURCES[name].views:
-            if args.views is None or view in args.views:
+        src = SOURCES[name]
+        for view in src.views + src.optional_views:
+            if (args.views is None and view in src.views) or (args.views is not None and view in args.views):
                 t = time.perf_counter()
                 run_one(clf, root, name, view, args.out_dir, chunk=args.chunk, ham_nevi=None if args.ham_nevi < 0 else args.ham_nevi)
                 print(f"{name}__{view}: {time.perf_counter() - t:.0f} s", flush=True)

@@ -277,10 +277,10 @@ def _heldout_metrics(y: np.ndarray, pred: np.ndarray, tags: np.ndarray, cfg: Con
     from sklearn.metrics import confusion_matrix
 
     scored = np.array([p is not None for p in pred])
-    head = scored & headline_rows(tags, cfg)
+    core = scored & headline_rows(tags, cfg)
     pred_s = pred[scored].astype(str)
     return {
-        "heldout_accuracy": round(float(np.mean(y[head] == pred[head].astype(str))), 4),
+        "heldout_accuracy": round(float(np.mean(y[core] == pred[core].astype(str))), 4),
         "heldout_accuracy_all_views": round(float(np.mean(y[scored] == pred_s)), 4),
         "heldout_accuracy_by_source": accuracy_by_tag(y[scored], pred_s, tags[scored]),
         "confusion_matrix": {"labels": CLASSES, "matrix": confusion_matrix(y[scored], pred_s, labels=CLASSES).tolist()},

@@ -141,7 +141,7 @@ def train(cfg: Config) -> dict:
             enc.train(ecfg, (tables, dn_classes))
         idx = np.flatnonzero(held)
         p_expert[idx] = expert_probs(weights, [str(refs[i]) for i in idx], cfg.batch_size)
-        per_fold.append({"fold": k, "held_out": sorted(held_groups), "n": int(held.sum()),
+        per_fold.append({"fold": k, "held_out": sorted(held_groups), "n": int((held & headline).sum()),
                          "trained": {n: len(v) for n, v in tables.items() if n.startswith("train_")},
                          "head": _accuracy(y[held], p_head[held], tags[held], classes, headline[held])["all"],
                          "expert": _accuracy(y[held], p_expert[held], tags[held], classes, headline[held])["all"],

@@ -3,9 +3,8 @@
 DermNet photos carry a watermark in the lower-left corner that a model can learn instead of the
 content; ``masked`` paints it over. ``crop50`` (centre half of each side) imitates tight close-ups of
 single lesions, which look like dermoscopy to features learned on HAM10000. ``centre70`` / ``centre50`` are
-plain centre crops (no watermark to mask) of dermoscopy images: a tightly framed dermoscopy image (a user's
-crop, or a dataset cropped around the lesion as Derm7pt is) must still look like dermoscopy, so the head
-must not learn that tight framing means a clinical photo.
+plain centre crops (no watermark to mask) of dermoscopy images, standing in for tightly framed dermoscopy
+(a user's crop), which must still route as dermoscopy (``training.modality`` ``dermoscopy_views``).
 """
 
 from __future__ import annotations

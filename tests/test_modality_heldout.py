@@ -112,6 +112,23 @@ def test_headline_accuracy_leaves_the_dermoscopy_crop_views_out():
     assert m["heldout_accuracy"] == 1.0 and m["heldout_accuracy_all_views"] == round(4 / 6, 4)
     assert m["heldout_accuracy_by_source"]["ham10000:centre70"] == 0.0
     assert headline_rows(tags, Config()).all()
+    tags2 = np.array(["histology:full", "histology:colour", "ham10000:colour"])
+    assert headline_rows(tags2, Config(dermoscopy_views=["full", "colour"], histology_views=["full", "colour"])).tolist() == [True, False, False]
+
+
+def test_colour_view_is_a_fixed_colour_variant_of_each_image():
+    from PIL import Image
+
+    from training.views import make_view
+
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    va, vb = np.asarray(make_view(a, "colour")), np.asarray(make_view(b, "colour"))
+    assert va.shape == np.asarray(a).shape and np.array_equal(va, np.asarray(make_view(a, "colour")))  # cached features stay valid
+    assert not np.array_equal(va, np.asarray(a))
+    gain = lambda v, im: v.reshape(-1, 3).mean(0) / np.asarray(im).reshape(-1, 3).mean(0)  # noqa: E731
+    assert not np.allclose(gain(va, a), gain(vb, b), atol=1e-3)  # each image its own variant
 
 
 @pytest.mark.data

@@ -72,6 +72,8 @@ class Config(TrainConfig):
                                         "The crops are held out with their source and reported per view; the headline held-out accuracy counts the full "
                                         "images only, so it stays comparable across settings.")
     histology: bool = Field(True, description="Include the histology tiles (not skin: they teach the histopathology class only).")
+    histology_views: list[str] = Field(["full"], min_length=1, description="Views of each histology tile trained on (training.views: full, colour); "
+                                       "held out with their slide; the headline accuracy counts the full tiles only.")
     n_folds: int = Field(3, ge=2, description="Held-out-source folds.")
     data: Path | None = Field(
         None,
@@ -150,7 +152,8 @@ def build_dataset(cfg: Config):
     if cfg.histology:
         histo_src = {r["image"]: r["source"] for r in source_table("histology")}
         histo_slides = sorted(set(histo_src.values()))
-        add("histology", "full", "histopathology", lambda i: f"histology:{histo_slides.index(histo_src[i]) % k}")
+        for view in cfg.histology_views:
+            add("histology", view, "histopathology", lambda i: f"histology:{histo_slides.index(histo_src[i]) % k}")
     sx, sg = _synthetic(cfg.n_synthetic, cfg.feature_dir, cfg.synthetic_seed)
     xs.append(sx)
     ys.extend(["not_skin"] * len(sx))
@@ -268,9 +271,11 @@ def _crossval(features_of_fold, y: np.ndarray, groups: np.ndarray, cfg: Config, 
 
 
 def headline_rows(tags: np.ndarray, cfg: Config) -> np.ndarray:
-    """Rows the headline accuracy counts: all but the dermoscopy crop views (``dermoscopy_views`` other than full)."""
-    crops = {f"{s}:{v}" for s in cfg.dermoscopy_sources for v in cfg.dermoscopy_views if v != "full"}
-    return np.array([t not in crops for t in tags], bool)
+    """Rows the headline accuracy counts: all but the extra views of dermoscopy images and histology tiles
+    (``dermoscopy_views`` / ``histology_views`` other than full)."""
+    extra = {f"{s}:{v}" for s in cfg.dermoscopy_sources for v in cfg.dermoscopy_views if v != "full"}
+    extra |= {f"histology:{v}" for v in cfg.histology_views if v != "full"}
+    return np.array([t not in extra for t in tags], bool)
 
 
 def _heldout_metrics(y: np.ndarray, pred: np.ndarray, tags: np.ndarray, cfg: Config) -> dict:

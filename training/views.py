@@ -4,7 +4,8 @@ DermNet photos carry a watermark in the lower-left corner that a model can learn
 content; ``masked`` paints it over. ``crop50`` (centre half of each side) imitates tight close-ups of
 single lesions, which look like dermoscopy to features learned on HAM10000. ``centre70`` / ``centre50`` are
 plain centre crops (no watermark to mask) of dermoscopy images, standing in for tightly framed dermoscopy
-(a user's crop), which must still route as dermoscopy (``training.modality`` ``dermoscopy_views``).
+(a user's crop), which must still route as dermoscopy (``training.modality`` ``dermoscopy_views``). ``colour``
+shifts white balance, gamma, saturation and brightness, standing in for another device or stain.
 """
 
 from __future__ import annotations
@@ -36,12 +37,27 @@ def center_crop(img: Image.Image, frac: float = 0.5) -> Image.Image:
     return img.crop((left, top, left + cw, top + ch))
 
 
+def colour_shift(img: Image.Image) -> Image.Image:
+    """A colour variant of the image, as another device, light or stain would give: per-channel gains (white balance),
+    gamma, saturation and brightness drawn from a generator seeded by the image's own pixels (the same image always
+    gives the same variant, so cached features stay valid)."""
+    import hashlib
+
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha1(a.tobytes()).digest()[:8], "little"))
+    a = np.clip(a * rng.uniform(0.8, 1.2, 3), 0, 1) ** rng.uniform(0.8, 1.25)
+    grey = a.mean(axis=2, keepdims=True)
+    a = np.clip((grey + (a - grey) * rng.uniform(0.7, 1.3)) * rng.uniform(0.85, 1.15), 0, 1)
+    return Image.fromarray((a * 255).round().astype(np.uint8))
+
+
 VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "full": lambda im: im,
     "masked": mask_dermnet_watermark,
     "crop50": lambda im: center_crop(mask_dermnet_watermark(im), 0.5),
     "centre70": lambda im: center_crop(im, 0.7),
     "centre50": lambda im: center_crop(im, 0.5),
+    "colour": colour_shift,
 }
 
 

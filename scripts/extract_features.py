@@ -5,8 +5,8 @@ Writes ``.cache/features/<source>__<view>.npz`` in the repository root (git-igno
 float16 and ``labels`` (the 7 class codes). Views: ``full`` for every source; DermNet also gets
 ``masked`` (its lower-left watermark painted over with the image's median colour) and ``crop50``
 (the centre half of each side of the masked photo); dermoscopy sources also give ``centre70`` / ``centre50``
-(plain centre crops) and ``colour`` (a colour variant; histology too) when ``--views`` names them. HAM10000 images get their metadata (age, sex,
-localization); the other sources have none.
+(plain centre crops) and ``colour`` (a colour variant; histology too) when ``--views`` names them. HAM10000
+images get their metadata (age, sex, localization); the other sources have none.
 
 Resumable: finished outputs are skipped, and a running source is checkpointed every few hundred
 images (``*.partial.npz``) and continued from there. ::
@@ -48,14 +48,14 @@ class Source:
 
 # Dermoscopy images can also be had as tight centre crops or colour variants (training.modality's dermoscopy_views /
 # histology_views): --views centre70 colour.
-DERMOSCOPY_CROPS = ("centre70", "centre50", "colour")
+DERMOSCOPY_EXTRA_VIEWS = ("centre70", "centre50", "colour")
 # smallest / most used for evaluation first, so partial runs are already useful
 SOURCES: dict[str, Source] = {
-    "isic2018_val": Source("labels.csv", "image", optional_views=DERMOSCOPY_CROPS),
-    "derm7pt": Source("meta.csv", "derm", image_prefix="images/", optional_views=DERMOSCOPY_CROPS),
+    "isic2018_val": Source("labels.csv", "image", optional_views=DERMOSCOPY_EXTRA_VIEWS),
+    "derm7pt": Source("meta.csv", "derm", image_prefix="images/", optional_views=DERMOSCOPY_EXTRA_VIEWS),
     "histology": Source("labels.csv", "image", optional_views=("colour",)),
     "dermnet": Source("labels.csv", "image", views=("full", "masked", "crop50")),
-    "ham10000": Source("metadata.csv", "image", with_metadata=True, optional_views=DERMOSCOPY_CROPS),
+    "ham10000": Source("metadata.csv", "image", with_metadata=True, optional_views=DERMOSCOPY_EXTRA_VIEWS),
 }
 
 

@@ -10,6 +10,7 @@ shifts white balance, gamma, saturation and brightness, standing in for another 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -41,8 +42,6 @@ def colour_shift(img: Image.Image) -> Image.Image:
     """A colour variant of the image, as another device, light or stain would give: per-channel gains (white balance),
     gamma, saturation and brightness drawn from a generator seeded by the image's own pixels (the same image always
     gives the same variant, so cached features stay valid)."""
-    import hashlib
-
     a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     rng = np.random.default_rng(int.from_bytes(hashlib.sha1(a.tobytes()).digest()[:8], "little"))
     a = np.clip(a * rng.uniform(0.8, 1.2, 3), 0, 1) ** rng.uniform(0.8, 1.25)

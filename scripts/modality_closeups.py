@@ -53,7 +53,7 @@ def main() -> None:
         key = name + (f"_{view}" if view else "")
         res[key] = {"n": len(y), **{f"w={w:g}": round(float((((1 - w) * p_head + w * p_expert).argmax(1) == y).mean()), 4) for w in a.weights}}
         print(key, res[key], flush=True)
-    whole = [k for k in res if "crop" not in k and "centre" not in k]
+    whole = [name for name, view in SETS if view is None]  # res keys of whole images are the bare set names
     for w in a.weights:
         n = sum(res[k]["n"] for k in whole)
         res.setdefault("whole_images", {"n": n})[f"w={w:g}"] = round(sum(res[k][f"w={w:g}"] * res[k]["n"] for k in whole) / n, 4)

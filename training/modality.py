@@ -68,8 +68,8 @@ class Config(TrainConfig):
     pca_dim: int = Field(32, ge=1, description="Dimensions of the OOD detector's PCA space (capped by the data size).")
     dermoscopy_sources: list[str] = Field(["ham10000", "derm7pt", "isic2018_val"], min_length=1, description="Dermoscopy feature sources; fold k holds out source k (mod n_folds) whole.")
     clinical_views: list[str] = Field(["masked", "crop50"], min_length=1, description="DermNet views used as clinical photos (training.views: full, masked, crop50).")
-    dermoscopy_views: list[str] = Field(["full"], min_length=1, description="Views of each dermoscopy image trained on (training.views: full, centre70, centre50). "
-                                        "The crops are held out with their source and reported per view; the headline held-out accuracy counts the full "
+    dermoscopy_views: list[str] = Field(["full"], min_length=1, description="Views of each dermoscopy image trained on (training.views: full, centre70, centre50, colour). "
+                                        "The extra views are held out with their source and reported per view; the headline held-out accuracy counts the full "
                                         "images only, so it stays comparable across settings.")
     histology: bool = Field(True, description="Include the histology tiles (not skin: they teach the histopathology class only).")
     histology_views: list[str] = Field(["full"], min_length=1, description="Views of each histology tile trained on (training.views: full, colour); "

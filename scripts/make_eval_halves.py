@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from training.calibrate_fusion import isic_split  # noqa: E402
-from training.data import is_dermnet_heldout, source_table  # noqa: E402
+from training.data import is_dermnet_fit_half, is_dermnet_heldout, source_table  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         w = csv.DictWriter(f, ["image", "image_id", "dx"])
         w.writeheader()
         w.writerows(rows)
-    dn = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"]) and int(r["sha1"][-1], 16) % 2 == 1]
+    dn = [r for r in source_table("dermnet") if is_dermnet_heldout(r["sha1"]) and not is_dermnet_fit_half(r["sha1"])]
     with (out / "dermnet_clinical_eval.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["image", "sha1", "label"])
         w.writeheader()

@@ -15,12 +15,23 @@ from training.config import load_train_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 
 
-@pytest.mark.parametrize("name", ["encoder_smoke", "encoder_cpu", "encoder_gpu"])
+@pytest.mark.parametrize("name", ["encoder_smoke", "encoder_cpu", "encoder_gpu", "encoder_cpu_continue", "encoder_cpu_clinical"])
 def test_shipped_configs_validate(name):
     cfg = load_train_config(trainer_module("encoder").Config, CONFIGS / f"{name}.yaml")
     assert cfg.train_from in encoder.STAGES
     with pytest.raises(ValidationError):
         load_train_config(encoder.Config, CONFIGS / f"{name}.yaml", ["mix.no_such_option=1"])
+
+
+def test_selection_score_averages_the_chosen_figures():
+    m = {"val_isic2018/balanced_accuracy": 0.7, "val_derm7pt/balanced_accuracy": 0.6, "val_dermnet/top1": 0.3, "val_dermnet/top5": 0.6,
+         "val_derm7pt/criteria_f1/mean": 0.5, "modality_acc": 0.9}  # fmt: skip
+    assert encoder.selection_score(m) == pytest.approx(0.6)  # one figure per task, top-5 not among them
+    assert encoder.selection_score(m, ["val_dermnet/top1", "val_dermnet/top5"]) == pytest.approx(0.45)
+    assert encoder.selection_score({"modality_acc": 0.9}, ["val_dermnet/top1", "modality_acc"]) == pytest.approx(0.9)  # absent figures skipped
+    assert encoder.selection_score({}) == 0.0
+    with pytest.raises(ValidationError, match="val_dermnet/top1"):
+        encoder.Config(select_on=["val_dermnet/top3"])  # the valid names are listed
 
 
 def _pools(n_ham=(50, 5), n_dn=6):
@@ -209,3 +220,19 @@ def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left
     for k in (0, 1):  # every fold started from ImageNet, whatever init says
         assert json.loads((out / f"fold{k}" / "config.yaml").read_text())["init"] is None
     assert json.loads((out / "crossfit.json").read_text())["fold_models"]["fold1"]["held_out"] == summary["held_out"]["fold1"]
+
+
+@pytest.mark.data
+def test_dermnet_selection_on_the_fusion_fit_half_leaves_the_evaluation_half_unseen(shared_data):
+    from training.data import is_dermnet_fit_half, is_dermnet_heldout, source_table
+
+    sha = {r["image"]: r["sha1"] for r in source_table("dermnet")}
+    full, _ = encoder.build_tables(encoder.Config())
+    even, _ = encoder.build_tables(encoder.Config(dermnet_selection="heldout_even"))
+    held = {r["image"] for r in full["val_dermnet"]}
+    fit = {r["image"] for r in even["val_dermnet"]}
+    assert fit and fit < held and all(is_dermnet_fit_half(sha[i]) for i in fit)
+    assert held - fit == {i for i in held if not is_dermnet_fit_half(sha[i])}  # the odd half: the fusion's evaluation photos
+    assert {r["image"] for r in even["val_dermnet_crop50"]} == fit
+    assert [r["image"] for r in even["train_dermnet"]] == [r["image"] for r in full["train_dermnet"]]  # training photos unchanged
+    assert all(is_dermnet_heldout(sha[i]) for i in held)

@@ -71,6 +71,12 @@ def is_dermnet_heldout(sha1: str, every: int = DERMNET_HOLDOUT_EVERY) -> bool:
     return every > 0 and int(sha1[:8], 16) % every == 0
 
 
+def is_dermnet_fit_half(sha1: str) -> bool:
+    """A held-out DermNet photo the clinical fusion may fit on (last hex digit of its content hash even); the odd
+    half is the fusion's evaluation half, which nothing should be fitted or selected on."""
+    return int(sha1[-1], 16) % 2 == 0
+
+
 def ham10000_subset(rows: list[dict[str, str]], n_nevus: int = 1200) -> list[dict[str, str]]:
     """The HAM10000 images whose features are extracted by default: every non-nevus ``train`` image and
     ``n_nevus`` nevus ``train`` images chosen by hash (nv is 72% of the set; this bounds CPU time)."""

@@ -57,6 +57,12 @@ class EpochMix(Strict):
     not_skin: int = Field(200, ge=0, description="Synthetic not-skin images per epoch.")
 
 
+SELECT_METRICS = ("val_isic2018/balanced_accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_derm7pt/criteria_f1/mean", "modality_acc",
+                  "val_dermnet/top5")  # fmt: skip
+SelectMetric = Literal["val_isic2018/balanced_accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_derm7pt/criteria_f1/mean",
+                       "modality_acc", "val_dermnet/top5"]  # fmt: skip
+
+
 class Config(TrainConfig):
     """Multi-task fine-tuning of EfficientNet-Lite0: dermoscopy (HAM10000 classes), DermNet classes, modality, 7-point criteria."""
 
@@ -100,6 +106,10 @@ class Config(TrainConfig):
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints within an epoch.")
     progress: bool = Field(True, description="tqdm progress bar on stderr.")
     artifact_id: str = Field("efficientnet-lite0-derm", description="Id stored in the artifact's metadata.")
+    dermnet_selection: Literal["heldout", "heldout_even"] = Field(
+        "heldout", description="DermNet photos the epoch is selected on: the whole held-out sixth, or its even-hash half only (the clinical fusion's "
+        "fit half, training.data.is_dermnet_fit_half), which leaves the odd half, the fusion's evaluation half, unseen by the selection.")
+    select_on: list[SelectMetric] | None = Field(None, description=f"Held-out figures whose mean selects the epoch (None: {list(SELECT_METRICS[:5])}).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ def build_tables(cfg: Config, root: Path | None = None) -> tuple[dict[str, list[
     Each record: ``source``, ``path`` (absolute), ``view`` (full/masked/crop50), ``labels`` (task -> class
     index, -1 = unlabelled) and ``kind`` (augmentation family)."""
     from models.paths import data_dir
-    from training.data import is_dermnet_heldout, source_table
+    from training.data import is_dermnet_fit_half, is_dermnet_heldout, source_table
 
     root = root or data_dir()
     crits = list(SEVEN_POINT)
@@ -166,6 +176,8 @@ def build_tables(cfg: Config, root: Path | None = None) -> tuple[dict[str, list[
     train_dn = [r for r in dn if not is_dermnet_heldout(r["sha1"])]
     held_dn = [r for r in dn if is_dermnet_heldout(r["sha1"])]
     sets["train_dermnet"] = [rec("dermnet", r, "masked", "clinical", dermnet=classes.index(r["label"]), modality=0) for r in _spread(train_dn, lim, "label")]
+    if cfg.dermnet_selection == "heldout_even":
+        held_dn = [r for r in held_dn if is_dermnet_fit_half(r["sha1"])]
     held_dn = _spread(held_dn, lim, "label")
     sets["val_dermnet"] = [rec("dermnet", r, "masked", "clinical", dermnet=classes.index(r["label"]), modality=0) for r in held_dn]
     sets["val_dermnet_crop50"] = [rec("dermnet", r, "crop50", "clinical", modality=0) for r in held_dn]
@@ -354,8 +366,8 @@ def criteria_f1(records: list[dict], probs: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def val_metrics(net, val: dict[str, tuple[np.ndarray, list[dict]]], size: int) -> dict:
-    """Every held-out figure, and the selection ``score`` (mean of the per-task figures present)."""
+def val_metrics(net, val: dict[str, tuple[np.ndarray, list[dict]]], size: int, select_on: Sequence[str] | None = None) -> dict:
+    """Every held-out figure, and the selection ``score`` (``selection_score``)."""
     m: dict = {}
     mod_ok: list[np.ndarray] = []
     for name, (imgs, recs) in val.items():
@@ -377,11 +389,14 @@ def val_metrics(net, val: dict[str, tuple[np.ndarray, list[dict]]], size: int) -
             m.update({f"{name}/criteria_f1/{k}": v for k, v in criteria_f1(recs, p).items()})
     if mod_ok:
         m["modality_acc"] = round(float(np.concatenate(mod_ok).mean()), 4)
-    parts = [m.get("val_isic2018/balanced_accuracy"), m.get("val_derm7pt/balanced_accuracy"), m.get("val_dermnet/top1"),
-             m.get("val_derm7pt/criteria_f1/mean"), m.get("modality_acc")]  # fmt: skip
-    parts = [v for v in parts if v is not None]
-    m["score"] = round(float(np.mean(parts)), 4) if parts else 0.0
+    m["score"] = selection_score(m, select_on)
     return m
+
+
+def selection_score(m: dict, select_on: Sequence[str] | None = None) -> float:
+    """Mean of the ``select_on`` held-out figures present in ``m`` (None: the first five of ``SELECT_METRICS``)."""
+    parts = [m[k] for k in (select_on or SELECT_METRICS[:5]) if m.get(k) is not None]
+    return round(float(np.mean(parts)), 4) if parts else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -933,7 +948,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
                 stopped_early = True
                 break
         bar.close()
-        m = val_metrics(shipped, val, cfg.image_size)
+        m = val_metrics(shipped, val, cfg.image_size, cfg.select_on)
         log(kind="eval", epoch=ep + 1, step=state["global_step"], partial_epoch=stopped_early, **m)
         if state["best"] is None or m["score"] > state["best"]["score"]:
             state["best"], state["best_epoch"] = m, ep + 1

@@ -34,6 +34,7 @@ from models.conformal import max_coverage_at_accuracy, prediction_set, risk_cove
 from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs, top_candidate
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
 from training.config import TrainConfig
+from training.data import is_dermnet_fit_half
 
 DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
 CLIN_EXPERTS = ("knn", "llm")
@@ -113,7 +114,7 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
                 if r["split"] == "train":
                     parts["clin_train"].append(r)
                 else:
-                    parts["clin_fit" if int(r["id"].split(":")[1][-1], 16) % 2 == 0 else "clin_eval"].append(r)
+                    parts["clin_fit" if is_dermnet_fit_half(r["id"].split(":")[1]) else "clin_eval"].append(r)
         elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
             if r["source"] == "isic2018_val":
                 parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)

@@ -1,5 +1,6 @@
-"""``scripts/clinical_views.py``: combinations of experts, sizes and test-time views of the DermNet head, their cost
-and the halves they are selected and reported on."""
+"""``scripts/clinical_views.py`` (combinations of experts, sizes and test-time views of the DermNet head, their cost
+and the halves they are selected and reported on) and ``scripts/dermnet_probe_curve.py`` (probe accuracy per number
+of training photos per class)."""
 
 import importlib.util
 from pathlib import Path
@@ -37,3 +38,19 @@ def test_combinations_average_passes_and_select_on_the_fit_half():
     assert cv.topk_accuracy(right, y, 1) == 1.0 and cv.topk_accuracy(wrong, y, 2) == 1.0
     with pytest.raises(KeyError):
         cv.combinations({("S", 224, "orig"): right}, y, fit, "S")  # every view of every size is needed
+
+
+def test_probe_curve_draws_n_per_class_from_the_training_photos_only():
+    spec = importlib.util.spec_from_file_location("dermnet_probe_curve", Path(__file__).resolve().parent.parent / "scripts" / "dermnet_probe_curve.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    held = np.zeros(30, bool)
+    held[::5] = True
+    pick = pc.draw(y, np.flatnonzero(~held), 4, rng)
+    assert len(pick) == 12 and not held[pick].any() and (np.bincount(y[pick]) == 4).all()
+    assert (np.bincount(y[pc.draw(y, np.flatnonzero(~held), 50, rng)]) == 8).all()  # a class with fewer: all of it
+    x = np.eye(3)[y] + 0.01 * rng.standard_normal((30, 3))
+    res = pc.curve(x, y, held, [2, 8], repeats=2)
+    assert [r["per_class"] for r in res] == [2, 8] and res[-1]["top1"] == 1.0 and res[-1]["top5"] == 1.0

@@ -27,11 +27,6 @@ VIEW_SETS = {"photo": ("orig",), "photo+mirror": ("orig", "hflip"), "photo+mirro
              "photo+3 views": ("orig", "hflip", "vflip", "rot90")}  # fmt: skip
 
 
-def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the k most probable."""
-    return float((np.argsort(-probs, 1)[:, :k] == y[:, None]).any(1).mean()) if len(y) else float("nan")
-
-
 def cost(nets: Sequence[str], size: int, views: Sequence[str], primary: str, base: int = 224) -> float:
     """Passes of one network at ``base`` px: the primary's own base-size pass is paid anyway and counts once."""
     per = (size / base) ** 2 * len(views) * len(nets)
@@ -41,6 +36,8 @@ def cost(nets: Sequence[str], size: int, views: Sequence[str], primary: str, bas
 def combinations(passes: dict[tuple[str, int, str], np.ndarray], y: np.ndarray, fit: np.ndarray, primary: str, max_nets: int = 2) -> list[dict]:
     """Every combination of up to ``max_nets`` experts, one size, one view set: top-1/top-5 on the fit and
     evaluation halves, sorted by the fit half (top-1 + top-5)."""
+    from training.encoder import topk
+
     nets = sorted({n for n, _, _ in passes})
     sizes = sorted({s for _, s, _ in passes})
     rows = []
@@ -51,7 +48,7 @@ def combinations(passes: dict[tuple[str, int, str], np.ndarray], y: np.ndarray, 
                     p = np.mean([passes[(n, size, v)] for n in combo for v in views], 0)
                     row = {"experts": list(combo), "size": size, "views": name, "cost": cost(combo, size, views, primary)}
                     for half, mask in (("fit", fit), ("eval", ~fit)):
-                        row[f"{half}_top1"], row[f"{half}_top5"] = round(topk_accuracy(p[mask], y[mask], 1), 4), round(topk_accuracy(p[mask], y[mask], 5), 4)
+                        row[f"{half}_top1"], row[f"{half}_top5"] = topk(y[mask], p[mask], 1), topk(y[mask], p[mask], 5)
                     rows.append(row)
     return sorted(rows, key=lambda r: -(r["fit_top1"] + r["fit_top5"]))
 

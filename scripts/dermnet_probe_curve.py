@@ -29,23 +29,30 @@ def curve(x: np.ndarray, y: np.ndarray, held: np.ndarray, shots: list[int], repe
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import normalize
 
+    from training.encoder import topk
+
     x, rng, pool, out = normalize(x), np.random.default_rng(seed), np.flatnonzero(~held), []
     for n in shots:
         t1, t5 = [], []
         for _ in range(repeats):
             pick = draw(y, pool, n, rng)
             clf = LogisticRegression(C=10.0, max_iter=3000).fit(x[pick], y[pick])
-            ranked = clf.classes_[np.argsort(-clf.predict_proba(x[held]), 1)]
-            t1.append(float((ranked[:, 0] == y[held]).mean()))
-            t5.append(float((ranked[:, :5] == y[held][:, None]).any(1).mean()))
+            p = np.zeros((int(held.sum()), int(y.max()) + 1))
+            p[:, clf.classes_] = clf.predict_proba(x[held])  # columns by class index (a class never drawn scores 0)
+            t1.append(topk(y[held], p, 1))
+            t5.append(topk(y[held], p, 5))
         out.append({"per_class": n, "top1": round(float(np.mean(t1)), 3), "top5": round(float(np.mean(t5)), 3), "top1_sd": round(float(np.std(t1)), 3)})
     return out
 
 
-def _features(path: Path, ids: list[str]) -> np.ndarray:
-    z = np.load(path)
-    index = {str(i).split("dermnet/", 1)[-1]: k for k, i in enumerate(z["ids"])}  # extract_features ids carry the source folder
-    return z["features"][[index[i] for i in ids]]
+def _features(rows: list[dict], view: str, feature_dir: Path) -> np.ndarray:
+    """Cached features (``<feature_dir>/dermnet__<view>.npz``) of every DermNet photo, in ``rows`` order."""
+    from training.data import aligned, load_features
+
+    keep, feats = aligned(rows, load_features("dermnet", view, feature_dir))
+    if len(keep) != len(rows):
+        raise ValueError(f"{feature_dir}/dermnet__{view}.npz lacks {len(rows) - len(keep)} of the DermNet photos: rerun the command in this script's docstring")
+    return feats["features"]
 
 
 def _imagenet_features(rows: list[dict]) -> np.ndarray:
@@ -74,13 +81,12 @@ def main() -> None:
     ap.add_argument("--expert-feature-dir", type=Path, default=Path(".cache/features_effnet"))
     a = ap.parse_args()
     rows = source_table("dermnet")
-    ids = [r["image"] for r in rows]
     classes = sorted({r["label"] for r in rows})
     y = np.array([classes.index(r["label"]) for r in rows])
     held = np.array([is_dermnet_heldout(r["sha1"]) for r in rows])
-    encoders = {"Xception (sklesion, frozen; watermark masked)": lambda: _features(a.feature_dir / "dermnet__masked.npz", ids),
+    encoders = {"Xception (sklesion, frozen; watermark masked)": lambda: _features(rows, "masked", a.feature_dir),
                 "EfficientNet-Lite0 ImageNet (frozen; masked)": lambda: _imagenet_features(rows),
-                "second expert's pooled features (fine-tuned on these training photos)": lambda: _features(a.expert_feature_dir / "dermnet__effnet.npz", ids)}  # fmt: skip
+                "second expert's pooled features (fine-tuned on these training photos)": lambda: _features(rows, "effnet", a.expert_feature_dir)}  # fmt: skip
     print(f"held-out sixth: {int(held.sum())} photos, {len(classes)} classes; {a.repeats} draws per point\n")
     print("| features | " + " | ".join(f"{n} per class" for n in a.shots) + " |\n|---|" + "---|" * len(a.shots))
     for name, load in encoders.items():

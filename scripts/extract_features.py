@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.sources:
         src = SOURCES[name]
         for view in src.views + src.optional_views:
-            if (args.views is None and view in src.views) or (args.views is not None and view in args.views):
+            if view in (src.views if args.views is None else args.views):
                 t = time.perf_counter()
                 run_one(clf, root, name, view, args.out_dir, chunk=args.chunk, ham_nevi=None if args.ham_nevi < 0 else args.ham_nevi)
                 print(f"{name}__{view}: {time.perf_counter() - t:.0f} s", flush=True)

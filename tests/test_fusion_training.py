@@ -284,3 +284,71 @@ def test_stand_in_offsets_keep_a_weaker_stand_ins_rows_from_pulling_the_deployed
     shifted = with_stand_in(offset, [False, True])
     assert fuse_fit_rows(offset, [stand_in_row])[0] == shifted.fuse(HAM_CLASSES, {e: stand_in_row[e] for e in experts}).probs
     assert not np.allclose(shifted.coef, offset.coef)
+
+
+def test_the_swapped_fold_fits_the_report_half_and_scores_the_calib_half(trained):
+    from training.fusion import load_parts
+
+    cfg, _, _ = trained
+    parts = load_parts(cfg.experts_file, isic_fit_half="report")
+    assert {r["split"] for r in parts["derm_fit"] if r["source"] == "isic2018_val"} == {"report"}
+    assert {r["split"] for r in parts["isic_eval"]} == {"calib"}
+    assert {r["id"] for r in parts["derm7pt_eval"]} == {r["id"] for r in load_parts(cfg.experts_file)["derm7pt_eval"]}  # Derm7pt val: never fitted
+    with pytest.raises(ValueError, match="valid: calib, report"):
+        load_parts(cfg.experts_file, isic_fit_half="val")
+
+
+def test_predictions_have_one_row_per_evaluation_case_with_its_decision_and_set(trained):
+    from training.fusion import load_parts
+
+    cfg, summary, metrics = trained
+    rows = [json.loads(line) for line in open(summary["predictions"])]
+    parts = load_parts(cfg.experts_file)
+    by_part = {p: [r for r in rows if r["part"] == p] for p in {r["part"] for r in rows}}
+    assert [r["id"] for r in by_part["isic2018_val_report"]] == [r["id"] for r in parts["isic_eval"]]
+    assert len(by_part["derm7pt_val"]) == len(parts["derm7pt_eval"])
+    assert set(by_part) == set(metrics["evaluation"])  # every evaluated part (this fixture's photos are all in the clinical fit half)
+    for part, recs in by_part.items():
+        after = metrics["evaluation"][part]["after"]
+        assert np.mean([r["label"] == r["decided"] for r in recs]) == pytest.approx(after["accuracy"], abs=1e-4)
+        assert np.mean([r["accepted"] for r in recs]) == pytest.approx(after["selective"]["coverage"], abs=1e-4)
+        assert np.mean([r["label"] in r["prediction_set"] for r in recs]) == pytest.approx(after["prediction_sets"][str(cfg.alpha)]["coverage"], abs=1e-4)
+    assert set(by_part["derm7pt_val"][0]["experts_top"]) == {"classifier", "knn", "morphology"}
+
+
+def _two_fold():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fusion_two_fold", Path(__file__).resolve().parent.parent / "scripts" / "fusion_two_fold.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_fold_estimate_scores_every_isic_case_once_by_the_fold_that_did_not_fit_it(trained, tmp_path):
+    import yaml
+
+    cfg, _, _ = trained
+    tf = _two_fold()
+    conf = tmp_path / "fusion.yaml"
+    conf.write_text(yaml.safe_dump({"experts_file": str(cfg.experts_file), "dermoscopy_experts": ["classifier", "knn", "morphology"], "clinical_experts": ["knn"],
+                                    "c_grid": [0.01, 1.0], "gamma_grid": [0.0, 0.5], "morphology_c_grid": [0.3, 3.0], "n_bootstrap": 20}))  # fmt: skip
+    tf.main(["--config", str(conf), "--out", str(tmp_path / "tf")])
+    res = json.loads((tmp_path / "tf" / "two_fold.json").read_text())
+    isic = [json.loads(line) for line in open(cfg.experts_file) if '"isic2018_val"' in line]
+    assert res["isic2018_val, both halves"]["n"] == len(isic)
+    assert res["isic2018_val report half (fit on calib)"]["n"] + res["isic2018_val calib half (fit on report)"]["n"] == len(isic)
+    for half in ("calib", "report"):
+        rows = tf.read_predictions(tmp_path / "tf" / half / "predictions.jsonl")
+        assert not [r for r in rows if r["source"] == "isic2018_val" and r["split"] == half]
+    assert "classifier_alone" in res["isic2018_val, both halves"]
+
+
+def test_two_fold_pooling_refuses_a_fold_that_scored_its_own_fit_half():
+    tf = _two_fold()
+    row = {"id": "isic2018_val:1", "source": "isic2018_val", "split": "calib", "label": "nv", "decided": "nv", "accepted": True, "prediction_set": ["nv"]}
+    with pytest.raises(ValueError, match="fitted on the calib half"):
+        tf.pool({"calib": [row], "report": []})
+    with pytest.raises(ValueError, match="twice"):
+        tf.pool({"calib": [{**row, "split": "report"}], "report": [row, row]})

@@ -38,7 +38,8 @@ from training.data import is_dermnet_fit_half
 
 DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
 CLIN_EXPERTS = ("knn", "llm")
-FIT_PART_NAMES = {"isic2018_val": "isic2018_val calib half", "derm7pt": "Derm7pt train/extra"}
+FIT_PART_NAMES = {"isic2018_val": "isic2018_val {half} half", "derm7pt": "Derm7pt train/extra"}
+ISIC_HALVES = ("calib", "report")
 
 
 class Config(TrainConfig):
@@ -47,6 +48,9 @@ class Config(TrainConfig):
     experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
     extra_experts: list[str] = Field([], description="Extra expert files next to experts_file (<stem>_<name>.jsonl), e.g. 'effnet' (second visual expert: HAM head for dermoscopy, DermNet head for clinical photos).")
     fit_sources: list[Literal["isic2018_val", "derm7pt"]] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
+    isic_fit_half: Literal["calib", "report"] = Field("calib", description="The isic2018_val half the dermoscopy stacker fits on; the other "
+                                                      "is evaluated. The shipped artifact fits on 'calib'; 'report' is the swapped fold of "
+                                                      "a two-fold estimate over all of isic2018_val (scripts/fusion_two_fold.py).")
     acceptance_features: list[str] = Field(list(LEGACY_ACCEPTANCE_FEATURES), description=f"Signals of the acceptance model, from {list(ACCEPTANCE_FEATURES)}.")
     acceptance_sources: list[str] | None = Field(None, description="Dermoscopy sources whose fit rows train the acceptance model and set the SGR threshold (None: all); "
                                                  "leave out those the second expert trained on when its agreement is a signal.")
@@ -89,10 +93,14 @@ class Config(TrainConfig):
 # --------------------------------------------------------------------------- data
 
 
-def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads") -> dict[str, list[dict]]:
+def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads",
+               isic_fit_half: str = "calib") -> dict[str, list[dict]]:  # fmt: skip
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
     held-out DermNet photos), clin_train (the case index's DermNet photos, when collected). ``findings_from``
-    'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``)."""
+    'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``).
+    ``isic_fit_half``: the isic2018_val half in derm_fit (the other is isic_eval)."""
+    if isic_fit_half not in ISIC_HALVES:
+        raise ValueError(f"isic_fit_half {isic_fit_half!r}; valid: {', '.join(ISIC_HALVES)}")
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval", "clin_train")}
@@ -117,7 +125,7 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
                     parts["clin_fit" if is_dermnet_fit_half(r["id"].split(":")[1]) else "clin_eval"].append(r)
         elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
             if r["source"] == "isic2018_val":
-                parts["derm_fit" if r["split"] == "calib" else "isic_eval"].append(r)
+                parts["derm_fit" if r["split"] == isic_fit_half else "isic_eval"].append(r)
             else:
                 parts["derm_fit" if r["split"] in ("train", "extra") else "derm7pt_eval"].append(r)
     return parts
@@ -582,8 +590,9 @@ def fit_set_groups(fit: list[dict], others: list[dict], cfg: Config, feats: dict
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, Any]:
-    """Label metrics, prediction-set coverage per α, and selective accuracy/coverage on ``recs``."""
+def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config, cases: list[dict] | None = None) -> dict[str, Any]:
+    """Label metrics, prediction-set coverage per α, and selective accuracy/coverage on ``recs``; with ``cases``,
+    one row per case is appended to it (label, decision, acceptance, the α set, each expert's top label)."""
     from evals.metrics import bootstrap_ci, diagnosis_metrics, risk_coverage as aurc_curve
 
     if not recs:
@@ -624,6 +633,11 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config) -> dict[str, 
         "oracle_note": "max coverage reaching the target on these cases (not a deployable threshold)",
     }
     out["risk_coverage"] = [[round(float(c), 4), round(float(r), 4)] for c, r in zip(*risk_coverage(kappa, correct))]
+    if cases is not None:
+        for r, p, lab, k in zip(recs, probs, pred, kappa):
+            cases.append({"id": r["id"], "source": r["source"], "split": r["split"], "label": r["label"], "decided": lab, "accepted": bool(k >= theta),
+                          "acceptance_score": round(float(k), 4), "prediction_set": model.prediction_set(p, cfg.alpha, r.get(SET_GROUP)),
+                          "experts_top": {e: top_candidate(r.get(e)) for e in model.experts}})  # fmt: skip
     return out
 
 
@@ -678,7 +692,7 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.isic_fit_half)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
@@ -707,7 +721,7 @@ def train(cfg: Config) -> dict[str, Any]:
         derm.set_groups = fit_set_groups(fit, parts["isic_eval"] + parts["derm7pt_eval"], cfg)
         derm.meta["set_groups"] = {"by": "source", "names": derm.set_groups.names, "oof_accuracy": derm.set_groups.accuracy,
                                    "calibration_cases": [int((derm.set_groups.calibration_group == k).sum()) for k in range(len(derm.set_groups.names))]}  # fmt: skip
-    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s] for s in cfg.fit_sources)})", oof_labels,
+    calibrate(derm, fit, oof, cfg, f"out-of-fold stacker outputs on {len(fit)} dermoscopy cases ({' + '.join(FIT_PART_NAMES[s].format(half=cfg.isic_fit_half) for s in cfg.fit_sources)})", oof_labels,
               cfg.acceptance_sources)
     derm.meta.update({"candidate_recall": 1.0, "cv_grid": grid, "folds": int(fold.max() + 1), "n_fit": len(fit), "oof": top_metrics(y, [{t: 1.0} for t in oof_labels])})
 
@@ -732,12 +746,14 @@ def train(cfg: Config) -> dict[str, Any]:
     model = FusionModel(morph, modalities, {"id": cfg.artifact_id})
     # Evaluation parts.
     evals: dict[str, Any] = {}
-    for name, recs, mod in (("isic2018_val_report", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
+    case_rows: dict[str, list[dict]] = {}
+    isic_eval_half = next(h for h in ISIC_HALVES if h != cfg.isic_fit_half)
+    for name, recs, mod in ((f"isic2018_val_{isic_eval_half}", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
                             ("dermnet_heldout_odd", parts["clin_eval"], "clinical"),
                             ("dermnet_heldout", parts["clin_fit"] + parts["clin_eval"] if "heldout_even" not in cfg.clinical_fit else [], "clinical")):  # fmt: skip
         if mod not in modalities or not recs:
             continue
-        ev = {"after": evaluate(modalities[mod], recs, cfg), "before_first_round": legacy_baseline(recs, mod)}
+        ev = {"after": evaluate(modalities[mod], recs, cfg, case_rows.setdefault(name, [])), "before_first_round": legacy_baseline(recs, mod)}
         ev["experts_alone"] = {e: single_expert(recs, e) for e in (experts if mod == "dermoscopy" else cfg.clinical_experts)}
         if mod == "dermoscopy":
             ablation = {}
@@ -760,7 +776,11 @@ def train(cfg: Config) -> dict[str, Any]:
                        "summary": {k: {kk: vv for kk, vv in v["after"].items() if kk not in ("risk_coverage",)} for k, v in evals.items()}})  # fmt: skip
     out = model.save(cfg.out_dir / "fusion_stacker.json")
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-    summary: dict[str, Any] = {"artifact": str(out), "metrics": str(cfg.out_dir / "metrics.json"), "counts": counts, "wall_s": metrics["wall_s"]}
+    with (cfg.out_dir / "predictions.jsonl").open("w") as f:  # per evaluation case, for pooling folds and paired comparisons
+        for part, rows in case_rows.items():
+            f.writelines(json.dumps({"part": part, **row}) + "\n" for row in rows)
+    summary: dict[str, Any] = {"artifact": str(out), "metrics": str(cfg.out_dir / "metrics.json"), "predictions": str(cfg.out_dir / "predictions.jsonl"),
+                               "counts": counts, "wall_s": metrics["wall_s"]}  # fmt: skip
     if cfg.artifact is not None:
         from training.outputs import publish
 

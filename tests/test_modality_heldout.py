@@ -92,6 +92,7 @@ def test_smoke_run_scores_every_held_out_image_by_a_fold_expert_that_never_train
     pred = np.load(tmp_path / "out" / "predictions.npz", allow_pickle=True)
     assert summary["n"] == metrics["n"] == len(pred["y"]) == len(set(pred["refs"])) > 50
     assert np.allclose(pred["expert"].sum(1), 1, atol=1e-3) and np.allclose(pred["head"].sum(1), 1, atol=1e-3)
+    assert sorted(set(pred["fold"].tolist())) == [0, 1, 2] and int(pred["headline"].sum()) == metrics["n"]
     folds = {f["fold"]: f for f in metrics["folds"]}
     assert sorted(folds) == [0, 1, 2] and sum(f["n"] for f in folds.values()) == metrics["n"]
     held = {f["fold"]: {g for g in f["held_out"] if g.startswith("dermoscopy:")} for f in folds.values()}

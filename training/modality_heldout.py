@@ -119,6 +119,7 @@ def train(cfg: Config) -> dict:
         for r in recs:
             if r["source"] == "dermnet":
                 r["label"] = dn_label[r["image"]]
+    fold_of = np.full(len(y), -1)
     p_head = np.full((len(y), len(classes)), np.nan)
     p_expert = np.full((len(y), len(classes)), np.nan)
     per_fold = []
@@ -126,6 +127,7 @@ def train(cfg: Config) -> dict:
         if cfg.folds is not None and k not in cfg.folds:
             continue
         held_groups = set(groups[held])
+        fold_of[held] = k
         # The head, as training.modality validates it.
         scaler, clf = mod.fit(x[~held], y[~held], mcfg.c, mcfg.max_iter)
         order = [list(clf.classes_).index(c) for c in classes]
@@ -163,7 +165,8 @@ def train(cfg: Config) -> dict:
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    np.savez(cfg.out_dir / "predictions.npz", refs=refs[done].astype(str), y=yd, tags=td, head=p_head[done], expert=p_expert[done])
+    np.savez(cfg.out_dir / "predictions.npz", refs=refs[done].astype(str), y=yd, tags=td, head=p_head[done], expert=p_expert[done], fold=fold_of[done],
+             headline=hd)  # fmt: skip
     print(report_table(metrics))
     return {"n": metrics["n"], "head": metrics["head"]["all"], "expert": metrics["expert"]["all"], "agent_mean": metrics["agent_mean"]["all"],
             "metrics": str(cfg.out_dir / "metrics.json")}  # fmt: skip

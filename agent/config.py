@@ -68,6 +68,9 @@ class ModalityConfig(_Strict):
     ood_reject: bool = Field(True, description="Reject images whose features are farther from the training data than the head's calibrated OOD threshold.")
 
 
+DEFAULT_CONCEPT_HEADS = "derm7pt-concept-heads"
+
+
 class MorphologyConfig(_Strict):
     kind: Literal["concept-heads", "second-expert", "vlm"] = Field(
         "concept-heads",
@@ -75,7 +78,8 @@ class MorphologyConfig(_Strict):
         "expert's criteria heads (the concept heads where it gives none; pair with a fusion artifact fitted with findings_from: effnet), "
         "or a VLM describer.",
     )
-    heads: str = Field("derm7pt-concept-heads", description="Registry id of the 7-point concept heads.")
+    heads: str = Field(DEFAULT_CONCEPT_HEADS, description="Registry id or path of the 7-point concept heads (on the lesion encoder's or the second "
+                       "expert's features, as the artifact says; the fusion artifact must have been fitted on their findings).")
     vlm: BackendRef | None = Field(None, description="VLM used when kind='vlm' (users bring weights).")
     vlm_prompt: str = Field(
         "Describe the morphology of this skin lesion image in clinical terms (colours, structures, borders, vessels). Do not give a diagnosis.",

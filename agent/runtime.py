@@ -6,7 +6,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.config import AgentConfig, BackendRef
+from agent.config import DEFAULT_CONCEPT_HEADS, AgentConfig, BackendRef
 from models.resolve import resolve_artifact
 
 if TYPE_CHECKING:
@@ -207,6 +207,11 @@ class Runtime:
             if model.morphology_expert is not None and given is not None and fitted != given:
                 raise ValueError(f"fusion artifact {self.config.reasoner.fusion!r} was fitted on {fitted} findings but morphology.kind is "
                                  f"{self.config.morphology.kind!r}: refit it (dermgraph train fusion --set findings_from={given}) or set morphology.kind")
+            heads = model.meta.get("findings_heads", DEFAULT_CONCEPT_HEADS)  # artifacts from before the field: the shipped heads
+            if model.morphology_expert is not None and given == "concept-heads" and heads != self.config.morphology.heads:
+                raise ValueError(f"fusion artifact {self.config.reasoner.fusion!r} was fitted on the findings of concept heads {heads!r} but "
+                                 f"morphology.heads is {self.config.morphology.heads!r}: refit it on those heads' findings (dermgraph train fusion "
+                                 f"--set findings_heads=...) or set morphology.heads")
             return model
 
         return self._get("fusion", load)

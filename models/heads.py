@@ -46,6 +46,11 @@ class OODDetector:
         return np.sqrt(d.min(axis=1))
 
 
+FEATURE_KINDS = ("lesion-encoder", "second-expert")
+"""Whose pooled features a head set reads: the lesion encoder's (``ImageEncoding.features``) or the second visual
+expert's (``ImageEncoding.expert_features``); stored as ``meta['features']``."""
+
+
 @dataclass
 class HeadSet:
     """Standardiser + heads (+ optional OOD detector) with provenance metadata."""
@@ -56,6 +61,14 @@ class HeadSet:
     inputs: str = "features"
     ood: OODDetector | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_kind(self) -> str:
+        """One of :data:`FEATURE_KINDS` (artifacts without ``meta['features']`` read the lesion encoder's)."""
+        kind = self.meta.get("features", "lesion-encoder")
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"head set {self.meta.get('id', '')!r} reads {kind!r} features; valid: {', '.join(FEATURE_KINDS)}")
+        return kind
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)

@@ -66,6 +66,7 @@ def trained(tmp_path_factory):
 def test_artifact_loads_and_fuses(trained):
     cfg, summary, _ = trained
     model = FusionModel.load(cfg.artifact)
+    assert model.meta["findings_from"] == "concept-heads" and model.meta["findings_heads"] == cfg.findings_heads == "derm7pt-concept-heads"
     assert set(model.modalities) == {"dermoscopy", "clinical"}
     derm = model.modalities["dermoscopy"]
     fused = derm.fuse(HAM_CLASSES, {"classifier": {"mel": 0.9, "nv": 0.1}, "knn": {"mel": 0.8, "nv": 0.2}, "morphology": None})
@@ -120,6 +121,7 @@ def test_findings_from_the_second_expert_replace_the_records_findings_and_are_re
                  dermoscopy_experts=["classifier", "knn", "morphology", "effnet"], n_bootstrap=0)  # fmt: skip
     train(cfg)
     assert FusionModel.load(tmp_path / "out" / "fusion_stacker.json").meta["findings_from"] == "effnet"
+    assert "findings_heads" not in FusionModel.load(tmp_path / "out" / "fusion_stacker.json").meta  # the expert's own criteria heads
     expert_path(path, "effnet").write_text("".join(json.dumps({"id": r["id"], "effnet": r["classifier"]}) + "\n" for r in recs))
     with pytest.raises(ValueError, match="no effnet_findings.*fusion_data"):
         load_parts(path, ["effnet"], findings_from="effnet")

@@ -166,6 +166,28 @@ def test_a_fusion_artifact_fitted_on_other_findings_is_refused(tmp_path):
     assert Runtime(AgentConfig.model_validate({"reasoner": {"fusion": str(path)}, "morphology": {"kind": "second-expert"}})).fusion is not None
 
 
+def test_a_fusion_artifact_fitted_on_other_concept_heads_is_refused(tmp_path):
+    """Concept heads are swappable (morphology.heads): the artifact names the heads whose findings it was fitted on
+    (none: the shipped heads), and other heads are refused."""
+    import pytest
+
+    from agent.config import AgentConfig
+    from agent.runtime import Runtime
+    from agent.testing import fusion_model
+
+    model = fusion_model()
+    path = model.save(tmp_path / "fusion.json")
+    cfg = lambda heads: AgentConfig.model_validate({"reasoner": {"fusion": str(path)}, "morphology": {"heads": heads}})  # noqa: E731
+    assert Runtime(cfg("derm7pt-concept-heads")).fusion is not None
+    with pytest.raises(ValueError, match="findings_heads"):
+        Runtime(cfg("my-heads")).fusion
+    model.meta["findings_heads"] = "my-heads"
+    model.save(path)
+    assert Runtime(cfg("my-heads")).fusion is not None
+    with pytest.raises(ValueError, match="'my-heads' but morphology.heads is 'derm7pt-concept-heads'"):
+        Runtime(cfg("derm7pt-concept-heads")).fusion
+
+
 def test_modality_is_the_mean_of_the_head_and_the_experts_modality_head():
     """The head (a double sure of dermoscopy, p = 0.88) and an expert sure of a clinical photo: equal weights give
     clinical; weight 0 gives the head alone; no expert modality head, the head alone."""
@@ -182,3 +204,42 @@ def test_modality_is_the_mean_of_the_head_and_the_experts_modality_head():
     assert "second visual expert's modality head" in state.trace[-1].inputs["uses"]
     plain = Agent(backends=backends(second_expert=FakeSecondExpert())).run(img(), until="modality")
     assert plain.modality.probs == p_head and "second visual expert" not in plain.trace[-1].inputs["uses"]
+
+
+def _expert_feature_heads(values: dict[str, str]):
+    """Concept heads that read the second expert's pooled features (FakeSecondExpert's are 8-dimensional)."""
+    from agent.testing import constant_heads
+    from models.vocabulary import SEVEN_POINT
+
+    heads = constant_heads({c: (vals, values.get(c, "absent")) for c, vals in SEVEN_POINT.items()}, 8)
+    heads.meta["features"] = "second-expert"
+    return heads
+
+
+def test_concept_heads_on_the_second_experts_features_describe_from_them():
+    heads = _expert_feature_heads({"pigment_network": "atypical"})
+    state = Agent(backends=backends(concept_heads=heads, second_expert=FakeSecondExpert())).run(img(), until="morphology")
+    found = {f.criterion: f.value for f in state.morphology.findings}
+    assert found["pigment_network"] == "atypical" and found["streaks"] == "absent"
+    step = [t for t in state.trace if t.node == "morphology"][0]
+    assert step.inputs["uses"] == "the second visual expert's features"
+    # Without a second expert there are no such features: a clear error, not findings from the wrong encoder.
+    import pytest
+
+    with pytest.raises(ValueError, match="reads the second visual expert's features"):
+        Agent(backends=backends(concept_heads=heads)).run(img(), until="morphology")
+
+
+def test_head_sets_say_whose_features_they_read_and_refuse_unknown_kinds(tmp_path):
+    import pytest
+
+    heads = _expert_feature_heads({})
+    heads.save(tmp_path / "h.safetensors")
+    from models.heads import HeadSet
+
+    assert HeadSet.load(tmp_path / "h.safetensors").feature_kind == "second-expert"
+    heads.meta.pop("features")
+    assert heads.feature_kind == "lesion-encoder"  # artifacts from before the field
+    heads.meta["features"] = "clip"
+    with pytest.raises(ValueError, match="valid: lesion-encoder, second-expert"):
+        heads.feature_kind

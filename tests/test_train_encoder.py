@@ -206,7 +206,7 @@ def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left
 
     out = tmp_path / "cf"
     summary = run_training("encoder-crossfit", CONFIGS / "encoder_smoke.yaml", [f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "folds=2", "init=efficientnet-lite0-derm",
-                                                                               "crossfit_views=[hflip,rot90]"])
+                                                                               "crossfit_views=[hflip,rot90]", "crossfit_features=[derm7pt]"])
     cfg = load_train_config(trainer_module("encoder-crossfit").Config, CONFIGS / "encoder_smoke.yaml", ["folds=2"])
     sets, _ = encoder.build_tables(cfg)
     for table, source in CROSSFIT_TABLES.items():
@@ -217,6 +217,10 @@ def test_crossfit_trainer_predicts_every_training_image_with_the_model_that_left
         # crossfit_views: each head's mean over the image and its views, beside the single-view outputs
         assert got["probs_dermnet__views"].shape == got["probs_dermnet"].shape and not np.allclose(got["probs_ham__views"], got["probs_ham"])
         np.testing.assert_allclose(got["probs_ham__views"].sum(1), 1, atol=1e-4)
+        # crossfit_features: the fold model's pooled features, for the named sources only
+        assert ("features" in got) == (source == "derm7pt")
+        if source == "derm7pt":
+            assert got["features"].shape == (len(recs), 1280) and got["features"].dtype == np.float16 and np.isfinite(got["features"]).all()
     for k in (0, 1):  # every fold started from ImageNet, whatever init says
         assert json.loads((out / f"fold{k}" / "config.yaml").read_text())["init"] is None
     assert json.loads((out / "crossfit.json").read_text())["fold_models"]["fold1"]["held_out"] == summary["held_out"]["fold1"]

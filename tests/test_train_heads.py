@@ -123,6 +123,26 @@ def test_concepts_from_a_user_csv_extracts_features_on_the_fly(shared_data, tmp_
     assert list(tmp_path.glob("user_*__full.npz")) and summary["metrics"]["n_train"] == 6 and summary["metrics"]["n_val"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.weights
+def test_concepts_on_the_second_experts_features_say_so_and_compare_with_the_shipped_heads_on_theirs(tiny_features, tmp_path):
+    """features: second-expert reads <source>__effnet.npz; the artifact records it (the agent then feeds it the
+    expert's features), and the before/after still scores the shipped heads on the lesion encoder's features."""
+    from models.heads import HeadSet
+
+    z = np.load(tiny_features / "derm7pt__full.npz")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "derm7pt__effnet.npz", ids=z["ids"], probs=z["probs"], features=rng.normal(size=(len(z["ids"]), 16)).astype(np.float16))
+    summary = run_training("concepts", CONFIGS / "concepts_smoke.yaml", [*_overrides(tiny_features, tmp_path / "run"), "features=second-expert",
+                                                                         f"expert_feature_dir={tmp_path}"])  # fmt: skip
+    hs = HeadSet.load(summary["weights"])
+    assert hs.feature_kind == "second-expert" and hs.mean.shape == (16,) and "second visual expert" in hs.inputs
+    assert summary["before_after"]["shipped"] is not None  # the shipped heads, on the 2048-d lesion features of the same val rows
+    with pytest.raises(ValueError, match="with `data`, use features: lesion-encoder"):
+        run_training("concepts", CONFIGS / "concepts_smoke.yaml", [*_overrides(tiny_features, tmp_path / "run2"), "features=second-expert",
+                                                                   f"data={tmp_path / 'mine.csv'}"])  # fmt: skip
+
+
 def test_round_robin_takes_groups_in_turn_and_stops_when_they_run_out():
     from training.data import round_robin
 

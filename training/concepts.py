@@ -43,6 +43,12 @@ class Config(TrainConfig):
     min_confidence: float = Field(0.5, ge=0, le=1, description="Stored in the artifact: findings below this are verbalised as uncertain.")
     compare_with: str | None = Field(default_factory=lambda: AgentConfig().morphology.heads, description="Registry id of the shipped heads (the agent's morphology.heads) for the before/after table.")
     artifact_id: str = Field("derm7pt-concept-heads", description="Id stored in the artifact's metadata (shown in the agent's trace).")
+    features: Literal["lesion-encoder", "second-expert"] = Field(
+        "lesion-encoder",
+        description="Whose pooled features the heads read: the lesion encoder's (feature_dir) or the second visual expert's "
+        "(expert_feature_dir, `python -m training.eval_encoder features`; Derm7pt only). Stored in the artifact; the agent feeds it the same.",
+    )
+    expert_feature_dir: Path = Field(Path(".cache/features_effnet"), description="Cached second-expert features (<source>__effnet.npz).")
 
 
 def fit_criterion(name: str, x: np.ndarray, y: np.ndarray, c: float, class_weight: str | None = "balanced", max_iter: int = 3000):
@@ -82,13 +88,28 @@ def fit_heads(features: np.ndarray, truth: dict[str, np.ndarray], cs: dict[str, 
     return HeadSet(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), heads, inputs="sklesion features (2048)")
 
 
+def derm7pt_features(kind: str, cfg: Config) -> tuple[list[dict[str, str]], np.ndarray]:
+    """Derm7pt rows and the cached pooled features of ``kind`` ('lesion-encoder' or 'second-expert')."""
+    from training.data import aligned, load_features, source_table
+
+    if kind == "second-expert":
+        rows, f = aligned(source_table("derm7pt"), load_features("derm7pt", "effnet", cfg.expert_feature_dir))
+    else:
+        rows, f = aligned(source_table("derm7pt"), load_features("derm7pt", feature_dir=cfg.feature_dir))
+    return rows, f["features"]
+
+
+INPUTS = {"lesion-encoder": "sklesion features (2048)", "second-expert": "second visual expert features (1280)"}
+
+
 def load_rows(cfg: Config) -> tuple[list[dict[str, str]], np.ndarray]:
     """Rows with criteria and split, and their encoder features (Derm7pt from the cache, or ``cfg.data``)."""
-    from training.data import aligned, load_features, read_table, source_table, user_features
+    from training.data import read_table, user_features
 
     if cfg.data is None:
-        rows, f = aligned(source_table("derm7pt"), load_features("derm7pt", feature_dir=cfg.feature_dir))
-        return rows, f["features"]
+        return derm7pt_features(cfg.features, cfg)
+    if cfg.features != "lesion-encoder":
+        raise ValueError("features: second-expert reads the cached second-expert features of Derm7pt; with `data`, use features: lesion-encoder")
     rows = read_table(cfg.data)
     root = cfg.image_root or cfg.data.parent
     missing = [c for c in ("image", *SEVEN_POINT) if c not in rows[0]]
@@ -139,8 +160,8 @@ def train(cfg: Config) -> dict:
         "n_val": int(va.sum()),
     }
     source = "your data" if cfg.data is not None else "Derm7pt"
-    hs = HeadSet(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), heads, inputs="sklesion features (2048)",
-                 meta={"id": cfg.artifact_id, "min_confidence": cfg.min_confidence, "metrics": metrics,
+    hs = HeadSet(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32), heads, inputs=INPUTS[cfg.features],
+                 meta={"id": cfg.artifact_id, "min_confidence": cfg.min_confidence, "metrics": metrics, "features": cfg.features,
                        "trained_on": f"{source} {'+'.join(cfg.train_splits)} (Derm7pt: CC BY-NC-ND 4.0), selected on {cfg.val_split}"})  # fmt: skip
     weights = cfg.out_dir / "concepts.safetensors"
     hs.save(weights)
@@ -152,7 +173,14 @@ def train(cfg: Config) -> dict:
     old = shipped_path(cfg.compare_with)
     if old is not None:
         shipped = HeadSet.load(old)
-        probs = shipped.predict_proba(feats[va])
+        x_old = feats
+        if shipped.feature_kind != cfg.features:  # the shipped heads read other features: theirs, for the same val rows
+            if cfg.data is not None:
+                raise ValueError(f"compare_with {cfg.compare_with!r} reads {shipped.feature_kind} features; with `data` compare with heads on the lesion encoder's")
+            other_rows, other = derm7pt_features(shipped.feature_kind, cfg)
+            where = {r["image"]: i for i, r in enumerate(other_rows)}
+            x_old = other[[where[r["image"]] for r in rows]]
+        probs = shipped.predict_proba(x_old[va])
         before = criteria_metrics(truth, {c: [shipped.heads[c].classes[i] for i in p.argmax(1)] for c, p in probs.items() if c in truth})
     after = metrics["val"]
     rows_t = [[c, *(before[c][m] if before else None for m in ("accuracy", "macro_f1")), after[c]["accuracy"], after[c]["macro_f1"]] for c in [*SEVEN_POINT, "mean"]]
@@ -161,7 +189,7 @@ def train(cfg: Config) -> dict:
     better = before is None or after["mean"]["macro_f1"] > before["mean"]["macro_f1"]
     published = publish(weights, cfg.artifact, metrics)
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE,
-                                  notes=f"Seven 7-point concept heads on sklesion features ({source} {'+'.join(cfg.train_splits)}, selected on {cfg.val_split}).")  # fmt: skip
+                                  notes=f"Seven 7-point concept heads on {INPUTS[cfg.features]} ({source} {'+'.join(cfg.train_splits)}, selected on {cfg.val_split}).")  # fmt: skip
     return {
         "metrics": metrics,
         "before_after": {"shipped": before, "new": after, "table": tbl, "new_is_better": better},

@@ -97,6 +97,10 @@ class Config(TrainConfig):
     crossfit_views: list[Literal["hflip", "vflip", "rot90"]] = Field([], description="Cross-fitting: each fold model also predicts its held-out images "
                                                                      "over these test-time views (models.tta), stored as probs_<head>__views beside the "
                                                                      "single-view outputs, for an agent that averages them (encoder.second_expert views).")
+    crossfit_features: list[Literal["ham10000", "derm7pt", "dermnet"]] = Field([], description="Cross-fitting: the sources whose held-out images also "
+                                                                            "keep the fold model's pooled features (fp16 `features`), e.g. derm7pt, so heads "
+                                                                            "on the expert's features (training.concepts features: second-expert) get "
+                                                                            "deployment-like inputs on Derm7pt train/extra.")
     channels_last: bool = Field(False, description="Network and batches in channels-last memory format (faster convolutions on GPUs; measure with scripts/encoder_throughput.py).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="torch.compile the training forward pass with this mode (None: eager). Evaluation and the saved weights use the plain module."
@@ -563,6 +567,8 @@ def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarra
     """One source's head outputs in the layout of ``python -m training.eval_encoder features`` (``ids`` = image,
     ``probs_<head>``), so :func:`training.fusion_data.write_expert_outputs` reads either."""
     arrays = {"ids": np.array([r["image"] for r in records]), **{f"probs_{h}": p.astype(np.float32) for h, p in probs.items() if h != "features"}}
+    if "features" in probs:
+        arrays["features"] = probs["features"].astype(np.float16)
     if "probs_ham" in arrays:
         arrays["probs"] = arrays["probs_ham"]
     arrays.update(extra or {})
@@ -631,6 +637,8 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
                 for suffix, net, ncfg in nets:
                     got = evaluate(net, images[n][idx], recs, ncfg.image_size)
                     outs.update({f"{h}{suffix}": p for h, p in got.items() if h != "features"})
+                    if not suffix and CROSSFIT_TABLES[n] in cfg.crossfit_features:  # the fold model's own pooled features, as the agent's are the shipped network's
+                        outs["features"] = got["features"].astype(np.float16)
                     if cfg.crossfit_views:
                         viewed = evaluate(net, images[n][idx], recs, ncfg.image_size, views=cfg.crossfit_views)
                         outs.update({f"{h}__views{suffix}": p for h, p in viewed.items() if h != "features"})

@@ -30,6 +30,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field
 
+from agent.config import DEFAULT_CONCEPT_HEADS
 from models.conformal import max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
 from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs, top_candidate
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
@@ -63,6 +64,9 @@ class Config(TrainConfig):
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
+    findings_heads: str = Field(DEFAULT_CONCEPT_HEADS, description="With findings_from: concept-heads, the registry id (or path) of the concept heads "
+                                "whose findings the records carry (training.fusion_data writes the agent's morphology.heads'); kept in the "
+                                "artifact, and the agent refuses the artifact with other heads.")
     clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
@@ -769,7 +773,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     metrics = {"counts": counts, "morphology_expert": morph_info, "evaluation": evals,
                "dermoscopy": {"C": c, "gamma": gamma, "oof": derm.meta["oof"]}, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
-    model.meta.update({"findings_from": cfg.findings_from, "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
+    model.meta.update({"findings_from": cfg.findings_from, **({"findings_heads": cfg.findings_heads} if cfg.findings_from == "concept-heads" else {}), "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
                                      "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted "
                                                           f"{'second-expert criteria' if cfg.findings_from == 'effnet' else 'concept-head'} findings)"},
                        "licence": "derived from ISIC 2018 (CC BY-NC 4.0), Derm7pt (CC BY-NC-ND 4.0), DermNet NZ images (research use): non-commercial",

@@ -77,9 +77,16 @@ def describe_concepts(state: CaseState, rt: Backends) -> NodeOutput:
         return _findings_output(state, findings, 0.5, "the second visual expert's criteria heads", rt.second_expert.model_id)
     notes = ["the second visual expert gave no 7-point criteria: the concept heads describe"] if rt.config.morphology.kind == "second-expert" else []
     heads = rt.concept_heads
-    probs = heads.predict_proba(state.encoding.features[None])
+    if heads.feature_kind == "second-expert":
+        if state.encoding.expert_features is None:
+            raise ValueError(f"morphology.heads {rt.config.morphology.heads!r} reads the second visual expert's features, and this run has none "
+                             "(set encoder.second_expert, or heads on the lesion encoder's features)")
+        x, uses = np.asarray(state.encoding.expert_features), "the second visual expert's features"
+    else:
+        x, uses = np.asarray(state.encoding.features), "encoder features"
+    probs = heads.predict_proba(x[None])
     findings = [_finding(c, dict(zip(head.classes, map(float, probs[c][0])))) for c, head in heads.heads.items()]
-    return _findings_output(state, findings, float(heads.meta.get("min_confidence", 0.5)), "encoder features", heads.meta.get("id"), notes)
+    return _findings_output(state, findings, float(heads.meta.get("min_confidence", 0.5)), uses, heads.meta.get("id"), notes)
 
 
 def _findings_output(state: CaseState, findings: list[Finding], min_conf: float, uses: str, model_id: str | None, notes: list[str] | None = None) -> NodeOutput:

@@ -210,8 +210,8 @@ class Runtime:
             heads = model.meta.get("findings_heads", DEFAULT_CONCEPT_HEADS)  # artifacts from before the field: the shipped heads
             if model.morphology_expert is not None and given == "concept-heads" and heads != self.config.morphology.heads:
                 raise ValueError(f"fusion artifact {self.config.reasoner.fusion!r} was fitted on the findings of concept heads {heads!r} but "
-                                 f"morphology.heads is {self.config.morphology.heads!r}: refit it on those heads' findings (dermgraph train fusion "
-                                 f"--set findings_heads=...) or set morphology.heads")
+                                 f"morphology.heads is {self.config.morphology.heads!r} (findings_heads): refit it on those heads' findings "
+                                 "(python -m training.fusion_data --agent-config <yours>, then dermgraph train fusion) or set morphology.heads")
             return model
 
         return self._get("fusion", load)

@@ -81,3 +81,33 @@ def test_member_outputs_are_averaged_where_the_agents_members_if_would_run_them(
     assert member_mean(own, "modality=dermoscopy") == own  # no member outputs: the fold model's alone
     with pytest.raises(ValueError, match="members_if 'modality=photo'"):
         member_mean(probs, "modality=photo")
+
+
+@pytest.mark.data
+def test_findings_of_heads_on_the_experts_features_are_cross_fitted_on_its_cross_fitted_features(shared_data, tmp_path):
+    """Concept heads on the second expert's features: Derm7pt train/extra findings come from heads refitted without
+    each case, on the fold models' features (the expert trained on those images); without them, a clear refusal."""
+    from agent.testing import constant_heads
+    from models.vocabulary import SEVEN_POINT
+    from training.data import source_table
+    from training.fusion_data import crossfit_derm7pt_findings
+
+    table = [r for r in source_table("derm7pt") if r["split"] in ("train", "extra")]
+    heads = constant_heads({c: (vals, "absent") for c, vals in SEVEN_POINT.items()}, 16)
+    heads.meta.update({"features": "second-expert", "metrics": {"C": {c: 0.01 for c in SEVEN_POINT}}})
+    heads.save(tmp_path / "heads.safetensors")
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(len(table), 16))
+    feats[:, 0] += np.array([r["blue_whitish_veil"] == "present" for r in table]) * 3.0  # one learnable criterion
+    probs = {"ham": np.full((len(table), 7), 1 / 7), "features": feats}
+    head_outputs_npz(tmp_path / "cf" / "derm7pt__effnet.npz", table, probs, {"fold": np.zeros(len(table), int)})
+    found = crossfit_derm7pt_findings(tmp_path, heads=str(tmp_path / "heads.safetensors"), expert_crossfit=tmp_path / "cf")
+    assert sorted(found) == sorted(f"derm7pt:{r['case_index']}" for r in table)
+    veil = np.array([found[f"derm7pt:{r['case_index']}"]["blue_whitish_veil"]["present"] for r in table])
+    present = np.array([r["blue_whitish_veil"] == "present" for r in table])
+    assert veil[present].mean() > veil[~present].mean() + 0.3  # refitted on the features, not the constant heads' answer
+    with pytest.raises(ValueError, match="crossfit_features: \\[derm7pt\\]"):
+        crossfit_derm7pt_findings(tmp_path, heads=str(tmp_path / "heads.safetensors"))
+    head_outputs_npz(tmp_path / "old" / "derm7pt__effnet.npz", table, {"ham": probs["ham"]}, {"fold": np.zeros(len(table), int)})
+    with pytest.raises(ValueError, match="in-sample on Derm7pt train/extra"):
+        crossfit_derm7pt_findings(tmp_path, heads=str(tmp_path / "heads.safetensors"), expert_crossfit=tmp_path / "old")

@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
 def test_artifact_loads_and_fuses(trained):
     cfg, summary, _ = trained
     model = FusionModel.load(cfg.artifact)
-    assert model.meta["findings_from"] == "concept-heads" and model.meta["findings_heads"] == cfg.findings_heads == "derm7pt-concept-heads"
+    assert model.meta["findings_from"] == "concept-heads" and model.meta["findings_heads"] == "derm7pt-concept-heads"  # records without the field
     assert set(model.modalities) == {"dermoscopy", "clinical"}
     derm = model.modalities["dermoscopy"]
     fused = derm.fuse(HAM_CLASSES, {"classifier": {"mel": 0.9, "nv": 0.1}, "knn": {"mel": 0.8, "nv": 0.2}, "morphology": None})
@@ -286,6 +286,16 @@ def test_stand_in_offsets_keep_a_weaker_stand_ins_rows_from_pulling_the_deployed
     shifted = with_stand_in(offset, [False, True])
     assert fuse_fit_rows(offset, [stand_in_row])[0] == shifted.fuse(HAM_CLASSES, {e: stand_in_row[e] for e in experts}).probs
     assert not np.allclose(shifted.coef, offset.coef)
+
+
+def test_the_artifact_names_the_concept_heads_of_the_records_findings_and_refuses_a_mix():
+    from training.fusion import records_heads
+
+    recs = [{"findings": {"streaks": {"absent": 1.0}}, "findings_heads": "mine"}, {"findings": {}, "findings_heads": "other"}]
+    assert records_heads(recs) == "mine"  # a record without findings says nothing
+    assert records_heads([{"findings": {"streaks": {"absent": 1.0}}}]) == "derm7pt-concept-heads"
+    with pytest.raises(ValueError, match="several concept heads"):
+        records_heads(recs + [{"findings": {"streaks": {"absent": 1.0}}}])
 
 
 def test_the_swapped_fold_fits_the_report_half_and_scores_the_calib_half(trained):

@@ -64,9 +64,6 @@ class Config(TrainConfig):
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
-    findings_heads: str = Field(DEFAULT_CONCEPT_HEADS, description="With findings_from: concept-heads, the registry id (or path) of the concept heads "
-                                "whose findings the records carry (training.fusion_data writes the agent's morphology.heads'); kept in the "
-                                "artifact, and the agent refuses the artifact with other heads.")
     clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
@@ -133,6 +130,15 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
             else:
                 parts["derm_fit" if r["split"] in ("train", "extra") else "derm7pt_eval"].append(r)
     return parts
+
+
+def records_heads(recs: list[dict]) -> str:
+    """The concept heads whose findings the records carry (``findings_heads``, written by ``training.fusion_data``;
+    records from before the field: the shipped heads). Refuses a mix: one findings model reads one describer."""
+    heads = {r.get("findings_heads", DEFAULT_CONCEPT_HEADS) for r in recs if r.get("findings")}
+    if len(heads) > 1:
+        raise ValueError(f"the records carry the findings of several concept heads ({', '.join(sorted(heads))}): collect them with one agent configuration")
+    return heads.pop() if heads else DEFAULT_CONCEPT_HEADS
 
 
 def check_out_of_sample(recs: list[dict], experts: Sequence[str], what: str) -> None:
@@ -773,7 +779,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     metrics = {"counts": counts, "morphology_expert": morph_info, "evaluation": evals,
                "dermoscopy": {"C": c, "gamma": gamma, "oof": derm.meta["oof"]}, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
-    model.meta.update({"findings_from": cfg.findings_from, **({"findings_heads": cfg.findings_heads} if cfg.findings_from == "concept-heads" else {}), "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
+    model.meta.update({"findings_from": cfg.findings_from, **({"findings_heads": records_heads(fit)} if cfg.findings_from == "concept-heads" else {}), "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
                                      "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted "
                                                           f"{'second-expert criteria' if cfg.findings_from == 'effnet' else 'concept-head'} findings)"},
                        "licence": "derived from ISIC 2018 (CC BY-NC 4.0), Derm7pt (CC BY-NC-ND 4.0), DermNet NZ images (research use): non-commercial",

@@ -50,15 +50,32 @@ def dermnet_rows(feature_dir: Path, heldout: bool = True) -> list[CaseRow]:
                     exclude=set() if heldout else {f"dermnet:{r['sha1'][:12]}"}) for r, p, x in zip(rows, f["probs"], f["features"])]  # fmt: skip
 
 
-def crossfit_derm7pt_findings(feature_dir: Path, k: int = 5, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """Case id → out-of-fold concept-head findings for Derm7pt train+extra (the shipped heads' training data)."""
+def crossfit_derm7pt_findings(feature_dir: Path, k: int = 5, seed: int = 0, heads: str | None = None,
+                              expert_crossfit: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Case id → out-of-fold concept-head findings for Derm7pt train+extra (the heads' training data), by heads
+    refitted per fold with ``heads``' regularisation (default: the agent's morphology.heads). Heads on the second
+    expert's features need its cross-fitted features there (``expert_crossfit``, a bundle made with the encoder's
+    ``crossfit_features: [derm7pt]``): the expert trained on those images, so its own features are in-sample."""
+    from agent.config import AgentConfig
     from models.heads import HeadSet
-    from models.resolve import resolve
+    from models.resolve import resolve_artifact
     from training.data import aligned, load_features, source_table
+    from training.encoder import crossfit_outputs
     from training.verifier import crossfit_findings
 
-    rows, f = aligned([r for r in source_table("derm7pt") if r["split"] in ("train", "extra")], load_features("derm7pt", "full", feature_dir))
-    shipped = HeadSet.load(resolve("derm7pt-concept-heads"))
+    ref = heads or AgentConfig().morphology.heads
+    shipped = HeadSet.load(resolve_artifact(ref))
+    table = [r for r in source_table("derm7pt") if r["split"] in ("train", "extra")]
+    if shipped.feature_kind == "second-expert":
+        got = crossfit_outputs(expert_crossfit, "derm7pt") if expert_crossfit is not None else None
+        if got is None or "features" not in got:
+            raise ValueError(f"concept heads {ref!r} read the second expert's features, which are in-sample on Derm7pt train/extra: give "
+                             "--expert-crossfit with a bundle made with the encoder's crossfit_features: [derm7pt]")
+        rows, f = aligned(table, {"ids": got["ids"].astype(str), "features": got["features"].astype("float32")})
+        if len(rows) < len(table):
+            raise ValueError(f"the cross-fitted bundle has features for {len(rows)} of {len(table)} Derm7pt train/extra images")
+    else:
+        rows, f = aligned(table, load_features("derm7pt", "full", feature_dir))
     shipped_c = (shipped.meta.get("metrics") or {}).get("C") or {}
     cs = {c: float(shipped_c.get(c, 0.003)) for c in SEVEN_POINT}
     found = crossfit_findings(f["features"], rows, cs, k, seed)
@@ -118,12 +135,14 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None, expert_features: Path | None = None,
-            agent_config: Path | None = None) -> Path:
+            agent_config: Path | None = None, expert_crossfit: str | Path | None = None) -> Path:
     """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM). ``expert_features``: the
     second expert's cached outputs (``eval_encoder features``), so that clinical photos search similar cases with
     its features as the agent does (never for images it trained on, whose features are in-sample).
     ``agent_config``: the agent YAML whose nodes render the cases (default: the default agent), e.g. one whose
-    ``retrieval.expert_case_index`` is a rebuilt index."""
+    ``retrieval.expert_case_index`` is a rebuilt index or whose ``morphology.heads`` are other concept heads (each
+    record names them: ``findings_heads``). ``expert_crossfit``: the expert's cross-fitted outputs, replayed on its
+    own training images (and their cross-fitted features, where the bundle has them, for heads that read them)."""
     from training.reasoner_data import attach_expert_probs, make_agent, render_state
 
     out = llm_path(out) if with_llm else out
@@ -134,14 +153,16 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     print(f"{len(rows)} cases, {len(done)} done, {len(todo)} to go", flush=True)
     if not todo:
         return out
-    crossfit = crossfit_derm7pt_findings(feature_dir) if any(r.source == "derm7pt" and r.split != "val" for r in todo) else {}
+    agent = make_agent(agent_config)
+    rt = agent.runtime
+    heads = rt.config.morphology.heads
+    needs = any(r.source == "derm7pt" and r.split != "val" for r in todo)
+    crossfit = crossfit_derm7pt_findings(feature_dir, heads=heads, expert_crossfit=expert_crossfit) if needs else {}
     if expert_features is not None:
-        print(f"second expert's outputs: {attach_expert_probs(todo, expert_features)}", flush=True)
+        print(f"second expert's outputs: {attach_expert_probs(todo, expert_features, expert_crossfit)}", flush=True)
     elif any(r.source == "dermnet" for r in todo):
         print("warning: no --expert-features: clinical photos will search similar cases with the lesion classifier's features, "
               "not the second expert's as the default agent does", flush=True)
-    agent = make_agent(agent_config)
-    rt = agent.runtime
     t0 = time.time()
     with out.open("a") as fh:
         for n, row in enumerate(todo, 1):
@@ -152,6 +173,8 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
                 state = state.model_copy(update={"morphology": state.morphology.model_copy(update={"findings": findings})})
             rec = expert_record(row, state, rt, with_llm)
             rec["crossfit_findings"] = row.id in crossfit
+            if rec["findings"]:
+                rec["findings_heads"] = heads
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -312,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads,
                              members_if=a.expert_members_if)
         return
-    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features, agent_config=a.agent_config)
+    collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features, agent_config=a.agent_config,
+            expert_crossfit=a.expert_crossfit)
 
 
 if __name__ == "__main__":

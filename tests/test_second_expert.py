@@ -243,3 +243,13 @@ def test_head_sets_say_whose_features_they_read_and_refuse_unknown_kinds(tmp_pat
     heads.meta["features"] = "clip"
     with pytest.raises(ValueError, match="valid: lesion-encoder, second-expert"):
         heads.feature_kind
+
+
+def test_the_shipped_heads_on_the_experts_features_read_its_1280_dimensional_features():
+    from models.heads import HeadSet
+    from models.resolve import resolve
+
+    hs = HeadSet.load(resolve("derm7pt-concept-heads-effnet"))
+    assert hs.feature_kind == "second-expert" and hs.mean.shape == (1280,) and len(hs.heads) == 7
+    assert hs.meta["metrics"]["val"]["mean"]["macro_f1"] > HeadSet.load(resolve("derm7pt-concept-heads")).meta["metrics"]["val"]["mean"]["macro_f1"]
+    assert HeadSet.load(resolve("derm7pt-concept-heads")).feature_kind == "lesion-encoder"

@@ -74,7 +74,7 @@ def table(res: dict[str, dict]) -> str:
     for name, f in res.items():
         ca = f.get("classifier_alone") or {}
         lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} [{f['balanced_accuracy_ci'][0]:.3f}, {f['balanced_accuracy_ci'][1]:.3f}] | "
-                     f"{f['mel_sensitivity'] if f['mel_sensitivity'] is not None else '-'} | {f['coverage']:.3f} | {f['accuracy_on_accepted']} | "
+                     f"{'-' if f['mel_sensitivity'] is None else format(f['mel_sensitivity'], '.3f')} | {f['coverage']:.3f} | {f['accuracy_on_accepted']} | "
                      f"{f['set_coverage']:.3f} ({f['set_size']:.2f}) | {ca.get('accuracy', '-')} / {ca.get('balanced_accuracy', '-')} |")  # fmt: skip
     return "\n".join(lines)
 

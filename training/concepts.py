@@ -18,11 +18,13 @@ from pydantic import Field
 
 from agent.config import AgentConfig
 from evals.metrics import criteria_metrics
+from models.heads import FEATURE_KINDS
 from models.vocabulary import SEVEN_POINT
 from training.cli import module_main
 from training.config import TrainConfig
 
 C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+INPUTS = {"lesion-encoder": "sklesion features (2048)", "second-expert": "second visual expert features (1280)"}
 LICENCE = "CC-BY-NC-ND-4.0 (derived from Derm7pt)"
 
 
@@ -43,7 +45,7 @@ class Config(TrainConfig):
     min_confidence: float = Field(0.5, ge=0, le=1, description="Stored in the artifact: findings below this are verbalised as uncertain.")
     compare_with: str | None = Field(default_factory=lambda: AgentConfig().morphology.heads, description="Registry id of the shipped heads (the agent's morphology.heads) for the before/after table.")
     artifact_id: str = Field("derm7pt-concept-heads", description="Id stored in the artifact's metadata (shown in the agent's trace).")
-    features: Literal["lesion-encoder", "second-expert"] = Field(
+    features: Literal[FEATURE_KINDS] = Field(
         "lesion-encoder",
         description="Whose pooled features the heads read: the lesion encoder's (feature_dir) or the second visual expert's "
         "(expert_feature_dir, `python -m training.eval_encoder features`; Derm7pt only). Stored in the artifact; the agent feeds it the same.",
@@ -97,9 +99,6 @@ def derm7pt_features(kind: str, cfg: Config) -> tuple[list[dict[str, str]], np.n
     else:
         rows, f = aligned(source_table("derm7pt"), load_features("derm7pt", feature_dir=cfg.feature_dir))
     return rows, f["features"]
-
-
-INPUTS = {"lesion-encoder": "sklesion features (2048)", "second-expert": "second visual expert features (1280)"}
 
 
 def load_rows(cfg: Config) -> tuple[list[dict[str, str]], np.ndarray]:

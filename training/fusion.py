@@ -49,7 +49,7 @@ class Config(TrainConfig):
     experts_file: Path = Field(Path(".cache/fusion/experts.jsonl"), description="Output of `python -m training.fusion_data`.")
     extra_experts: list[str] = Field([], description="Extra expert files next to experts_file (<stem>_<name>.jsonl), e.g. 'effnet' (second visual expert: HAM head for dermoscopy, DermNet head for clinical photos).")
     fit_sources: list[Literal["isic2018_val", "derm7pt"]] = Field(["isic2018_val", "derm7pt"], description="Sources of the dermoscopy fit part (drop 'derm7pt' when an expert was trained on Derm7pt train/extra).")
-    isic_fit_half: Literal["calib", "report"] = Field("calib", description="The isic2018_val half the dermoscopy stacker fits on; the other "
+    isic_fit_half: Literal[ISIC_HALVES] = Field("calib", description="The isic2018_val half the dermoscopy stacker fits on; the other "
                                                       "is evaluated. The shipped artifact fits on 'calib'; 'report' is the swapped fold of "
                                                       "a two-fold estimate over all of isic2018_val (scripts/fusion_two_fold.py).")
     acceptance_features: list[str] = Field(list(LEGACY_ACCEPTANCE_FEATURES), description=f"Signals of the acceptance model, from {list(ACCEPTANCE_FEATURES)}.")
@@ -779,7 +779,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     metrics = {"counts": counts, "morphology_expert": morph_info, "evaluation": evals,
                "dermoscopy": {"C": c, "gamma": gamma, "oof": derm.meta["oof"]}, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
-    model.meta.update({"findings_from": cfg.findings_from, **({"findings_heads": records_heads(fit)} if cfg.findings_from == "concept-heads" else {}), "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
+    if cfg.findings_from == "concept-heads":
+        model.meta["findings_heads"] = records_heads(fit)  # the agent refuses other morphology.heads with this artifact
+    model.meta.update({"findings_from": cfg.findings_from, "fitted_on": {"dermoscopy": derm.calibration_source, "clinical": modalities["clinical"].calibration_source if "clinical" in modalities else None,
                                      "morphology_expert": f"Derm7pt train+extra ({morph_info['n_train']} cases, cross-fitted "
                                                           f"{'second-expert criteria' if cfg.findings_from == 'effnet' else 'concept-head'} findings)"},
                        "licence": "derived from ISIC 2018 (CC BY-NC 4.0), Derm7pt (CC BY-NC-ND 4.0), DermNet NZ images (research use): non-commercial",

@@ -1,10 +1,11 @@
-"""Two-fold estimate of the fusion recipe over all of isic2018_val: `dermgraph train fusion` once on each half
-(the shipped fit on `calib`, the swapped one on `report`), each scored on the half it did not fit, pooled.
+"""Two-fold estimate of the fusion recipe over all of isic2018_val and all held-out DermNet photos: `dermgraph train
+fusion` once as shipped (fit on the isic2018_val `calib` half and the even DermNet half) and once swapped (`report`,
+odd), each scored on the halves it did not fit, pooled.
 
-The shipped artifact is evaluated on one half (249 images: balanced accuracy's 95 % interval is about ±0.1);
-pooling the two folds scores the same recipe on every image, with the classifier alone on the same cases beside
-it. Derm7pt `val` is never fitted on, so both folds score all of it (shown per fold). Writes
-`<out>/two_fold.json` and each fold's trainer outputs under `<out>/<half>/`.
+The shipped artifact is evaluated on one half (249 images: balanced accuracy's 95 % interval is about ±0.1; 133
+photos for DermNet); pooling the two folds scores the same recipe on every image, with the classifier alone on the
+same cases beside it (dermoscopy). Derm7pt `val` is never fitted on, so both folds score all of it (shown per fold).
+Writes `<out>/two_fold.json` and each fold's trainer outputs under `<out>/<half>/`.
 
     python scripts/fusion_two_fold.py [--config configs/train/fusion.yaml] [--set key=value ...] [--out runs/fusion_two_fold]
 """
@@ -23,6 +24,7 @@ import numpy as np
 from evals.metrics import bootstrap_ci, diagnosis_metrics
 
 HALVES = ("calib", "report")
+DERMNET_FIT = {"calib": "even", "report": "odd"}  # the swapped fold swaps the clinical halves too
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -42,7 +44,8 @@ def figures(rows: Sequence[dict], n_bootstrap: int = 1000) -> dict[str, Any]:
                            "mel_sensitivity": round(m["mel_sensitivity"], 4) if "mel" in set(y) else None,
                            "coverage": round(float(accepted.mean()), 4), "accuracy_on_accepted": round(float(right[accepted].mean()), 4) if accepted.any() else None,
                            "set_coverage": round(float(np.mean([t in r["prediction_set"] for t, r in zip(y, rows)])), 4),
-                           "set_size": round(float(np.mean([len(r["prediction_set"]) for r in rows])), 3)}  # fmt: skip
+                           "set_size": round(float(np.mean([len(r["prediction_set"]) for r in rows])), 3),
+                           "top5": round(float(np.mean([t in r["top5"] for t, r in zip(y, rows)])), 4)}  # fmt: skip
     cls = [r.get("experts_top", {}).get("classifier") for r in rows]
     if all(cls):
         mc = diagnosis_metrics(list(y), cls)
@@ -65,15 +68,23 @@ def pool(folds: dict[str, list[dict]]) -> dict[str, list[dict]]:
     out["isic2018_val, both halves"] = [r for rows in isic.values() for r in rows]
     for f, rows in folds.items():
         out[f"Derm7pt val (fit on isic2018_val {f})"] = [r for r in rows if r["source"] == "derm7pt"]
+    dermnet = {f: [r for r in rows if r["source"] == "dermnet"] for f, rows in folds.items()}
+    if any(dermnet.values()):
+        ids = [r["id"] for rows in dermnet.values() for r in rows]
+        if len(ids) != len(set(ids)):
+            raise ValueError("the two folds scored the same DermNet photo twice")
+        for f, rows in dermnet.items():
+            out[f"DermNet held-out, {'odd' if DERMNET_FIT[f] == 'even' else 'even'} half (fit on the {DERMNET_FIT[f]} half)"] = rows
+        out["DermNet held-out, both halves"] = [r for rows in dermnet.values() for r in rows]
     return out
 
 
 def table(res: dict[str, dict]) -> str:
-    lines = ["| set | n | accuracy | balanced acc. [95 % CI] | mel. sens. | accepted | acc. on accepted | 90 % sets (size) | classifier alone acc / BACC |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| set | n | accuracy (top-1) | top-5 | balanced acc. [95 % CI] | mel. sens. | accepted | acc. on accepted | 90 % sets (size) | classifier alone acc / BACC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, f in res.items():
         ca = f.get("classifier_alone") or {}
-        lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} [{f['balanced_accuracy_ci'][0]:.3f}, {f['balanced_accuracy_ci'][1]:.3f}] | "
+        lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['top5']:.3f} | {f['balanced_accuracy']:.3f} [{f['balanced_accuracy_ci'][0]:.3f}, {f['balanced_accuracy_ci'][1]:.3f}] | "
                      f"{'-' if f['mel_sensitivity'] is None else format(f['mel_sensitivity'], '.3f')} | {f['coverage']:.3f} | {f['accuracy_on_accepted']} | "
                      f"{f['set_coverage']:.3f} ({f['set_size']:.2f}) | {ca.get('accuracy', '-')} / {ca.get('balanced_accuracy', '-')} |")  # fmt: skip
     return "\n".join(lines)
@@ -90,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     folds = {}
     for half in HALVES:
-        cfg = load_train_config(Config, a.config, [*a.overrides, f"isic_fit_half={half}", f"out_dir={a.out / half}", "artifact=null"])
+        cfg = load_train_config(Config, a.config, [*a.overrides, f"isic_fit_half={half}", f"dermnet_fit_half={DERMNET_FIT[half]}", f"out_dir={a.out / half}",
+                                                   "artifact=null"])  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):  # each fold's own report table is in <out>/<half>/
             summary = train(cfg)
         folds[half] = read_predictions(Path(summary["predictions"]))

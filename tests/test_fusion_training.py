@@ -310,6 +310,18 @@ def test_the_swapped_fold_fits_the_report_half_and_scores_the_calib_half(trained
         load_parts(cfg.experts_file, isic_fit_half="val")
 
 
+def test_the_swapped_fold_fits_the_odd_dermnet_half_and_scores_the_even_one(tmp_path):
+    from training.fusion import load_parts
+
+    rec = {"source": "dermnet", "split": "heldout", "label": "d1", "modality": "clinical", "modality_rejected": False, "classifier": {},
+           "knn": {"d1": 1.0}, "findings": {}, "candidates": ["d1"], "llm": None, "evidence": []}  # fmt: skip
+    path = tmp_path / "experts.jsonl"
+    path.write_text("".join(json.dumps({**rec, "id": f"dermnet:{'0' * 39}{d}"}) + "\n" for d in "0a13"))  # even: 0, a; odd: 1, 3
+    shipped, swapped = load_parts(path), load_parts(path, dermnet_fit_half="odd")
+    assert [r["id"][-1] for r in shipped["clin_fit"]] == ["0", "a"] and [r["id"][-1] for r in shipped["clin_eval"]] == ["1", "3"]
+    assert swapped["clin_fit"] == shipped["clin_eval"] and swapped["clin_eval"] == shipped["clin_fit"]
+
+
 def test_predictions_have_one_row_per_evaluation_case_with_its_decision_and_set(trained):
     from training.fusion import load_parts
 
@@ -326,6 +338,7 @@ def test_predictions_have_one_row_per_evaluation_case_with_its_decision_and_set(
         assert np.mean([r["accepted"] for r in recs]) == pytest.approx(after["selective"]["coverage"], abs=1e-4)
         assert np.mean([r["label"] in r["prediction_set"] for r in recs]) == pytest.approx(after["prediction_sets"][str(cfg.alpha)]["coverage"], abs=1e-4)
     assert set(by_part["derm7pt_val"][0]["experts_top"]) == {"classifier", "knn", "morphology"}
+    assert all(r["top5"][0] == r["decided"] and len(r["top5"]) == len(set(r["top5"])) <= 5 for r in rows)
 
 
 def _two_fold():
@@ -364,3 +377,9 @@ def test_two_fold_pooling_refuses_a_fold_that_scored_its_own_fit_half():
         tf.pool({"calib": [row], "report": []})
     with pytest.raises(ValueError, match="twice"):
         tf.pool({"calib": [{**row, "split": "report"}], "report": [row, row]})
+    photo = {**row, "id": "dermnet:1", "source": "dermnet", "split": "heldout"}
+    pooled = tf.pool({"calib": [photo], "report": [{**photo, "id": "dermnet:2"}]})
+    assert [r["id"] for r in pooled["DermNet held-out, both halves"]] == ["dermnet:1", "dermnet:2"]
+    assert pooled["DermNet held-out, odd half (fit on the even half)"] == [photo]
+    with pytest.raises(ValueError, match="same DermNet photo twice"):
+        tf.pool({"calib": [photo], "report": [photo]})

@@ -41,6 +41,7 @@ DERM_EXPERTS = ("classifier", "knn", "morphology", "llm")
 CLIN_EXPERTS = ("knn", "llm")
 FIT_PART_NAMES = {"isic2018_val": "isic2018_val {half} half", "derm7pt": "Derm7pt train/extra"}
 ISIC_HALVES = ("calib", "report")
+DERMNET_HALVES = ("even", "odd")  # last hex digit of the photo's sha1 (training.data.is_dermnet_fit_half: even)
 
 
 class Config(TrainConfig):
@@ -52,6 +53,9 @@ class Config(TrainConfig):
     isic_fit_half: Literal[ISIC_HALVES] = Field("calib", description="The isic2018_val half the dermoscopy stacker fits on; the other "
                                                       "is evaluated. The shipped artifact fits on 'calib'; 'report' is the swapped fold of "
                                                       "a two-fold estimate over all of isic2018_val (scripts/fusion_two_fold.py).")
+    dermnet_fit_half: Literal[DERMNET_HALVES] = Field("even", description="The half of the held-out DermNet photos the clinical stacker fits on "
+                                                      "(clinical_fit: heldout_even); the other is evaluated. 'odd' is the swapped fold of "
+                                                      "scripts/fusion_two_fold.py.")
     acceptance_features: list[str] = Field(list(LEGACY_ACCEPTANCE_FEATURES), description=f"Signals of the acceptance model, from {list(ACCEPTANCE_FEATURES)}.")
     acceptance_sources: list[str] | None = Field(None, description="Dermoscopy sources whose fit rows train the acceptance model and set the SGR threshold (None: all); "
                                                  "leave out those the second expert trained on when its agreement is a signal.")
@@ -95,13 +99,15 @@ class Config(TrainConfig):
 
 
 def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads",
-               isic_fit_half: str = "calib") -> dict[str, list[dict]]:  # fmt: skip
+               isic_fit_half: str = "calib", dermnet_fit_half: str = "even") -> dict[str, list[dict]]:  # fmt: skip
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
     held-out DermNet photos), clin_train (the case index's DermNet photos, when collected). ``findings_from``
     'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``).
-    ``isic_fit_half``: the isic2018_val half in derm_fit (the other is isic_eval)."""
-    if isic_fit_half not in ISIC_HALVES:
-        raise ValueError(f"isic_fit_half {isic_fit_half!r}; valid: {', '.join(ISIC_HALVES)}")
+    ``isic_fit_half`` / ``dermnet_fit_half``: the isic2018_val half in derm_fit (the other is isic_eval) and the
+    held-out DermNet half in clin_fit (the other is clin_eval)."""
+    for name, value, valid in (("isic_fit_half", isic_fit_half, ISIC_HALVES), ("dermnet_fit_half", dermnet_fit_half, DERMNET_HALVES)):
+        if value not in valid:
+            raise ValueError(f"{name} {value!r}; valid: {', '.join(valid)}")
     from training.fusion_data import read_records
 
     parts: dict[str, list[dict]] = {k: [] for k in ("derm_fit", "isic_eval", "derm7pt_eval", "clin_fit", "clin_eval", "clin_train")}
@@ -123,7 +129,8 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
                 if r["split"] == "train":
                     parts["clin_train"].append(r)
                 else:
-                    parts["clin_fit" if is_dermnet_fit_half(r["id"].split(":")[1]) else "clin_eval"].append(r)
+                    even = is_dermnet_fit_half(r["id"].split(":")[1])
+                    parts["clin_fit" if even == (dermnet_fit_half == "even") else "clin_eval"].append(r)
         elif r["modality"] == "dermoscopy" and not r["modality_rejected"]:
             if r["source"] == "isic2018_val":
                 parts["derm_fit" if r["split"] == isic_fit_half else "isic_eval"].append(r)
@@ -644,8 +651,8 @@ def evaluate(model: ModalityFusion, recs: list[dict], cfg: Config, cases: list[d
     }
     out["risk_coverage"] = [[round(float(c), 4), round(float(r), 4)] for c, r in zip(*risk_coverage(kappa, correct))]
     if cases is not None:
-        for r, p, lab, k in zip(recs, probs, pred, kappa):
-            cases.append({"id": r["id"], "source": r["source"], "split": r["split"], "label": r["label"], "decided": lab, "accepted": bool(k >= theta),
+        for r, p, lab, k, order in zip(recs, probs, pred, kappa, [o or sorted(q, key=q.get, reverse=True) for o, q in zip(orders, probs)]):
+            cases.append({"id": r["id"], "source": r["source"], "split": r["split"], "label": r["label"], "decided": lab, "top5": order[:5], "accepted": bool(k >= theta),
                           "acceptance_score": round(float(k), 4), "prediction_set": model.prediction_set(p, cfg.alpha, r.get(SET_GROUP)),
                           "experts_top": {e: top_candidate(r.get(e)) for e in model.experts}})  # fmt: skip
     return out
@@ -702,7 +709,7 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.isic_fit_half)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.isic_fit_half, cfg.dermnet_fit_half)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
@@ -746,7 +753,7 @@ def train(cfg: Config) -> dict[str, Any]:
         cfold = np.random.default_rng(cfg.seed).permutation(len(clin_fit)) % cfg.folds
         coof = oof_conditional(clin_fit, cexp, cfg.eps, cfold)
         clin = fit_conditional(clin_fit, cexp, cfg.eps)
-        what = {"heldout_even": "held-out DermNet photos (even last hash digit)", "train": "DermNet case-index photos (each left out of its own retrieval)"}
+        what = {"heldout_even": f"held-out DermNet photos ({cfg.dermnet_fit_half} last hash digit)", "train": "DermNet case-index photos (each left out of its own retrieval)"}
         calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} {' + '.join(what[k] for k in cfg.clinical_fit)}")
         clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
         clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
@@ -758,8 +765,9 @@ def train(cfg: Config) -> dict[str, Any]:
     evals: dict[str, Any] = {}
     case_rows: dict[str, list[dict]] = {}
     isic_eval_half = next(h for h in ISIC_HALVES if h != cfg.isic_fit_half)
+    dermnet_eval_half = next(h for h in DERMNET_HALVES if h != cfg.dermnet_fit_half)
     for name, recs, mod in ((f"isic2018_val_{isic_eval_half}", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
-                            ("dermnet_heldout_odd", parts["clin_eval"], "clinical"),
+                            (f"dermnet_heldout_{dermnet_eval_half}", parts["clin_eval"], "clinical"),
                             ("dermnet_heldout", parts["clin_fit"] + parts["clin_eval"] if "heldout_even" not in cfg.clinical_fit else [], "clinical")):  # fmt: skip
         if mod not in modalities or not recs:
             continue

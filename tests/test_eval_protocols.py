@@ -329,6 +329,13 @@ def test_diagnosis_scores_from_records_alone(tmp_path):
         r["diagnosis"]["label"] = "nv"
     edited = diagnosis.score_predictions(ctx, Predictions(ordered, {}))
     assert edited.metrics["headline"]["accuracy"]["value"] == pytest.approx(sum(c.label == "nv" for c in cases) / len(cases), abs=1e-4)
+    # Top-k of the differential: the truth second in every case's list counts from k = 2 on.
+    for r, c in zip(ordered, cases):
+        r["diagnosis"]["differential"] = [{"label": "df" if c.label != "df" else "vasc", "probability": 0.6}, {"label": c.label, "probability": 0.4}]
+    ranked = diagnosis.score_predictions(ctx, Predictions(ordered, {}))
+    top = ranked.metrics["differential_top_k"]
+    assert top["1"]["accuracy"] == 0.0 and top["3"]["accuracy"] == top["5"]["accuracy"] == 1.0
+    assert "Differential top-k accuracy (95% CI)" in ranked.tables
 
 
 class ReasonerTestLLM:

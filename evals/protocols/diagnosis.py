@@ -10,7 +10,8 @@ ablations are read from the same record's append-only trace, so they cost nothin
 
 Options (benchmark ``options`` or ``--opt``): ``n_bootstrap`` (1000), ``seed`` (0), ``coverages``
 ([0.5, 0.8, 0.9, 1.0]), ``set_alphas`` ([0.05, 0.1, 0.2]), ``calibration_bins`` (10), ``selective_score`` ('confidence'),
-``age_bins`` ([40, 60]), ``group_bins``, ``min_group_size`` (10), ``allow_partial`` (false).
+``age_bins`` ([40, 60]), ``group_bins``, ``min_group_size`` (10), ``allow_partial`` (false), ``top_k`` ([1, 3, 5]: the
+differential's top-k accuracy).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ NO_ANSWER = "none"
 """Prediction of a system that gave no answer for a case (counts as wrong)."""
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
 DEFAULT_SET_ALPHAS = (0.05, 0.1, 0.2)
+DEFAULT_TOP_K = (1, 3, 5)
 
 
 def sets_by_alpha(ctx: ProtocolContext, with_set: list, alphas: list[float], canon, n_boot: int, seed: int) -> dict[str, Any]:
@@ -97,6 +99,16 @@ def _top(probs: dict[str, float] | None) -> tuple[str | None, float | None]:
     label = max(probs, key=probs.get)
     total = sum(probs.values())
     return label, float(probs[label] / total) if total > 0 else None
+
+
+def differential_top_k(y: list[str], ranked: list[list[str | None]], ks: list[int], n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Share of cases whose true label is among the first k of the agent's differential (its label first), per k,
+    with a percentile-bootstrap 95 % CI: DermNet's 56 labels are judged at top-5 as well as top-1."""
+    out = {}
+    for k in ks:
+        hit = np.array([t in r[:k] for t, r in zip(y, ranked)], float)
+        out[str(k)] = {"accuracy": round(float(hit.mean()), 4), "ci95": [round(v, 4) for v in bootstrap_ci(lambda h: h.mean(), hit, n=n_boot, seed=seed)]}
+    return out
 
 
 def system_predictions(diagnosis: dict[str, Any]) -> dict[str, tuple[str | None, float | None]]:
@@ -197,6 +209,8 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
         systems[s] = res
     agent_pred = np.array(systems["agent"]["predictions"])
     correct = agent_pred == np.array(y)
+    top_k = differential_top_k(y, [[canon(it.get("label")) for it in d.get("differential") or []] for d in diags],
+                               [int(k) for k in opts.get("top_k", DEFAULT_TOP_K)], n_boot, seed)  # fmt: skip
 
     # Abstention and selective prediction (verifier's scores).
     accepted = np.array([d.get("verdict") == "accept" for d in diags])
@@ -266,7 +280,7 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
         "headline": systems["agent"]["headline"],
         "systems": {s: {k: v for k, v in res.items() if k != "predictions"} for s, res in systems.items()},
         "abstention": abst, "selective": selective, "calibration": calibration, "fairness": fair,
-        "prediction_sets": sets, "grounding": ground,
+        "prediction_sets": sets, "grounding": ground, "differential_top_k": top_k,
         "llm_fallback_rate": round(float(np.mean([d.get("reasoner_source") == "fallback" for d in diags])), 4),
         "mean_graph_seconds_per_case": round(float(np.mean(durations)), 3),
         "predictions": pstats,
@@ -306,6 +320,9 @@ def _tables(metrics, systems, names, labels, coverages, fair) -> dict[str, str]:
     t[f"Diagnosis, all {n} cases (top label; 95% CI)"] = md_table(
         ["system", *names, "ECE", "no answer"],
         [[SYSTEMS[s], *(fmt(systems[s]["headline"][m]) for m in names), f"{systems[s]['ece']:.3f}", systems[s]["n_no_answer"]] for s in systems],
+    )
+    t["Differential top-k accuracy (95% CI)"] = md_table(
+        ["k", "true label among the first k"], [[k, f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"] for k, v in metrics["differential_top_k"].items()]
     )
     t["Per-class recall"] = md_table(
         ["class", "n", *(SYSTEMS[s] for s in systems)],

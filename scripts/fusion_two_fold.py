@@ -22,14 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from evals.metrics import bootstrap_ci, diagnosis_metrics
-from training.fusion import DERMNET_HALVES, ISIC_HALVES
+from training.fusion import DERMNET_HALVES, ISIC_HALVES, other_half
 
 HALVES = ISIC_HALVES
 DERMNET_FIT = dict(zip(ISIC_HALVES, DERMNET_HALVES))  # the swapped fold swaps the clinical halves too: calib + even, report + odd
-
-
-def other(half: str, halves: Sequence[str]) -> str:
-    return next(h for h in halves if h != half)
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -69,7 +65,7 @@ def pool(folds: dict[str, list[dict]]) -> dict[str, list[dict]]:
     ids = [r["id"] for rows in isic.values() for r in rows]
     if len(ids) != len(set(ids)):
         raise ValueError("the two folds scored the same isic2018_val case twice")
-    out = {f"isic2018_val {other(f, HALVES)} half (fit on {f})": isic[f] for f in folds}
+    out = {f"isic2018_val {other_half(f, HALVES)} half (fit on {f})": isic[f] for f in folds}
     out["isic2018_val, both halves"] = [r for rows in isic.values() for r in rows]
     for f, rows in folds.items():
         out[f"Derm7pt val (fit on isic2018_val {f})"] = [r for r in rows if r["source"] == "derm7pt"]
@@ -79,7 +75,7 @@ def pool(folds: dict[str, list[dict]]) -> dict[str, list[dict]]:
         if len(ids) != len(set(ids)):
             raise ValueError("the two folds scored the same DermNet photo twice")
         for f, rows in dermnet.items():
-            out[f"DermNet held-out, {other(DERMNET_FIT[f], DERMNET_HALVES)} half (fit on the {DERMNET_FIT[f]} half)"] = rows
+            out[f"DermNet held-out, {other_half(DERMNET_FIT[f], DERMNET_HALVES)} half (fit on the {DERMNET_FIT[f]} half)"] = rows
         out["DermNet held-out, both halves"] = [r for rows in dermnet.values() for r in rows]
     return out
 

@@ -57,6 +57,11 @@ class EpochMix(Strict):
     not_skin: int = Field(200, ge=0, description="Synthetic not-skin images per epoch.")
 
 
+CROSSFIT_TABLES = {"train_ham": "ham10000", "train_derm7pt": "derm7pt", "train_dermnet": "dermnet"}
+"""Training tables whose images get cross-fitted outputs, and the source each belongs to."""
+CROSSFIT_SOURCES = tuple(CROSSFIT_TABLES.values())
+
+
 SELECT_METRICS = ("val_isic2018/balanced_accuracy", "val_derm7pt/balanced_accuracy", "val_dermnet/top1", "val_derm7pt/criteria_f1/mean", "modality_acc",
                   "val_dermnet/top5")  # fmt: skip
 """Held-out figures an epoch can be selected on; the first five (one per task) are the default."""
@@ -97,7 +102,7 @@ class Config(TrainConfig):
     crossfit_views: list[Literal["hflip", "vflip", "rot90"]] = Field([], description="Cross-fitting: each fold model also predicts its held-out images "
                                                                      "over these test-time views (models.tta), stored as probs_<head>__views beside the "
                                                                      "single-view outputs, for an agent that averages them (encoder.second_expert views).")
-    crossfit_features: list[Literal["ham10000", "derm7pt", "dermnet"]] = Field([], description="Cross-fitting: the sources whose held-out images also "
+    crossfit_features: list[Literal[CROSSFIT_SOURCES]] = Field([], description="Cross-fitting: the sources whose held-out images also "
                                                                             "keep the fold model's pooled features (fp16 `features`), e.g. derm7pt, so heads "
                                                                             "on the expert's features (training.concepts features: second-expert) get "
                                                                             "deployment-like inputs on Derm7pt train/extra.")
@@ -540,8 +545,6 @@ def encoder_forward(net, cfg: Config, device: str):
 TRAINED_SPLITS = {"ham10000": ("train",), "derm7pt": ("train", "extra"), "dermnet": ("train",)}
 """Splits of each source the expert trains on (:func:`build_tables`; DermNet 'train' = outside the held-out
 sixth): its outputs there are in-sample."""
-CROSSFIT_TABLES = {"train_ham": "ham10000", "train_derm7pt": "derm7pt", "train_dermnet": "dermnet"}
-"""Training tables whose images get cross-fitted outputs, and the source each belongs to."""
 
 
 def fold_of(record: dict, k: int, seed: int = 0) -> int:
@@ -638,7 +641,7 @@ def crossfit(cfg: Config, sets: dict[str, list[dict]], classes: list[str], image
                     got = evaluate(net, images[n][idx], recs, ncfg.image_size)
                     outs.update({f"{h}{suffix}": p for h, p in got.items() if h != "features"})
                     if not suffix and CROSSFIT_TABLES[n] in cfg.crossfit_features:  # the fold model's own pooled features, as the agent's are the shipped network's
-                        outs["features"] = got["features"].astype(np.float16)
+                        outs["features"] = got["features"]  # head_outputs_npz stores them as fp16
                     if cfg.crossfit_views:
                         viewed = evaluate(net, images[n][idx], recs, ncfg.image_size, views=cfg.crossfit_views)
                         outs.update({f"{h}__views{suffix}": p for h, p in viewed.items() if h != "features"})

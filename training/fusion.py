@@ -44,6 +44,11 @@ ISIC_HALVES = ("calib", "report")
 DERMNET_HALVES = ("even", "odd")  # last hex digit of the photo's sha1 (training.data.is_dermnet_fit_half: even)
 
 
+def other_half(half: str, halves: Sequence[str]) -> str:
+    """The half of a two-way split that ``half`` is not (the evaluation half of a fit half, and back)."""
+    return next(h for h in halves if h != half)
+
+
 class Config(TrainConfig):
     """Fusion refit (see the module docstring)."""
 
@@ -764,8 +769,7 @@ def train(cfg: Config) -> dict[str, Any]:
     # Evaluation parts.
     evals: dict[str, Any] = {}
     case_rows: dict[str, list[dict]] = {}
-    isic_eval_half = next(h for h in ISIC_HALVES if h != cfg.isic_fit_half)
-    dermnet_eval_half = next(h for h in DERMNET_HALVES if h != cfg.dermnet_fit_half)
+    isic_eval_half, dermnet_eval_half = other_half(cfg.isic_fit_half, ISIC_HALVES), other_half(cfg.dermnet_fit_half, DERMNET_HALVES)
     for name, recs, mod in ((f"isic2018_val_{isic_eval_half}", parts["isic_eval"], "dermoscopy"), ("derm7pt_val", parts["derm7pt_eval"], "dermoscopy"),
                             (f"dermnet_heldout_{dermnet_eval_half}", parts["clin_eval"], "clinical"),
                             ("dermnet_heldout", parts["clin_fit"] + parts["clin_eval"] if "heldout_even" not in cfg.clinical_fit else [], "clinical")):  # fmt: skip

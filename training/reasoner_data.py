@@ -187,7 +187,7 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
             continue
         heads = member_mean(got[0], members_if) if got[1] else got[0]
         r.expert_heads = {h: v for h, v in heads.items() if h != "features"}
-        if "features" in got[0]:  # the shipped expert's, on an image it did not train on (cross-fitted outputs carry none)
+        if "features" in got[0]:  # the shipped expert's on an image it did not train on, or the fold model's (crossfit_features)
             r.expert_features = np.asarray(got[0]["features"], np.float32)
         counts["crossfit" if got[1] else "shipped"] += 1
     return counts

@@ -51,6 +51,13 @@ class EncoderConfig(_Strict):
         "images whose own modality head names that modality (by default the CPU continuation, efficientnet-lite0-derm-continued, on images "
         "called dermoscopy: one extra pass where the views are not spent; README: A second visual expert). None: not run.",
     )
+    clinical_probe: str | None = Field(
+        "dermnet-probe",
+        description="Registry id or path of the clinical feature probe (`dermgraph train probe`, models.probe): DermNet classes from the "
+        "lesion classifier's and EfficientNet-Lite0's ImageNet features, read by the clinical stacker where the fusion artifact lists "
+        "'probe'. It runs (one ImageNet pass) on the images the second expert's modality head calls clinical, or on every image without "
+        "that head. None: not run.",
+    )
 
 
 class ModalityConfig(_Strict):

@@ -28,6 +28,7 @@ def versions(config: AgentConfig) -> dict[str, Any]:
     out["models"] = {
         "classifier": config.encoder.classifier.model,
         "second_expert": getattr(config.encoder.second_expert, "model", None),
+        "clinical_probe": config.encoder.clinical_probe,
         "modality_head": config.modality.head,
         "describer": describer_model(config),
         "kb_index": config.retrieval.kb_index,
@@ -57,6 +58,7 @@ def model_hashes(config: AgentConfig) -> dict[str, str]:
     refs = {
         "classifier": config.encoder.classifier.model,
         "second_expert": getattr(config.encoder.second_expert, "model", None),
+        "clinical_probe": config.encoder.clinical_probe,
         "modality_head": config.modality.head,
         "modality_encoder": config.modality.encoder,
         "describer": describer_model(config),

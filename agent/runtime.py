@@ -36,6 +36,7 @@ class Backends(Protocol):
     config: AgentConfig
     classifier: ImageClassifier
     second_expert: Any
+    clinical_probe: Any
     modality_heads: HeadSet
     modality_encoder: Any
     concept_heads: HeadSet
@@ -78,6 +79,18 @@ class Runtime:
         """The second visual expert (``encoder.second_expert``), or None when the configuration has none."""
         ref = self.config.encoder.second_expert
         return self._get("second_expert", lambda: None if ref is None else _backend("classifier", ref, self.config.device))
+
+    @functools.cached_property
+    def clinical_probe(self):
+        """The clinical feature probe (``encoder.clinical_probe``, :class:`models.probe.FeatureProbe`), or None."""
+
+        def build():
+            from models.probe import FeatureProbe
+
+            ref = self.config.encoder.clinical_probe
+            return None if ref is None else FeatureProbe(resolve_artifact(ref), self.config.device)
+
+        return self._get("clinical_probe", build)
 
     @functools.cached_property
     def modality_heads(self):

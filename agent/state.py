@@ -48,7 +48,8 @@ class ImageEncoding(BaseModel):
     expert_probs: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="The second visual expert's heads as label → probability: 'effnet' (HAM10000 classes), 'effnet_dermnet' "
-        "(DermNet classes, named as the case index names them) and 'effnet_modality'.",
+        "(DermNet classes, named as the case index names them) and 'effnet_modality'; and the clinical feature probe's DermNet classes "
+        "as 'probe_dermnet' (where it ran: encoder.clinical_probe).",
     )
     expert_criteria: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="The second visual expert's 7-point criteria heads: criterion -> value -> probability (empty without them)."

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from retrieval.kb import KBEntry
 
 EXPERT_NAMES = {"classifier": "the lesion classifier", "knn": "similar cases", "morphology": "the findings model", "llm": "the language model",
-                "effnet": "the second visual expert"}
+                "effnet": "the second visual expert", "probe": "the clinical feature probe"}
 
 
 def finding_id(criterion: str) -> str:

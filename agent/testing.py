@@ -103,6 +103,24 @@ class FakeSecondExpert:
         return np.zeros((len(images), 8), np.float32), heads
 
 
+class FakeClinicalProbe:
+    """A clinical feature probe (:class:`models.probe.FeatureProbe`'s ``classes`` and ``predict``) with fixed DermNet probabilities."""
+
+    model_id = "fake-clinical-probe"
+
+    def __init__(self, dermnet: dict[str, float] | None = None):
+        self.dermnet = dermnet or {"Eczema": 0.5, "Psoriasis": 0.3, "Tinea corporis": 0.2}
+        self.calls = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.dermnet)
+
+    def predict(self, images, lesion_features):
+        self.calls += 1
+        return np.array([list(self.dermnet.values()) for _ in images], dtype=np.float32)
+
+
 def constant_heads(name_to_value: dict[str, tuple[tuple[str, ...], str]], dim: int, ood_threshold: float | None = None) -> HeadSet:
     """A real HeadSet whose heads always predict the given value (zero weights, biased logits)."""
     heads = {}
@@ -224,6 +242,7 @@ def backends(**over):
     base = {
         "classifier": FakeClassifier(),
         "second_expert": None,  # no second visual expert unless a test gives one (FakeSecondExpert)
+        "clinical_probe": None,  # no clinical feature probe unless a test gives one (FakeClinicalProbe)
         "modality_heads": modality_heads(),
         "concept_heads": concept_heads({"pigment_network": "atypical", "blue_whitish_veil": "present"}),
         "kb": FakeKB(),

@@ -230,7 +230,7 @@ def schema():
 
 @app.command()
 def train(
-    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, fusion, encoder."),
+    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, fusion, encoder, probe."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (configs/train/*.yaml)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set max_steps=10 (repeatable)."),
 ):

@@ -43,7 +43,7 @@ def log_probs(p: Mapping[str, float] | None, classes: Sequence[str], eps: float)
 
 def top_candidate(p: Mapping[str, float] | None, candidates: Sequence[str] | None = None) -> str | None:
     """The most probable of ``candidates`` (default: every key) that ``p`` gives a probability; None when none."""
-    keys = [c for c in (p if candidates is None else candidates) if p and c in p]
+    keys = [c for c in ((p or {}) if candidates is None else candidates) if p and c in p]
     return max(keys, key=lambda c: p[c]) if keys else None
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1)
     a = ap.parse_args()
     cfg = load_train_config(Config, a.config, [])
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, candidate_experts=cfg.clinical_experts)
     add_morphology_outputs(parts, cfg)
     fit = [r for r in parts["derm_fit"] if r["source"] in cfg.fit_sources]
     _, _, oof = choose_stacker(fit, list(cfg.dermoscopy_experts), cfg)

@@ -24,6 +24,7 @@ TRAINERS: dict[str, str] = {
     "fusion": "training.fusion",
     "encoder": "training.encoder",
     "encoder-crossfit": "training.encoder_crossfit",
+    "probe": "training.probe",
 }
 
 

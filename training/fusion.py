@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from agent.config import DEFAULT_CONCEPT_HEADS
+from agent.nodes.reason import CANDIDATE_HEADS
 from models.conformal import max_coverage_at_accuracy, prediction_set, risk_coverage, true_label_scores
 from models.stacker import ACCEPTANCE_FEATURES, LEGACY_ACCEPTANCE_FEATURES, FusionModel, ModalityFusion, MorphologyExpert, acceptance_features, log_probs, top_candidate
 from models.vocabulary import HAM_CLASSES, SEVEN_POINT
@@ -73,7 +74,8 @@ class Config(TrainConfig):
     findings_from: Literal["concept-heads", "effnet"] = Field("concept-heads", description="Whose 7-point findings the findings model reads, as the "
                                                               "agent's morphology.kind: the concept heads (records' findings) or the second expert's "
                                                               "criteria heads (<extra expert>_findings; cross-fitted where it trained).")
-    clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from the second expert's DermNet head (top-k not already proposed by similar cases).")
+    clinical_extra_candidates: int = Field(0, ge=0, le=20, description="Clinical candidates added from each proposing expert the clinical stacker reads (the second expert's DermNet head, the "
+                                             "clinical feature probe): its top-k not already proposed (by similar cases, then the experts before it).")
     artifact_id: str = "fusion-stacker"
     dermoscopy_experts: list[str] = Field(list(DERM_EXPERTS), description="Experts of the dermoscopy stacker.")
     clinical_experts: list[str] = Field(list(CLIN_EXPERTS), description="Experts of the clinical stacker.")
@@ -104,7 +106,7 @@ class Config(TrainConfig):
 
 
 def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates: int = 0, findings_from: str = "concept-heads",
-               isic_fit_half: str = "calib", dermnet_fit_half: str = "even") -> dict[str, list[dict]]:  # fmt: skip
+               isic_fit_half: str = "calib", dermnet_fit_half: str = "even", candidate_experts: Sequence[str] = ("effnet",)) -> dict[str, list[dict]]:  # fmt: skip
     """Records by part: derm_fit, isic_eval, derm7pt_eval, clin_fit / clin_eval (even / odd hash halves of the
     held-out DermNet photos), clin_train (the case index's DermNet photos, when collected). ``findings_from``
     'effnet': each record's findings are the second expert's criteria heads (``effnet_findings``).
@@ -124,10 +126,12 @@ def load_parts(path: Path, extra: Sequence[str] = (), clinical_extra_candidates:
             r["morphology_crossfit"] = bool(r.get(f"{findings_from}_crossfit"))
         elif r["findings"]:
             r["morphology_crossfit"] = bool(r.get("crossfit_findings"))
-        if r.get("modality") == "clinical" and "effnet_dermnet" in r:
-            r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
-            if clinical_extra_candidates:
-                ranked = sorted(r["effnet"], key=r["effnet"].get, reverse=True)
+        if r.get("modality") == "clinical":
+            if "effnet_dermnet" in r:
+                r["effnet"] = r["effnet_dermnet"]  # the second expert's clinical head
+            for e in (e for e in CANDIDATE_HEADS if e in candidate_experts and clinical_extra_candidates):  # as the agent's candidates_for
+                head = r.get(f"{e}_dermnet" if e == "effnet" else e)  # the record's 'effnet' is that head on clinical photos
+                ranked = sorted(head or {}, key=(head or {}).get, reverse=True)
                 r["candidates"] = list(r["candidates"]) + [c for c in ranked if c not in r["candidates"]][:clinical_extra_candidates]
         if r["source"] == "dermnet":
             if r["modality"] == "clinical" and not r["modality_rejected"]:
@@ -714,7 +718,8 @@ def single_expert(recs: list[dict], expert: str) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.isic_fit_half, cfg.dermnet_fit_half)
+    parts = load_parts(cfg.experts_file, cfg.extra_experts, cfg.clinical_extra_candidates, cfg.findings_from, cfg.isic_fit_half, cfg.dermnet_fit_half,
+                       candidate_experts=cfg.clinical_experts)
     counts = {k: len(v) for k, v in parts.items()}
     if not parts["derm_fit"]:
         raise ValueError(f"{cfg.experts_file}: no dermoscopy fit cases (run `python -m training.fusion_data` first)")
@@ -762,7 +767,7 @@ def train(cfg: Config) -> dict[str, Any]:
         calibrate(clin, clin_fit, coof, cfg, f"out-of-fold stacker outputs on {len(clin_fit)} {' + '.join(what[k] for k in cfg.clinical_fit)}")
         clin.meta["oof"] = top_metrics([r["label"] for r in clin_fit], coof)
         clin.meta["candidate_recall"] = round(float(np.mean([r["label"] in r["candidates"] for r in clin_fit])), 4)
-        clin.meta["extra_candidates"] = cfg.clinical_extra_candidates if "effnet" in cexp else 0
+        clin.meta["extra_candidates"] = cfg.clinical_extra_candidates if any(e in cexp for e in CANDIDATE_HEADS) else 0
         modalities["clinical"] = clin
 
     model = FusionModel(morph, modalities, {"id": cfg.artifact_id})

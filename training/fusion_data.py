@@ -17,6 +17,10 @@ The second visual expert's outputs (``<out>_effnet.jsonl``) come from its cached
 (``python -m training.eval_encoder features``), named as the agent's encode node names them::
 
     python -m training.fusion_data --out .cache/fusion/experts.jsonl --expert-weights W --expert-features DIR
+
+The clinical feature probe's outputs (``<out>_probe.jsonl``, DermNet photos only)::
+
+    python -m training.fusion_data --out .cache/fusion/experts.jsonl --probe dermnet-probe --sources dermnet --expert-features DIR
 """
 
 from __future__ import annotations
@@ -277,6 +281,49 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     return dest
 
 
+def write_probe_outputs(out: Path, probe: str | Path, feature_dir: Path, sources: Iterable[str] = ("dermnet",), expert_features: Path | None = None,
+                        expert: str | Path | None = None, batch_size: int = 32) -> Path:  # fmt: skip
+    """``<out>_probe.jsonl``: per DermNet photo, the clinical feature probe's distribution (``probe``, under the case
+    index's labels, as the agent's encode node names it 'probe_dermnet') from the photo and its cached lesion-encoder
+    features. Photos the probe trained on (the case index's, ``dermnet_train``) carry ``probe_in_sample: true``.
+    With ``expert_features`` (the second expert's cached outputs) only the photos its modality head calls clinical get
+    the probe, as :func:`agent.nodes.encode.wants_probe` decides in the agent (``expert``: its weights, for the head's
+    labels; default the agent's)."""
+    import numpy as np
+    from PIL import Image
+
+    from agent.config import AgentConfig
+    from agent.nodes.encode import dermnet_label_probs, wants_probe
+    from models.efficientnet import expert_info
+    from models.paths import data_dir
+    from models.probe import FeatureProbe
+    from models.resolve import resolve_artifact
+    from retrieval.kb import KnowledgeBase
+
+    unknown = sorted(set(sources) - {"dermnet", "dermnet_train"})
+    if unknown:
+        raise ValueError(f"the clinical probe speaks to DermNet photos only; got {unknown} (valid: dermnet, dermnet_train)")
+    rows = case_rows(sources, feature_dir)
+    if expert_features is not None:
+        labels = expert_info(resolve_artifact(str(expert or AgentConfig().encoder.second_expert.model)))["heads"]["modality"]
+        z = np.load(Path(expert_features) / "dermnet__effnet.npz", allow_pickle=False)
+        modality = dict(zip(z["ids"].astype(str), z["probs_modality"]))
+        rows = [r for r in rows if r.image in modality and wants_probe({"effnet_modality": dict(zip(labels, map(float, modality[r.image])))})]
+    model, kb, dest = FeatureProbe(resolve_artifact(str(probe))), KnowledgeBase(), expert_path(out, "probe")
+    with open(dest.with_suffix(".tmp"), "w") as f:
+        for lo in range(0, len(rows), batch_size):
+            batch = rows[lo : lo + batch_size]
+            images = [Image.open(data_dir() / r.source / r.image).convert("RGB") for r in batch]
+            for r, p in zip(batch, model.predict(images, np.stack([r.features for r in batch]))):
+                rec: dict[str, Any] = {"id": r.id, "probe": {c: round(v, 6) for c, v in dermnet_label_probs(model.classes, p, kb).items()}}
+                if r.split == "train":
+                    rec["probe_in_sample"] = True  # the probe trained on this photo: the fusion trainer refuses to fit on it
+                f.write(json.dumps(rec) + "\n")
+    os.replace(dest.with_suffix(".tmp"), dest)
+    print(f"{len(rows)} photos -> {dest}")
+    return dest
+
+
 def write_tta_outputs(out: Path, feature_dir: Path, sources: Iterable[str] = ("isic2018_val", "derm7pt"), views: tuple[str, ...] = ()) -> Path:
     """``<out>_tta.jsonl``: per case, the lesion classifier's probabilities on each test-time view of its image
     (:mod:`models.tta`), with the case's metadata as the agent's encode node passes it. Appends; a rerun skips
@@ -324,10 +371,15 @@ def main(argv: list[str] | None = None) -> None:
                     "the cross-fitted view means are used for them")
     ap.add_argument("--expert-members-if", default=None, help="the agent's members_if (e.g. modality=dermoscopy): where the cross-fitted bundle has each fold's "
                     "ensemble member, the images it picks get both networks' mean (default: every image the member predicted)")
+    ap.add_argument("--probe", default=None, help="write <out>_probe.jsonl: the clinical feature probe (registry id or file) on the DermNet photos of "
+                    "--sources (dermnet, dermnet_train); with --expert-features, only those the second expert calls clinical, as the agent runs it")
     ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
     a = ap.parse_args(argv)
     if a.tta:
         write_tta_outputs(a.out, a.feature_dir, a.sources)
+        return
+    if a.probe is not None:
+        write_probe_outputs(a.out, a.probe, a.feature_dir, [s for s in a.sources if s.startswith("dermnet")], a.expert_features, a.expert_weights)
         return
     if a.expert_weights is not None:
         if a.expert_features is None:

@@ -285,6 +285,7 @@ def make_agent(agent_config: Path | None = None):
     ref = config.encoder.second_expert
     if ref is not None:
         backends["second_expert"] = ReplayExpert(expert_info(Path(resolve(ref.model, progress=False)))["heads"], model_id=ref.model)
+    backends["clinical_probe"] = None  # its outputs are collected on their own (training.fusion_data.write_probe_outputs)
     return Agent(config, backends=backends)
 
 

@@ -49,6 +49,19 @@ def expert_probs_from_heads(heads: dict[str, Sequence[str]], probs: dict[str, Se
     return out
 
 
+def wants_probe(expert_probs: dict[str, dict[str, float]]) -> bool:
+    """Whether the clinical probe runs on an image: where the second expert's modality head ranks 'clinical' first,
+    or on every image without that head (the probe only speaks to clinical photos, so dermoscopy skips its pass)."""
+    head = expert_probs.get("effnet_modality")
+    return not head or max(head, key=head.get) == "clinical"
+
+
+def probe_outputs(probe: Any, image: Any, lesion_features: Any, knowledge: Any) -> dict[str, float]:
+    """The clinical probe's DermNet distribution for one image under the case index's labels ('probe_dermnet')."""
+    probs = probe.predict([image], [lesion_features])[0]
+    return {c: round(p, 6) for c, p in dermnet_label_probs(probe.classes, probs, knowledge).items()}
+
+
 def second_expert_head(state: CaseState, config: Any) -> dict[str, float] | None:
     """The second expert's distribution that speaks to this case's modality: its HAM10000 head where the route has
     the lesion classifier (dermoscopy), else its DermNet head (clinical photos); None without the expert."""
@@ -72,6 +85,10 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
         res = rt.classifier.predict([tta_view(state.image, v) for v in views], [meta] * len(views))
         tta = [{label: round(float(p), 6) for label, p in zip(res.labels, row)} for row in res.probs]
     expert_probs, expert_criteria, expert_features = second_expert_outputs(second, state.image, rt.knowledge) if second is not None else ({}, {}, None)
+    probe = rt.clinical_probe
+    probe = probe if probe is not None and wants_probe(expert_probs) else None
+    if probe is not None:
+        expert_probs["probe_dermnet"] = probe_outputs(probe, state.image, out.features[0], rt.knowledge)
     enc = ImageEncoding(
         model_id=rt.classifier.model_id,
         classifier_probs=probs,
@@ -85,5 +102,5 @@ def encode(state: CaseState, rt: Backends) -> NodeOutput:
     return NodeOutput(
         {"encoding": enc},
         inputs={"image_size": list(state.image_size), "metadata": meta or {}},
-        model_id=rt.classifier.model_id if second is None else f"{rt.classifier.model_id}+{second.model_id}",
+        model_id="+".join([rt.classifier.model_id, *(m.model_id for m in (second, probe) if m is not None)]),
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -46,11 +46,16 @@ class LLMAnswer(BaseModel):
     rationale: str = ""
 
 
-def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int = 0) -> tuple[list[str], dict[str, str]]:
+CANDIDATE_HEADS = {"effnet": "effnet_dermnet", "probe": "probe_dermnet"}
+"""The clinical stacker's experts that propose candidates, and the ``ImageEncoding.expert_probs`` head each reads."""
+
+
+def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int | Mapping[str, int] = 0) -> tuple[list[str], dict[str, str]]:
     """Candidate labels and their display names: the classifier's classes where the modality's route
     has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``), plus
-    the second expert's ``extra_from_expert`` most probable DermNet-head labels not already among them (the
-    fusion artifact says how many its clinical stacker was fitted with)."""
+    each proposing head's most probable labels not already among them: ``extra_from_expert`` maps an
+    ``expert_probs`` head ('effnet_dermnet', 'probe_dermnet') to how many (an int: that many from 'effnet_dermnet');
+    the fusion artifact says how many its clinical stacker was fitted with (:func:`expert_candidates`)."""
     max_candidates = config.reasoner.max_candidates
     if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
@@ -58,16 +63,20 @@ def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
     if not labels and state.retrieval:
         labels = list(dict.fromkeys(ev.label for ev in state.retrieval.evidence if ev.label))[:max_candidates]
-    head = state.encoding.expert_probs.get("effnet_dermnet") if state.encoding and extra_from_expert else None
-    if head:
-        labels += [c for c in sorted(head, key=lambda c: -head[c]) if c not in labels][:extra_from_expert]
+    extra = {"effnet_dermnet": extra_from_expert} if isinstance(extra_from_expert, int) else dict(extra_from_expert)
+    for key, n in extra.items():
+        head = state.encoding.expert_probs.get(key) if state.encoding and n else None
+        if head:
+            labels += [c for c in sorted(head, key=lambda c: -head[c]) if c not in labels][:n]
     return labels, {c: HAM_NAMES.get(c, c) for c in labels}
 
 
-def expert_candidates(model, modality: str) -> int:
-    """How many candidates the fusion artifact's stacker for ``modality`` takes from the second expert."""
+def expert_candidates(model, modality: str) -> dict[str, int]:
+    """How many candidates the fusion artifact's stacker for ``modality`` takes from each proposing head
+    (:data:`CANDIDATE_HEADS` of the experts it reads, in that order)."""
     mf = model.modalities.get(modality)
-    return int(mf.meta.get("extra_candidates", 0)) if mf is not None and "effnet" in mf.experts else 0
+    n = int(mf.meta.get("extra_candidates", 0)) if mf is not None else 0
+    return {head: n for e, head in CANDIDATE_HEADS.items() if n and e in mf.experts}
 
 
 def classifier_display(state: CaseState, rt, candidates: list[str]) -> dict[str, float] | None:
@@ -185,6 +194,8 @@ def _experts(state: CaseState, rt, model, cands: list[str]) -> dict[str, dict[st
         out["knn"] = dict(state.retrieval.knn_probs) if state.retrieval and state.retrieval.knn_probs else None
     if "effnet" in mf.experts:
         out["effnet"] = second_expert_head(state, rt.config)
+    if "probe" in mf.experts:
+        out["probe"] = state.encoding.expert_probs.get("probe_dermnet") if state.encoding and not rt.config.route(mod).classifier else None
     if "morphology" in mf.experts:
         observed = observed_findings(state)
         out["morphology"] = model.morphology_expert.predict(observed) if model.morphology_expert is not None and observed else None

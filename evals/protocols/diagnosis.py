@@ -27,7 +27,7 @@ from evals.classification import fmt, headline_names, score
 from evals.metrics import accuracy_at_coverage, bootstrap_ci, expected_calibration_error, reliability_bins, risk_coverage
 
 SYSTEMS = {"classifier": "classifier alone", "knn": "retrieved cases (kNN) alone", "morphology": "findings model alone",
-           "effnet": "second visual expert alone", "llm": "LLM reasoner alone", "agent": "full agent"}
+           "effnet": "second visual expert alone", "probe": "clinical feature probe alone", "llm": "LLM reasoner alone", "agent": "full agent"}
 NO_ANSWER = "none"
 """Prediction of a system that gave no answer for a case (counts as wrong)."""
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9, 1.0)
@@ -124,6 +124,7 @@ def system_predictions(diagnosis: dict[str, Any]) -> dict[str, tuple[str | None,
         "knn": _top(ret.get("knn_probs")),
         "morphology": _top((rea.get("expert_probs") or {}).get("morphology")),
         "effnet": _top((rea.get("expert_probs") or {}).get("effnet")),
+        "probe": _top((rea.get("expert_probs") or {}).get("probe")),
         "llm": _top(rea.get("llm_probs")),
         "agent": (diagnosis.get("label"), agent_p if diagnosis.get("label") else None),
     }

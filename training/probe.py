@@ -1,0 +1,166 @@
+"""Train the clinical feature probe (:mod:`models.probe`): a logistic regression over the 56 DermNet classes on the
+lesion encoder's and EfficientNet-Lite0's ImageNet features, neither fitted to DermNet.
+
+Fitted on the DermNet case-index photos (the 5/6 outside the held-out sixth), each photo twice: with its watermark
+masked and as it is (deployed photos have no watermark; the held-out DermNet photos the agent is evaluated on do).
+The inverse regularisation C is chosen by stratified k-fold cross-validation on those photos alone (log-loss of the
+unmasked photos, as the stacker reads probabilities); the held-out sixth is only scored, beside the second expert's
+DermNet head on the same photos.
+
+    dermgraph train probe --config configs/train/probe.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from training.cli import module_main
+from training.config import TrainConfig
+
+VIEWS = ("masked", "full")
+LICENCE = "DermNet NZ images (non-commercial; derived weights inherit the terms)"
+
+
+class Config(TrainConfig):
+    """The clinical feature probe: one logistic head on frozen lesion-encoder + ImageNet features."""
+
+    imagenet_dir: Path = Field(Path(".cache/features_imagenet"), description="Where the ImageNet features of the DermNet photos are cached "
+                               "(computed on the first run, ~2 min on 2 cores).")
+    expert_feature_dir: Path | None = Field(Path(".cache/features_effnet"), description="Cached second-expert outputs (dermnet__effnet.npz) "
+                                            "for the reference row (its DermNet head on the same held-out photos); None or missing: skipped.")
+    c_grid: list[float] = Field([1.0, 3.0, 10.0, 30.0, 100.0], min_length=1, description="Inverse L2 strengths tried.")
+    folds: int = Field(5, ge=2, description="Cross-validation folds over the training photos (stratified by class).")
+    max_iter: int = Field(5000, ge=10)
+    limit_per_class: int | None = Field(None, ge=2, description="Use at most this many training photos per class (smoke runs).")
+    artifact: Path = Field(Path("models/artifacts/dermnet_probe.safetensors"), description="Where the probe is written.")
+    artifact_id: str = Field("dermnet-probe", description="Id stored in the artifact (shown in the agent's trace).")
+
+
+def imagenet_features(rows: list[dict], view: str, cache_dir: Path) -> np.ndarray:
+    """ImageNet EfficientNet-Lite0 features of the DermNet photos in ``rows`` order (``view``: masked or full),
+    cached as ``<cache_dir>/dermnet__imagenet_<view>.npz``; photos missing from the cache are computed and added."""
+    from PIL import Image
+
+    from models.paths import data_dir
+    from models.probe import ImageNetEncoder
+    from training.views import mask_dermnet_watermark
+
+    path = cache_dir / f"dermnet__imagenet_{view}.npz"
+    have: dict[str, np.ndarray] = {}
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        have = dict(zip(z["ids"].astype(str), z["features"].astype(np.float32)))
+    todo = [r["image"] for r in rows if r["image"] not in have]
+    if todo:
+        from tqdm.auto import tqdm
+
+        enc = ImageNetEncoder()
+        for lo in tqdm(range(0, len(todo), 32), desc=f"ImageNet features ({view})", unit="batch"):
+            imgs = [Image.open(data_dir() / "dermnet" / i).convert("RGB") for i in todo[lo : lo + 32]]
+            imgs = [mask_dermnet_watermark(im) for im in imgs] if view == "masked" else imgs
+            have.update(zip(todo[lo : lo + 32], enc.embed(imgs)))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ids = sorted(have)
+        np.savez(path, ids=np.array(ids), features=np.stack([have[i] for i in ids]).astype(np.float16))
+    return np.stack([have[r["image"]] for r in rows]).astype(np.float32)
+
+
+def lesion_features(rows: list[dict], view: str, feature_dir: Path) -> np.ndarray:
+    """Cached lesion-encoder features of the DermNet photos in ``rows`` order."""
+    from training.data import aligned, load_features
+
+    keep, feats = aligned(rows, load_features("dermnet", view, feature_dir))
+    if len(keep) != len(rows):
+        raise ValueError(f"{feature_dir}/dermnet__{view}.npz lacks {len(rows) - len(keep)} DermNet photos: "
+                         "python scripts/extract_features.py --sources dermnet --views full masked")
+    return feats["features"]
+
+
+def fit(x: np.ndarray, y: np.ndarray, c: float, n_classes: int, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (D, n_classes), bias (n_classes,)) of a multinomial logistic regression; classes absent from ``y``
+    get a very low bias (never predicted)."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+    w, b = np.zeros((x.shape[1], n_classes), np.float32), np.full(n_classes, -30.0, np.float32)
+    w[:, clf.classes_], b[clf.classes_] = clf.coef_.T, clf.intercept_
+    return w, b
+
+
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import log_loss
+
+    from training.encoder import topk
+
+    return {"top1": round(topk(y, p, 1), 4), "top5": round(topk(y, p, 5), 4),
+            "log_loss": round(float(log_loss(y, p / p.sum(axis=1, keepdims=True), labels=np.arange(p.shape[1]))), 4)}
+
+
+def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, n_classes: int) -> list[dict]:
+    """Per C: out-of-fold scores on the unmasked training photos (each fold fitted on the other folds' photos in both views)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = list(StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(x["full"], y))
+    table = []
+    for c in cfg.c_grid:
+        p = np.zeros((len(y), n_classes))
+        for tr, te in folds:
+            w, b = fit(np.concatenate([x[v][tr] for v in VIEWS]), np.concatenate([y[tr]] * len(VIEWS)), c, n_classes, cfg.max_iter)
+            p[te] = softmax_rows(x["full"][te] @ w + b)
+        table.append({"C": c, **scores(y, p)})
+        print(f"C={c:g}: out-of-fold {table[-1]}", flush=True)
+    return table
+
+
+def train(cfg: Config) -> dict:
+    from models.heads import Head, HeadSet
+    from models.probe import PROBE_FEATURES, probe_inputs
+    from training.data import is_dermnet_heldout, source_table
+
+    rows = source_table("dermnet")
+    classes = sorted({r["label"] for r in rows})
+    y_all = np.array([classes.index(r["label"]) for r in rows])
+    held = np.array([is_dermnet_heldout(r["sha1"]) for r in rows])
+    train_idx = np.flatnonzero(~held)
+    if cfg.limit_per_class:
+        train_idx = np.concatenate([train_idx[y_all[train_idx] == k][: cfg.limit_per_class] for k in range(len(classes))])
+    use = np.sort(np.concatenate([train_idx, np.flatnonzero(held)]))
+    rows, y_all, held = [rows[i] for i in use], y_all[use], held[use]
+    x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir)) for v in VIEWS}
+    tr = ~held
+    cv = cross_validate({v: x[v][tr] for v in VIEWS}, y_all[tr], cfg, len(classes))
+    best = min(cv, key=lambda r: r["log_loss"])
+    w, b = fit(np.concatenate([x[v][tr] for v in VIEWS]), np.concatenate([y_all[tr]] * len(VIEWS)), best["C"], len(classes), cfg.max_iter)
+    heldout = {"probe": scores(y_all[held], softmax_rows(x["full"][held] @ w + b))}
+    ref = cfg.expert_feature_dir / "dermnet__effnet.npz" if cfg.expert_feature_dir else None
+    if ref is not None and ref.exists():
+        z = np.load(ref, allow_pickle=False)
+        index = {i: n for n, i in enumerate(z["ids"].astype(str))}
+        if all(r["image"] in index for r in rows):
+            heldout["second_expert_dermnet_head"] = scores(y_all[held], z["probs_dermnet"][[index[r["image"]] for r in rows]][held].astype(np.float64))
+    meta = {"id": cfg.artifact_id, "features": PROBE_FEATURES, "C": best["C"], "licence": LICENCE,
+            "trained_on": f"DermNet case-index photos ({int(tr.sum())}, masked and as they are), C by {cfg.folds}-fold CV log-loss",
+            "heldout": heldout}  # fmt: skip
+    d = x["full"].shape[1]
+    hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": Head("dermnet", classes, w, b)}, inputs=PROBE_FEATURES, meta=meta)
+    cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
+    hs.save(cfg.artifact)
+    metrics = {"cv": cv, "selected_C": best["C"], "heldout": heldout, "n_train": int(tr.sum()), "n_heldout": int(held.sum()), "classes": len(classes)}
+    (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    cfg.artifact.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"held-out sixth ({int(held.sum())} photos): {heldout}")
+    return {"artifact": str(cfg.artifact), **metrics}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    module_main("probe")

@@ -129,7 +129,7 @@ def test_ablations_from_one_record():
         ],
     }  # fmt: skip
     p = system_predictions(diag)
-    assert p == {"classifier": ("nv", 0.7), "knn": ("nv", 0.5), "morphology": (None, None), "effnet": (None, None), "llm": ("bcc", 0.9), "agent": ("mel", 0.6)}
+    assert p == {"classifier": ("nv", 0.7), "knn": ("nv", 0.5), "morphology": (None, None), "effnet": (None, None), "probe": (None, None), "llm": ("bcc", 0.9), "agent": ("mel", 0.6)}
     assert system_predictions({"label": None, "trace": [{"node": "encode", "outputs": {"encoding": {"classifier_probs": {"nv": 1.0}}}}]})["llm"] == (None, None)
     s = selective_scores(diag)
     assert s["confidence"] == 0.6 and s["confidence_x_consistency"] == 0.3 and s["verdict_then_confidence"] == 0.6

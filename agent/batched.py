@@ -100,6 +100,25 @@ class CachingSecondExpert(_Delegate):
         return np.stack([r[0] for r in rows]), {k: np.stack([r[1][k] for r in rows]) for k in rows[0][1]}
 
 
+class CachingProbe(_Delegate):
+    """Clinical feature probe whose ``predict`` answers prefetched images (with their lesion features) from one
+    batched ImageNet pass."""
+
+    def prefetch(self, images: Sequence[Any], lesion_features: Sequence[np.ndarray]) -> None:
+        if not len(images):
+            return
+        probs = self.inner.predict(list(images), np.stack(lesion_features))
+        self.cache = {(_image_key(im, None), _row_key(f)): probs[i] for i, (im, f) in enumerate(zip(images, lesion_features))}
+
+    def predict(self, images, lesion_features):
+        rows = [self.cache.get((_image_key(im, None), _row_key(f))) for im, f in zip(images, lesion_features)]
+        if not len(images) or any(r is None for r in rows):
+            self.misses += 1
+            return self.inner.predict(images, lesion_features)
+        self.hits += 1
+        return np.stack(rows)
+
+
 class CachingEmbedder(_Delegate):
     """Text embedder whose ``embed`` answers prefetched texts from one batched call."""
 
@@ -249,9 +268,9 @@ def llm_first_round(fronts, rt, llm: CachingLLM, chunk: int | None = None) -> di
 def install_caches(rt) -> dict[str, _Delegate]:
     """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
     wrapped: dict[str, _Delegate] = {}
-    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("cases", CachingCases)):
+    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("clinical_probe", CachingProbe), ("cases", CachingCases)):
         cur = getattr(rt, name)
-        if cur is None:  # no second expert configured
+        if cur is None:  # no second expert (or probe) configured
             continue
         if not isinstance(cur, cls):
             cur = cls(cur)
@@ -281,7 +300,7 @@ def uses_llm(rt) -> bool:
 
 def uninstall_caches(rt) -> None:
     """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
-    for name in ("classifier", "second_expert", "cases", "llm"):
+    for name in ("classifier", "second_expert", "clinical_probe", "cases", "llm"):
         cur = rt.__dict__.get(name)
         if isinstance(cur, _Delegate):
             rt.__dict__[name] = cur.inner
@@ -332,6 +351,7 @@ class BatchedAgent:
         """Load, encode and search for the requests at ``indices`` in batches; failures leave them unprepared."""
         import time
 
+        from agent.nodes.encode import probe_wanted
         from agent.nodes.retrieve import _query_text
 
         t0 = time.perf_counter()
@@ -362,6 +382,9 @@ class BatchedAgent:
             self.backends["classifier"].prefetch(images, metas)
             if "second_expert" in self.backends:
                 self.backends["second_expert"].prefetch(images)
+            if "clinical_probe" in self.backends:  # the images the encode node will run it on, with their cached lesion features
+                picked = [(im, self.backends["classifier"].predict([im], [m]).features[0]) for im, m in zip(images, metas) if probe_wanted(rt, im)]
+                self.backends["clinical_probe"].prefetch([im for im, _ in picked], [f for _, f in picked])
             lap("encoder forward")
             # The front nodes are cheap heads over the (now cached) features: run them to learn each case's
             # modality and retrieval query. The graph runs them again; only the cached models are shared.

@@ -117,6 +117,17 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         for i in range(0, len(images), batch_size):
             second.predict_heads(images[i : i + batch_size])
         floors["second expert forward"] = time.perf_counter() - t0
+    probe = unwrap(rt.clinical_probe) if rt.clinical_probe is not None else None
+    if probe is not None:
+        from agent.nodes.encode import probe_wanted
+
+        lesion = np.concatenate(feats)
+        picked = [i for i, im in enumerate(images) if probe_wanted(rt, im)]  # untimed: the expert's cached or cheap re-run decides
+        t0 = time.perf_counter()
+        for i in range(0, len(picked), batch_size):
+            idx = picked[i : i + batch_size]
+            probe.predict([images[j] for j in idx], lesion[idx])
+        floors["clinical probe forward"] = time.perf_counter() - t0
     # Inputs of the later models, computed (untimed) with the agent's own front nodes.
     texts, groups, fronts = [], defaultdict(list), []
     cfg = rt.config.retrieval

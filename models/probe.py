@@ -37,9 +37,11 @@ class ImageNetEncoder:
 
     dim = 1280
 
-    def __init__(self, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, device: str = "cpu", batch_size: int | None = None):
+        from models.batching import forward_batch_size
+
         self.device = device
-        self.batch_size = int(batch_size)
+        self.batch_size = forward_batch_size(device, batch_size, gpu_default=32)
         self._net = None
 
     def _load(self):

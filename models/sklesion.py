@@ -357,10 +357,12 @@ class SklesionClassifier:
     labels = LABELS
     feature_dim = FEATURE_DIM
 
-    def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int | None = None):
+        from models.batching import forward_batch_size
+
         self.weights = Path(weights) if weights is not None else None
         self.device = device
-        self.batch_size = int(batch_size)
+        self.batch_size = forward_batch_size(device, batch_size, gpu_default=16)
         self._model = None
 
     @property
@@ -406,7 +408,7 @@ class SklesionImageEmbedder:
         self,
         weights: str | Path | None = None,
         device: str = "cpu",
-        batch_size: int = 16,
+        batch_size: int | None = None,
         classifier: SklesionClassifier | None = None,
     ):
         self.classifier = classifier or SklesionClassifier(weights=weights, device=device, batch_size=batch_size)

@@ -56,6 +56,14 @@ def wants_probe(expert_probs: dict[str, dict[str, float]]) -> bool:
     return not head or max(head, key=head.get) == "clinical"
 
 
+def probe_wanted(rt: Backends, image: Any) -> bool:
+    """Whether the encode node runs the clinical probe on ``image`` under this runtime (its second expert asked again:
+    the batched path calls this after caching the expert's outputs)."""
+    if rt.clinical_probe is None:
+        return False
+    return wants_probe(second_expert_outputs(rt.second_expert, image, rt.knowledge)[0] if rt.second_expert is not None else {})
+
+
 def probe_outputs(probe: Any, image: Any, lesion_features: Any, knowledge: Any) -> dict[str, float]:
     """The clinical probe's DermNet distribution for one image under the case index's labels ('probe_dermnet')."""
     probs = probe.predict([image], [lesion_features])[0]

@@ -50,12 +50,12 @@ CANDIDATE_HEADS = {"effnet": "effnet_dermnet", "probe": "probe_dermnet"}
 """The clinical stacker's experts that propose candidates, and the ``ImageEncoding.expert_probs`` head each reads."""
 
 
-def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int | Mapping[str, int] = 0) -> tuple[list[str], dict[str, str]]:
+def candidates_for(state: CaseState, config: AgentConfig, extra_from_experts: Mapping[str, int] | None = None) -> tuple[list[str], dict[str, str]]:
     """Candidate labels and their display names: the classifier's classes where the modality's route
     has the classifier, else the labels of the retrieved cases (at most ``reasoner.max_candidates``), plus
-    each proposing head's most probable labels not already among them: ``extra_from_expert`` maps an
-    ``expert_probs`` head ('effnet_dermnet', 'probe_dermnet') to how many (an int: that many from 'effnet_dermnet');
-    the fusion artifact says how many its clinical stacker was fitted with (:func:`expert_candidates`)."""
+    each proposing head's most probable labels not already among them: ``extra_from_experts`` maps an
+    ``expert_probs`` head ('effnet_dermnet', 'probe_dermnet') to how many, as the fusion artifact's clinical
+    stacker was fitted (:func:`expert_candidates`)."""
     max_candidates = config.reasoner.max_candidates
     if config.route(state.modality.label).classifier:
         return list(HAM_CLASSES), dict(HAM_NAMES)
@@ -63,8 +63,7 @@ def candidates_for(state: CaseState, config: AgentConfig, extra_from_expert: int
     labels = [c for c, _ in sorted(knn.items(), key=lambda kv: -kv[1])][:max_candidates]
     if not labels and state.retrieval:
         labels = list(dict.fromkeys(ev.label for ev in state.retrieval.evidence if ev.label))[:max_candidates]
-    extra = {"effnet_dermnet": extra_from_expert} if isinstance(extra_from_expert, int) else dict(extra_from_expert)
-    for key, n in extra.items():
+    for key, n in (extra_from_experts or {}).items():
         head = state.encoding.expert_probs.get(key) if state.encoding and n else None
         if head:
             labels += [c for c in sorted(head, key=lambda c: -head[c]) if c not in labels][:n]

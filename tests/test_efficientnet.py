@@ -121,7 +121,7 @@ def test_view_size_encodes_the_viewed_images_again_at_that_resolution(tmp_path):
 
 def test_views_average_each_head_over_the_image_and_its_views(tmp_path):
     """CCT for the second expert: each head is the mean over the image and its views (made as PIL would make
-    them), in one batch; features stay the original view's; unknown views are refused."""
+    them), one pass per view; features stay the original view's; unknown views are refused."""
     from PIL import Image
 
     from models.tta import tta_view
@@ -214,6 +214,17 @@ def test_members_average_every_head_over_the_ensemble_where_picked(tmp_path):
         E.EfficientNetExpert(path, members_if="modality=dermoscopy")
     with pytest.raises(ValueError, match="members_if modality=skin"):
         E.EfficientNetExpert(path, members=[str(other)], members_if="modality=skin").predict_heads(grads)
+
+
+def test_forward_batches_are_small_on_a_cpu_unless_asked_and_large_on_a_gpu(tmp_path):
+    from models.batching import CPU_FORWARD_BATCH, forward_batch_size
+
+    assert forward_batch_size("cpu", None, 32) == CPU_FORWARD_BATCH == 4 and forward_batch_size("cuda:0", None, 32) == 32
+    assert forward_batch_size("cpu", 16, 32) == 16
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        forward_batch_size("cpu", 0, 32)
+    _, path = _tiny_expert(tmp_path)
+    assert E.EfficientNetExpert(path).batch_size == 4 and E.EfficientNetExpert(path, device="cuda", batch_size=8).batch_size == 8
 
 
 def test_non_expert_file_is_refused(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -21,7 +22,6 @@ from pydantic import Field
 from training.cli import module_main
 from training.config import TrainConfig
 
-VIEWS = ("masked", "full")
 LICENCE = "DermNet NZ images (non-commercial; derived weights inherit the terms)"
 
 
@@ -32,6 +32,9 @@ class Config(TrainConfig):
                                "(computed on the first run, ~2 min on 2 cores).")
     expert_feature_dir: Path | None = Field(Path(".cache/features_effnet"), description="Cached second-expert outputs (dermnet__effnet.npz) "
                                             "for the reference row (its DermNet head on the same held-out photos); None or missing: skipped.")
+    train_views: list[Literal["full", "masked", "crop50"]] = Field(["masked", "full"], min_length=1, description="Views of each training "
+                                                                   "photo fitted on (training.views: crop50 is the centre half, watermark masked); "
+                                                                   "cross-validation scores the unmasked photos ('full') either way.")
     c_grid: list[float] = Field([1.0, 3.0, 10.0, 30.0, 100.0], min_length=1, description="Inverse L2 strengths tried.")
     folds: int = Field(5, ge=2, description="Cross-validation folds over the training photos (stratified by class).")
     max_iter: int = Field(5000, ge=10)
@@ -41,13 +44,14 @@ class Config(TrainConfig):
 
 
 def imagenet_features(rows: list[dict], view: str, cache_dir: Path) -> np.ndarray:
-    """ImageNet EfficientNet-Lite0 features of the DermNet photos in ``rows`` order (``view``: masked or full),
-    cached as ``<cache_dir>/dermnet__imagenet_<view>.npz``; photos missing from the cache are computed and added."""
+    """ImageNet EfficientNet-Lite0 features of the DermNet photos in ``rows`` order (``view``: one of
+    :data:`training.views.VIEWS`), cached as ``<cache_dir>/dermnet__imagenet_<view>.npz``; photos missing from the
+    cache are computed and added."""
     from PIL import Image
 
     from models.paths import data_dir
     from models.probe import ImageNetEncoder
-    from training.views import mask_dermnet_watermark
+    from training.views import VIEWS
 
     path = cache_dir / f"dermnet__imagenet_{view}.npz"
     have: dict[str, np.ndarray] = {}
@@ -61,7 +65,7 @@ def imagenet_features(rows: list[dict], view: str, cache_dir: Path) -> np.ndarra
         enc = ImageNetEncoder()
         for lo in tqdm(range(0, len(todo), 32), desc=f"ImageNet features ({view})", unit="batch"):
             imgs = [Image.open(data_dir() / "dermnet" / i).convert("RGB") for i in todo[lo : lo + 32]]
-            imgs = [mask_dermnet_watermark(im) for im in imgs] if view == "masked" else imgs
+            imgs = [VIEWS[view](im) for im in imgs]
             have.update(zip(todo[lo : lo + 32], enc.embed(imgs)))
         cache_dir.mkdir(parents=True, exist_ok=True)
         ids = sorted(have)
@@ -107,7 +111,8 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, n_classes: int) -> list[dict]:
-    """Per C: out-of-fold scores on the unmasked training photos (each fold fitted on the other folds' photos in both views)."""
+    """Per C: out-of-fold scores on the unmasked training photos (each fold fitted on the other folds' photos in every
+    training view)."""
     from sklearn.model_selection import StratifiedKFold
 
     folds = list(StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(x["full"], y))
@@ -115,7 +120,7 @@ def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, n_class
     for c in cfg.c_grid:
         p = np.zeros((len(y), n_classes))
         for tr, te in folds:
-            w, b = fit(np.concatenate([x[v][tr] for v in VIEWS]), np.concatenate([y[tr]] * len(VIEWS)), c, n_classes, cfg.max_iter)
+            w, b = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y[tr]] * len(cfg.train_views)), c, n_classes, cfg.max_iter)
             p[te] = softmax_rows(x["full"][te] @ w + b)
         table.append({"C": c, **scores(y, p)})
         print(f"C={c:g}: out-of-fold {table[-1]}", flush=True)
@@ -136,11 +141,12 @@ def train(cfg: Config) -> dict:
         train_idx = np.concatenate([train_idx[y_all[train_idx] == k][: cfg.limit_per_class] for k in range(len(classes))])
     use = np.sort(np.concatenate([train_idx, np.flatnonzero(held)]))
     rows, y_all, held = [rows[i] for i in use], y_all[use], held[use]
-    x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir)) for v in VIEWS}
+    views = sorted({*cfg.train_views, "full"})
+    x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir)) for v in views}
     tr = ~held
-    cv = cross_validate({v: x[v][tr] for v in VIEWS}, y_all[tr], cfg, len(classes))
+    cv = cross_validate({v: x[v][tr] for v in views}, y_all[tr], cfg, len(classes))
     best = min(cv, key=lambda r: r["log_loss"])
-    w, b = fit(np.concatenate([x[v][tr] for v in VIEWS]), np.concatenate([y_all[tr]] * len(VIEWS)), best["C"], len(classes), cfg.max_iter)
+    w, b = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y_all[tr]] * len(cfg.train_views)), best["C"], len(classes), cfg.max_iter)
     heldout = {"probe": scores(y_all[held], softmax_rows(x["full"][held] @ w + b))}
     ref = cfg.expert_feature_dir / "dermnet__effnet.npz" if cfg.expert_feature_dir else None
     if ref is not None and ref.exists():
@@ -149,7 +155,7 @@ def train(cfg: Config) -> dict:
         if all(r["image"] in index for r in rows):
             heldout["second_expert_dermnet_head"] = scores(y_all[held], z["probs_dermnet"][[index[r["image"]] for r in rows]][held].astype(np.float64))
     meta = {"id": cfg.artifact_id, "features": PROBE_FEATURES, "C": best["C"], "licence": LICENCE,
-            "trained_on": f"DermNet case-index photos ({int(tr.sum())}, masked and as they are), C by {cfg.folds}-fold CV log-loss",
+            "trained_on": f"DermNet case-index photos ({int(tr.sum())}; views {', '.join(cfg.train_views)}), C by {cfg.folds}-fold CV log-loss",
             "heldout": heldout}  # fmt: skip
     d = x["full"].shape[1]
     hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": Head("dermnet", classes, w, b)}, inputs=PROBE_FEATURES, meta=meta)

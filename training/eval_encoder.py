@@ -174,12 +174,15 @@ def bench(weights: Path, n: int = 48, threads: int = 1, options: ViewOptions = V
     return out
 
 
-def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print, options: ViewOptions = ViewOptions()) -> list[Path]:
+def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_size: int = 32, log=print, options: ViewOptions = ViewOptions(),
+                   dermnet_view: str = "masked") -> list[Path]:  # fmt: skip
     """The expert's outputs on every image of ``sources`` as ``<feature_dir>/<source>__effnet.npz`` in the
     layout of ``training.data.load_features`` (ids, probs = HAM head, features) plus ``probs_<head>`` per head.
     Outputs on images the expert trained on (HAM10000 train, Derm7pt train/extra, DermNet outside the
     held-out sixth) are in-sample: only the held-out ones are deployment-like. ``options``: the test-time views,
-    as the agent's ``encoder.second_expert`` options run them."""
+    as the agent's ``encoder.second_expert`` options run them. ``dermnet_view``: DermNet photos with their watermark
+    masked (as the expert trained; the case index is built from these) or 'full', the original files as the agent
+    sees them (what the fusion's records of the held-out photos should hold)."""
     from PIL import Image
 
     from models.paths import data_dir
@@ -190,7 +193,7 @@ def write_features(weights: Path, feature_dir: Path, sources: list[str], batch_s
     written = []
     for source in sources:
         rows = source_table(source)
-        view = "masked" if source == "dermnet" else "full"
+        view = dermnet_view if source == "dermnet" else "full"
         ids, feats, probs = [], [], {}
         t = time.time()
         for lo in range(0, len(rows), 64):
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--view-size", type=int, default=None, help="resolution (px) at which the images that get the views are encoded for the view heads and pooled features (the expert's view_size option; default: the trained size)")
     p.add_argument("--members", nargs="*", default=[], help="ensemble members averaged with --weights (registry ids or expert files; the expert's members option)")
     p.add_argument("--members-if", default=None, help="head=label: only images whose own output ranks that label first get the members (e.g. modality=dermoscopy)")
+    p.add_argument("--dermnet-view", choices=["masked", "full"], default="masked", help="features: DermNet photos watermark-masked (the case index's) "
+                   "or as the agent sees them (the fusion records')")
     p.add_argument("--bench-source", default="isic2018_val", help="bench: the shared data folder whose images are timed (e.g. dermnet)")
     a = p.parse_args(argv)
     opts = ViewOptions(views=tuple(a.views), view_heads=None if a.view_heads is None else tuple(a.view_heads), views_if=a.views_if, view_size=a.view_size,
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-        write_features(a.weights, a.feature_dir, a.sources, options=opts)
+        write_features(a.weights, a.feature_dir, a.sources, options=opts, dermnet_view=a.dermnet_view)
         return
     if a.what == "bench":
         res = bench(a.weights, threads=a.threads, source=a.bench_source, options=opts)

@@ -142,17 +142,17 @@ def test_the_fusion_trainer_fits_the_probe_and_refuses_its_in_sample_photos(tmp_
 
 
 def test_the_probe_trainer_cross_validates_each_c_on_the_unmasked_view_and_never_predicts_an_absent_class():
-    from training.probe import Config, cross_validate, fit, softmax_rows
+    from training.probe import Config, cross_validate, fit
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 10)  # 4 of 5 classes present: class 4 has no photo
     centres = rng.normal(size=(5, 6)) * 3
     x = {"full": centres[y] + rng.normal(size=(40, 6)), "masked": centres[y] + rng.normal(size=(40, 6))}
-    w, b = fit(np.concatenate([x["masked"], x["full"]]), np.concatenate([y, y]), 1.0, 5, 500)
-    p = softmax_rows(x["full"] @ w + b)
-    assert w.shape == (6, 5) and np.allclose(p.sum(1), 1) and p[:, 4].max() < 1e-6 and (p.argmax(1) == y).mean() > 0.9
+    head = fit(np.concatenate([x["masked"], x["full"]]), np.concatenate([y, y]), 1.0, list("abcde"), 500)
+    p = head.predict_proba(x["full"])
+    assert head.weight.shape == (6, 5) and np.allclose(p.sum(1), 1) and p[:, 4].max() < 1e-6 and (p.argmax(1) == y).mean() > 0.9
     cfg = Config(c_grid=[1e-4, 1.0], folds=2, max_iter=500, train_views=["masked", "full"])
-    table = cross_validate(x, y, cfg, 5)
+    table = cross_validate(x, y, cfg, list("abcde"))
     assert [r["C"] for r in table] == [1e-4, 1.0]
     assert table[1]["log_loss"] < table[0]["log_loss"] and table[1]["top1"] > 0.9  # almost no fit at C = 1e-4
     from pydantic import ValidationError

@@ -84,21 +84,17 @@ def lesion_features(rows: list[dict], view: str, feature_dir: Path) -> np.ndarra
     return feats["features"]
 
 
-def fit(x: np.ndarray, y: np.ndarray, c: float, n_classes: int, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (D, n_classes), bias (n_classes,)) of a multinomial logistic regression; classes absent from ``y``
-    get a very low bias (never predicted)."""
+def fit(x: np.ndarray, y: np.ndarray, c: float, classes: list[str], max_iter: int):
+    """The multinomial logistic regression of ``y`` (indices into ``classes``) as a :class:`models.heads.Head`;
+    classes absent from ``y`` get a very low bias (never predicted)."""
     from sklearn.linear_model import LogisticRegression
 
+    from models.heads import Head
+
     clf = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
-    w, b = np.zeros((x.shape[1], n_classes), np.float32), np.full(n_classes, -30.0, np.float32)
+    w, b = np.zeros((x.shape[1], len(classes)), np.float32), np.full(len(classes), -30.0, np.float32)
     w[:, clf.classes_], b[clf.classes_] = clf.coef_.T, clf.intercept_
-    return w, b
-
-
-def softmax_rows(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return Head("dermnet", list(classes), w, b)
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -110,7 +106,7 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
             "log_loss": round(float(log_loss(y, p / p.sum(axis=1, keepdims=True), labels=np.arange(p.shape[1]))), 4)}
 
 
-def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, n_classes: int) -> list[dict]:
+def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, classes: list[str]) -> list[dict]:
     """Per C: out-of-fold scores on the unmasked training photos (each fold fitted on the other folds' photos in every
     training view)."""
     from sklearn.model_selection import StratifiedKFold
@@ -118,17 +114,17 @@ def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, n_class
     folds = list(StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(x["full"], y))
     table = []
     for c in cfg.c_grid:
-        p = np.zeros((len(y), n_classes))
+        p = np.zeros((len(y), len(classes)))
         for tr, te in folds:
-            w, b = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y[tr]] * len(cfg.train_views)), c, n_classes, cfg.max_iter)
-            p[te] = softmax_rows(x["full"][te] @ w + b)
+            head = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y[tr]] * len(cfg.train_views)), c, classes, cfg.max_iter)
+            p[te] = head.predict_proba(x["full"][te])
         table.append({"C": c, **scores(y, p)})
         print(f"C={c:g}: out-of-fold {table[-1]}", flush=True)
     return table
 
 
 def train(cfg: Config) -> dict:
-    from models.heads import Head, HeadSet
+    from models.heads import HeadSet
     from models.probe import PROBE_FEATURES, probe_inputs
     from training.data import is_dermnet_heldout, source_table
 
@@ -144,10 +140,10 @@ def train(cfg: Config) -> dict:
     views = sorted({*cfg.train_views, "full"})
     x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir)) for v in views}
     tr = ~held
-    cv = cross_validate({v: x[v][tr] for v in views}, y_all[tr], cfg, len(classes))
+    cv = cross_validate({v: x[v][tr] for v in views}, y_all[tr], cfg, classes)
     best = min(cv, key=lambda r: r["log_loss"])
-    w, b = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y_all[tr]] * len(cfg.train_views)), best["C"], len(classes), cfg.max_iter)
-    heldout = {"probe": scores(y_all[held], softmax_rows(x["full"][held] @ w + b))}
+    head = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y_all[tr]] * len(cfg.train_views)), best["C"], classes, cfg.max_iter)
+    heldout = {"probe": scores(y_all[held], head.predict_proba(x["full"][held]))}
     ref = cfg.expert_feature_dir / "dermnet__effnet.npz" if cfg.expert_feature_dir else None
     if ref is not None and ref.exists():
         z = np.load(ref, allow_pickle=False)
@@ -158,7 +154,7 @@ def train(cfg: Config) -> dict:
             "trained_on": f"DermNet case-index photos ({int(tr.sum())}; views {', '.join(cfg.train_views)}), C by {cfg.folds}-fold CV log-loss",
             "heldout": heldout}  # fmt: skip
     d = x["full"].shape[1]
-    hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": Head("dermnet", classes, w, b)}, inputs=PROBE_FEATURES, meta=meta)
+    hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": head}, inputs=PROBE_FEATURES, meta=meta)
     cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
     hs.save(cfg.artifact)
     metrics = {"cv": cv, "selected_C": best["C"], "heldout": heldout, "n_train": int(tr.sum()), "n_heldout": int(held.sum()), "classes": len(classes)}

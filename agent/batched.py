@@ -138,6 +138,9 @@ class CachingEmbedder(_Delegate):
         return self.inner.embed(texts)
 
 
+CASE_INDEXES = ("cases", "expert_cases")  # the runtime's case indexes (cached properties), searched by route
+
+
 class CachingCases(_Delegate):
     """Case retriever whose ``search`` answers prefetched query rows from one matrix search per source set."""
 
@@ -268,7 +271,7 @@ def llm_first_round(fronts, rt, llm: CachingLLM, chunk: int | None = None) -> di
 def install_caches(rt) -> dict[str, _Delegate]:
     """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
     wrapped: dict[str, _Delegate] = {}
-    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("clinical_probe", CachingProbe), ("cases", CachingCases)):
+    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("clinical_probe", CachingProbe)):
         cur = getattr(rt, name)
         if cur is None:  # no second expert (or probe) configured
             continue
@@ -293,14 +296,32 @@ def install_caches(rt) -> dict[str, _Delegate]:
     return wrapped
 
 
+def caching_index(rt, index) -> CachingCases:
+    """The runtime's case index ``index`` (``rt.cases`` or ``rt.expert_cases``, as :func:`agent.nodes.retrieve.case_index_for`
+    chose it for a case) wrapped in :class:`CachingCases`, installed where the runtime keeps it. Indexes are wrapped only
+    when a case needs them, so a micro-batch of clinical photos never loads the dermoscopy index."""
+    if isinstance(index, CachingCases):
+        return index
+    for name in CASE_INDEXES:
+        if rt.__dict__.get(name) is index:
+            rt.__dict__[name] = CachingCases(index)
+            return rt.__dict__[name]
+    raise ValueError(f"the case index {index!r} is not one of the runtime's ({', '.join(CASE_INDEXES)})")
+
+
 def uses_llm(rt) -> bool:
     """Whether the reason node calls the LLM under this configuration (a stacker fusing it, or the LLM's summary)."""
-    return rt.config.reasoner.llm_summary or any("llm" in mf.experts for mf in rt.fusion.modalities.values())
+    return rt.config.reasoner.llm_summary or fusion_calls_llm(rt.fusion)
+
+
+def fusion_calls_llm(fusion) -> bool:
+    """Whether a fusion artifact (:class:`models.stacker.FusionModel`) fuses the LLM's candidate scores."""
+    return any("llm" in mf.experts for mf in fusion.modalities.values())
 
 
 def uninstall_caches(rt) -> None:
     """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
-    for name in ("classifier", "second_expert", "clinical_probe", "cases", "llm"):
+    for name in ("classifier", "second_expert", "clinical_probe", *CASE_INDEXES, "llm"):
         cur = rt.__dict__.get(name)
         if isinstance(cur, _Delegate):
             rt.__dict__[name] = cur.inner
@@ -352,7 +373,7 @@ class BatchedAgent:
         import time
 
         from agent.nodes.encode import probe_wanted
-        from agent.nodes.retrieve import _query_text
+        from agent.nodes.retrieve import _query_text, case_index_for
 
         t0 = time.perf_counter()
         self._attempted.update(indices)
@@ -390,7 +411,8 @@ class BatchedAgent:
             # modality and retrieval query. The graph runs them again; only the cached models are shared.
             cfg = rt.config.retrieval
             texts: list[str] = []
-            groups: dict[tuple, list[np.ndarray]] = defaultdict(list)
+            groups: dict[str, dict[tuple, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))  # index id -> (sources, k) -> rows
+            indexes: dict[str, CachingCases] = {}
             fronts = []
             for state, _ in states.values():
                 s = front_state(state, rt)
@@ -400,13 +422,17 @@ class BatchedAgent:
                 if cfg.k_knowledge:
                     texts.append(_query_text(s))
                 sources = tuple(rt.config.route(s.modality.label).case_sources)
-                if cfg.k_cases and sources:
-                    groups[(sources, cfg.k_cases)].append(np.asarray(s.encoding.features, np.float32))
+                if cfg.k_cases and sources:  # the index and query features the retrieve node will use for this case
+                    index, features, index_id = case_index_for(s, rt, rt.config.route(s.modality.label))
+                    indexes[index_id] = caching_index(rt, index)
+                    groups[index_id][(sources, cfg.k_cases)].append(np.asarray(features, np.float32))
             lap("front nodes (heads)")
             if "text_embedder" in self.backends:
                 self.backends["text_embedder"].prefetch(texts)
             lap("KB text embedding")
-            self.backends["cases"].prefetch(groups)
+            for index_id, cached in indexes.items():
+                cached.prefetch(groups[index_id])
+                self.backends[f"cases:{index_id}"] = cached
             lap("FAISS case search")
             if "llm" in self.backends:
                 self._prefetch_llm(fronts, rt)
@@ -448,17 +474,31 @@ class BatchedAgent:
             self._handoff = None
 
 
-def default_batch_size(device: str) -> int:
-    """Micro-batch size used when none is given: 16 on a GPU; 1 (plain per-case path) on a CPU, where
-    ``dermgraph bench`` measured no gain (one thread: the Xception forward is no faster per image in a
-    batch, and the filtered FAISS search returns the whole index per query row either way)."""
-    return 16 if str(device).startswith("cuda") else 1
+def default_batch_size(device: str, calls_llm: bool = False) -> int:
+    """Micro-batch size used when none is given: 16, except 1 (the plain per-case path) on a CPU under a configuration
+    that calls the LLM. ``dermgraph bench`` on 2 CPU cores (README, Performance): with the image networks taking forward
+    batches of 4 the micro-batched path outruns the per-case one (48 mixed photos: 4.04 -> 5.38 cases/s, decisions
+    identical), while batched LLM calls were slower than per-case ones there (0.172 -> 0.148 cases/s)."""
+    if str(device).startswith("cuda"):
+        return 16
+    return 1 if calls_llm else 16
+
+
+def config_calls_llm(config) -> bool:
+    """:func:`uses_llm` for a configuration without a runtime (e.g. before worker processes load one): reads the fusion
+    artifact the configuration names."""
+    if config.reasoner.llm_summary:
+        return True
+    from models.resolve import resolve_artifact
+    from models.stacker import FusionModel
+
+    return fusion_calls_llm(FusionModel.load(resolve_artifact(config.reasoner.fusion)))
 
 
 def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = None):
     """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches
     (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`)."""
-    batch_size = default_batch_size(agent.config.device) if batch_size is None else batch_size
+    batch_size = default_batch_size(agent.config.device, uses_llm(agent.runtime)) if batch_size is None else batch_size
     if batch_size <= 1:
 
         def plain(case) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def _run_mode(agent, cases, mode: str, batch_size: int) -> tuple[dict[str, Any],
 def _floors(agent, cases, batch_size: int) -> dict[str, float]:
     """Each model alone on the cases' inputs at ``batch_size`` (seconds for all cases)."""
     from agent.batched import CachingLLM, front_state, llm_first_round, uses_llm
-    from agent.nodes.retrieve import _query_text
+    from agent.nodes.retrieve import _query_text, case_index_for
 
     rt = agent.runtime
     unwrap = lambda b: getattr(b, "inner", b)  # noqa: E731  (the batched mode's caching wrappers)
@@ -137,14 +137,14 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
             continue
         fronts.append(s)
         texts.append(_query_text(s))
-        sources = tuple(rt.config.route(s.modality.label).case_sources)
-        if sources:
-            groups[sources].append(np.asarray(s.encoding.features, np.float32))
-    cases_idx = unwrap(rt.cases)
+        route = rt.config.route(s.modality.label)
+        if route.case_sources and cfg.k_cases:  # the index and features the retrieve node searches for this case
+            index, features, index_id = case_index_for(s, rt, route)
+            groups[(index_id, tuple(route.case_sources))].append((unwrap(index), np.asarray(features, np.float32)))
     t0 = time.perf_counter()
-    for sources, rows in groups.items():
+    for (_, sources), rows in groups.items():
         for i in range(0, len(rows), batch_size):
-            cases_idx.search(np.stack(rows[i : i + batch_size]), k=cfg.k_cases, sources=sources)
+            rows[0][0].search(np.stack([f for _, f in rows[i : i + batch_size]]), k=cfg.k_cases, sources=sources)
     floors["FAISS case search"] = time.perf_counter() - t0
     emb = getattr(rt.kb, "embedder", None) if cfg.k_knowledge else None
     if emb is not None:

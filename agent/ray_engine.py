@@ -58,9 +58,10 @@ class AgentActor:
             self.agent = Agent(config)
         else:
             self.agent = agent_factory(config)
-        from agent.batched import default_batch_size
+        from agent.batched import default_batch_size, uses_llm
 
-        self.batch_size = batch_size or default_batch_size(config.device)
+        runtime = getattr(self.agent, "runtime", None)
+        self.batch_size = batch_size or default_batch_size(config.device, uses_llm(runtime) if runtime is not None else config.reasoner.llm_summary)
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -140,7 +140,7 @@ def batch(
     label_column: str = typer.Option("label", help="Column holding the true label, if any."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N cases (N >= 1)."),
     case_timeout: float = typer.Option(600.0, "--case-timeout", min=0, help="Seconds one case may take before it becomes an error record (0: no limit; local engine)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch: images per encoder forward / FAISS query matrix (1: one case at a time; default 16 on cuda, 1 on cpu)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch: images per encoder forward / FAISS query matrix (1: one case at a time; default 16, or 1 on a CPU when the configuration calls the LLM)."),
     engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data actor pool; extra 'ray')."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray runtime)."),
     actors: int = typer.Option(2, "--actors", min=1, help="Ray: actors, each with one loaded agent."),

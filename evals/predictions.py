@@ -133,17 +133,23 @@ class _Producer:
         self.batch_size = 1
 
     def start(self, n_missing: int, n_todo: int) -> None:
-        from agent.batched import default_batch_size
+        from agent.batched import config_calls_llm, default_batch_size, uses_llm
 
         ctx = self.ctx
         if ctx.agent_config is None:
             raise ValueError("this protocol needs an agent configuration")
         self.workers = max(1, min(int(ctx.workers or 1), n_todo))
-        self.batch_size = int(ctx.options.get("batch_size") or default_batch_size(ctx.agent_config.device))
-        ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''}, micro-batch {self.batch_size})")
         if self.workers == 1:
             self.agent = (ctx.agent_factory or default_agent_factory)(ctx.agent_config)
+        if ctx.options.get("batch_size"):
+            self.batch_size = int(ctx.options["batch_size"])
+        elif self.kind != AGENT:
+            self.batch_size = 1  # only full-agent records are micro-batched (predict_chunk)
         else:
+            runtime = getattr(self.agent, "runtime", None)
+            self.batch_size = default_batch_size(ctx.agent_config.device, uses_llm(runtime) if runtime is not None else config_calls_llm(ctx.agent_config))
+        ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''}, micro-batch {self.batch_size})")
+        if self.workers > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
@@ -151,7 +157,7 @@ class _Producer:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=init)
 
     def chunk_size(self) -> int:
-        # In-process: one micro-batch (1 on CPU: each case is cached as it finishes). Pool: one micro-batch per
+        # In-process: one micro-batch (1 where cases run one at a time: each is cached as it finishes). Pool: one micro-batch per
         # worker, or two cases each when cases go one at a time.
         return self.batch_size * self.workers if self.batch_size > 1 else (1 if self.workers == 1 else 2 * self.workers)
 

@@ -168,3 +168,53 @@ def test_bench_times_the_llm_alone_where_the_configuration_uses_it(tmp_path):
         assert {"LLM candidate scoring", "LLM summary"} <= set(m["floors_s"])
     assert r["batched_equals_sequential"]["identical_records"] == 4
     assert not isinstance(agent.runtime.llm, CachingLLM)  # the floor's probe is taken off again
+
+
+def test_clinical_micro_batches_search_the_second_experts_index_once_and_never_load_the_dermoscopy_one(tmp_path):
+    """The retrieve node searches a clinical photo's similar cases in the second expert's index with its features: the
+    prefetch must search that index (one query matrix per micro-batch), not the dermoscopy index."""
+    from agent.testing import FakeCases, modality_heads
+
+    class Recording(FakeCases):
+        def __init__(self, hits):
+            super().__init__(hits)
+            self.queries: list[tuple[int, int]] = []  # (rows, width) per search call
+
+        def search(self, features, k=8, **kw):
+            f = np.asarray(features)
+            self.queries.append((1 if f.ndim == 1 else len(f), f.shape[-1]))
+            return super().search(features, k, **kw)
+
+    hits = [("dermnet:x", "Psoriasis", 0.9), ("dermnet:y", "Eczema", 0.8)]
+    paths = _images(tmp_path, 6)
+    cases = [Case(p.stem, p) for p in paths]
+
+    def make():
+        xception, effnet = Recording(hits), Recording([("dermnet:z", "Psoriasis", 0.95)])
+        return Agent(backends=backends(modality_heads=modality_heads("clinical"), cases=xception, expert_cases=effnet,
+                                       second_expert=FakeSecondExpert(), fusion=no_llm_fusion())), xception, effnet  # fmt: skip
+
+    (seq_agent, _, seq_effnet), (bat_agent, bat_xception, bat_effnet) = make(), make()
+    seq = _run(tmp_path, "seq", cases, seq_agent, None)
+    bat = _run(tmp_path, "bat", cases, bat_agent, batch_size=4)
+    assert seq == bat and all(r["status"] == "ok" for r in seq)
+    assert all({e["id"] for e in r["diagnosis"]["evidence"] if e["kind"] == "case"} == {"case:dermnet:z"} for r in bat)
+    assert seq_effnet.queries == [(1, 8)] * 6
+    assert bat_effnet.queries == [(4, 8), (2, 8)]  # one query matrix per micro-batch, the expert's 8-wide features
+    assert bat_xception.queries == [] and "cases" not in bat_agent.runtime.__dict__  # the dermoscopy index: never searched, never wrapped
+    assert bat_agent.runtime.expert_cases.misses == 0 and bat_agent.runtime.expert_cases.hits == 6
+
+
+def test_default_micro_batch_is_16_unless_a_cpu_runs_the_llm(tmp_path):
+    """Without --batch-size: micro-batches of 16 (faster on a 2-core CPU too, README Performance), except per case on a CPU
+    under a configuration that calls the LLM, whose batched calls were slower there."""
+    from agent.batched import config_calls_llm, default_batch_size
+    from agent.config import AgentConfig
+
+    assert (default_batch_size("cpu"), default_batch_size("cuda"), default_batch_size("cuda:1", True), default_batch_size("cpu", True)) == (16, 16, 16, 1)
+    assert not config_calls_llm(AgentConfig()) and config_calls_llm(AgentConfig.model_validate({"reasoner": {"llm_summary": True}}))
+    cases = [Case(p.stem, p) for p in _images(tmp_path, 3)]
+    plain = batched_case_diagnose(Agent(backends=backends(fusion=no_llm_fusion())), cases)
+    assert plain.batched_agent.batch_size == 16
+    with_llm = batched_case_diagnose(Agent(backends=backends(fusion=fusion_model())), cases)  # this double fuses the LLM
+    assert not hasattr(with_llm, "batched_agent")

@@ -359,7 +359,8 @@ def run_batch(
     case_timeout: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``diagnose`` over ``cases`` appending one record per case to ``out``; returns run statistics.
+    """Run ``diagnose`` over ``cases`` appending one record per case to ``out``; returns run statistics. A
+    ``diagnose.plan(todo)``, where given, is told the cases still to do before the first call.
 
     Raises FileExistsError (``out`` has records and ``resume`` is off), IsADirectoryError (``out`` is a
     folder), BatchLockedError (another run holds ``out``)."""
@@ -381,6 +382,9 @@ def run_batch(
                                  "quarantined": scan["quarantined"], "retried": scan["retrying"]}  # fmt: skip
         if scan.get("quarantine_file"):
             stats["quarantine_file"] = scan["quarantine_file"]
+        plan = getattr(diagnose, "plan", None)
+        if callable(plan):  # a micro-batching diagnose (agent.batched) prefetches only what is still to do
+            plan(todo)
         t0 = time.perf_counter()
         with out.open("a") as f, tqdm(total=len(todo), disable=not progress, unit="case", file=sys.stderr) as bar:
             for case in todo:

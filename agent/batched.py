@@ -497,7 +497,9 @@ def config_calls_llm(config) -> bool:
 
 def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = None):
     """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches
-    (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`)."""
+    (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`). Its ``plan(todo)``
+    (called by ``run_batch`` with the cases still to do, e.g. on ``--resume``) announces only those, so micro-batches
+    never encode cases that already have records."""
     batch_size = default_batch_size(agent.config.device, uses_llm(agent.runtime)) if batch_size is None else batch_size
     if batch_size <= 1:
 
@@ -505,12 +507,17 @@ def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = 
             return json.loads(agent.diagnose(case.image, question=case.question, metadata=case.metadata or None).model_dump_json())
 
         return plain
-    usable = [c for c in cases if getattr(c, "image", None) is not None and not getattr(c, "error", None)]
-    ba = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in usable], batch_size)
+
+    def plan(todo: Sequence[Any]) -> None:
+        if getattr(run, "batched_agent", None) is not None:
+            run.batched_agent.close()
+        usable = [c for c in todo if getattr(c, "image", None) is not None and not getattr(c, "error", None)]
+        run.batched_agent = BatchedAgent(agent, [(c.image, c.question, c.metadata or None) for c in usable], batch_size)
 
     def run(case) -> dict[str, Any]:
-        d = ba.diagnose(case.image, question=case.question, metadata=case.metadata or None)
+        d = run.batched_agent.diagnose(case.image, question=case.question, metadata=case.metadata or None)
         return json.loads(d.model_dump_json())
 
-    run.batched_agent = ba  # type: ignore[attr-defined]
+    run.plan = plan  # type: ignore[attr-defined]
+    plan(cases)
     return run

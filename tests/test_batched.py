@@ -218,3 +218,24 @@ def test_default_micro_batch_is_16_unless_a_cpu_runs_the_llm(tmp_path):
     assert plain.batched_agent.batch_size == 16
     with_llm = batched_case_diagnose(Agent(backends=backends(fusion=fusion_model())), cases)  # this double fuses the LLM
     assert not hasattr(with_llm, "batched_agent")
+
+
+def test_a_resumed_batch_prefetches_only_the_cases_still_to_do(tmp_path):
+    class Counting(FakeClassifier):
+        encoded = 0
+
+        def predict(self, images, metadata=None):
+            Counting.encoded += len(images)
+            return super().predict(images, metadata)
+
+    cases = [Case(p.stem, p) for p in _images(tmp_path, 10)]
+    out = tmp_path / "run.jsonl"
+    agent = Agent(backends=backends(classifier=Counting(), fusion=no_llm_fusion()))
+    run_batch(cases[::2], out, batched_case_diagnose(agent, cases[::2], 4), progress=False)  # every other case done
+    Counting.encoded = 0
+    agent = Agent(backends=backends(classifier=Counting(), fusion=no_llm_fusion()))
+    stats = run_batch(cases, out, batched_case_diagnose(agent, cases, 4), resume=True, progress=False)
+    assert (stats["skipped"], stats["ok"]) == (5, 5)
+    assert Counting.encoded == 5  # micro-batches of the 5 cases without records (4 + 1), none of the done ones
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(c.id for c in cases) and len(ids) == len(set(ids))

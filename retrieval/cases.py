@@ -282,18 +282,26 @@ class CaseRetriever:
             q = q[None, :]
         excl = set(exclude_ids or ())
         keep = set(sources) if sources is not None else None
-        # Over-fetch so that filtering still leaves k hits.
-        fetch = k + len(excl) if keep is None else len(self.index)
-        out = []
-        for row in self.index.search(q, fetch):
-            hits = []
-            for h in row:
-                if h.id in excl or (keep is not None and h.record["source"] not in keep):
-                    continue
-                hits.append(CaseHit(h.id, h.score, h.record))
-                if len(hits) >= k:
-                    break
-            out.append(hits)
+        n = len(self.index)
+        # Over-fetch so that filtering still leaves k hits: exclusions alone need k + |excl|; a source filter
+        # starts at 8x that and doubles for the rows still short (exact: hits come best first).
+        fetch = min(n, k + len(excl) if keep is None else 8 * (k + len(excl)))
+        out: list[list[CaseHit]] = [[] for _ in range(len(q))]
+        todo = list(range(len(q)))
+        while todo:
+            short = []
+            for i, row in zip(todo, self.index.search(q[todo], fetch)):
+                hits = []
+                for h in row:
+                    if h.id in excl or (keep is not None and h.record["source"] not in keep):
+                        continue
+                    hits.append(CaseHit(h.id, h.score, h.record))
+                    if len(hits) >= k:
+                        break
+                out[i] = hits
+                if len(hits) < k and fetch < n:
+                    short.append(i)
+            todo, fetch = short, min(n, 2 * fetch)
         return out
 
 

@@ -261,6 +261,24 @@ def test_case_index_from_precomputed_features(tmp_path):
     assert str(tmp_path) not in records and "pixels" not in records
 
 
+def test_source_filtered_search_is_exact_when_the_source_is_rare(tmp_path):
+    """A source filter over-fetches and doubles the fetch for short rows: the hits equal a brute-force search over
+    that source's cases, however rare it is in the index, and exclusions still apply."""
+    rng = np.random.default_rng(7)
+    n, rare = 400, {3, 150, 222, 301, 399}
+    pairs = [dict(_pairs(1)[0], id=f"x:{i}", image=f"x/{i}.png", source="rare" if i in rare else "common") for i in range(n)]
+    feats = rng.normal(size=(n, 16)).astype(np.float32)
+    build_case_index(pairs, tmp_path / "cases", features={p["id"]: f for p, f in zip(pairs, feats)}, pca_dim=None, created_by="pytest")
+    cr = CaseRetriever(tmp_path / "cases")
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    for row, hits in zip(q, cr.search(q, k=3, sources=["rare"], exclude_ids=["x:150"])):
+        scores = {f"x:{i}": float(unit[i] @ (row / np.linalg.norm(row))) for i in rare - {150}}
+        assert [h.id for h in hits] == sorted(scores, key=scores.get, reverse=True)[:3]
+    assert [len(r) for r in cr.search(q[:2], k=8, sources=["rare"])] == [5, 5]  # fewer than k exist: all of them
+    assert [len(r) for r in cr.search(q[:2], k=8, sources=["common"])] == [8, 8]
+
+
 def test_case_index_missing_features(tmp_path):
     feats = {f"toy:{i}": np.ones(4, np.float32) * (i + 1) + np.arange(4) for i in range(6)}  # keyed by pair id
     with pytest.raises(KeyError, match="no features"):

@@ -421,11 +421,11 @@ class BatchedAgent:
                 fronts.append(s)
                 if cfg.k_knowledge:
                     texts.append(_query_text(s))
-                sources = tuple(rt.config.route(s.modality.label).case_sources)
-                if cfg.k_cases and sources:  # the index and query features the retrieve node will use for this case
-                    index, features, index_id = case_index_for(s, rt, rt.config.route(s.modality.label))
+                route = rt.config.route(s.modality.label)
+                if cfg.k_cases and route.case_sources:  # the index and query features the retrieve node will use for this case
+                    index, features, index_id = case_index_for(s, rt, route)
                     indexes[index_id] = caching_index(rt, index)
-                    groups[index_id][(sources, cfg.k_cases)].append(np.asarray(features, np.float32))
+                    groups[index_id][(tuple(route.case_sources), cfg.k_cases)].append(np.asarray(features, np.float32))
             lap("front nodes (heads)")
             if "text_embedder" in self.backends:
                 self.backends["text_embedder"].prefetch(texts)

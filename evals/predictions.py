@@ -232,7 +232,8 @@ def ensure_predictions(ctx: ProtocolContext, kind: str, reuse_agent: bool = Fals
     if filled.computed:
         s = filled.seconds
         stats.update(computed=filled.computed, errors=filled.errors, seconds=round(s, 2),
-                     cases_per_second=round(filled.computed / s, 3) if s > 0 else None, workers=producer.workers)  # fmt: skip
+                     cases_per_second=round(filled.computed / s, 3) if s > 0 else None, workers=producer.workers,
+                     micro_batch=producer.batch_size)  # fmt: skip
     else:
         stats["computed"] = 0
     return records, stats

@@ -232,6 +232,9 @@ def test_two_worker_processes_give_each_case_once(tmp_path):
     assert any("(2 processes, micro-batch 2)" in m for m in logs), logs
     plain = run_benchmark(bench5, tmp_path / "p", workers=1, options={"batch_size": 1}, agent_factory=fake_agent, log=lambda m: None)
     assert batched["metrics"]["n_scored"] == 5 and batched["metrics"]["headline"] == plain["metrics"]["headline"]
+    # Graph time leaves out the networks' batched forward passes: the report says so, and names the throughput.
+    assert (batched["metrics"]["predictions"]["micro_batch"], plain["metrics"]["predictions"]["micro_batch"]) == (2, 1)
+    assert any("micro-batches of 2" in n for n in batched["notes"]) and not any("micro-batches" in n for n in plain["notes"])
     recs = lambda d: sorted((json.loads(x)["key"], json.loads(x)["diagnosis"]["label"]) for p in (tmp_path / d / "predictions").glob("*.jsonl") for x in p.read_text().splitlines())  # noqa: E731
     assert recs("b") == recs("p")
 

@@ -290,6 +290,9 @@ def score_predictions(ctx: ProtocolContext, predictions: Predictions) -> Protoco
     _write_cases_csv(ctx, cases, y, systems, diags, groups)
     tables = _tables(metrics, systems, names, labels, coverages, fair)
     plots = _plots(ctx, metrics, systems, curves, fair, names)
+    if (pstats.get("micro_batch") or 1) > 1:
+        notes.append(f"Predictions ran in micro-batches of {pstats['micro_batch']}: the networks ran before the graph, so mean_graph_seconds_per_case "
+                     "(time inside the graph) leaves them out; predictions.cases_per_second is the throughput.")
     notes.append(f"{len(ok)} cases scored; headline metrics use the top label of every case (abstentions included) with percentile-bootstrap 95% CIs ({n_boot} resamples, seed {seed}).")
     if "llm" in systems and systems["llm"]["n_no_answer"]:
         notes.append(f"LLM alone gave no distribution for {systems['llm']['n_no_answer']} cases (fallback or no reasoning); counted as wrong.")

@@ -432,7 +432,6 @@ class BatchedAgent:
             lap("KB text embedding")
             for index_id, cached in indexes.items():
                 cached.prefetch(groups[index_id])
-                self.backends[f"cases:{index_id}"] = cached
             lap("FAISS case search")
             if "llm" in self.backends:
                 self._prefetch_llm(fronts, rt)
@@ -484,6 +483,13 @@ def default_batch_size(device: str, calls_llm: bool = False) -> int:
     return 1 if calls_llm else 16
 
 
+def calls_llm(agent, config) -> bool:
+    """Whether ``agent`` (or, before one is loaded, e.g. in eval workers: None) calls the LLM under ``config``: its
+    runtime's :func:`uses_llm`, else :func:`config_calls_llm`."""
+    runtime = getattr(agent, "runtime", None)
+    return uses_llm(runtime) if runtime is not None else config_calls_llm(config)
+
+
 def config_calls_llm(config) -> bool:
     """:func:`uses_llm` for a configuration without a runtime (e.g. before worker processes load one): reads the fusion
     artifact the configuration names."""
@@ -500,7 +506,7 @@ def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = 
     (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`). Its ``plan(todo)``
     (called by ``run_batch`` with the cases still to do, e.g. on ``--resume``) announces only those, so micro-batches
     never encode cases that already have records."""
-    batch_size = default_batch_size(agent.config.device, uses_llm(agent.runtime)) if batch_size is None else batch_size
+    batch_size = default_batch_size(agent.config.device, calls_llm(agent, agent.config)) if batch_size is None else batch_size
     if batch_size <= 1:
 
         def plain(case) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
             probe.predict([images[j] for j in idx], lesion[idx])
         floors["clinical probe forward"] = time.perf_counter() - t0
     # Inputs of the later models, computed (untimed) with the agent's own front nodes.
-    texts, groups, fronts = [], defaultdict(list), []
+    texts, groups, fronts, indexes = [], defaultdict(list), [], {}
     cfg = rt.config.retrieval
     for s in states:
         s = front_state(s, rt)
@@ -140,11 +140,12 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         route = rt.config.route(s.modality.label)
         if route.case_sources and cfg.k_cases:  # the index and features the retrieve node searches for this case
             index, features, index_id = case_index_for(s, rt, route)
-            groups[(index_id, tuple(route.case_sources))].append((unwrap(index), np.asarray(features, np.float32)))
+            indexes[index_id] = unwrap(index)
+            groups[(index_id, tuple(route.case_sources))].append(np.asarray(features, np.float32))
     t0 = time.perf_counter()
-    for (_, sources), rows in groups.items():
+    for (index_id, sources), rows in groups.items():
         for i in range(0, len(rows), batch_size):
-            rows[0][0].search(np.stack([f for _, f in rows[i : i + batch_size]]), k=cfg.k_cases, sources=sources)
+            indexes[index_id].search(np.stack(rows[i : i + batch_size]), k=cfg.k_cases, sources=sources)
     floors["FAISS case search"] = time.perf_counter() - t0
     emb = getattr(rt.kb, "embedder", None) if cfg.k_knowledge else None
     if emb is not None:

@@ -58,10 +58,9 @@ class AgentActor:
             self.agent = Agent(config)
         else:
             self.agent = agent_factory(config)
-        from agent.batched import default_batch_size, uses_llm
+        from agent.batched import calls_llm, default_batch_size
 
-        runtime = getattr(self.agent, "runtime", None)
-        self.batch_size = batch_size or default_batch_size(config.device, uses_llm(runtime) if runtime is not None else config.reasoner.llm_summary)
+        self.batch_size = batch_size or default_batch_size(config.device, calls_llm(self.agent, config))
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -133,7 +133,7 @@ class _Producer:
         self.batch_size = 1
 
     def start(self, n_missing: int, n_todo: int) -> None:
-        from agent.batched import config_calls_llm, default_batch_size, uses_llm
+        from agent.batched import calls_llm, default_batch_size
 
         ctx = self.ctx
         if ctx.agent_config is None:
@@ -146,8 +146,7 @@ class _Producer:
         elif self.kind != AGENT:
             self.batch_size = 1  # only full-agent records are micro-batched (predict_chunk)
         else:
-            runtime = getattr(self.agent, "runtime", None)
-            self.batch_size = default_batch_size(ctx.agent_config.device, uses_llm(runtime) if runtime is not None else config_calls_llm(ctx.agent_config))
+            self.batch_size = default_batch_size(ctx.agent_config.device, calls_llm(self.agent, ctx.agent_config))
         ctx.log(f"[eval] running {self.kind} on {n_todo} cases ({self.workers} process{'es' if self.workers > 1 else ''}, micro-batch {self.batch_size})")
         if self.workers > 1:
             import multiprocessing as mp

@@ -97,6 +97,11 @@ def fit(x: np.ndarray, y: np.ndarray, c: float, classes: list[str], max_iter: in
     return Head("dermnet", list(classes), w, b)
 
 
+def fit_views(x: dict[str, np.ndarray], y: np.ndarray, idx: np.ndarray, c: float, cfg: Config, classes: list[str]):
+    """:func:`fit` on the photos ``idx``, each once per training view (``cfg.train_views``)."""
+    return fit(np.concatenate([x[v][idx] for v in cfg.train_views]), np.concatenate([y[idx]] * len(cfg.train_views)), c, classes, cfg.max_iter)
+
+
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import log_loss
 
@@ -116,8 +121,7 @@ def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, classes
     for c in cfg.c_grid:
         p = np.zeros((len(y), len(classes)))
         for tr, te in folds:
-            head = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y[tr]] * len(cfg.train_views)), c, classes, cfg.max_iter)
-            p[te] = head.predict_proba(x["full"][te])
+            p[te] = fit_views(x, y, tr, c, cfg, classes).predict_proba(x["full"][te])
         table.append({"C": c, **scores(y, p)})
         print(f"C={c:g}: out-of-fold {table[-1]}", flush=True)
     return table
@@ -142,7 +146,7 @@ def train(cfg: Config) -> dict:
     tr = ~held
     cv = cross_validate({v: x[v][tr] for v in views}, y_all[tr], cfg, classes)
     best = min(cv, key=lambda r: r["log_loss"])
-    head = fit(np.concatenate([x[v][tr] for v in cfg.train_views]), np.concatenate([y_all[tr]] * len(cfg.train_views)), best["C"], classes, cfg.max_iter)
+    head = fit_views(x, y_all, np.flatnonzero(tr), best["C"], cfg, classes)
     heldout = {"probe": scores(y_all[held], head.predict_proba(x["full"][held]))}
     ref = cfg.expert_feature_dir / "dermnet__effnet.npz" if cfg.expert_feature_dir else None
     if ref is not None and ref.exists():

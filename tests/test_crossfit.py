@@ -83,6 +83,53 @@ def test_member_outputs_are_averaged_where_the_agents_members_if_would_run_them(
         member_mean(probs, "modality=photo")
 
 
+def test_cross_fitted_outputs_take_the_agents_view_means_and_keep_only_the_experts_own_heads():
+    """training.encoder.agent_outputs: the ensemble mean, then the view mean for the agent's view heads where its
+    views_if holds; no ``__views`` key survives (the replayed expert knows only its own heads)."""
+    from training.encoder import MODALITIES, agent_outputs
+
+    derm = np.eye(4)[MODALITIES.index("dermoscopy")] * 0.9 + 0.025
+    clin = np.eye(4)[MODALITIES.index("clinical")] * 0.9 + 0.025
+    probs = {"ham": np.array([0.8, 0.2]), "ham__member": np.array([0.4, 0.6]), "ham__views": np.array([0.7, 0.3]), "ham__views__member": np.array([0.5, 0.5]),
+             "dermnet": np.array([0.9, 0.1]), "dermnet__views": np.array([0.3, 0.7]), "modality": clin, "modality__views": clin}  # fmt: skip
+    out, missing = agent_outputs(probs, "modality=clinical", ["dermnet"], "modality=clinical")
+    assert set(out) == {"ham", "dermnet", "modality"} and not missing
+    assert np.allclose(out["dermnet"], [0.3, 0.7]) and np.allclose(out["ham"], [0.6, 0.4])  # view mean; ensemble mean of the single views
+    out, _ = agent_outputs({**probs, "modality": derm}, None, ["dermnet"], "modality=clinical")
+    assert np.allclose(out["dermnet"], [0.9, 0.1])  # views_if fails: the single view, as the agent gives it
+    out, missing = agent_outputs(probs, None, ["ham", "crit_streaks"])
+    assert np.allclose(out["ham"], [0.6, 0.4]) and missing  # no condition: every image; a view head without view means is reported
+    with pytest.raises(ValueError, match="views_if 'modality=photo'"):
+        agent_outputs(probs, None, ["dermnet"], "modality=photo")
+
+
+def test_replayed_rows_from_a_bundle_with_views_and_members_carry_only_the_experts_heads(tmp_path):
+    """A cross-fitted bundle made with crossfit_views and a member (``__views``, ``__member`` keys) must reach the
+    replayed expert as the agent's outputs: its own heads only (the replay backend refuses others)."""
+    from models.efficientnet import expert_info
+    from models.resolve import resolve
+    from training.encoder import MODALITIES
+    from training.reasoner_data import CaseRow, attach_expert_probs
+
+    heads = expert_info(resolve("efficientnet-lite0-derm", progress=False))["heads"]
+    rows = [CaseRow(f"derm7pt:{i}", "derm7pt", "train", f"derm7pt/{i}.jpg", "nv", np.zeros(7), np.zeros(4)) for i in range(2)]
+    recs = [{"source": "derm7pt", "image": r.image} for r in rows]
+    derm = np.tile(np.eye(4)[MODALITIES.index("dermoscopy")], (2, 1))
+    outs = {"ham": np.eye(7)[[0, 1]], "ham__views": np.eye(7)[[2, 2]], "ham__member": np.eye(7)[[0, 3]], "ham__views__member": np.eye(7)[[2, 2]],
+            "modality": derm, "modality__views": derm, "modality__member": derm}  # fmt: skip
+    head_outputs_npz(tmp_path / "cf" / "derm7pt__effnet.npz", recs, outs)
+
+    class Ref:  # encoder.second_expert as the default agent configures it
+        options = {"views": ["hflip"], "view_heads": ["dermnet"], "views_if": "modality=clinical", "members": ["m"], "members_if": "modality=dermoscopy"}
+
+    assert attach_expert_probs(rows, None, tmp_path / "cf", Ref()) == {"crossfit": 2, "shipped": 0, "none": 0}
+    assert all(set(r.expert_heads) <= set(heads) for r in rows)
+    assert np.allclose(rows[1].expert_heads["ham"], (np.eye(7)[1] + np.eye(7)[3]) / 2)  # the ensemble mean, single view (ham is no view head)
+    Ref.options = {**Ref.options, "view_heads": ["ham"], "views_if": None}
+    attach_expert_probs(rows, None, tmp_path / "cf", Ref())
+    assert np.allclose(rows[0].expert_heads["ham"], np.eye(7)[2])  # the agent averages ham over views: the bundle's view mean
+
+
 @pytest.mark.data
 def test_findings_of_heads_on_the_experts_features_are_cross_fitted_on_its_cross_fitted_features(shared_data, tmp_path):
     """Concept heads on the second expert's features: Derm7pt train/extra findings come from heads refitted without

@@ -720,6 +720,39 @@ def member_mean(probs: dict[str, np.ndarray], members_if: str | None = None, hea
     return {k: (v + probs[k + MEMBER_SUFFIX]) / 2 if k + MEMBER_SUFFIX in probs else v for k, v in own.items()}
 
 
+VIEWS_SUFFIX = "__views"
+"""Key suffix of a cross-fitting fold's test-time view means (``probs_<head>__views``, encoder ``crossfit_views``)."""
+
+
+def agent_outputs(probs: dict[str, np.ndarray], members_if: str | None = None, view_heads: Sequence[str] = (), views_if: str | None = None,
+                  heads: dict[str, list[str]] | None = None) -> tuple[dict[str, np.ndarray], bool]:  # fmt: skip
+    """One image's cross-fitted outputs as the agent's expert gives them (``encoder.second_expert`` options): the
+    ensemble mean (:func:`member_mean`), then each of ``view_heads`` replaced by its test-time view mean where
+    ``views_if`` ("head=label", judged on the fold model's own single-view output; None: always) holds. Every other
+    ``__views`` key is dropped, so the result has the expert's own heads only. Returns (outputs, whether a view head
+    the agent would average had no view mean in the bundle: a bundle made without ``crossfit_views``)."""
+    if heads is None:
+        heads = {"ham": list(HAM_CLASSES), "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+    picked = True
+    if views_if is not None and any(h + VIEWS_SUFFIX in probs for h in view_heads):  # without view means there is nothing to pick
+        from models.efficientnet import parse_condition
+
+        head, label = parse_condition(views_if, "views_if")  # type: ignore[misc]
+        if label not in heads.get(head, ()) or head not in probs:
+            raise ValueError(f"views_if {views_if!r}: expected head=label, one of the labels of a head among {sorted(h for h in heads if h in probs)}")
+        picked = list(heads[head])[int(np.argmax(probs[head]))] == label
+    mean = member_mean(probs, members_if, heads)
+    own = {k: v for k, v in mean.items() if not k.endswith(VIEWS_SUFFIX)}
+    missing = False
+    if picked:
+        for h in view_heads:
+            if h + VIEWS_SUFFIX in mean:
+                own[h] = mean[h + VIEWS_SUFFIX]
+            else:
+                missing = True
+    return own, missing
+
+
 def expert_outputs(image_source: str, features: Path | None = None, crossfit: Path | str | None = None) -> dict[str, tuple[dict[str, np.ndarray], bool]]:
     """image -> (head -> probabilities, plus 'features' where cached; cross-fitted?) for one source: the expert's outputs cached by
     ``python -m training.eval_encoder features`` (``<features>/<source>__effnet.npz``), where ``crossfit``

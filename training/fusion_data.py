@@ -163,7 +163,7 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     needs = any(r.source == "derm7pt" and r.split != "val" for r in todo)
     crossfit = crossfit_derm7pt_findings(feature_dir, heads=heads, expert_crossfit=expert_crossfit) if needs else {}
     if expert_features is not None:
-        print(f"second expert's outputs: {attach_expert_probs(todo, expert_features, expert_crossfit)}", flush=True)
+        print(f"second expert's outputs: {attach_expert_probs(todo, expert_features, expert_crossfit, rt.config.encoder.second_expert)}", flush=True)
     elif any(r.source == "dermnet" for r in todo):
         print("warning: no --expert-features: clinical photos will search similar cases with the lesion classifier's features, "
               "not the second expert's as the default agent does", flush=True)
@@ -226,7 +226,7 @@ def read_records(path: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 
 def write_expert_outputs(out: Path, weights: Path, expert_features: Path, feature_dir: Path, sources: Iterable[str] = SOURCES, name: str = "effnet",
-                         crossfit: Path | None = None, view_heads: Iterable[str] = (), members_if: str | None = None) -> Path:
+                         crossfit: Path | None = None, view_heads: Iterable[str] = (), members_if: str | None = None, views_if: str | None = None) -> Path:
     """``<out>_<name>.jsonl``: per case, the second expert's HAM10000 head (``name``), DermNet head
     (``<name>_dermnet``, via :func:`agent.nodes.encode.dermnet_label_probs`) and 7-point criteria heads
     (``<name>_findings``) from ``<expert_features>/<source>__effnet.npz``.
@@ -236,14 +236,14 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
     for the images it covers (the expert's own training images, which it would otherwise score in-sample);
     those records carry ``<name>_crossfit: true``. ``view_heads``: the heads the agent averages over test-time views
     (``encoder.second_expert`` options, as ``expert_features`` was written): the cross-fitted outputs' view means
-    (``<head>__views``, encoder ``crossfit_views``) are used for them where the bundle has them; a count of those
-    without is printed (single-view there). Where the bundle has each fold's ensemble member too (encoder ``crossfit``
+    (``<head>__views``, encoder ``crossfit_views``) are used for them where the bundle has them and ``views_if`` holds
+    (None: every image); a count of those without is printed (single-view there). Where the bundle has each fold's ensemble member too (encoder ``crossfit``
     ``member``), the two networks' outputs are averaged as the agent's ensemble does (``members_if``, as in
     ``encoder.second_expert`` options; :func:`training.encoder.member_mean`)."""
     from agent.nodes.encode import expert_criteria_from_heads, expert_probs_from_heads
     from models.efficientnet import expert_info
     from retrieval.kb import KnowledgeBase
-    from training.encoder import TRAINED_SPLITS, expert_outputs, member_mean
+    from training.encoder import TRAINED_SPLITS, agent_outputs, expert_outputs
 
     heads = expert_info(Path(weights))["heads"]
     kb = KnowledgeBase()
@@ -257,11 +257,8 @@ def write_expert_outputs(out: Path, weights: Path, expert_features: Path, featur
                     continue
                 probs, crossfitted = outputs[row.image]
                 if crossfitted:
-                    probs = member_mean(probs, members_if, heads)
-                if crossfitted and view_heads:
-                    single = [h for h in view_heads if f"{h}__views" not in probs]
-                    single_view += bool(single)
-                    probs = {**probs, **{h: probs[f"{h}__views"] for h in view_heads if h not in single}}
+                    probs, missing = agent_outputs(probs, members_if, tuple(view_heads), views_if, heads)
+                    single_view += missing
                 ep = expert_probs_from_heads(heads, probs, kb)
                 rec: dict[str, Any] = {"id": row.id, name: ep["effnet"]}
                 if crossfitted:
@@ -371,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                     "the cross-fitted view means are used for them")
     ap.add_argument("--expert-members-if", default=None, help="the agent's members_if (e.g. modality=dermoscopy): where the cross-fitted bundle has each fold's "
                     "ensemble member, the images it picks get both networks' mean (default: every image the member predicted)")
+    ap.add_argument("--expert-views-if", default=None, help="the agent's views_if (e.g. modality=clinical): only the images it picks get the "
+                    "cross-fitted view means of --expert-view-heads (default: every image)")
     ap.add_argument("--probe", default=None, help="write <out>_probe.jsonl: the clinical feature probe (registry id or file) on the DermNet photos of "
                     "--sources (dermnet, dermnet_train); with --expert-features, only those the second expert calls clinical, as the agent runs it")
     ap.add_argument("--expert-crossfit", default=None, help="cross-fitted outputs for its training images: registry id (efficientnet-lite0-derm-crossfit), bundle or folder")
@@ -385,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.expert_features is None:
             ap.error("--expert-weights needs --expert-features")
         write_expert_outputs(a.out, a.expert_weights, a.expert_features, a.feature_dir, a.sources, crossfit=a.expert_crossfit, view_heads=a.expert_view_heads,
-                             members_if=a.expert_members_if)
+                             members_if=a.expert_members_if, views_if=a.expert_views_if)
         return
     collect(a.out, a.sources, a.feature_dir, with_llm=not a.no_llm, limit=a.limit, expert_features=a.expert_features, agent_config=a.agent_config,
             expert_crossfit=a.expert_crossfit)

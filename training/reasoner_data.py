@@ -165,17 +165,19 @@ def ham_rows(classes: Iterable[str], per_class: int, feature_dir: Path, seed: in
     return out
 
 
-def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None) -> dict[str, int]:
+def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, crossfit: str | Path | None = None, second: Any = None) -> dict[str, int]:
     """Give each row the second visual expert's outputs to replay (``CaseRow.expert_heads``, and
     ``expert_features`` where cached): cross-fitted ones for the expert's own training images, else the
     shipped expert's cached ones.
-    Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts."""
+    Training images the cross-fitted outputs miss get none (never in-sample ones). Returns counts. ``second``: the
+    agent's ``encoder.second_expert`` (default: the default agent's), whose ``members`` / ``views`` options the
+    cross-fitted outputs are combined by (:func:`training.encoder.agent_outputs`), as the agent runs its expert."""
     from agent.config import AgentConfig
-    from training.encoder import TRAINED_SPLITS, expert_outputs, member_mean
+    from training.encoder import TRAINED_SPLITS, VIEWS_SUFFIX, agent_outputs, expert_outputs
 
-    # Cross-fitted outputs with each fold's ensemble member are combined as the default agent runs its expert.
-    second = AgentConfig().encoder.second_expert
-    members_if = second.options.get("members_if") if second is not None else None
+    if second is None:
+        second = AgentConfig().encoder.second_expert
+    opts = second.options if second is not None else {}
     counts = {"crossfit": 0, "shipped": 0, "none": 0}
     by_source: dict[str, dict] = {}
     for r in rows:
@@ -185,7 +187,11 @@ def attach_expert_probs(rows: list[CaseRow], features: Path | None = None, cross
         if got is None or (not got[1] and r.split in TRAINED_SPLITS.get(r.source, ())):
             counts["none"] += 1
             continue
-        heads = member_mean(got[0], members_if) if got[1] else got[0]
+        if got[1]:
+            view_heads = () if not opts.get("views") else opts.get("view_heads") or [k.removesuffix(VIEWS_SUFFIX) for k in got[0] if k.endswith(VIEWS_SUFFIX)]
+            heads = agent_outputs(got[0], opts.get("members_if"), tuple(view_heads), opts.get("views_if"))[0]
+        else:
+            heads = got[0]
         r.expert_heads = {h: v for h, v in heads.items() if h != "features"}
         if "features" in got[0]:  # the shipped expert's on an image it did not train on, or the fold model's (crossfit_features)
             r.expert_features = np.asarray(got[0]["features"], np.float32)

@@ -216,6 +216,30 @@ def test_members_average_every_head_over_the_ensemble_where_picked(tmp_path):
         E.EfficientNetExpert(path, members=[str(other)], members_if="modality=skin").predict_heads(grads)
 
 
+def test_networks_run_in_channels_last_memory_by_default_with_the_same_outputs(tmp_path):
+    """Channels-last memory (faster depthwise convolutions) is the default for the expert, its members and views, and
+    changes no output beyond float rounding; memory_channels_last=False keeps NCHW."""
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(1)
+    _, path = _tiny_expert(tmp_path / "a")
+    torch.manual_seed(2)
+    _, other = _tiny_expert(tmp_path / "b")
+    ramp = np.linspace(0, 255, 56).astype(np.uint8)
+    grads = [Image.fromarray(np.stack([np.tile(ramp, (40, 1)), np.full((40, 56), c, np.uint8), np.full((40, 56), 255 - c, np.uint8)], -1)) for c in (0, 90, 200)]
+    opts = {"views": ("hflip", "rot90"), "view_heads": ["dermnet"], "members": [str(other)]}
+    fast, plain = E.EfficientNetExpert(path, **opts), E.EfficientNetExpert(path, **opts, memory_channels_last=False)
+    (ff, pf), (fp, pp) = fast.predict_heads(grads), plain.predict_heads(grads)
+    np.testing.assert_allclose(ff, fp, atol=1e-4)
+    for head in pp:
+        np.testing.assert_allclose(pf[head], pp[head], atol=1e-5)
+    conv = fast._net.backbone.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert all(m.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last) for m in fast._member_nets)
+    assert plain._net.backbone.conv_stem.weight.is_contiguous()
+
+
 def test_forward_batches_are_small_on_a_cpu_unless_asked_and_large_on_a_gpu(tmp_path):
     from models.batching import CPU_FORWARD_BATCH, forward_batch_size
 

@@ -149,7 +149,7 @@ def to_tensor(images: Sequence[Any], size: int):
 def channels_last(x):
     """``x`` (a network or a batch) in channels-last memory. EfficientNet-Lite0's depthwise convolutions run 1.3-2x
     faster so on a CPU (oneDNN; measured at 4 images a pass, README "Performance notes") and on a GPU; outputs
-    change by ~1e-6 (float summation order)."""
+    change by ~1e-5 at most (float summation order)."""
     import torch
 
     return x.to(memory_format=torch.channels_last) if isinstance(x, torch.nn.Module) else x.contiguous(memory_format=torch.channels_last)
@@ -280,7 +280,7 @@ class EfficientNetExpert:
                  views: Sequence[str] = (), view_heads: Sequence[str] | None = None, views_if: str | None = None, view_size: int | None = None,
                  members: Sequence[str] = (), members_if: str | None = None, memory_channels_last: bool = True):
         """``weights``: an expert file; else ``model`` is a registry id (or a file path) resolved on first use.
-        ``memory_channels_last``: run the networks in channels-last memory (:func:`channels_last`; faster, same outputs to ~1e-6)."""
+        ``memory_channels_last``: run the networks in channels-last memory (:func:`channels_last`; faster, same outputs to ~1e-5)."""
         from models.batching import forward_batch_size
         from models.tta import TTA_VIEWS
 

@@ -240,6 +240,30 @@ def test_networks_run_in_channels_last_memory_by_default_with_the_same_outputs(t
     assert plain._net.backbone.conv_stem.weight.is_contiguous()
 
 
+def test_bfloat16_precision_is_an_option_with_float32_outputs_close_to_the_default(tmp_path):
+    """precision: bfloat16 autocasts the forward pass (faster on CPUs with BF16 and on GPUs); outputs stay float32 and
+    near the float32 ones; another precision is refused, naming the valid ones."""
+    import torch
+    from PIL import Image
+
+    from models.precision import PRECISIONS
+
+    torch.manual_seed(1)
+    _, path = _tiny_expert(tmp_path)
+    ramp = np.linspace(0, 255, 56).astype(np.uint8)
+    grads = [Image.fromarray(np.stack([np.tile(ramp, (40, 1)), np.full((40, 56), c, np.uint8), np.full((40, 56), 255 - c, np.uint8)], -1)) for c in (0, 120, 255)]
+    f32, p32 = E.EfficientNetExpert(path, views=("hflip",)).predict_heads(grads)
+    f16, p16 = E.EfficientNetExpert(path, views=("hflip",), precision="bfloat16").predict_heads(grads)
+    assert f16.dtype == np.float32 and all(v.dtype == np.float32 for v in p16.values())
+    assert not np.array_equal(f16, f32)  # the pass did run in bfloat16
+    np.testing.assert_allclose(f16, f32, atol=0.1 * float(np.abs(f32).max()))
+    for head in p32:
+        np.testing.assert_allclose(p16[head], p32[head], atol=0.1)
+    assert PRECISIONS == ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="unknown precision 'half'; valid: float32, bfloat16"):
+        E.EfficientNetExpert(path, precision="half")
+
+
 def test_forward_batches_are_small_on_a_cpu_unless_asked_and_large_on_a_gpu(tmp_path):
     from models.batching import CPU_FORWARD_BATCH, forward_batch_size
 

@@ -233,6 +233,21 @@ def test_backend_registry_builds_without_loading():
     assert isinstance(clf, SklesionClassifier) and clf._model is None and clf.batch_size == 4
 
 
+def test_unknown_precision_is_refused_before_any_weights_load():
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid: float32, bfloat16"):
+        SklesionClassifier(weights="unused.keras", precision="fp16")
+
+
+@pytest.mark.weights
+def test_bfloat16_precision_gives_float32_outputs_near_the_default():
+    """The real Xception on the bundled example: bfloat16 autocast moves probabilities by a few hundredths at most."""
+    img = Image.open(Path(__file__).resolve().parents[1] / "examples" / "lesion.jpg").convert("RGB")
+    ref = SklesionClassifier().predict([img, img.rotate(90)])
+    fast = SklesionClassifier(precision="bfloat16").predict([img, img.rotate(90)])
+    assert fast.probs.dtype == fast.features.dtype == np.float32 and not np.array_equal(fast.probs, ref.probs)
+    np.testing.assert_allclose(fast.probs, ref.probs, atol=0.1)
+
+
 # ----------------------------------------------------------------------------- parity with Keras
 
 

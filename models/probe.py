@@ -40,24 +40,24 @@ class ImageNetEncoder:
     def __init__(self, device: str = "cpu", batch_size: int | None = None, memory_channels_last: bool = True):
         """``memory_channels_last``: the network in channels-last memory (:func:`models.efficientnet.channels_last`)."""
         from models.batching import forward_batch_size
+        from models.efficientnet import memory_layout
 
-        self.memory_channels_last = memory_channels_last
+        self._layout = memory_layout(memory_channels_last)
         self.device = device
         self.batch_size = forward_batch_size(device, batch_size, gpu_default=32)
         self._net = None
 
     def _load(self):
         if self._net is None:
-            from models.efficientnet import channels_last, create_backbone
+            from models.efficientnet import create_backbone
 
-            net = create_backbone(pretrained=True, num_classes=0).eval().to(self.device)
-            self._net = channels_last(net) if self.memory_channels_last else net
+            self._net = self._layout(create_backbone(pretrained=True, num_classes=0).eval().to(self.device))
         return self._net
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         import torch
 
-        from models.efficientnet import channels_last, to_tensor
+        from models.efficientnet import to_tensor
 
         out = np.zeros((len(images), self.dim), np.float32)
         if not len(images):
@@ -65,8 +65,7 @@ class ImageNetEncoder:
         net = self._load()
         with torch.inference_mode():
             for lo in range(0, len(images), self.batch_size):
-                x = to_tensor(images[lo : lo + self.batch_size], IMAGENET_SIZE).to(self.device)
-                x = channels_last(x) if self.memory_channels_last else x
+                x = self._layout(to_tensor(images[lo : lo + self.batch_size], IMAGENET_SIZE).to(self.device))
                 out[lo : lo + len(x)] = net(x).float().cpu().numpy()
         return out
 

@@ -580,6 +580,11 @@ def head_outputs_npz(path: Path, records: list[dict], probs: dict[str, np.ndarra
     return path
 
 
+def fixed_heads() -> dict[str, list[str]]:
+    """Labels of the heads this trainer builds with fixed labels (all but the DermNet head, whose labels come from the data)."""
+    return {"ham": list(HAM_CLASSES), "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+
+
 MEMBER_SUFFIX = "__member"
 """Key suffix of a cross-fitting fold's member outputs (``probs_<head>__member``, ``probs_<head>__views__member``)."""
 
@@ -705,7 +710,7 @@ def member_mean(probs: dict[str, np.ndarray], members_if: str | None = None, hea
     (and its ``__views`` mean) is the mean of the two networks'; elsewhere the fold model's alone. Member keys are
     dropped. ``heads``: labels per head (default: the heads this trainer builds with fixed labels)."""
     if heads is None:
-        heads = {"ham": list(HAM_CLASSES), "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+        heads = fixed_heads()
     own = {k: v for k, v in probs.items() if not k.endswith(MEMBER_SUFFIX)}
     if not any(k.endswith(MEMBER_SUFFIX) for k in probs):
         return own
@@ -732,7 +737,7 @@ def agent_outputs(probs: dict[str, np.ndarray], members_if: str | None = None, v
     ``__views`` key is dropped, so the result has the expert's own heads only. Returns (outputs, whether a view head
     the agent would average had no view mean in the bundle: a bundle made without ``crossfit_views``)."""
     if heads is None:
-        heads = {"ham": list(HAM_CLASSES), "modality": MODALITIES, **{f"crit_{c}": list(v) for c, v in SEVEN_POINT.items()}}
+        heads = fixed_heads()
     picked = True
     if views_if is not None and any(h + VIEWS_SUFFIX in probs for h in view_heads):  # without view means there is nothing to pick
         from models.efficientnet import parse_condition

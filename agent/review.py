@@ -71,7 +71,7 @@ class ReviewDecision(BaseModel):
                 raise ValueError(f"{criterion}: unknown value {value!r}; valid: {', '.join(SEVEN_POINT[criterion])}")
         return v
 
-    @field_validator("reviewer", "diagnosis", "note")
+    @field_validator("reviewer", "diagnosis", "note", mode="before")  # before the length checks: a blank reviewer is no reviewer
     @classmethod
     def _strip(cls, v: str | None) -> str | None:
         return v.strip() if isinstance(v, str) else v

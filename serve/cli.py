@@ -14,7 +14,6 @@ review_app = typer.Typer(no_args_is_help=True, help="List, inspect and resume ca
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Agent config YAML (its review.checkpointer names the case store).")
 StoreOpt = typer.Option(None, "--store", help="Case store: SQLite path or postgresql:// URL (default: the config's review.checkpointer).")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -23,16 +22,31 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _agent(config: Optional[Path], store: Optional[str], backends: Optional[str] = None):
+    """The agent on an existing case store: a mistyped --store must not create an empty one."""
     from pydantic import ValidationError
 
     from agent.agent import Agent
+    from agent.config import ReviewConfig
     from serve.backends import load_backends
+    from serve.settings import one_line
 
     overrides = [f"review.checkpointer={store}"] if store else []
     try:
-        return Agent(config, overrides=overrides, backends=load_backends(backends))
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        _fail(f"invalid configuration: {exc}")
+        agent = Agent(config, overrides=overrides, backends=load_backends(backends))
+    except (ValidationError, ValueError, OSError, ImportError) as exc:
+        _fail(f"invalid configuration: {one_line(exc)}")
+    target = (agent.config.review or ReviewConfig()).checkpointer
+    if not target.startswith(("postgres://", "postgresql://")) and not Path(target).expanduser().is_file():
+        where = "--store" if store else "the config's review.checkpointer"
+        _fail(f"no case store at {Path(target).expanduser()} (from {where})")
+    return agent
+
+
+def _message(exc: Exception) -> str:
+    """A KeyError's own message (str() would quote it), other errors as one line."""
+    from serve.settings import one_line
+
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else one_line(exc)
 
 
 @review_app.command("list")
@@ -55,7 +69,7 @@ def review_show(case_id: str = typer.Argument(...), config: Optional[Path] = Con
     try:
         d = _agent(config, store).case(case_id)
     except (KeyError, ValueError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     if as_json:
         typer.echo(d.model_dump_json())
         return
@@ -92,58 +106,74 @@ def review_resume(
             _fail(f"--set {item!r} must look like criterion=value")
         k, v = item.split("=", 1)
         edits[k.strip()] = v.strip()
+    who = (reviewer if reviewer is not None else getpass.getuser()).strip()
+    if not who:
+        _fail("--reviewer must not be blank")
     try:
-        decision = ReviewDecision(reviewer=reviewer or getpass.getuser(), findings=edits, diagnosis=diagnosis, note=note)
+        decision = ReviewDecision(reviewer=who, findings=edits, diagnosis=diagnosis, note=note)
     except ValidationError as exc:
         _fail("; ".join(e["msg"] for e in exc.errors()))
+    agent = _agent(config, store)
     try:
-        d = _agent(config, store).resume(case_id, decision)
+        d = agent.resume(case_id, decision)
     except (KeyError, ValueError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     typer.echo(d.model_dump_json() if as_json else d.summary())
 
 
 def serve_command(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="Bearer tokens, one per line (default: $DERMGRAPH_API_TOKENS, comma-separated)."),
+    tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="Bearer tokens, one 'token' or 'name:token' a line (default: $DERMGRAPH_API_TOKENS, comma-separated)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="No authentication; only allowed on a loopback host."),
-    data_dir: Path = typer.Option(Path("~/.local/share/dermgraph"), "--data-dir", help="Stored images and the case database."),
+    data_dir: Path = typer.Option(Path("~/.local/share/dermgraph"), "--data-dir", help="Stored images and the case database (made private: 0700, files 0600)."),
     review: str = typer.Option("always", "--review", help="When API cases pause: never, always, on_abstain, on_revise."),
     where: str = typer.Option("verify", "--where", help="Where they pause: morphology or verify."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb"),
-    max_pixels: int = typer.Option(50_000_000, "--max-pixels"),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest image (width x height); the agent's limits.max_image_pixels for served cases."),
     rate_limit: int = typer.Option(120, "--rate-limit", help="Requests per minute per token."),
+    auth_failures: int = typer.Option(10, "--auth-failures", help="Failed authentications per minute per client address before it gets 429."),
     workers: int = typer.Option(1, "--workers", help="Worker processes (each loads the models once)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Agent config YAML."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override an agent config value (repeatable)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="Tests/benchmarks only: module:callable returning backend doubles."),
 ):
-    """Serve the HTTP API and the review page (FastAPI + uvicorn; extra 'serve')."""
+    """Serve the HTTP API and the review page (FastAPI + uvicorn; extra 'serve'). Every setting is checked before the port is bound."""
     try:
         import uvicorn
+
+        from serve.app import ENV_SETTINGS, log_config
     except ImportError:
         _fail("dermgraph serve needs the 'serve' extra: pip install 'dermgraph[serve]'")
-    from serve.app import ENV_SETTINGS, Settings
+    from agent.agent import Agent
+    from serve.backends import load_backends
+    from serve.settings import ServeOptions, SettingsError, agent_config, load_tokens, one_line, secure_data_dir
 
-    tokens: list[str] = []
-    if tokens_file is not None:
-        try:
-            tokens = [t.strip() for t in tokens_file.read_text().splitlines() if t.strip() and not t.lstrip().startswith("#")]
-        except OSError as exc:
-            _fail(f"cannot read tokens file: {exc}")
-    else:
-        tokens = [t.strip() for t in os.environ.get("DERMGRAPH_API_TOKENS", "").split(",") if t.strip()]
-    if no_auth and host not in LOOPBACK:
-        _fail(f"--no-auth only binds to loopback ({', '.join(LOOPBACK)}), not {host!r}")
-    if not no_auth and not tokens:
-        _fail("no API tokens: set DERMGRAPH_API_TOKENS (comma-separated) or --tokens-file, or use --no-auth on loopback")
-    settings = Settings(
-        data_dir=data_dir, tokens=tokens, auth=not no_auth, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
-        rate_limit=rate_limit, review={"when": review, "where": where},
-    )  # fmt: skip
-    os.environ[ENV_SETTINGS] = json.dumps(
-        {"settings": settings.model_dump(mode="json"), "config": str(config) if config else None, "overrides": overrides or [], "backends": backends}
-    )
-    typer.echo(f"dermgraph serving on http://{host}:{port}/ (docs at /docs){'' if tokens else ' without authentication'}", err=True)
-    uvicorn.run("serve.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="info")
+    try:
+        opts = ServeOptions.parse(
+            host=host, port=port, tokens_file=tokens_file, no_auth=no_auth, data_dir=data_dir, review=review, where=where,
+            max_upload_mb=max_upload_mb, max_pixels=max_pixels, rate_limit=rate_limit, auth_failures=auth_failures, workers=workers,
+        )  # fmt: skip
+        settings = opts.settings([] if no_auth else load_tokens(tokens_file))
+        agent_cfg = agent_config(settings, config, overrides)
+    except SettingsError as exc:
+        _fail(str(exc))
+    try:  # builds nothing heavy (models load on the first case) but checks the backends spec and its roles
+        Agent(agent_cfg, backends=load_backends(backends))
+    except Exception as exc:  # noqa: BLE001 - whatever a --backends factory raises, one line and no port bound
+        _fail(f"--backends {backends}: {one_line(exc)}" if backends else one_line(exc))
+    os.umask(0o077)  # the workers inherit it: every file they create (SQLite's included) is the user's alone
+    try:
+        notes = secure_data_dir(settings.data_dir)
+    except SettingsError as exc:
+        _fail(str(exc))
+    for note in notes:
+        typer.echo(f"data folder made private: {note}", err=True)
+    # The workers re-read the tokens (file or $DERMGRAPH_API_TOKENS): secrets never go into the environment they inherit.
+    os.environ[ENV_SETTINGS] = json.dumps({
+        "settings": settings.model_dump(mode="json", exclude={"tokens"}, exclude_unset=True),
+        "tokens_file": str(tokens_file.expanduser().resolve()) if tokens_file else None,
+        "config": str(config) if config else None, "overrides": overrides or [], "backends": backends,
+    })  # fmt: skip
+    typer.echo(f"dermgraph serving on http://{host}:{port}/ (docs at /docs){'' if settings.auth else ' without authentication'}", err=True)
+    uvicorn.run("serve.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_config=log_config(), log_level="info")

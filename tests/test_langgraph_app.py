@@ -16,7 +16,9 @@ def test_decode_image_input(tmp_path):
     b64 = base64.b64encode(raw).decode()
     assert langgraph_app.decode_image_input("data:image/png;base64," + b64) == raw
     assert langgraph_app.decode_image_input(b64) == raw
-    assert str(langgraph_app.decode_image_input(str(tmp_path / "x.jpg"))) == str(tmp_path / "x.jpg")
+    assert str(langgraph_app.decode_image_input(str(tmp_path / "x.jpg"), allow_paths=True)) == str(tmp_path / "x.jpg")
+    with pytest.raises(ImageInputError, match="file paths are off"):  # off by default: no file is read or probed
+        langgraph_app.decode_image_input(str(tmp_path / "x.jpg"))
     with pytest.raises(ImageInputError, match="non-empty"):
         langgraph_app.decode_image_input("  ")
 
@@ -35,5 +37,8 @@ def test_factory_graph_has_narrow_input_and_no_checkpointer(monkeypatch):
     assert out["__interrupt__"][0].value["stage"] == "verify"
     out = kept.invoke(Command(resume={"reviewer": "r1", "diagnosis": "mel"}), cfg)
     assert out["review"].last.action == "confirm" and [t.node for t in out["trace"]][-1] == "review"
-    with pytest.raises(ImageInputError, match="file not found"):
+    with pytest.raises(ImageInputError, match="file paths are off"):
         kept.invoke({"image": "/no/such/file.jpg"}, {"configurable": {"thread_id": "t2"}})
+    monkeypatch.setenv("DERMGRAPH_ALLOW_IMAGE_PATHS", "1")  # opted in: a path is read, and a missing file says so
+    with pytest.raises(ImageInputError, match="file not found"):
+        kept.invoke({"image": "/no/such/file.jpg"}, {"configurable": {"thread_id": "t3"}})

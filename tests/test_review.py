@@ -122,6 +122,9 @@ def test_decisions_are_validated(store):
         ReviewDecision(reviewer="x", findings={"veil": "absent"})
     with pytest.raises(ValidationError):
         ReviewDecision(reviewer="", findings={})
+    with pytest.raises(ValidationError, match="at least 1 character"):  # whitespace is stripped before the length check
+        ReviewDecision(reviewer="   ", findings={})
+    assert ReviewDecision(reviewer="  dr-a ").reviewer == "dr-a"
     agent = Agent(backends=backends(), overrides=[store])
     agent.diagnose(img(), thread_id="c6", review="always")
     with pytest.raises(ValueError, match="unknown diagnosis"):

@@ -3,6 +3,7 @@ listed and resumable, none lost or duplicated (double-backed agent, real server 
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,9 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tests.serve_helpers import TOKEN, free_port, png_bytes  # noqa: E402
+from tests.serve_helpers import free_port, png_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "restart-test-token-0123456789"  # serve refuses tokens under 16 characters
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -52,6 +54,11 @@ def test_sigkill_while_paused_loses_nothing(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    log = proc.stderr.read().decode()
+    assert all(f"case {cid} created: awaiting_review in " in log for cid in ids) and f"case {ids[0]} reviewed: complete in " in log
+    assert TOKEN not in log
+    private = [tmp_path / "cases.sqlite", *(tmp_path / "images").iterdir()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in private} == {0o600} and stat.S_IMODE((tmp_path / "images").stat().st_mode) == 0o700
 
     proc = start(tmp_path, port)
     try:

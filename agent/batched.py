@@ -454,6 +454,25 @@ class BatchedAgent:
         handoff, self._handoff = self._handoff, None
         return handoff if handoff is not None else type(self.agent)._initial_state(self.agent, img, question, metadata)
 
+    def _window(self, i: int) -> list[int]:
+        return [j for j in range(i, len(self.requests)) if j not in self._attempted][: self.batch_size]
+
+    def prefetch_for(self, img, question: str | None = None, metadata: dict | None = None, timeout: float | None = None) -> None:
+        """The prefetch the next ``diagnose`` of this request would start, run now, bounded by ``timeout`` seconds per
+        case of its micro-batch (None: unbounded). One that runs past it is abandoned (a ``prefetch_errors`` entry):
+        its cases run the per-case path."""
+        from agent.batch import CaseTimeout, deadline
+
+        queue = self._pending.get(_request_key(img, question, metadata))
+        if not queue or queue[0] in self._attempted:
+            return
+        window = self._window(queue[0])
+        try:
+            with deadline(timeout * len(window) if timeout else None):
+                self.prefetch(window)
+        except CaseTimeout:
+            self.prefetch_errors.append(f"prefetch of {len(window)} case(s) ran past {timeout:g} s per case; they run one at a time")
+
     def diagnose(self, img, question: str | None = None, metadata: dict | None = None, **kw):
         """``Agent.diagnose`` itself (same arguments, errors and result); a prefetched case skips re-loading its image."""
         key = _request_key(img, question, metadata)
@@ -462,8 +481,7 @@ class BatchedAgent:
             return self.agent.diagnose(img, question=question, metadata=metadata, **kw)
         i = queue.popleft()
         if i not in self._attempted:
-            window = [j for j in range(i, len(self.requests)) if j not in self._attempted][: self.batch_size]
-            self.prefetch(window)
+            self.prefetch(self._window(i))
         self._handoff = self._prepared.pop(i, None)
         if self._handoff is not None and self.agent.__dict__.get("_initial_state") is None:
             self.agent._initial_state = self._initial_state_hook  # the prepared state enters Agent.diagnose here
@@ -501,17 +519,42 @@ def config_calls_llm(config) -> bool:
     return fusion_calls_llm(FusionModel.load(resolve_artifact(config.reasoner.fusion)))
 
 
+WARMUP_IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "lesion.jpg")
+"""The image :func:`warm_up` diagnoses (the bundled example; a plain synthetic image where it is not installed)."""
+
+
+def warm_up(agent) -> None:
+    """Load the models a case needs by running the graph on :data:`WARMUP_IMAGE` once (``Agent.run``: nothing is
+    persisted; result and errors discarded, the cases report their own), so that no case's ``--case-timeout`` pays
+    for loading."""
+    image: Any = WARMUP_IMAGE
+    if not os.path.isfile(image):
+        from PIL import Image
+
+        image = Image.new("RGB", (224, 224), (186, 120, 100))
+    with contextlib.suppress(Exception):
+        agent.run(image)
+
+
 def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = None):
     """A ``diagnose(case) -> record dict`` for :func:`agent.batch.run_batch` that prefetches micro-batches
     (``batch_size`` 1: the plain ``Agent.diagnose`` per case; None: :func:`default_batch_size`). Its ``plan(todo)``
     (called by ``run_batch`` with the cases still to do, e.g. on ``--resume``) announces only those, so micro-batches
-    never encode cases that already have records."""
+    never encode cases that already have records.
+
+    Its hooks define what ``--case-timeout`` (T) covers: ``warmup()`` (:func:`warm_up`; ``run_batch`` calls it when
+    there is a T) loads the models before the first case, untimed; ``prepare(case, T)`` runs the micro-batch prefetch
+    a case starts (k cases: encoder forward, front nodes, text embedding, case search, batched LLM calls) under a
+    budget of k x T, outside the case's own deadline; past it the prefetch is abandoned and its cases run one at a
+    time. T then bounds each case's own ``Agent.diagnose`` (reading its image, its graph run), answered from the
+    prefetched caches where the prefetch succeeded."""
     batch_size = default_batch_size(agent.config.device, calls_llm(agent, agent.config)) if batch_size is None else batch_size
     if batch_size <= 1:
 
         def plain(case) -> dict[str, Any]:
             return json.loads(agent.diagnose(case.image, question=case.question, metadata=case.metadata or None).model_dump_json())
 
+        plain.warmup = lambda: warm_up(agent)  # type: ignore[attr-defined]
         return plain
 
     def plan(todo: Sequence[Any]) -> None:
@@ -524,6 +567,11 @@ def batched_case_diagnose(agent, cases: Sequence[Any], batch_size: int | None = 
         d = run.batched_agent.diagnose(case.image, question=case.question, metadata=case.metadata or None)
         return json.loads(d.model_dump_json())
 
+    def prepare(case, timeout: float | None = None) -> None:
+        run.batched_agent.prefetch_for(case.image, case.question, case.metadata or None, timeout)
+
     run.plan = plan  # type: ignore[attr-defined]
+    run.prepare = prepare  # type: ignore[attr-defined]
+    run.warmup = lambda: warm_up(agent)  # type: ignore[attr-defined]
     plan(cases)
     return run

@@ -1,5 +1,6 @@
-"""CLI behaviour that needs no model weights: bad input, config errors, graph, models list."""
+"""CLI behaviour that needs no model weights: bad input, config errors, graph, models list and pull, bench usage errors."""
 
+import json
 import subprocess
 import sys
 
@@ -83,3 +84,65 @@ def test_schema_command_prints_the_diagnosis_schema():
     assert res.exit_code == 0
     schema = json.loads(res.output)
     assert schema["title"] == "Diagnosis" and "differential" in schema["properties"] and "thumbnail" not in schema["properties"]
+
+
+def test_models_list_is_a_table_with_sha256():
+    from models.registry import list_specs
+
+    res = runner.invoke(app, ["models", "list"])
+    assert res.exit_code == 0
+    lines = res.output.splitlines()
+    assert lines[0].split() == ["ID", "ROLE", "SOURCE", "SHA256", "LICENCE"]
+    specs = list_specs()
+    assert len(lines) == len(specs) + 1
+    col = lines[0].index("SHA256")
+    for line, spec in zip(lines[1:], specs):  # aligned: every row's hash starts under the header, whatever the id or licence
+        assert line.startswith(spec.id + " ") and line[col:].split()[0] == (spec.sha256[:12] if spec.sha256 else "-")
+    full = runner.invoke(app, ["models", "list", "--full"])
+    xcp = next(s for s in specs if s.id == "sklesion-xception")
+    assert xcp.sha256 in full.output
+    data = json.loads(runner.invoke(app, ["models", "list", "--json"]).output)
+    assert {d["id"]: d["sha256"] for d in data}["sklesion-xception"] == xcp.sha256 and data[0]["licence"]
+
+
+def test_models_pull_takes_the_default_configurations_models_and_reports_every_failure(monkeypatch):
+    import models.resolve
+    from models.registry import list_specs
+
+    pulled = []
+
+    def fake_pull(mid):
+        pulled.append(mid)
+        if mid in ("modality-head", "kb-index"):
+            raise RuntimeError(f"network down for {mid}")
+        return f"/cache/{mid}"
+
+    monkeypatch.setattr(models.resolve, "pull", fake_pull)
+    res = runner.invoke(app, ["models", "pull"])
+    assert res.exit_code == 1
+    assert set(pulled) >= {"sklesion-xception", "efficientnet-lite0-derm", "efficientnet-lite0-derm-continued", "dermnet-probe",
+                           "efficientnet-lite0-imagenet", "modality-head", "derm7pt-concept-heads", "kb-index", "case-index",
+                           "case-index-effnet", "all-minilm-l6-v2", "fusion-stacker"}  # fmt: skip
+    assert not set(pulled) & {"smollm2-135m-instruct", "feature-vlm-describer", "fusion-calibration"}  # registered, not used by default
+    assert "FAIL modality-head: network down for modality-head" in res.output and "FAIL kb-index" in res.output
+    assert f"error: 2 of {len(pulled)} model(s) failed: modality-head, kb-index" in res.output
+    pulled.clear()
+    res = runner.invoke(app, ["models", "pull", "--all"])
+    assert res.exit_code == 1 and pulled == [s.id for s in list_specs()]
+    pulled.clear()
+    res = runner.invoke(app, ["models", "pull", "--set", "reasoner.llm_summary=true"])
+    assert "smollm2-135m-instruct" in pulled  # a configuration that calls the LLM pulls it
+    pulled.clear()
+    assert runner.invoke(app, ["models", "pull", "case-index"]).exit_code == 0 and pulled == ["case-index"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["/nonexist", "-n", "2"], "/nonexist: no such file or folder"),
+    (["--modes", "foo"], "unknown mode(s) 'foo'; valid: sequential, batched"),
+    (["-n", "1", "--set", "reasoner.nope=1"], "reasoner.nope"),
+])  # fmt: skip
+def test_bench_usage_errors_are_one_line(args, needle):
+    res = runner.invoke(app, ["bench", *args])
+    assert res.exit_code != 0 and "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    err = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], res.output

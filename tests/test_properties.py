@@ -98,10 +98,20 @@ _cell = st.one_of(st.text(max_size=12), st.sampled_from(["", "abc", "-5", "55", 
 COLUMNS = ["image", "id", "label", "question", "age", "sex", "site", "localization", "junk"]
 
 
+def _refused(columns: list[str], has_rows: bool) -> bool:
+    """Whether read_cases refuses an input with these columns as a whole (an unknown column, no 'image' column)."""
+    from agent.batch import valid_columns
+
+    return any(c not in valid_columns(jsonl=True) for c in columns) or (has_rows and "image" not in columns)
+
+
 @st.composite
 def csv_file(draw) -> tuple[bytes, int]:
-    """A CSV (maybe with a BOM, ragged rows, odd quoting) and the number of data rows csv reads from it."""
+    """A CSV (maybe with a BOM, ragged rows, odd quoting) and the number of data rows csv reads from it (None when
+    its columns are refused)."""
     header = draw(st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=5, unique=True))
+    if draw(st.integers(0, 3)):  # mostly valid columns, so that most examples reach the records
+        header = list(dict.fromkeys(["image", *(c for c in header if c != "junk")]))
     rows = draw(st.lists(st.lists(_cell, min_size=0, max_size=len(header) + 1), max_size=6))
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -110,17 +120,19 @@ def csv_file(draw) -> tuple[bytes, int]:
         w.writerow(r)
     text = buf.getvalue()
     n = sum(1 for r in csv.reader(io.StringIO(text)) if r) - 1  # DictReader skips blank rows
+    n = None if _refused(header, True) else n
     return (b"\xef\xbb\xbf" if draw(st.booleans()) else b"") + text.encode(), n
 
 
 @st.composite
 def jsonl_file(draw) -> tuple[bytes, int]:
-    """A JSONL of objects with odd values, non-objects and broken lines; and its number of non-blank lines."""
+    """A JSONL of objects with odd values, non-objects and broken lines; and its number of non-blank lines (None when
+    its columns are refused)."""
     lines = []
     for _ in range(draw(st.integers(0, 6))):
         kind = draw(st.sampled_from(["object", "object", "object", "value", "broken", "blank"]))
         if kind == "object":
-            obj = draw(st.dictionaries(st.sampled_from(COLUMNS), st.one_of(_cell, json_value), max_size=5))
+            obj = draw(st.dictionaries(st.sampled_from(COLUMNS if draw(st.integers(0, 5)) == 0 else COLUMNS[:-1]), st.one_of(_cell, json_value), max_size=5))
             lines.append(json.dumps(obj))
         elif kind == "value":
             lines.append(json.dumps(draw(json_value)))
@@ -128,7 +140,9 @@ def jsonl_file(draw) -> tuple[bytes, int]:
             lines.append(draw(st.text(alphabet=string.printable.replace("\n", "").replace("\r", ""), max_size=20)) + "{")
         else:
             lines.append("   ")
-    return "\n".join(lines).encode(), sum(1 for x in lines if x.strip())
+    objects = [o for o in (json.loads(x) for x in lines if x.strip() and not x.endswith("{")) if isinstance(o, dict)]
+    columns = list(dict.fromkeys(k for o in objects for k in o))
+    return "\n".join(lines).encode(), None if _refused(columns, bool(objects)) else sum(1 for x in lines if x.strip())
 
 
 def _images(folder: Path) -> None:
@@ -154,6 +168,10 @@ def test_rows_give_exactly_one_record_each_and_resume_is_a_no_op(agent, source):
         _images(tmp)
         src = tmp / f"cases{suffix}"
         src.write_bytes(data)
+        if n_cases is None:  # an unknown column or no image column: the whole input is refused, naming the columns
+            with pytest.raises(ValueError, match="unknown column|no 'image' column"):
+                read_cases(src)
+            return
         cases = read_cases(src)
         assert len(cases) == n_cases
         out = tmp / "out.jsonl"

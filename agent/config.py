@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from agent.limits import InputLimits
 
@@ -193,7 +198,7 @@ class ReviewConfig(_Strict):
 class AgentConfig(_Strict):
     """Everything the agent needs. Defaults are the shipped, offline, CPU configuration."""
 
-    device: str = Field("cpu", description="'cpu' or 'cuda[:n]'.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' (GPU index N) or 'mps'; the machine that builds the models must have it.")
     seed: int = 0
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     modality: ModalityConfig = Field(default_factory=ModalityConfig)
@@ -204,8 +209,18 @@ class AgentConfig(_Strict):
     limits: InputLimits | None = Field(None, description="Input bounds (question, metadata strings); None: the InputLimits defaults.")
     review: ReviewConfig | None = Field(None, description="None: never pause (the batch default).")
     routing: dict[str, Route] | None = Field(
-        None, description="Per-modality routing (which experts run for each modality), replacing the whole table. None: DEFAULT_ROUTING."
+        None, description="Per-modality routing (which experts run for each modality). A table given in a file replaces the whole table (a "
+        "modality left out gets no experts); a dotted override routing.<modality>.<key>=value changes that key of the current table "
+        "(the shipped one when none was given). None: DEFAULT_ROUTING."
     )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, v: Any) -> Any:
+        # Checked here so that a typo fails with the valid values, not as torch's error after models begin to load.
+        if isinstance(v, str) and _DEVICE.fullmatch(v.strip()):
+            return v.strip()
+        raise PydanticCustomError("device", "unknown device {device}; valid: cpu, cuda, cuda:N (N a GPU index), mps", {"device": repr(v)})
 
     def route(self, modality: str) -> Route:
         """The experts that run for ``modality`` (a modality without a row gets none)."""
@@ -222,6 +237,61 @@ class AgentConfig(_Strict):
         # Review settings change who signs a case off, not what the models predict.
         data = _drop_none(self.model_dump(mode="json", exclude={"review"}))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+
+
+def check_device(device: str) -> None:
+    """ValueError when ``device`` names an accelerator this machine does not have. Called where models are built
+    (:class:`agent.runtime.Runtime`, the CLI before a local run), not when a configuration loads: a Ray driver on a
+    CPU-only head node validates a ``device=cuda`` configuration for its GPU actors."""
+    if device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device}: CUDA is not available on this machine ({why}); use device=cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: there is no GPU {index} (this machine has {torch.cuda.device_count()}: cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device=mps: Apple MPS is not available on this machine; use device=cpu")
+
+
+ARTIFACT_FIELDS: dict[str, str] = {
+    "encoder.clinical_probe": "head",
+    "modality.head": "head",
+    "modality.encoder": "",
+    "morphology.heads": "head",
+    "retrieval.kb_index": "index",
+    "retrieval.case_index": "index",
+    "retrieval.expert_case_index": "index",
+    "reasoner.fusion": "calibration",
+    "verifier.consistency_model": "head",
+}
+"""Settings that name an artifact (registry id, source URI or local path) → the registry role of their valid ids."""
+
+
+def check_references(config: AgentConfig, skip: typing.Iterable[str] = ()) -> None:
+    """ValueError, one plain line naming the setting and the valid ids of its kind (and the likely one), for the first
+    artifact setting (:data:`ARTIFACT_FIELDS`, less ``skip``) that is neither a registered id, a source URI nor an
+    existing path. For callers that build the models themselves: a test double given for a role needs no artifact."""
+    from models.registry import SCHEMES, load_registry
+
+    registry = load_registry()
+    for key, role in ARTIFACT_FIELDS.items():
+        section, _, name = key.partition(".")
+        ref = getattr(getattr(config, section), name)
+        if key in skip or ref is None or ref in registry or ref.partition(":")[0] in SCHEMES or Path(ref).expanduser().exists():
+            continue
+        ids = sorted(i for i, spec in registry.items() if not role or spec.role == role)
+        close = difflib.get_close_matches(ref, ids, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ValueError(f"{key}={ref}: not a registered model id, a source URI ({', '.join(s + ':' for s in SCHEMES)}) or an existing path"
+                         f"{hint} (registered {role or 'model'} ids: {', '.join(ids)})")
 
 
 def _drop_none(value: Any) -> Any:
@@ -291,16 +361,74 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     # Overrides apply to the validated file, defaults filled in, so that a dotted key inside a defaulted section
     # (encoder.second_expert.options.views) keeps that section's other defaults.
-    return apply_overrides(AgentConfig.model_validate(data), overrides)
+    return apply_overrides(_validate(data), overrides)
 
 
 def apply_overrides(config: AgentConfig, overrides: list[str] | None) -> AgentConfig:
     """A copy of ``config`` with dotted overrides applied (validated like a loaded file). Each override sets the value
     at its path and keeps the rest: ``encoder.second_expert.options.views=[]`` keeps the expert's model and other
-    options, while ``verifier.target_accuracy={clinical: 0.85}`` replaces the whole mapping."""
+    options, while ``verifier.target_accuracy={clinical: 0.85}`` replaces the whole mapping. ``routing.<modality>.<key>``
+    starts from the shipped routing (DEFAULT_ROUTING) when the configuration has none, so it changes that one key."""
     if not overrides:
         return config
     data = config.model_dump()
-    for key, value in _override_items(overrides):
+    items = _override_items(overrides)
+    if data.get("routing") is None and any(key.startswith("routing.") for key, _ in items):
+        data["routing"] = {m: r.model_dump() for m, r in DEFAULT_ROUTING.items()}
+    for key, value in items:
         _set_dotted(data, key, value)
-    return AgentConfig.model_validate(data)
+    out = _validate(data)
+    if out.routing == DEFAULT_ROUTING:
+        out.routing = None  # the shipped table: same behaviour, and the same fingerprint as the default
+    return out
+
+
+def _validate(data: dict[str, Any]) -> AgentConfig:
+    """``AgentConfig.model_validate`` whose unknown-key errors name the section's valid keys and the likely one."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = [_explain(e) for e in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors) from None
+
+
+def _explain(err: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic error as ``from_exception_data`` takes it; an unknown key gets the valid keys and a close match."""
+    loc = tuple(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        valid = _section_keys(loc[:-1])
+        if valid:
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            where = f"keys of {'.'.join(map(str, loc[:-1]))}" if loc[:-1] else "top-level keys"
+            msg = f"{msg}; {hint}valid {where}: {', '.join(valid)}"
+    # No context: pydantic leaves the message as it is (braces in it are not placeholders).
+    return {"type": PydanticCustomError(err["type"], msg), "loc": loc, "input": err.get("input")}
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    """The field names of the model at ``loc`` inside AgentConfig ([] when ``loc`` is not a model)."""
+    t: Any = AgentConfig
+    for part in loc:
+        t = _unwrap(t)
+        if _is_model(t) and part in t.model_fields:
+            t = t.model_fields[part].annotation
+        elif typing.get_origin(t) is dict:  # routing: the part is a modality, the value a Route
+            t = typing.get_args(t)[1]
+        else:
+            return []
+    t = _unwrap(t)
+    return list(t.model_fields) if _is_model(t) else []
+
+
+def _unwrap(t: Any) -> Any:
+    """``X | None`` → X."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def versions(config: AgentConfig) -> dict[str, Any]:
-    """Package and model versions recorded with every result."""
+    """Package and model versions of ``config`` (the configured LLM included; a Diagnosis lists it only for a case
+    where it ran, see :func:`case_versions`)."""
     from importlib import metadata
 
     out: dict[str, Any] = {"config": config.fingerprint()}
@@ -36,6 +37,17 @@ def versions(config: AgentConfig) -> dict[str, Any]:
         "llm": config.reasoner.llm.model,
         "fusion": config.reasoner.fusion,
     }
+    return out
+
+
+def case_versions(versions: dict[str, Any], llm_ran: bool) -> dict[str, Any]:
+    """``versions`` as recorded with one case: the LLM (model id and sha256) only when it ran for the case."""
+    if llm_ran:
+        return versions
+    out = dict(versions)
+    for key in ("models", "sha256"):
+        if isinstance(out.get(key), dict) and "llm" in out[key]:
+            out[key] = {k: v for k, v in out[key].items() if k != "llm"}
     return out
 
 
@@ -83,7 +95,9 @@ class Diagnosis(BaseModel):
     schema_version: str = SCHEMA_VERSION
     image_sha256: str = Field(description="Hash of the decoded pixels (identifies the case; no image data is stored).")
     image_size: tuple[int, int]
-    input_warnings: list[str] = Field(default_factory=list)
+    input_warnings: list[str] = Field(
+        default_factory=list, description="What about the input was changed or not used (image scaled or composited, a site not recognised)."
+    )
     question: str | None = None
     metadata: PatientMetadata | None = None
     modality: ModalityResult | None = None
@@ -93,7 +107,11 @@ class Diagnosis(BaseModel):
     seven_point_score: int | None = None
     evidence: list[Evidence] = Field(default_factory=list, description="All retrieved evidence, then the knowledge-base passages the reasoning consulted.")
     cited: list[str] = Field(default_factory=list, description="Ids of the evidence the rationale cites.")
-    differential: list[DifferentialItem] = Field(default_factory=list, description="Ranked candidates; probabilities sum to 1.")
+    differential: list[DifferentialItem] = Field(
+        default_factory=list,
+        description="The decided label first (== label: the fusion's decision model at its melanoma operating point, which need not be the "
+        "most probable candidate), then the other candidates by calibrated probability; probabilities sum to 1.",
+    )
     prediction_set: list[str] = Field(default_factory=list, description="Conformal prediction set: holds the true diagnosis with probability >= 1 - prediction_set_alpha.")
     prediction_set_alpha: float | None = None
     prediction_set_calibration: str | None = None
@@ -103,7 +121,10 @@ class Diagnosis(BaseModel):
     label: str | None = Field(None, description="Top diagnosis (also given when the verdict is 'abstain', for evaluation).")
     label_name: str | None = None
     rationale: str = ""
-    reasoner_source: Literal["llm", "fallback"] | None = None
+    reasoner_source: Literal["stacker", "llm", "fallback"] | None = Field(
+        None, description="What produced the decision: 'stacker' (fusion stacker, no LLM: the default), 'llm' (the stacker with the LLM's "
+        "scores), 'fallback' (the LLM's output was unusable; the stacker without it). See ReasonerResult.source."
+    )
     verdict: Literal["accept", "abstain", "pending"] = Field(description="'pending' while the case awaits review before any verdict.")
     confidence: float = Field(0.0, description="Probability of the top diagnosis.")
     self_consistency: float | None = None
@@ -144,7 +165,7 @@ class Diagnosis(BaseModel):
         return cls(
             image_sha256=state.image_sha256,
             image_size=state.image_size,
-            input_warnings=state.input_warnings,
+            input_warnings=list(state.input_warnings) + [w for w in (state.metadata.site_warnings() if state.metadata else []) if w not in state.input_warnings],
             question=state.question,
             metadata=state.metadata,
             modality=state.modality,
@@ -174,7 +195,7 @@ class Diagnosis(BaseModel):
             reasons=reasons,
             rounds=state.round,
             trace=state.trace,
-            versions=versions,
+            versions=case_versions(versions, bool(r and r.llm_ran)),
             thumbnail=thumbnail,
             status="awaiting_review" if request is not None else "complete",
             case_id=case_id,
@@ -190,13 +211,14 @@ class Diagnosis(BaseModel):
     def summary(self) -> str:
         """A few human-readable lines (what the CLI prints)."""
         mod = self.modality
-        lines = [f"modality: {mod.label} (p={mod.confidence:.2f})" if mod else "modality: -"]
+        lines = [f"input warning: {w}" for w in self.input_warnings]  # before the results they may affect
+        lines.append(f"modality: {mod.label} (p={mod.confidence:.2f})" if mod else "modality: -")
         if self.case_id:
             lines.insert(0, f"case: {self.case_id}" + (" (AWAITING REVIEW)" if self.status == "awaiting_review" else ""))
         if self.description:
             lines.append(f"findings: {self.description}")
         if self.differential:
-            lines.append("differential: " + ", ".join(f"{d.name} {d.probability:.2f}" for d in self.differential[:4]))
+            lines.append("differential (decided label first, then by probability): " + ", ".join(f"{d.name} {d.probability:.2f}" for d in self.differential[:4]))
         if self.prediction_set and self.prediction_set_alpha is not None:
             names = {d.label: d.name for d in self.differential}
             like = f" (threshold of images like {self.prediction_set_group}'s)" if self.prediction_set_group else ""

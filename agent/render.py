@@ -48,11 +48,13 @@ def diagnosis_html(d) -> str:
         f"<li><code>{html.escape(e.id)}</code>{' ★' if e.id in d.cited else ''} ({e.kind}, {e.score:.2f}) {html.escape(e.title)}: {html.escape(e.text[:200])}</li>"
         for e in d.evidence
     )
+    warnings = _card("Input warnings", "<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in d.input_warnings) + "</ul>", "#fff4e5") if d.input_warnings else ""
     return (
         f"<div style='font-family:sans-serif;max-width:900px'>{thumb}"
+        + warnings
         + _card("Verdict", head + reasons, verdict_colour)
         + _card("Findings", html.escape(d.description or "—"))
-        + _card("Differential", f"<table>{diff}</table>{set_note}")
+        + _card("Differential (decided label first, then by probability)", f"<table>{diff}</table>{set_note}")
         + (_card("Reasoning steps", reasoning) if d.reasoning_steps else _card("Rationale", html.escape(d.rationale or "—")))
         + _card("Evidence (★ cited)", f"<ul>{evidence}</ul>")
         + "<details><summary>Trace</summary>" + steps + "</details>"

@@ -61,6 +61,7 @@ class Runtime:
     def __init__(self, config: AgentConfig, overrides: dict[str, Any] | None = None):
         self.config = config
         self._overrides = dict(overrides or {})
+        self._device_checked = False
         unknown = sorted(set(self._overrides) - set(BACKEND_ROLES))
         if unknown:
             raise ValueError(f"unknown backend role(s) {', '.join(map(repr, unknown))}; valid: {', '.join(BACKEND_ROLES)}")
@@ -68,6 +69,11 @@ class Runtime:
     def _get(self, name: str, build):
         if name in self._overrides:
             return self._overrides[name]
+        if not self._device_checked:  # before the first model loads: a missing GPU is one clear error, not torch's
+            from agent.config import check_device
+
+            check_device(self.config.device)
+            self._device_checked = True
         return build()
 
     @functools.cached_property

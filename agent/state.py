@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from langgraph.channels.untracked_value import UntrackedValue
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
 
 Modality = Literal["clinical", "dermoscopy", "histopathology", "not_skin"]
 Decision = Literal["accept", "revise", "abstain"]
@@ -20,9 +22,24 @@ class PatientMetadata(BaseModel):
 
     age: float | None = Field(None, ge=0, le=120, description="Age in years.")
     sex: Literal["female", "male", "unknown"] | None = Field(None, description="Sex as recorded.")
-    site: str | None = Field(None, description="Anatomical site, e.g. 'back', 'face', 'lower extremity'.")
+    site: str | None = Field(
+        None, description="Anatomical site, e.g. 'back', 'face', 'lower extremity' (models.sklesion.SITE_VOCABULARY). Free text is accepted; "
+        "a site outside the vocabulary is not used and the Diagnosis says so in input_warnings (site_warnings)."
+    )
     fitzpatrick: Literal["I", "II", "III", "IV", "V", "VI"] | None = Field(None, description="Fitzpatrick skin type.")
     history: str | None = Field(None, max_length=2000, description="Free-text history (changes, symptoms, duration).")
+
+    @field_validator("age", mode="before")
+    @classmethod
+    def _finite_age(cls, v: Any) -> Any:
+        # NaN passes no comparison, so the range check alone reports a confusing "less than or equal to 120 (got nan)".
+        try:
+            finite = v is None or math.isfinite(float(v))
+        except (TypeError, ValueError):
+            return v  # not a number: pydantic's own message
+        if not finite:
+            raise PydanticCustomError("finite_number", "age must be a finite number of years (0 to 120)")
+        return v
 
     @field_validator("sex", mode="before")
     @classmethod
@@ -34,6 +51,19 @@ class PatientMetadata(BaseModel):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+    def site_warnings(self) -> list[str]:
+        """A warning when ``site`` is outside the lesion classifier's site vocabulary: it then reads the site as
+        unknown, so the site is reported as not used (with the likely intended site and the accepted values)."""
+        from models.sklesion import LOCATIONS, site_known, suggest_site
+
+        if self.site is None or not self.site.strip() or site_known(self.site):
+            return []
+        close = suggest_site(self.site)
+        hint = f"did you mean {close!r}? " if close else ""
+        groups = ", ".join(loc for loc in LOCATIONS if loc != "unknown")
+        return [f"site {self.site!r} is not a recognised body site and was not used (the lesion classifier read it as unknown); {hint}"
+                f"give one of {groups}, or a specific site such as back, chest, face, scalp, forearm, hand, thigh, foot, acral"]
 
 
 class ImageEncoding(BaseModel):
@@ -138,10 +168,20 @@ class DifferentialItem(BaseModel):
 
 
 class ReasonerResult(BaseModel):
-    differential: list[DifferentialItem] = Field(description="Ranked, probabilities sum to 1.")
+    differential: list[DifferentialItem] = Field(
+        description="The decided label first (the fusion's decision model; it need not have the highest probability), then the other "
+        "candidates by calibrated probability; probabilities sum to 1."
+    )
     rationale: str
     cited: list[str] = Field(default_factory=list, description="Evidence ids the rationale cites (all exist in retrieval).")
-    source: Literal["llm", "fallback"] = Field(description="'fallback' = evidence-fusion ranking used because the LLM output was unusable.")
+    source: Literal["stacker", "llm", "fallback"] = Field(
+        description="What produced the decision: 'stacker' = the fusion stacker over the non-LLM experts (the fusion artifact does not read "
+        "the LLM; the default); 'llm' = the stacker with the LLM's candidate scores among its experts; 'fallback' = the artifact reads the "
+        "LLM but its output was unusable, so the stacker fused the others."
+    )
+    llm_ran: bool = Field(
+        False, exclude_if=lambda v: not v, description="The LLM ran for this case (scored candidates or wrote the summary) in this or an earlier round."
+    )
     llm_probs: dict[str, float] | None = Field(None, description="The LLM's own distribution over candidates, before fusion.")
     samples: list[str] = Field(default_factory=list, description="Top labels of the k perturbed re-scorings (confidence consistency).")
     round: int = 0

@@ -49,7 +49,8 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    raw = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)  # str(KeyError) adds quotes
+    text = " ".join(raw.split()) or type(exc).__name__
     return text if len(text) <= 600 else text[:597] + "..."
 
 
@@ -75,13 +76,19 @@ def _user_errors(what: str = ""):
         _fail(f"{what}{_one_line(exc)}  (--debug shows the traceback)", 1)
 
 
-def _agent(config: Optional[Path], overrides: Optional[list[str]]):
+def _agent(config: Optional[Path], overrides: Optional[list[str]], local: bool = True):
+    """The agent of the configuration, checked now: artifact ids, and (``local``: models will load on this machine) the device."""
     from pydantic import ValidationError
 
     from agent.agent import Agent
+    from agent.config import check_device, check_references
 
     try:
-        return Agent(config, overrides=overrides)
+        agent = Agent(config, overrides=overrides)
+        check_references(agent.config)  # an unknown artifact id: one line with the valid ids now, not a KeyError at first use
+        if local:
+            check_device(agent.config.device)
+        return agent
     except (ValidationError, ValueError, OSError) as exc:
         if _STATE["debug"]:
             raise
@@ -91,7 +98,7 @@ def _agent(config: Optional[Path], overrides: Optional[list[str]]):
 @app.command()
 def diagnose(
     images: list[Path] = typer.Argument(..., help="Image files."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON Diagnosis per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per image: 'input' (the path as given) and the Diagnosis fields."),
     question: Optional[str] = typer.Option(None, "--question", "-q"),
     age: Optional[float] = typer.Option(None),
     sex: Optional[str] = typer.Option(None),
@@ -123,8 +130,8 @@ def diagnose(
                 d = agent.diagnose(img, question=question, metadata=metadata)
             except (ImageInputError, InputError) as exc:
                 _fail(str(exc))
-            if as_json:
-                typer.echo(d.model_dump_json())
+            if as_json:  # the path as given first: a Diagnosis names its image only by hash
+                typer.echo(json.dumps({"input": str(img), **json.loads(d.model_dump_json())}))
             else:
                 typer.secho(f"== {img}", bold=True)
                 typer.echo(d.summary())
@@ -132,14 +139,15 @@ def diagnose(
 
 @app.command()
 def batch(
-    input: Path = typer.Argument(..., help="Folder of images, or a CSV/JSONL with an 'image' column (optional id, label, question, age, sex, site)."),
+    input: Path = typer.Argument(..., help="Folder of images (files with an image suffix), or a CSV/JSONL with an 'image' column (optional id, label, question, age, sex, site, fitzpatrick, history; JSONL: or a 'metadata' object). Unknown columns are errors."),
     out: Path = typer.Option(..., "--out", "-o", help="Results JSONL (one record per case)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip cases already in --out."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --resume: re-run error records whose failure is not a property of the input (out of memory, permissions, timeouts)."),
     image_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the input file's folder)."),
     label_column: str = typer.Option("label", help="Column holding the true label, if any."),
+    ignore_columns: Optional[list[str]] = typer.Option(None, "--ignore-column", help="A CSV/JSONL column to skip on purpose (repeatable, or comma-separated); any other unknown column is an error."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N cases (N >= 1)."),
-    case_timeout: float = typer.Option(600.0, "--case-timeout", min=0, help="Seconds one case may take before it becomes an error record (0: no limit; local engine)."),
+    case_timeout: float = typer.Option(600.0, "--case-timeout", min=0, help="Seconds one case's own run (its image and graph) may take before it becomes an error record; model loading is not counted, and a micro-batch's prefetch has its own budget of this times its cases (0: no limit; local engine)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch: images per encoder forward / FAISS query matrix (1: one case at a time; default 16, or 1 on a CPU when the configuration calls the LLM)."),
     engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data actor pool; extra 'ray')."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray runtime)."),
@@ -151,15 +159,22 @@ def batch(
     """Run the agent over many cases, resumably: one record per case (error records for unusable ones).
 
     Exits 1 when no case succeeded. A summary line with the counts goes to stderr."""
-    from agent.batch import LOCK_SUFFIX, QUARANTINE_SUFFIX, BatchLockedError, read_cases, run_batch, summary_line
+    from agent.batch import LOCK_SUFFIX, QUARANTINE_SUFFIX, BatchLockedError, check_output, read_cases, run_batch, summary_line
 
     if out.is_dir():
         _fail(f"--out {out} is a directory; give a .jsonl file path")
+    ignore = [c.strip() for value in ignore_columns or [] for c in value.split(",") if c.strip()]
     with _user_errors(f"{input}: "):
         try:
-            cases = read_cases(input, image_root, label_column, exclude=[out, out.with_name(out.name + LOCK_SUFFIX), out.with_name(out.name + QUARANTINE_SUFFIX)])
+            check_output(input, out)
+            cases = read_cases(input, image_root, label_column, ignore_columns=ignore,
+                               exclude=[out, out.with_name(out.name + LOCK_SUFFIX), out.with_name(out.name + QUARANTINE_SUFFIX)])  # fmt: skip
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
+    not_images = getattr(cases, "not_images", [])
+    if not_images:
+        shown = ", ".join(not_images[:3]) + (", ..." if len(not_images) > 3 else "")
+        typer.echo(f"batch: skipped {len(not_images)} file(s) of {input} without an image suffix ({shown})", err=True)
     if not cases:
         _fail(f"{input}: no cases to run", 1)
     cases = cases[:limit] if limit else cases
@@ -168,7 +183,7 @@ def batch(
     if engine == "ray":
         from agent.ray_engine import run_ray_batch
 
-        cfg = _agent(config, overrides).config  # validates the configuration before starting Ray
+        cfg = _agent(config, overrides, local=False).config  # validates the configuration before starting Ray (the actors' machines check the device)
         with _user_errors(f"{out}: "):
             try:
                 stats = run_ray_batch(cases, out, cfg, resume=resume, retry_errors=retry_errors, address=address, actors=actors,
@@ -185,6 +200,8 @@ def batch(
                 stats = run_batch(cases, out, run, resume=resume, retry_errors=retry_errors, case_timeout=case_timeout or None)
             except (FileExistsError, IsADirectoryError, BatchLockedError) as exc:
                 _fail(str(exc))
+    if not_images:
+        stats["not_images"] = len(not_images)
     typer.echo(json.dumps(stats), err=True)
     typer.echo(summary_line(stats), err=True)
     if stats["total"] and not stats["ok"] and stats["skipped"] < stats["total"]:
@@ -195,11 +212,11 @@ def batch(
 def bench(
     input: Optional[Path] = typer.Argument(None, help="Folder of images or CSV/JSONL (default: examples/lesion.jpg repeated)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (e.g. ../shared/data/isic2018_val/images)."),
-    n: int = typer.Option(64, "-n", help="Cases."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    n: int = typer.Option(64, "-n", min=1, help="Cases."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
     modes: str = typer.Option("sequential,batched", "--modes", help="Comma list of: sequential, batched."),
-    latency: int = typer.Option(5, "--latency", help="Warm single-case Agent.diagnose repeats (0: skip)."),
-    repeats: int = typer.Option(1, "--repeats", help="Run the modes alternately this many times; report the best of each."),
+    latency: int = typer.Option(5, "--latency", min=0, help="Warm single-case Agent.diagnose repeats (0: skip)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Run the modes alternately this many times; report the best of each."),
     as_json: bool = typer.Option(False, "--json"),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
@@ -207,8 +224,18 @@ def bench(
     """Throughput benchmark: per-node wall time, cases/s, isolated model floors, overhead, peak RSS."""
     from agent.bench import format_report, run_bench
 
-    report = run_bench(input or images, n=n, batch_size=batch_size, modes=[m.strip() for m in modes.split(",") if m.strip()],
-                       latency_repeats=latency, repeats=repeats, config=config, overrides=overrides)  # fmt: skip
+    if input is not None and images is not None:
+        _fail("give the input either as an argument or with --images, not both")
+    source = input or images
+    if source is not None and not source.exists():
+        _fail(f"{source}: no such file or folder")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in mode_list if m not in ("sequential", "batched")]
+    if bad or not mode_list:
+        _fail(f"--modes {modes!r}: unknown mode(s) {', '.join(map(repr, bad)) or '(none given)'}; valid: sequential, batched")
+    with _user_errors("bench: "):
+        report = run_bench(source, n=n, batch_size=batch_size, modes=mode_list,
+                           latency_repeats=latency, repeats=repeats, config=config, overrides=overrides)  # fmt: skip
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -222,7 +249,7 @@ def graph():
 
 @app.command()
 def schema():
-    """Print the JSON Schema of a Diagnosis (what `diagnose --json` and batch records contain)."""
+    """Print the JSON Schema of a Diagnosis (what batch records contain; `diagnose --json` adds `input`, the path)."""
     from agent.diagnosis import Diagnosis
 
     typer.echo(json.dumps(Diagnosis.model_json_schema(mode="serialization"), indent=2))
@@ -262,26 +289,94 @@ app.add_typer(review_app, name="review")
 app.command("serve")(serve_command)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Rows as aligned text columns (each as wide as its widest cell; the last one unpadded)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in [header, *rows]]
+
+
 @models_app.command("list")
-def models_list():
-    """List registered models (id, role, source, licence)."""
+def models_list(
+    full: bool = typer.Option(False, "--full", help="Show whole sha256 hashes (default: the first 12 hex digits)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the registry entries as a JSON list (full sha256)."),
+):
+    """List registered models: id, role, source, sha256, licence."""
     from models.registry import list_specs
 
-    for s in list_specs():
-        typer.echo(f"{s.id:28s} {s.role:15s} {s.licence or '-':22s} {s.source}")
+    specs = list_specs()
+    if as_json:
+        typer.echo(json.dumps([s.model_dump(mode="json") for s in specs], indent=2))
+        return
+    rows = [[s.id, s.role, s.source, (s.sha256 if full else s.sha256[:12]) if s.sha256 else "-", s.licence or "-"] for s in specs]
+    for line in _table(["ID", "ROLE", "SOURCE", "SHA256", "LICENCE"], rows):
+        typer.echo(line.rstrip())
+
+
+def config_model_ids(config) -> list[str]:
+    """Registry ids an agent configuration uses: every registered id it names (backends, artifacts, options such as
+    ensemble members), the ImageNet network the clinical feature probe runs on, and the LLM only where the
+    configuration calls it (:func:`agent.batched.config_calls_llm`)."""
+    from agent.batched import config_calls_llm
+    from models.efficientnet import BASE_ID
+    from models.registry import load_registry
+
+    registry = load_registry()
+    found: dict[str, None] = {}
+
+    def walk(value) -> None:
+        if isinstance(value, str) and value in registry:
+            found[value] = None
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    dumped = config.model_dump(mode="json")
+    llm = dumped["reasoner"].pop("llm")
+    walk(dumped)
+    if config.encoder.clinical_probe and BASE_ID in registry:
+        found[BASE_ID] = None
+    if config_calls_llm(config):
+        walk(llm)
+    return list(found)
 
 
 @models_app.command("pull")
-def models_pull(ids: list[str] = typer.Argument(None, help="Model ids (default: everything the default agent uses).")):
-    """Resolve (download, verify, cache) model weights now instead of on first use."""
+def models_pull(
+    ids: list[str] = typer.Argument(None, help="Model ids (default: the models the agent configuration uses; see --all)."),
+    all_models: bool = typer.Option(False, "--all", help="Every registered model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Agent config YAML whose models to pull (default: the default configuration)."),
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """Resolve (download, verify, cache) model weights now instead of on first use. Tries every model, then
+    lists the failures and exits 1 if any failed."""
     from models.registry import list_specs
     from models.resolve import pull
 
-    for mid in ids or [s.id for s in list_specs()]:
+    if ids and all_models:
+        _fail("give model ids or --all, not both")
+    if ids:
+        todo = list(ids)
+    elif all_models:
+        todo = [s.id for s in list_specs()]
+    else:
+        cfg = _agent(config, overrides).config
+        with _user_errors():
+            todo = config_model_ids(cfg)
+        typer.echo(f"pulling the {len(todo)} models the {'default ' if config is None else ''}configuration uses (--all: every registered model)", err=True)
+    failed: list[str] = []
+    for mid in todo:
         try:
             typer.echo(f"{mid}: {pull(mid)}")
-        except Exception as exc:  # report every failing model, then fail
-            _fail(f"{mid}: {exc}", code=1)
+        except Exception as exc:  # go on: every failing model is reported, then the exit code says so
+            if _STATE["debug"]:
+                raise
+            failed.append(mid)
+            typer.secho(f"FAIL {mid}: {_one_line(exc)}", fg=typer.colors.RED, err=True)
+    if failed:
+        _fail(f"{len(failed)} of {len(todo)} model(s) failed: {', '.join(failed)}", 1)
 
 
 @models_app.command("verify")

@@ -58,8 +58,12 @@ _LOCATION_ALIASES = {
         "anterior torso", "posterior torso", "lateral torso",
     ),
 }
+# Recognised sites that sklesion's training data had no coarse location for: read as "unknown" by design.
+_UNMAPPED_SITES = ("unknown", "acral", "palms/soles", "palm", "sole", "oral/genital", "oral", "mucosa", "nail")
 # fmt: on
 _LOCATION_MAP = {alias: loc for loc, aliases in _LOCATION_ALIASES.items() for alias in aliases}
+SITE_VOCABULARY: tuple[str, ...] = tuple(sorted({*_LOCATION_MAP, *_UNMAPPED_SITES}))
+"""Every site :func:`map_location` recognises (case, '_', '-' and spacing aside); any other text is read as unknown."""
 _SITE_KEYS = ("site", "localization", "location", "anatom_site_general", "anatom_site")
 
 
@@ -69,14 +73,35 @@ def _norm_text(value: Any) -> str:
     return re.sub(r"\s+", " ", str(value).replace("_", " ")).strip().lower()
 
 
+def _norm_site(value: Any) -> str:
+    # Hyphens as spaces too ("upper-back"); the hyphenated location names are aliases with spaces as well.
+    text = _norm_text(value)
+    return text if text in _LOCATION_MAP else text.replace("-", " ")
+
+
 def map_sex(value: Any) -> str:
     """Map a free-form sex value to one of ``SEXES``."""
     return _SEX_ALIASES.get(_norm_text(value), "unknown")
 
 
 def map_location(value: Any) -> str:
-    """Map a free-form body site (HAM10000/ISIC vocabulary and plain words) to one of ``LOCATIONS``."""
-    return _LOCATION_MAP.get(_norm_text(value), "unknown")
+    """Map a free-form body site (HAM10000/ISIC vocabulary and plain words, :data:`SITE_VOCABULARY`) to one of
+    ``LOCATIONS``; anything else is "unknown" (:func:`site_known` tells the two apart)."""
+    return _LOCATION_MAP.get(_norm_site(value), "unknown")
+
+
+def site_known(value: Any) -> bool:
+    """Whether ``value`` is a site of :data:`SITE_VOCABULARY` (then :func:`map_location` uses it as given)."""
+    site = _norm_site(value)
+    return site in _LOCATION_MAP or site in _UNMAPPED_SITES
+
+
+def suggest_site(value: Any) -> str | None:
+    """The vocabulary's site closest to a misspelt ``value`` ('bakc' → 'back'), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(_norm_site(value), SITE_VOCABULARY, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _parse_age(value: Any) -> float | None:

@@ -56,6 +56,8 @@ def _one_line_error(res, *needles):
     (["--set", "reasoner.num_samples=[1"], ["reasoner.num_samples=[1", "not valid YAML"]),
     (["--set", "seed=!!python/object/apply:os.system ['true']"], ["not valid YAML", "python/object/apply"]),
     (["--set", "reasoner.nope=1"], ["reasoner.nope", "Extra inputs"]),
+    (["--set", "reasoner.fusion=fusion-stackr"], ["reasoner.fusion=fusion-stackr: not a registered model id", "did you mean fusion-stacker?"]),
+    (["--set", "modality.head=xyz"], ["modality.head=xyz: not a registered", "modality-head"]),
 ])  # fmt: skip
 def test_diagnose_bad_values_are_one_line_errors(img, args, needles):
     _one_line_error(runner.invoke(app, ["diagnose", str(img), *args]), *needles)
@@ -158,3 +160,66 @@ def test_prompt_is_cut_to_the_llm_context_with_a_note():
     assert "[... truncated ...]" in fitted[1]["content"] and fitted[0] == short[0]
     notes = llm.drain_notes()
     assert len(notes) == 1 and "prompt truncated to the LLM's context" in notes[0] and llm.drain_notes() == []
+
+
+# --------------------------------------------------------------------------------------------
+# batch input checks, diagnose --json input paths
+
+
+def test_batch_refuses_an_out_that_is_its_input(doubles_agent, img, tmp_path):
+    src = tmp_path / "same.jsonl"
+    src.write_text(json.dumps({"image": "a.png"}) + "\n")
+    before = src.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for out in (src, tmp_path / "link.jsonl", tmp_path / "." / "same.jsonl"):
+        _one_line_error(runner.invoke(app, ["batch", str(src), "--out", str(out), "--resume"]), "is the input file", "choose another --out")
+    assert src.read_bytes() == before and not (tmp_path / "same.jsonl.quarantine.jsonl").exists()
+    _one_line_error(runner.invoke(app, ["batch", str(tmp_path), "--out", str(img), "--resume"]), "image file inside the input folder")
+    assert Image.open(img).size == (40, 40)
+
+
+def test_batch_unknown_or_missing_columns_are_one_line_errors(doubles_agent, img, tmp_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("image,gender,age_years,anatom_site\na.png,male,60,back\n")
+    out = tmp_path / "out.jsonl"
+    _one_line_error(runner.invoke(app, ["batch", str(cases), "--out", str(out)]),
+                    "unknown column(s) 'gender', 'age_years', 'anatom_site'", "valid columns: image, id", "--ignore-column")  # fmt: skip
+    assert not out.exists()
+    res = runner.invoke(app, ["batch", str(cases), "--out", str(out), "--ignore-column", "gender,age_years", "--ignore-column", "anatom_site"])
+    assert res.exit_code == 0, res.output
+    assert [r["status"] for r in map(json.loads, out.read_text().splitlines())] == ["ok"]
+    jl = tmp_path / "cases.jsonl"
+    jl.write_text(json.dumps({"file": "a.png", "label": "mel"}) + "\n")
+    _one_line_error(runner.invoke(app, ["batch", str(jl), "--out", str(tmp_path / "j.jsonl"), "--ignore-column", "file"]),
+                    "no 'image' column (columns found: 'file', 'label')")  # fmt: skip
+    jl.write_text(json.dumps({"id": 0, "image": "a.png", "metadata": {"age": 50, "sex": "female"}}) + "\n")
+    res = runner.invoke(app, ["batch", str(jl), "--out", str(tmp_path / "k.jsonl")])
+    rec = json.loads((tmp_path / "k.jsonl").read_text())
+    assert res.exit_code == 0 and rec["id"] == "0" and rec["status"] == "ok", res.output
+
+
+def test_batch_folder_takes_image_files_and_counts_the_others(doubles_agent, img, tmp_path):
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "notes.txt").write_text("seen on 3 May")
+    Image.new("RGB", (40, 40)).save(tmp_path / "b.JPEG")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["batch", str(tmp_path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a.png", "b.JPEG"]
+    assert "skipped 2 file(s)" in res.output and ".DS_Store, notes.txt" in res.output
+    assert "batch: 2 cases: 2 ok, 0 errors" in res.output and "2 file(s) of the input folder skipped" in res.output
+
+
+def test_diagnose_json_records_name_their_input(doubles_agent, img, tmp_path):
+    second = tmp_path / "b.png"
+    Image.new("RGB", (40, 40), (90, 60, 50)).save(second)
+    res = runner.invoke(app, ["diagnose", str(img), str(second), "--json"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [r["input"] for r in recs] == [str(img), str(second)]
+    assert all(len(r["image_sha256"]) == 64 and "verdict" in r for r in recs) and recs[0]["image_sha256"] != recs[1]["image_sha256"]
+
+
+def test_a_key_error_reads_as_its_message_not_its_repr():
+    assert cli._one_line(KeyError("unknown model id 'x'; registered: a, b")) == "unknown model id 'x'; registered: a, b"
+    assert cli._one_line(KeyError(3)) == "3"

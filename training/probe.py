@@ -1,5 +1,6 @@
 """Train the clinical feature probe (:mod:`models.probe`): a logistic regression over the 56 DermNet classes on the
-lesion encoder's and EfficientNet-Lite0's ImageNet features, neither fitted to DermNet.
+lesion encoder's and EfficientNet-Lite0's ImageNet features (with ``imagenet_stages``, also the mean and standard
+deviation of its last four stages' activations), neither network fitted to DermNet.
 
 Fitted on the DermNet case-index photos (the 5/6 outside the held-out sixth), each photo twice: with its watermark
 masked and as it is (deployed photos have no watermark; the held-out DermNet photos the agent is evaluated on do).
@@ -29,7 +30,9 @@ class Config(TrainConfig):
     """The clinical feature probe: one logistic head on frozen lesion-encoder + ImageNet features."""
 
     imagenet_dir: Path = Field(Path(".cache/features_imagenet"), description="Where the ImageNet features of the DermNet photos are cached "
-                               "(computed on the first run, ~2 min on 2 cores).")
+                               "(computed on the first run, ~2 min per view on 2 cores).")
+    imagenet_stages: bool = Field(True, description="Also the spatial mean and standard deviation of the ImageNet network's last four stages "
+                                  "(models.probe.STAGES; same pass): mid-level texture statistics. False: its pooled head features only.")
     expert_feature_dir: Path | None = Field(Path(".cache/features_effnet"), description="Cached second-expert outputs (dermnet__effnet.npz) "
                                             "for the reference row (its DermNet head on the same held-out photos); None or missing: skipped.")
     train_views: list[Literal["full", "masked", "crop50"]] = Field(["masked", "full"], min_length=1, description="Views of each training "
@@ -43,17 +46,17 @@ class Config(TrainConfig):
     artifact_id: str = Field("dermnet-probe", description="Id stored in the artifact (shown in the agent's trace).")
 
 
-def imagenet_features(rows: list[dict], view: str, cache_dir: Path) -> np.ndarray:
+def imagenet_features(rows: list[dict], view: str, cache_dir: Path, stages: bool = False) -> np.ndarray:
     """ImageNet EfficientNet-Lite0 features of the DermNet photos in ``rows`` order (``view``: one of
-    :data:`training.views.VIEWS`), cached as ``<cache_dir>/dermnet__imagenet_<view>.npz``; photos missing from the
-    cache are computed and added."""
+    :data:`training.views.VIEWS`; ``stages``: :class:`models.probe.ImageNetEncoder`'s), cached as
+    ``<cache_dir>/dermnet__imagenet[_stages]_<view>.npz``; photos missing from the cache are computed and added."""
     from PIL import Image
 
     from models.paths import data_dir
     from models.probe import ImageNetEncoder
     from training.views import VIEWS
 
-    path = cache_dir / f"dermnet__imagenet_{view}.npz"
+    path = cache_dir / f"dermnet__imagenet{'_stages' if stages else ''}_{view}.npz"
     have: dict[str, np.ndarray] = {}
     if path.exists():
         z = np.load(path, allow_pickle=False)
@@ -62,7 +65,7 @@ def imagenet_features(rows: list[dict], view: str, cache_dir: Path) -> np.ndarra
     if todo:
         from tqdm.auto import tqdm
 
-        enc = ImageNetEncoder()
+        enc = ImageNetEncoder(stages=stages)
         for lo in tqdm(range(0, len(todo), 32), desc=f"ImageNet features ({view})", unit="batch"):
             imgs = [Image.open(data_dir() / "dermnet" / i).convert("RGB") for i in todo[lo : lo + 32]]
             imgs = [VIEWS[view](im) for im in imgs]
@@ -129,7 +132,7 @@ def cross_validate(x: dict[str, np.ndarray], y: np.ndarray, cfg: Config, classes
 
 def train(cfg: Config) -> dict:
     from models.heads import HeadSet
-    from models.probe import PROBE_FEATURES, probe_inputs
+    from models.probe import PROBE_FEATURES, PROBE_STAGE_FEATURES, probe_inputs
     from training.data import is_dermnet_heldout, source_table
 
     rows = source_table("dermnet")
@@ -142,7 +145,8 @@ def train(cfg: Config) -> dict:
     use = np.sort(np.concatenate([train_idx, np.flatnonzero(held)]))
     rows, y_all, held = [rows[i] for i in use], y_all[use], held[use]
     views = sorted({*cfg.train_views, "full"})
-    x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir)) for v in views}
+    stages = cfg.imagenet_stages
+    x = {v: probe_inputs(lesion_features(rows, v, cfg.feature_dir), imagenet_features(rows, v, cfg.imagenet_dir, stages), stages) for v in views}
     tr = ~held
     cv = cross_validate({v: x[v][tr] for v in views}, y_all[tr], cfg, classes)
     best = min(cv, key=lambda r: r["log_loss"])
@@ -154,11 +158,12 @@ def train(cfg: Config) -> dict:
         index = {i: n for n, i in enumerate(z["ids"].astype(str))}
         if all(r["image"] in index for r in rows):
             heldout["second_expert_dermnet_head"] = scores(y_all[held], z["probs_dermnet"][[index[r["image"]] for r in rows]][held].astype(np.float64))
-    meta = {"id": cfg.artifact_id, "features": PROBE_FEATURES, "C": best["C"], "licence": LICENCE,
+    kind = PROBE_STAGE_FEATURES if stages else PROBE_FEATURES
+    meta = {"id": cfg.artifact_id, "features": kind, "C": best["C"], "licence": LICENCE,
             "trained_on": f"DermNet case-index photos ({int(tr.sum())}; views {', '.join(cfg.train_views)}), C by {cfg.folds}-fold CV log-loss",
             "heldout": heldout}  # fmt: skip
     d = x["full"].shape[1]
-    hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": head}, inputs=PROBE_FEATURES, meta=meta)
+    hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": head}, inputs=kind, meta=meta)
     cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
     hs.save(cfg.artifact)
     metrics = {"cv": cv, "selected_C": best["C"], "heldout": heldout, "n_train": int(tr.sum()), "n_heldout": int(held.sum()), "classes": len(classes)}

@@ -255,9 +255,16 @@ def schema():
     typer.echo(json.dumps(Diagnosis.model_json_schema(mode="serialization"), indent=2))
 
 
+def _trainer_names() -> list[str]:
+    """Every trainer the dispatcher accepts (training.cli.TRAINERS), for the help."""
+    from training.cli import TRAINERS  # names only: trainer modules are imported when one runs
+
+    return list(TRAINERS)
+
+
 @app.command()
 def train(
-    node: str = typer.Argument(..., help="Trainer: modality, concepts, verifier, describer, reasoner-sft, reasoner-grpo, fusion, encoder, probe."),
+    node: str = typer.Argument(..., help="Trainer: " + ", ".join(_trainer_names()) + "."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML (configs/train/*.yaml)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set max_steps=10 (repeatable)."),
 ):

@@ -146,3 +146,12 @@ def test_bench_usage_errors_are_one_line(args, needle):
     assert res.exit_code != 0 and "Traceback" not in res.output and isinstance(res.exception, SystemExit)
     err = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], res.output
+
+
+def test_train_help_lists_every_trainer_the_dispatcher_accepts():
+    from training.cli import TRAINERS
+
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert all(name in text for name in TRAINERS) and "modality-heldout" in text and "encoder-crossfit" in text

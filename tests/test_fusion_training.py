@@ -383,3 +383,31 @@ def test_two_fold_pooling_refuses_a_fold_that_scored_its_own_fit_half():
     assert pooled["DermNet held-out, odd half (fit on the even half)"] == [photo]
     with pytest.raises(ValueError, match="same DermNet photo twice"):
         tf.pool({"calib": [photo], "report": [photo]})
+
+
+def test_collect_limit_means_the_first_n_cases_and_resumes_within_them(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from training import fusion_data, reasoner_data
+
+    rows = [SimpleNamespace(id=f"c{i}") for i in range(5)]
+    monkeypatch.setattr(fusion_data, "case_rows", lambda sources, feature_dir: rows)
+
+    class Started(Exception):
+        pass
+
+    def no_agent(config):
+        raise Started  # collecting would start here: the cases to do are already printed
+
+    monkeypatch.setattr(reasoner_data, "make_agent", no_agent)
+    out = tmp_path / "experts.jsonl"
+    out.write_text("".join(json.dumps({"id": i}) + "\n" for i in ("c0", "c1")))
+    # the first 2 cases are done: a rerun with --limit 2 has nothing to do (it used to add c2, c3)
+    assert fusion_data.collect(out, ["x"], tmp_path, with_llm=False, limit=2) == out
+    assert "2 cases (the first 2 of 5), 2 done, 0 to go" in capsys.readouterr().out
+    with pytest.raises(Started):
+        fusion_data.collect(out, ["x"], tmp_path, with_llm=False, limit=3)
+    assert "3 cases (the first 3 of 5), 2 done, 1 to go" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        fusion_data.main(["--help"])
+    assert "first N cases" in capsys.readouterr().out

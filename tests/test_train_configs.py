@@ -32,3 +32,22 @@ def test_cpu_continuation_recipe_starts_from_the_shipped_expert():
     cfg = load_train_config(Config, CONFIGS / "encoder_cpu_continue.yaml", [])
     assert cfg.device == "cpu" and cfg.train_from == "stem" and cfg.image_size == 224 and cfg.ema_decay
     assert cfg.init is not None and Path(cfg.init).name == "efficientnet_lite0_derm.safetensors"
+
+
+def test_overwrite_artifact_is_common_and_unknown_keys_get_a_hint():
+    from pydantic import ValidationError
+
+    for node in ("verifier", "encoder", "probe"):
+        mod = trainer_module(node)
+        assert load_train_config(mod.Config, None, []).overwrite_artifact is False
+        assert load_train_config(mod.Config, None, ["overwrite_artifact=true"]).overwrite_artifact is True
+    with pytest.raises(ValidationError, match="did you mean 'overwrite_artifact'.*valid keys: .*out_dir"):
+        load_train_config(trainer_module("verifier").Config, None, ["overwrite_artefact=true"])
+    with pytest.raises(ValidationError, match="did you mean 'ham'.*valid keys of mix"):
+        load_train_config(trainer_module("encoder").Config, None, ["mix.hamm=3"])
+
+
+def test_verifier_table_says_when_no_shipped_model_is_compared():
+    from training.verifier import shipped_header
+
+    assert shipped_header(None) == "no shipped model to compare" and shipped_header("consistency-verifier") == "shipped consistency-verifier"

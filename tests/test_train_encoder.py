@@ -240,3 +240,24 @@ def test_dermnet_selection_on_the_fusion_fit_half_leaves_the_evaluation_half_uns
     assert {r["image"] for r in even["val_dermnet_crop50"]} == fit
     assert [r["image"] for r in even["train_dermnet"]] == [r["image"] for r in full["train_dermnet"]]  # training photos unchanged
     assert all(is_dermnet_heldout(sha[i]) for i in held)
+
+
+def test_resume_keeps_the_lr_schedule_and_extends_only_finished_runs(tmp_path, capsys):
+    spe, ck = 10, tmp_path / "checkpoint.pt"
+    planned = [[0, 20]]  # a run of 2 epochs
+    # unfinished: another epochs would bend the cosine mid-run
+    with pytest.raises(ValueError, match="another configuration.*epochs=2"):
+        encoder.resume_schedule({"epoch": 1, "global_step": 10, "schedule": planned}, 3, spe, ck)
+    assert encoder.resume_schedule({"epoch": 1, "global_step": 10, "schedule": planned}, 2, spe, ck) == planned
+    # finished: the finished steps keep their factors, the added epoch gets its own cosine (noticed)
+    ext = encoder.resume_schedule({"epoch": 2, "global_step": 20, "schedule": planned}, 3, spe, ck)
+    assert ext == [[0, 20], [20, 30]] and "extending a finished run of 2 epochs to 3" in capsys.readouterr().out
+    assert [encoder.lr_factor(s, ext, 2) for s in range(20)] == [encoder.lr_factor(s, planned, 2) for s in range(20)]
+    assert encoder.lr_factor(20, ext, 2) == 1.0 and encoder.lr_factor(29, ext, 2) < 0.05
+    assert encoder.lr_factor(0, planned, 2) == 0.5 and encoder.lr_factor(19, planned, 2) < 0.01
+
+
+def test_rows_through_counts_rows_up_to_a_step(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "start"}, {"step": 1}, {"step": 2}, {"step": 3}]))
+    assert encoder.rows_through(p, 2) == 3 and encoder.rows_through(tmp_path / "none.jsonl", 2) == 0

@@ -1,5 +1,7 @@
 """The training core's one way to publish: file or directory artifacts, registry fragments with relative paths."""
 
+from pathlib import Path
+
 import yaml
 
 from models.registry import _read_file
@@ -47,3 +49,72 @@ def test_metrics_log_appends_json_lines(tmp_path):
     log.log(step=2, loss=0.25)
     rows = [yaml.safe_load(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("t" in r for r in rows)
+
+
+def _registered(tmp_path, monkeypatch, content=b"shipped"):
+    """A shipped file and a user registry entry that points at it with its sha256."""
+    shipped = tmp_path / "artifacts" / "head.safetensors"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(content)
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"models": [{"id": "my-head", "role": "head", "source": f"path:{shipped}", "sha256": sha256_file(shipped),
+                                               "licence": "x", "format": "safetensors"}]}))  # fmt: skip
+    monkeypatch.setenv("DERMGRAPH_MODELS", str(reg))
+    return shipped
+
+
+def test_publish_keeps_a_registered_artifact_unless_told(tmp_path, monkeypatch, capsys):
+    from training.outputs import registered_id
+
+    shipped = _registered(tmp_path, monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.safetensors").write_bytes(b"new weights")
+    art = publish(out / "best.safetensors", shipped, {"acc": 0.5})
+    # the shipped file (and its card) are untouched; the new artifact is written under out_dir with the shipped name
+    assert shipped.read_bytes() == b"shipped" and not (shipped.parent / "head.md").exists()
+    assert art == out / "head.safetensors" and art.read_bytes() == b"new weights" and (out / "head.md").exists()
+    said = capsys.readouterr().out
+    assert "kept the shipped" in said and "my-head" in said and "--set overwrite_artifact=true" in said
+    # explicitly asked: replaced, and the sha256 the registry must get is printed
+    art = publish(out / "best.safetensors", shipped, {"acc": 0.5}, overwrite=True)
+    assert art == shipped and shipped.read_bytes() == b"new weights"
+    said = capsys.readouterr().out
+    assert "my-head" in said and sha256_file(shipped) in said
+    # the README's `dermgraph train verifier` destination is a registered shipped file
+    assert registered_id(Path("models/artifacts/consistency_verifier.safetensors")) == "consistency-verifier"
+    assert registered_id(tmp_path / "elsewhere.safetensors") is None
+
+
+def test_shipped_target_for_trainers_that_write_themselves(tmp_path, monkeypatch, capsys):
+    from training.outputs import shipped_target
+
+    shipped = _registered(tmp_path, monkeypatch)
+    assert shipped_target(shipped, tmp_path / "run", False) == (tmp_path / "run" / "head.safetensors", None)
+    assert "kept the shipped" in capsys.readouterr().out
+    assert shipped_target(shipped, tmp_path / "run", True) == (shipped, "my-head")
+    assert shipped_target(tmp_path / "free.safetensors", tmp_path / "run", False) == (tmp_path / "free.safetensors", None)
+    assert shipped_target(None, tmp_path / "run", False) == (None, None)
+
+
+def test_metrics_log_resumes_at_the_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.log(step=step)
+    at_checkpoint = 2  # rows the checkpoint had seen; row 3 was written after it, then a kill cut a 4th one short
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')
+    log = MetricsLog(tmp_path, keep_rows=at_checkpoint)
+    assert log.rows == 2
+    log.log(step=3)
+    steps = [yaml.safe_load(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and log.rows == 3
+    assert MetricsLog(tmp_path).rows == 0 and (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_model_card_command_is_what_the_user_typed():
+    from training.outputs import command_line
+
+    assert command_line(["/venv/bin/dermgraph", "train", "verifier"]) == "dermgraph train verifier"
+    assert command_line(["/work/main/dermgraph/cli.py", "train", "verifier", "--config", "c.yaml"]) == "dermgraph train verifier --config c.yaml"
+    assert command_line(["/work/main/training/verifier.py", "--config", "c.yaml"]) == "python -m training.verifier --config c.yaml"

@@ -186,7 +186,7 @@ def train(cfg: Config) -> dict:
     tbl = table(["criterion", "shipped acc", "shipped macro-F1", "new acc", "new macro-F1"], rows_t)
     print(f"Concept heads on {source} {cfg.val_split} (n={int(va.sum())}), shipped {cfg.compare_with!r} vs new:\n{tbl}", flush=True)
     better = before is None or after["mean"]["macro_f1"] > before["mean"]["macro_f1"]
-    published = publish(weights, cfg.artifact, metrics)
+    published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE,
                                   notes=f"Seven 7-point concept heads on {INPUTS[cfg.features]} ({source} {'+'.join(cfg.train_splits)}, selected on {cfg.val_split}).")  # fmt: skip
     return {

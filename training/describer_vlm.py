@@ -260,7 +260,7 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> dict:
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from training.outputs import publish, write_registry_fragment
 
-    summary["artifact"] = str(publish(final, cfg.artifact, files=(*ARTIFACT_FILES, "metrics.json"))) if cfg.artifact else None
+    summary["artifact"] = str(publish(final, cfg.artifact, files=(*ARTIFACT_FILES, "metrics.json"), overwrite=cfg.overwrite_artifact)) if cfg.artifact else None
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, final, role="vlm", licence=LICENCE, fmt="feature-vlm",
                                   notes="Feature VLM describer (sklesion features -> projector -> SmolLM2-135M-Instruct + LoRA).")  # fmt: skip
     summary["registry"] = str(reg) if reg else None

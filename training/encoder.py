@@ -854,7 +854,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
 
     from models.efficientnet import BASE_ID, EXPERT_FORMAT, multitask_net, save_expert
     from models.registry import get_spec
-    from training.outputs import publish, write_registry_fragment
+    from training.outputs import MetricsLog, publish, write_registry_fragment
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -901,14 +901,8 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     total_steps = steps_per_epoch * cfg.epochs
 
     time_frac = [0.0]  # share of max_minutes used; the cosine follows whichever of steps or time is further
-
-    def lr_factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = max((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), time_frac[0])
-        return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    schedule = [[0, total_steps]]  # cosine segments (see lr_factor); a resumed run takes its checkpoint's
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, schedule, cfg.warmup_steps, time_frac[0]))
     ema = None
     if cfg.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -917,9 +911,9 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     shipped = ema.module if ema is not None else net  # what is evaluated, selected and saved
     speed = {"channels_last", "compile_mode", "log_every", "crossfit_views"}  # how fast or what is predicted after, not what is trained: a run may resume with other values
     unset = {"not_skin_kinds"} if cfg.not_skin_kinds is None else set()  # added later: runs without it keep their fingerprint
-    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "register_as", "checkpoint_every", *speed, *unset}), sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"epochs", "max_minutes", "resume", "progress", "threads", "out_dir", "artifact", "overwrite_artifact", "register_as", "checkpoint_every", *speed, *unset}), sort_keys=True).encode()).hexdigest()[:16]
     ckpt_path = out / "checkpoint.pt"
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "elapsed_s": 0.0, "schedule": schedule}
     metrics_path = out / "metrics.jsonl"
     resumed = False
     if cfg.resume and ckpt_path.exists():
@@ -932,17 +926,20 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         state.update(json.loads(ck["state"]))
+        schedule[:] = resume_schedule(state, cfg.epochs, steps_per_epoch, ckpt_path)
+        state["schedule"] = schedule
         resumed = True
     if not resumed:
-        metrics_path.write_text("")
         (out / "best.safetensors").unlink(missing_ok=True)
+    # resumed: rows written after the checkpoint are dropped, the resumed steps log them again
+    metrics = MetricsLog(out, keep_rows=(state.get("metrics_rows", rows_through(metrics_path, state["global_step"])) if resumed else None))
 
     def log(**rec):
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({"t": round(state["elapsed_s"] + time.time() - t_mark[0], 1), **rec}, default=float) + "\n")
+        metrics.log(t=round(state["elapsed_s"] + time.time() - t_mark[0], 1), **rec)
 
     def checkpoint():
         state["elapsed_s"] += time.time() - t_mark[0]
+        state["metrics_rows"] = metrics.rows
         t_mark[0] = time.time()
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"fingerprint": fingerprint, "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": json.dumps(state),
@@ -1016,7 +1013,7 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
     (out / "MODEL_CARD.md").write_text(card)
     reg = write_registry_fragment(out, cfg.register_as, weights, role="classifier", licence=LICENCE, fmt=EXPERT_FORMAT,
                                   notes=f"EfficientNet-Lite0 multi-task expert fine-tuned by dermgraph train encoder (best epoch {state['best_epoch']}).")  # fmt: skip
-    published = publish(weights, cfg.artifact, best, card=card.split("\n", 1)[1], title=card.split("\n", 1)[0].lstrip("# "))
+    published = publish(weights, cfg.artifact, best, card=card.split("\n", 1)[1], title=card.split("\n", 1)[0].lstrip("# "), overwrite=cfg.overwrite_artifact)
     return {
         "weights": str(weights),
         "size_mb": round(weights.stat().st_size / 1e6, 2),
@@ -1032,6 +1029,55 @@ def train(cfg: Config, tables: tuple[dict[str, list[dict]], list[str]] | None = 
         "learning_curves": str(out / "learning_curves.png"),
     }
 
+
+
+def lr_factor(step: int, schedule: list[list[int]], warmup_steps: int, time_frac: float = 0.0) -> float:
+    """Learning-rate factor at ``step``: a linear warmup, then a cosine to 0 over each ``[start, end)`` segment of
+    ``schedule`` (the planned run; one more per extension of a finished run, from the base rate without warmup).
+    ``time_frac`` (share of max_minutes used) advances the cosine when time runs out before the steps do."""
+    start, end = next(seg for seg in reversed(schedule) if step >= seg[0])
+    warm = warmup_steps if start == 0 else 0
+    if step < start + warm:
+        return (step - start + 1) / warm
+    t = max((step - start - warm) / max(1, end - start - warm), time_frac)
+    return float(0.5 * (1 + np.cos(np.pi * min(1.0, t))))  # a python float: checkpoints load with weights_only=True
+
+
+def resume_schedule(state: dict, epochs: int, steps_per_epoch: int, ckpt_path: Path) -> list[list[int]]:
+    """The LR schedule of a run resumed from ``state`` with ``epochs``. The same epochs keep the checkpoint's schedule.
+    More epochs extend a finished run: its schedule is kept and the added epochs get a new cosine segment (a notice
+    says so). Other epochs for an unfinished run would bend its cosine mid-way: refused."""
+    saved = state.get("schedule")
+    end = steps_per_epoch * epochs
+    if not saved:  # a checkpoint from before schedules were recorded: its planned length is unknown
+        return [[0, end]]
+    planned = saved[-1][1]
+    if end == planned:
+        return [list(seg) for seg in saved]
+    finished = state["epoch"] * steps_per_epoch >= planned
+    if not finished:
+        raise ValueError(f"{ckpt_path} was written with another configuration: a run of {planned // steps_per_epoch} epochs "
+                         f"stopped after {state['epoch']}; epochs={epochs} would change its learning-rate schedule mid-run. "
+                         f"Resume with epochs={planned // steps_per_epoch} (then extend it), set resume=false or use another out_dir")
+    if end < planned:
+        return [list(seg) for seg in saved]  # nothing left to train
+    start = state["global_step"]
+    print(f"resume: extending a finished run of {planned // steps_per_epoch} epochs to {epochs}: the added epochs (steps {start}-{end}) "
+          "follow a new cosine from the base learning rate, without warmup; the finished epochs' schedule is unchanged", flush=True)
+    return [*(list(seg) for seg in saved), [start, end]]
+
+
+def rows_through(path: Path, step: int) -> int:
+    """Leading rows of a metrics log up to the first logged after ``step`` (checkpoints that predate ``metrics_rows``)."""
+    n = 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                break
+        except ValueError:
+            break
+        n += 1
+    return n
 
 
 def model_card(cfg: Config, best: dict, state: dict, sizes: dict, *, wall_s: float, device: str, stopped_early: bool) -> str:

@@ -819,7 +819,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"SGR-calibrated acceptance model ({', '.join(cfg.acceptance_features)}). Fit counts: {json.dumps(counts)}. Metrics below are on "
                 "the evaluation halves it never fitted on. Data licences: non-commercial (ISIC 2018, Derm7pt, DermNet NZ); the full card with "
                 "ablations is in models/artifacts/README.md.")  # fmt: skip
-        summary["published"] = str(publish(out, cfg.artifact, headline, card=body, title=f"{cfg.artifact_id} ({Path(cfg.artifact).name})"))
+        summary["published"] = str(publish(out, cfg.artifact, headline, card=body, title=f"{cfg.artifact_id} ({Path(cfg.artifact).name})", overwrite=cfg.overwrite_artifact))
     _plots(evals, cfg.out_dir)
     print(report_table(metrics, cfg))
     return summary

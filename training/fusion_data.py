@@ -140,7 +140,8 @@ def _done_ids(path: Path) -> set[str]:
 
 def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool = True, limit: int | None = None, expert_features: Path | None = None,
             agent_config: Path | None = None, expert_crossfit: str | Path | None = None) -> Path:
-    """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM). ``expert_features``: the
+    """Append each case's expert record to ``out`` (``<out>_llm.jsonl`` with the LLM); ``limit``: only the first
+    ``limit`` cases of the selection (cases already in ``out`` are skipped). ``expert_features``: the
     second expert's cached outputs (``eval_encoder features``), so that clinical photos search similar cases with
     its features as the agent does (never for images it trained on, whose features are in-sample).
     ``agent_config``: the agent YAML whose nodes render the cases (default: the default agent), e.g. one whose
@@ -152,9 +153,12 @@ def collect(out: Path, sources: Iterable[str], feature_dir: Path, with_llm: bool
     out = llm_path(out) if with_llm else out
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = case_rows(sources, feature_dir)
-    done = _done_ids(out)
-    todo = [r for r in rows if r.id not in done][:limit]
-    print(f"{len(rows)} cases, {len(done)} done, {len(todo)} to go", flush=True)
+    n_all = len(rows)
+    rows = rows[:limit]  # the first `limit` cases of the selection, as `dermgraph eval --limit`: repeating the command adds none
+    ids = {r.id for r in rows}
+    done = {i for i in _done_ids(out) if i in ids}
+    todo = [r for r in rows if r.id not in done]
+    print(f"{len(rows)} cases{f' (the first {len(rows)} of {n_all})' if len(rows) < n_all else ''}, {len(done)} done, {len(todo)} to go", flush=True)
     if not todo:
         return out
     agent = make_agent(agent_config)
@@ -358,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES + EXTRA_SOURCES)
     ap.add_argument("--feature-dir", type=Path, default=FEATURE_DIR)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM's candidate scores (fast; the LLM pass writes <out>_llm.jsonl)")
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N cases of the selection (as `dermgraph eval --limit`); "
+                    "a rerun resumes within those N and adds no others")
     ap.add_argument("--agent-config", type=Path, default=None, help="agent YAML whose nodes render the cases (default: the default agent)")
     ap.add_argument("--tta", action="store_true", help="write <out>_tta.jsonl: the classifier on test-time views of each image (models.tta)")
     ap.add_argument("--expert-weights", type=Path, default=None, help="write <out>_effnet.jsonl for this second-expert file instead of collecting")

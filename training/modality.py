@@ -347,7 +347,7 @@ def train(cfg: Config) -> dict:
 
     before = _before_after(cfg, x, y, tags, hs, metrics)
     print(before["table"], flush=True)
-    published = publish(weights, cfg.artifact, metrics)
+    published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=HEAD_NOTES)
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
 
@@ -407,8 +407,8 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log, images=None, 
     before = {"frozen_heldout": frozen["heldout_accuracy"], "new_heldout": metrics["heldout_accuracy"], "rows": rows, "table": tbl,
               "new_is_better": metrics["heldout_accuracy"] > frozen["heldout_accuracy"]}  # fmt: skip
 
-    published = publish(weights, cfg.artifact, metrics)
-    enc_published = publish(delta, cfg.encoder_artifact)
+    published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
+    enc_published = publish(delta, cfg.encoder_artifact, overwrite=cfg.overwrite_artifact)
     reg = None
     if cfg.register_as:
         enc_entry = registry_entry(cfg.out_dir, ft.encoder_id, delta, role="image_embedder", licence=LICENCE, fmt="xception-delta",

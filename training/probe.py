@@ -164,13 +164,18 @@ def train(cfg: Config) -> dict:
             "heldout": heldout}  # fmt: skip
     d = x["full"].shape[1]
     hs = HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"dermnet": head}, inputs=kind, meta=meta)
-    cfg.artifact.parent.mkdir(parents=True, exist_ok=True)
-    hs.save(cfg.artifact)
+    from training.outputs import announce_overwrite, shipped_target
+
+    target, replaced_id = shipped_target(cfg.artifact, cfg.out_dir, cfg.overwrite_artifact)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hs.save(target)
     metrics = {"cv": cv, "selected_C": best["C"], "heldout": heldout, "n_train": int(tr.sum()), "n_heldout": int(held.sum()), "classes": len(classes)}
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    cfg.artifact.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    target.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    if replaced_id:
+        announce_overwrite(replaced_id, target)
     print(f"held-out sixth ({int(held.sum())} photos): {heldout}")
-    return {"artifact": str(cfg.artifact), **metrics}
+    return {"artifact": str(target), **metrics}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -170,7 +170,7 @@ def publish(adapter: Path, cfg: TrainConfig, notes: str) -> dict[str, Any]:
     from training import outputs
 
     info: dict[str, Any] = {"adapter": str(adapter)}
-    target = outputs.publish(adapter, cfg.artifact, files=(*ADAPTER_FILES, "dermgraph.json")) or adapter
+    target = outputs.publish(adapter, cfg.artifact, files=(*ADAPTER_FILES, "dermgraph.json"), overwrite=cfg.overwrite_artifact) or adapter
     if cfg.artifact is not None:
         info["artifact"] = str(target)
         info["artifact_bytes"] = sum((target / n).stat().st_size for n in ADAPTER_FILES)

@@ -303,14 +303,14 @@ def train(cfg: Config) -> dict:
     va_auc = metrics["val_auroc"]
     rows_t = [[k, va_auc["rule_morphology_agreement"][k], va_auc["diagnosis_prior_only"][k], shipped[k] if shipped else None, va_auc["trained"][k]]
               for k in ("all", "all_per_label_balanced", "swapped_only", "perturbed_only")]  # fmt: skip
-    tbl = table(["val pairs", "rule morphology_agreement (before)", "diagnosis prior only", f"shipped {cfg.compare_with}", "new verifier (after)"], rows_t)
+    tbl = table(["val pairs", "rule morphology_agreement (before)", "diagnosis prior only", shipped_header(cfg.compare_with), "new verifier (after)"], rows_t)
     tbl = f"Consistency verifier on Derm7pt {cfg.val_split} pairs (n={len(y_va)}, {int(y_va.sum())} consistent), AUROC:\n{tbl}"
     print(tbl, flush=True)
 
     agent_level = report_records(model, cfg.records)
     if agent_level.get("table"):
         print(agent_level["table"], flush=True)
-    published = publish(weights, cfg.artifact, metrics)
+    published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE,
                                   notes="Trained consistency verifier: P(consistent | 7-point findings, diagnosis), logistic + Platt on Derm7pt pairs.")  # fmt: skip
     return {
@@ -321,6 +321,11 @@ def train(cfg: Config) -> dict:
         "artifact": str(published) if published else None,
         "registry": str(reg) if reg else None,
     }
+
+
+def shipped_header(compare_with: str | None) -> str:
+    """The before/after table's column for the shipped verifier (``compare_with: null`` compares none)."""
+    return f"shipped {compare_with}" if compare_with else "no shipped model to compare"
 
 
 # ----------------------------------------------------------------------------- offline re-scoring of agent records

@@ -96,7 +96,8 @@ class Diagnosis(BaseModel):
     image_sha256: str = Field(description="Hash of the decoded pixels (identifies the case; no image data is stored).")
     image_size: tuple[int, int]
     input_warnings: list[str] = Field(
-        default_factory=list, description="What about the input was changed or not used (image scaled or composited, a site not recognised)."
+        default_factory=list, description="What about the input was changed or not used (image scaled or composited, a site not recognised), "
+        "and a retrieval the configuration left empty (a case index without the route's sources)."
     )
     question: str | None = None
     metadata: PatientMetadata | None = None
@@ -165,7 +166,8 @@ class Diagnosis(BaseModel):
         return cls(
             image_sha256=state.image_sha256,
             image_size=state.image_size,
-            input_warnings=list(state.input_warnings) + [w for w in (state.metadata.site_warnings() if state.metadata else []) if w not in state.input_warnings],
+            input_warnings=list(dict.fromkeys([*state.input_warnings, *(state.metadata.site_warnings() if state.metadata else []),
+                                               *(state.retrieval.warnings if state.retrieval else [])])),
             question=state.question,
             metadata=state.metadata,
             modality=state.modality,

@@ -140,6 +140,8 @@ class RetrievalResult(BaseModel):
     evidence: list[Evidence] = Field(default_factory=list)
     knn_probs: dict[str, float] = Field(default_factory=dict, description="Similarity-weighted label votes of retrieved cases.")
     query: str = ""
+    warnings: list[str] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                description="What made retrieval come back empty for a reason the user can fix (e.g. a case index without the route's sources).")
 
 
 class ReasoningStep(BaseModel):

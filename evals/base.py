@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evals.filters import FilterRule, filter_function
 
@@ -73,6 +73,14 @@ class Benchmark(_Strict):
     licence: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="Protocol-specific options (e.g. coverages, age bins, probe Cs).")
     source_file: Path | None = Field(None, exclude=True, description="The YAML file this was loaded from (set by the loader).")
+
+    @model_validator(mode="after")
+    def _positive_is_a_label(self) -> "Benchmark":
+        # A positive class outside the label set would silently drop the sensitivity/specificity metrics.
+        if self.positive is not None and self.positive not in self.labels:
+            listed = ", ".join(self.labels) if self.labels else "none (add a labels list)"
+            raise ValueError(f"positive {self.positive!r} is not one of the benchmark's labels: {listed}")
+        return self
 
 
 @dataclass

@@ -36,9 +36,12 @@ def age_band(value: Any, edges: Sequence[float] = DEFAULT_AGE_BINS) -> str:
 
 def group_values(cases: Sequence[EvalCase], options: dict[str, Any]) -> dict[str, list[str]]:
     """Group name → each case's group. Numeric groups are binned: ``options.group_bins`` maps a group
-    name to its edges; the group called ``age`` uses ``options.age_bins`` (default 40, 60)."""
-    bins = dict(options.get("group_bins") or {})
-    bins.setdefault("age", options.get("age_bins") or list(DEFAULT_AGE_BINS))
+    name to its edges; the group called ``age`` uses ``options.age_bins`` (default 40, 60). Edges that are
+    not a list of increasing numbers raise a one-line ValueError."""
+    from evals.options import check_bins
+
+    bins = {k: check_bins(f"group_bins.{k}", v) for k, v in dict(options.get("group_bins") or {}).items()}
+    bins.setdefault("age", check_bins("age_bins", options["age_bins"]) if options.get("age_bins") is not None else list(DEFAULT_AGE_BINS))
     names = sorted({n for c in cases for n in c.groups})
     out = {}
     for name in names:

@@ -39,16 +39,26 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate one benchmark into ``out`` (metrics.json, report.md, plots/, predictions/); returns metrics.json's content."""
+    import importlib
+
     from agent.config import load_config
     from evals.benchmark import load_benchmark, load_cases
-    from evals.protocols import get_protocol
+    from evals.protocols import PROTOCOLS, check_options, get_protocol
     from evals.report import write_outputs
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
     t_start = time.perf_counter()
     bench = load_benchmark(benchmark)
     protocol = get_protocol(bench.task)
-    cases, data_stats = load_cases(bench, limit=limit)
-    log(f"[eval] {bench.name}: {len(cases)} cases ({bench.task})" + (f", first {limit}" if limit else ""))
+    check_options(bench.task, {**bench.options, **(options or {})})  # before any case loads or model runs
+    # A protocol whose cases form splits (the linear probe) limits by itself: the first N rows may be one split only.
+    limiter = getattr(importlib.import_module(PROTOCOLS[bench.task].partition(":")[0]), "limit_cases", None) if limit else None
+    cases, data_stats = load_cases(bench, limit=None if limiter else limit)
+    if limiter:
+        cases = limiter(cases, limit, {**bench.options, **(options or {})})
+        data_stats["cases"] = len(cases)
+    log(f"[eval] {bench.name}: {len(cases)} cases ({bench.task})" + (f", limit {limit}" if limiter else f", first {limit}" if limit else ""))
     agent_config = load_config(config, overrides)
     out = Path(out)
     cache = PredictionCache(out / "predictions")

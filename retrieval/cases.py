@@ -44,23 +44,33 @@ class CasePair(BaseModel):
         return v
 
 
-def load_pairs(path: str | Path) -> list[CasePair]:
-    """Read and validate a pairs JSONL file."""
-    out = []
+def _read_pairs(path: str | Path) -> tuple[list[CasePair], list[str]]:
+    """The pairs of a JSONL file and where each is (``FILE:LINE``); a bad line is a one-line ValueError."""
+    from retrieval.kb import one_line_error
+
+    out, where = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
                     out.append(CasePair.model_validate_json(line))
                 except ValueError as exc:
-                    raise ValueError(f"{path}:{lineno}: {exc}") from exc
-    return out
+                    raise ValueError(f"{path}:{lineno}: {one_line_error(exc)}") from exc
+                where.append(f"{path}:{lineno}")
+    return out, where
 
 
-def _as_pairs(pairs: str | Path | Iterable[CasePair | dict[str, Any]]) -> list[CasePair]:
+def load_pairs(path: str | Path) -> list[CasePair]:
+    """Read and validate a pairs JSONL file."""
+    return _read_pairs(path)[0]
+
+
+def _as_pairs(pairs: str | Path | Iterable[CasePair | dict[str, Any]]) -> tuple[list[CasePair], list[str]]:
+    """The pairs and where each came from (``FILE:LINE``, or ``pair N`` for in-memory ones)."""
     if isinstance(pairs, (str, Path)):
-        return load_pairs(pairs)
-    return [p if isinstance(p, CasePair) else CasePair.model_validate(p) for p in pairs]
+        return _read_pairs(pairs)
+    items = [p if isinstance(p, CasePair) else CasePair.model_validate(p) for p in pairs]
+    return items, [f"pair {i}" for i in range(1, len(items) + 1)]
 
 
 def _feature_source(path: Path) -> str | None:
@@ -111,19 +121,26 @@ def _lookup(pair: CasePair, table: dict[str | None, dict[str, np.ndarray]]) -> n
     return None
 
 
-def encode_images(pairs: Sequence[CasePair], image_root: str | Path, encoder: Any, batch_size: int = 32) -> np.ndarray:
+def encode_images(pairs: Sequence[CasePair], image_root: str | Path, encoder: Any, batch_size: int = 32,
+                  where: Sequence[str] | None = None) -> np.ndarray:
     """(N, D) float32 features of the pairs' images via an ImageEmbedder (``embed_images``) or an
-    ImageClassifier (``predict(...).features``)."""
-    from PIL import Image
+    ImageClassifier (``predict(...).features``). An image that cannot be read is a one-line ValueError
+    naming the pair (``where[i]``, e.g. the pairs file and line) and the path."""
+    from PIL import Image, UnidentifiedImageError
 
     root = Path(image_root)
     chunks = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         images = []
-        for p in batch:
-            with Image.open(root / p.image) as im:
-                images.append(im.convert("RGB"))
+        for j, p in enumerate(batch, start):
+            try:
+                with Image.open(root / p.image) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as exc:  # UnidentifiedImageError is an OSError; named for the reader
+                at = where[j] if where else f"pair {j + 1}"
+                why = "not found" if isinstance(exc, FileNotFoundError) else f"unreadable image ({' '.join(str(exc).split())})"
+                raise ValueError(f"{at}: image {root / p.image} {why}") from None
         if hasattr(encoder, "embed_images"):
             chunks.append(np.asarray(encoder.embed_images(images), dtype=np.float32))
         elif hasattr(encoder, "predict"):
@@ -153,14 +170,15 @@ def build_case_index(
     Exactly one of ``encoder`` (images read from ``image_root``, default the shared data folder) or
     ``features`` (npz file(s) with ``ids``/``features``, or ``{id: vector}``) supplies the vectors.
     Vectors are reduced with PCA to ``pca_dim`` (None: keep all) and stored as float16 by default.
-    Pairs without features raise unless ``skip_missing``. ``embedder_id`` records which model produced
+    Pairs without features (or, with an encoder, without an image file) raise, naming the pairs file and
+    line, unless ``skip_missing``; the manifest's ``skipped`` counts those left out. ``embedder_id`` records which model produced
     precomputed features (default: the encoder's ``model_id``, or the feature files' names).
     """
     from retrieval.index import FaissIndex
 
     if (encoder is None) == (features is None):
         raise ValueError("pass exactly one of encoder= or features=")
-    items = _as_pairs(pairs)
+    items, where = _as_pairs(pairs)
     if not items:
         raise ValueError("no pairs to index")
     extra: dict[str, Any] = {}
@@ -175,7 +193,7 @@ def build_case_index(
                 kept.append(p)
                 rows.append(v)
         if missing and not skip_missing:
-            raise KeyError(f"{len(missing)} pairs have no features (first: {missing[:3]}); pass skip_missing=True")
+            raise KeyError(f"{len(missing)} pairs have no features (first: {missing[:3]}); pass --skip-missing (skip_missing=True) to leave them out")
         if not kept:
             raise ValueError("no pair matched the feature files")
         items, vectors = kept, np.stack(rows).astype(np.float32)
@@ -186,9 +204,19 @@ def build_case_index(
         from models.paths import data_dir
 
         root = Path(image_root) if image_root is not None else data_dir()
-        vectors = encode_images(items, root, encoder, batch_size=batch_size)
+        missing = [i for i, p in enumerate(items) if not (root / p.image).is_file()]
+        if missing and not skip_missing:
+            first = missing[0]
+            raise FileNotFoundError(f"{where[first]}: image {root / items[first].image} not found ({len(missing)} of {len(items)} "
+                                    "pairs have no image under the image root; check --image-root, or pass --skip-missing / skip_missing=True)")
+        if len(missing) == len(items):
+            raise ValueError(f"no pair's image exists under {root} (check --image-root)")
+        gone = set(missing)
+        items = [p for i, p in enumerate(items) if i not in gone]
+        where = [w for i, w in enumerate(where) if i not in gone]
+        vectors = encode_images(items, root, encoder, batch_size=batch_size, where=where)
         embedder_id = embedder_id or encoder.model_id
-        extra["skipped"] = 0
+        extra["skipped"] = len(missing)
     records = []
     for p in items:
         rec: dict[str, Any] = {"id": p.id, "source": p.source, "label": p.label, "caption": p.caption,
@@ -263,6 +291,12 @@ class CaseRetriever:
     def labels(self) -> list[str]:
         """Labels present in the index."""
         return sorted(self.index.manifest.get("label_counts", {}))
+
+    @property
+    def sources(self) -> list[str]:
+        """Datasets (records' ``source``) present in the index: what a ``sources=`` filter can match."""
+        counts = self.index.manifest.get("source_counts")
+        return sorted(counts) if counts else sorted({r.get("source", "") for r in self.index.records})
 
     def search(
         self,

@@ -56,11 +56,29 @@ def build(
     ),
     pca_dim: int | None = typer.Option(256, "--pca-dim", help="cases: PCA dimension (0 = no PCA)."),
     float16: bool = typer.Option(True, "--float16/--float32", help="cases: store vectors as float16."),
-    skip_missing: bool = typer.Option(False, "--skip-missing", help="cases: skip pairs without features."),
+    skip_missing: bool = typer.Option(
+        False, "--skip-missing", help="cases: skip pairs without features (or without an image file); the count is reported."
+    ),
     device: str = typer.Option("cpu", "--device", help="Device for the embedder ('cpu', 'cuda')."),
     gpu: bool = typer.Option(False, "--gpu", help="Use GPU faiss when available (CPU otherwise)."),
 ) -> None:
     """Build an index and write index.faiss, records.jsonl, manifest.json (and pca.npz) to --out."""
+    try:
+        index = _build(kind, out, input, image_root, features, embedder, pca_dim, float16, skip_missing, device, gpu)
+    except (ValueError, KeyError, OSError) as exc:  # bad input files: one line naming the file/line, not a traceback
+        from retrieval.kb import one_line_error
+
+        # str(KeyError) quotes its message; the others are flattened (pydantic's first problem only)
+        msg = " ".join(str(exc.args[0]).split()) if isinstance(exc, KeyError) and exc.args else one_line_error(exc)
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    m = index.manifest
+    skipped = f", skipped {m['skipped']} (no features or image)" if m.get("skipped") else ""
+    typer.echo(f"{m['kind']} index: {m['count']} vectors, dim {m['dim']}->{m['index_dim']} ({m['index_type']}), "
+               f"embedder {m['embedder']}{skipped} -> {out}")
+
+
+def _build(kind, out, input, image_root, features, embedder, pca_dim, float16, skip_missing, device, gpu):
     if kind is IndexKind.kb:
         from models.backends import create
         from retrieval.kb import build_kb_index, load_kb
@@ -82,7 +100,4 @@ def build(
             pca_dim=pca_dim or None, float16=float16, skip_missing=skip_missing, use_gpu=gpu,
             embedder_id=embedder if features else None,
         )
-    m = index.manifest
-    skipped = f", skipped {m['skipped']}" if m.get("skipped") else ""
-    typer.echo(f"{m['kind']} index: {m['count']} vectors, dim {m['dim']}->{m['index_dim']} ({m['index_type']}), "
-               f"embedder {m['embedder']}{skipped} -> {out}")
+    return index

@@ -123,8 +123,22 @@ def load_kb(path: str | Path | None = None) -> list[KBEntry]:
             try:
                 entries.append(KBEntry.model_validate_json(line))
             except ValueError as exc:
-                raise ValueError(f"{p}:{lineno}: {exc}") from exc
+                raise ValueError(f"{p}:{lineno}: {one_line_error(exc)}") from exc
     return entries
+
+
+def one_line_error(exc: Exception) -> str:
+    """A validation error as one line: the first problem's field and message (pydantic's own is many lines)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        e = errs[0]
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        return f"{loc + ': ' if loc else ''}{msg}{more}"
+    return " ".join(str(exc).split())
 
 
 def kb_sha256(entries: Sequence[KBEntry]) -> str:

@@ -9,21 +9,61 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 from evals.metrics import accuracy, balanced_accuracy, mcnemar_exact, paired_difference
 
 
+NOT_SYSTEMS = {"id", "truth", "verdict", "confidence"}
+
+
+class CompareError(ValueError):
+    """A problem with the runs or the arguments (one line; exit status 2)."""
+
+
 def read_cases(run: Path) -> dict[str, dict[str, str]]:
-    with open(Path(run) / "cases.csv", newline="") as f:
-        return {r["id"]: r for r in csv.DictReader(f)}
+    """``cases.csv`` of a diagnosis run: case id -> row."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CompareError(f"{run}: no such run directory")
+    path = run / "cases.csv"
+    if not path.is_file():
+        raise CompareError(f"{path}: not found (compare runs of a diagnosis benchmark, written by `dermgraph eval`)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"id", "truth", "verdict"} <= set(rows[0]):
+        raise CompareError(f"{path}: expected columns id, truth, verdict and a column per system")
+    return {r["id"]: r for r in rows}
 
 
-def compare(before: Path, after: Path, system: str = "agent") -> dict:
+def benchmark_name(run: Path) -> str | None:
+    """The benchmark named in the run's metrics.json (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(run) / "metrics.json").read_text())["benchmark"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def compare(before: Path, after: Path, system: str = "agent", warn=lambda msg: print(msg, file=sys.stderr)) -> dict:
+    """The paired comparison; raises CompareError for runs that cannot be compared."""
     a, b = read_cases(before), read_cases(after)
+    na, nb = benchmark_name(before), benchmark_name(after)
+    if na and nb and na != nb:
+        raise CompareError(f"the runs are of different benchmarks: {before} is {na!r}, {after} is {nb!r}")
+    systems = [c for c in next(iter(a.values())) if c not in NOT_SYSTEMS and c in next(iter(b.values()))]
+    if system not in systems:
+        raise CompareError(f"unknown system {system!r}; valid systems (columns of both cases.csv): {', '.join(systems)}")
     ids = sorted(set(a) & set(b))
     if not ids:
-        raise SystemExit("the two runs share no case")
+        raise CompareError("the two runs share no case")
+    differ = [i for i in ids if a[i]["truth"] != b[i]["truth"]]
+    if differ:
+        i = differ[0]
+        raise CompareError(f"{len(differ)} shared cases have different truth labels (first: {i!r}: {a[i]['truth']!r} vs {b[i]['truth']!r}): "
+                           "not runs of the same benchmark")
+    if len(ids) < max(len(a), len(b)):
+        warn(f"warning: only {len(ids)} cases are in both runs ({len(a)} in {before}, {len(b)} in {after}); comparing those")
     y = [a[i]["truth"] for i in ids]
     pa, pb = [a[i][system] for i in ids], [b[i][system] for i in ids]
     acc_a = [a[i]["verdict"] == "accept" for i in ids]
@@ -52,7 +92,12 @@ def main() -> None:
     ap.add_argument("after", type=Path)
     ap.add_argument("--system", default="agent", help="column of cases.csv to compare (agent, classifier, knn, ...)")
     a = ap.parse_args()
-    print(json.dumps(compare(a.before, a.after, a.system), indent=1))
+    try:
+        result = compare(a.before, a.after, a.system)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,10 @@ def test_readme_example_benchmark_validates():
     block = re.search(r"```yaml\n(name: my_clinic.*?)```", readme, re.S).group(1)
     b = Benchmark.model_validate(yaml.safe_load(block))
     assert b.dataset.group_columns["skin_type"] == "fitzpatrick" and b.positive == "mel"
+
+
+def test_positive_must_be_one_of_the_labels(tmp_path):
+    # A positive class outside the labels would silently drop the melanoma metrics.
+    with pytest.raises(BenchmarkError, match=r"positive 'melanoma' is not one of the benchmark's labels: mel, nv, bkl"):
+        load_benchmark(_yaml(tmp_path, BASE + "positive: melanoma\n"))
+    assert load_benchmark(_yaml(tmp_path, BASE + "positive: mel\n")).positive == "mel"

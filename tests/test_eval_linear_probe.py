@@ -198,3 +198,16 @@ def test_shipped_benchmark_options_validate(name):
     assert bench.task == "linear_probe" and "split" in bench.dataset.extra_columns
     assert set(opts.train_filter) == set(opts.test_filter) == {"split"}
     assert min(opts.Cs) == 1e-5 and max(opts.Cs) == 10.0
+
+
+def test_limit_keeps_both_splits():
+    # --limit 4 on a file whose first rows are all training cases used to leave "4 training and 0 test cases".
+    from pathlib import Path
+
+    cases = [EvalCase(id=f"{s}{i}", image=Path(f"{s}{i}.png"), label="mel", extra={"split": s}) for s in ("train", "val") for i in range(6)]
+    kept = probe_protocol.limit_cases(cases, 4, {})
+    assert len(kept) == 4 and {c.extra["split"] for c in kept} == {"train", "val"}
+    assert [c.id for c in kept] == ["train0", "train1", "val0", "val1"]  # the first of each split, in file order
+    assert len(probe_protocol.limit_cases(cases, 50, {})) == 12
+    with pytest.raises(ValueError, match="--limit >= 2"):
+        probe_protocol.limit_cases(cases, 1, {})

@@ -379,3 +379,109 @@ def test_reasoner_protocol_renders_the_agents_prompt_caches_per_model_and_rescor
     CALLS.clear()
     s2 = run_benchmark(bench, tmp_path / "out", agent_factory=fake_agent, log=lambda m: None, rescore=True)
     assert CALLS == [] and s2["metrics"]["models"] == m["models"]
+
+
+@pytest.mark.parametrize("opt, message", [
+    ({"n_bootstrap": -5}, "n_bootstrap=-5"), ({"n_bootstrap": 0}, "n_bootstrap=0"), ({"calibration_bins": 0}, "calibration_bins=0"),
+    ({"coverages": [1.5]}, r"coverages are fractions in \(0, 1\]"), ({"top_k": [0]}, "top_k values must be >= 1"),
+    ({"nbootstrap": 10}, "unknown diagnosis option 'nbootstrap' \\(did you mean 'n_bootstrap'\\?\\); valid options: .*calibration_bins"),
+    ({"age_bins": "foo"}, "age_bins must be a list of increasing numbers"), ({"age_bins": 50}, r"write \[50\] for one edge"),
+    ({"age_bins": [60, 40]}, "strictly increasing"),
+])  # fmt: skip
+def test_bad_options_are_one_line_errors_before_any_case_runs(tmp_path, opt, message):
+    bench = _diagnosis_bench(tmp_path, n=2)
+    with pytest.raises(ValueError, match=message) as exc:
+        run_benchmark(bench, tmp_path / "out", options=opt, agent_factory=no_models, log=lambda m: None)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_of_model_backed_protocols_and_workers_are_checked(tmp_path):
+    from evals.protocols import check_options as validate_options
+
+    with pytest.raises(ValueError, match="unknown zero_shot option 'nbootstrap'.*valid options: .*n_bootstrap"):
+        validate_options("zero_shot", {"nbootstrap": 1})
+    with pytest.raises(ValueError, match="folds=1"):
+        validate_options("linear_probe", {"folds": 1})
+    validate_options("zero_shot", {"n_bootstrap": 0})  # 0: no interval (None), documented for those protocols
+    bench = _diagnosis_bench(tmp_path, n=2)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="--workers must be an integer >= 1"):
+            run_benchmark(bench, tmp_path / "out", workers=bad, agent_factory=no_models, log=lambda m: None)
+
+
+def test_eval_cli_reports_bad_options_and_workers_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dermgraph.cli import app
+
+    bench = _diagnosis_bench(tmp_path, n=2)
+    for args, message in ((["--opt", "age_bins=foo"], "age_bins must be a list"), (["--workers", "0"], "--workers must be"),
+                          (["--opt", "coverages=[1.5]"], "coverages are fractions")):
+        res = CliRunner().invoke(app, ["eval", str(bench), "--out", str(tmp_path / "o"), *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_age_bands_reject_bad_edges():
+    from evals.base import EvalCase
+    from evals.fairness import group_values
+
+    cases = [EvalCase(id="a", image=None, groups={"age": "35"}), EvalCase(id="b", image=None, groups={"age": "70"})]
+    assert group_values(cases, {"age_bins": [50]}) == {"age": ["<50", ">=50"]}
+    for bad in ("foo", 50, [50, "x"]):
+        with pytest.raises(ValueError, match="age_bins must be a list of increasing numbers"):
+            group_values(cases, {"age_bins": bad})
+
+
+# --------------------------------------------------------------------------- scripts/compare_runs.py
+
+
+def _compare_runs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).resolve().parent.parent / "scripts" / "compare_runs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_dir(path, rows, bench="tiny_dx"):
+    path.mkdir(parents=True)
+    lines = ["id,truth,classifier,agent,verdict,confidence"] + [f"{i},{t},{p},{p},accept,0.9" for i, t, p in rows]
+    (path / "cases.csv").write_text("\n".join(lines) + "\n")
+    (path / "metrics.json").write_text(json.dumps({"benchmark": {"name": bench}}))
+    return path
+
+
+def test_compare_runs_refuses_what_it_cannot_compare(tmp_path, capsys):
+    cr = _compare_runs()
+    rows = [("a", "mel", "mel"), ("b", "nv", "mel"), ("c", "nv", "nv")]
+    a = _run_dir(tmp_path / "a", rows)
+    b = _run_dir(tmp_path / "b", rows[:2])
+    warnings: list[str] = []
+    out = cr.compare(a, b, warn=warnings.append)
+    assert out["cases"] == 2 and len(warnings) == 1 and "only 2 cases are in both runs" in warnings[0]
+    with pytest.raises(cr.CompareError, match="unknown system 'bogus'; valid systems .*: classifier, agent"):
+        cr.compare(a, b, "bogus")
+    with pytest.raises(cr.CompareError, match="no such run directory"):
+        cr.compare(tmp_path / "nope", b)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cr.CompareError, match="cases.csv: not found"):
+        cr.compare(a, tmp_path / "empty")
+    with pytest.raises(cr.CompareError, match="different benchmarks"):
+        cr.compare(a, _run_dir(tmp_path / "other", rows, bench="other"))
+    with pytest.raises(cr.CompareError, match="different truth labels .*'b': 'nv' vs 'bkl'"):
+        cr.compare(a, _run_dir(tmp_path / "relabelled", [("a", "mel", "mel"), ("b", "bkl", "mel")]))
+    # the command line: one error line, exit status 2
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["compare_runs.py", str(a), str(b), "--system", "bogus"]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cr.main()
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: unknown system") and err.count("\n") == 1

@@ -443,3 +443,71 @@ def test_shipped_kb_index_answers_dermoscopy_queries():
     assert "kb:basal_cell_carcinoma" in top
     top = [h["entry_id"] for h in r.search("honey-coloured crusts around the mouth", k=3, modality="clinical")]
     assert "kb:impetigo" in top
+
+
+def test_missing_or_bad_images_name_the_pairs_line_and_skip_missing_counts_them(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import retrieval.cli as rcli
+    from retrieval.cli import index_app
+
+    (tmp_path / "toy" / "images").mkdir(parents=True)
+    for i in (0, 1, 3):
+        Image.new("RGB", (6, 6), (40 * i, 90, 30)).save(tmp_path / "toy" / "images" / f"{i}.png")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in _pairs(4)))  # toy/images/2.png (line 3) is missing
+    with pytest.raises(FileNotFoundError, match=r"pairs.jsonl:3: image .*2.png not found .*--skip-missing"):
+        build_case_index(pairs, None, image_root=tmp_path, encoder=FixedImageEmbedder(), pca_dim=None)
+    idx = build_case_index(pairs, None, image_root=tmp_path, encoder=FixedImageEmbedder(), pca_dim=None, skip_missing=True)
+    assert idx.manifest["count"] == 3 and idx.manifest["skipped"] == 1
+    (tmp_path / "toy" / "images" / "2.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: image .*2.png unreadable image"):
+        build_case_index(pairs, None, image_root=tmp_path, encoder=FixedImageEmbedder(), pca_dim=None)
+    (tmp_path / "toy" / "images" / "2.png").unlink()
+
+    monkeypatch.setattr(rcli, "_image_embedder", lambda spec, device: FixedImageEmbedder())
+    args = ["build", "--kind", "cases", "--input", str(pairs), "--image-root", str(tmp_path), "--out", str(tmp_path / "ix"), "--pca-dim", "0"]
+    res = CliRunner().invoke(index_app, args)
+    assert res.exit_code == 2 and "pairs.jsonl:3: image" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(index_app, [*args, "--skip-missing"])
+    assert res.exit_code == 0, res.output
+    assert "3 vectors" in res.output and "skipped 1" in res.output
+
+
+def test_bad_kb_or_pairs_jsonl_is_one_line_naming_file_and_line(tmp_path):
+    from retrieval.cli import index_app
+
+    kb = tmp_path / "bad.jsonl"
+    kb.write_text('{"id": "kb:x"}\n')
+    res = CliRunner().invoke(index_app, ["build", "--kind", "kb", "--input", str(kb), "--out", str(tmp_path / "kb")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:1:" in lines[0]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(_pairs(1)[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: ") as exc:
+        build_case_index(pairs, None, features={"toy:0": np.ones(4)}, pca_dim=None)
+    assert "\n" not in str(exc.value)
+
+
+def test_retrieve_warns_when_the_case_index_has_none_of_the_routes_sources():
+    # An index built with "source": "test" was searched with sources=[ham10000, ...]: no case, no kNN, no word.
+    from PIL import Image
+
+    from agent import Agent
+    from agent.testing import FakeCases, backends
+
+    class Sourced(FakeCases):
+        @property
+        def sources(self):
+            return sorted({i.split(":")[0] for i, _, _ in self.hits})
+
+    cases = Sourced([("test:a", "mel", 0.9), ("test:b", "nv", 0.8)])
+    d = Agent(backends=backends(cases=cases)).diagnose(Image.new("RGB", (32, 32), (150, 90, 70)))
+    warning = next(w for w in d.input_warnings if "case index" in w)
+    assert "['ham10000', 'derm7pt', 'isic2018']" in warning and "its sources: ['test']" in warning
+    assert "--set routing.dermoscopy.case_sources=[test]" in warning
+    step = next(t for t in d.trace if t.node == "retrieve")
+    assert warning in step.notes
+    ok = Agent(backends=backends(cases=Sourced())).diagnose(Image.new("RGB", (32, 32), (150, 90, 70)))
+    assert not any("case index" in w for w in ok.input_warnings)

@@ -27,6 +27,20 @@ def case_index_for(state: CaseState, rt: Backends, route) -> tuple[object, objec
     return rt.cases, state.encoding.features, cfg.case_index
 
 
+def source_mismatch(index, route, modality: str) -> str | None:
+    """A warning when the case index holds no record of any of the route's ``case_sources`` (every search would
+    come back empty, silently dropping the kNN expert); None when they overlap or the index cannot say."""
+    sources = getattr(index, "sources", None)
+    if sources is None:
+        return None
+    sources = list(sources)
+    if set(sources) & set(route.case_sources):
+        return None
+    return (f"case index has no case of the {modality} route's case_sources {list(route.case_sources)} (its sources: {sources or 'none'}): "
+            f"similar cases and the kNN expert are unavailable; use --set routing.{modality}.case_sources=[{','.join(sources) or '...'}] "
+            f"or rebuild the index with a source in {list(route.case_sources)}")
+
+
 def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     cfg = rt.config.retrieval
     modality = state.modality.label
@@ -34,6 +48,7 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
     evidence: list[Evidence] = []
     notes: list[str] = []
     knn_probs: dict[str, float] = {}
+    warnings: list[str] = []
 
     if cfg.k_knowledge:
         kb_modality = modality if modality in ("clinical", "dermoscopy", "histopathology") else None
@@ -51,6 +66,9 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
         from retrieval.cases import knn_label_distribution
 
         index, query_features, case_index_id = case_index_for(state, rt, route)
+        if warning := source_mismatch(index, route, modality):
+            notes.append(warning)
+            warnings.append(warning)  # the Diagnosis shows it with the input warnings
         same = index.search(query_features[None], k=cfg.k_cases, exclude_ids=state.exclude_cases or None, sources=route.case_sources)[0]
         for h in same:
             evidence.append(
@@ -63,7 +81,7 @@ def retrieve(state: CaseState, rt: Backends) -> NodeOutput:
         if same and labels:
             knn_probs = {k: round(float(v), 5) for k, v in knn_label_distribution(same, labels, cfg.knn_temperature).items()}
 
-    result = RetrievalResult(evidence=evidence, knn_probs=knn_probs, query=query)
+    result = RetrievalResult(evidence=evidence, knn_probs=knn_probs, query=query, warnings=warnings)
     return NodeOutput(
         {"retrieval": result},
         inputs={"query": query[:300], "modality": modality},

@@ -12,6 +12,7 @@ before; a protocol whose steps derive more from the context (its options, sample
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from evals.base import ProtocolFn
 
@@ -32,3 +33,20 @@ def get_protocol(task: str) -> ProtocolFn:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(PROTOCOLS)}")
     module, _, name = PROTOCOLS[task].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def options_model(task: str):
+    """The options model of ``task``'s protocol (the agent-backed ones in :mod:`evals.options`, the others their ``Options``)."""
+    from evals.options import AGENT_OPTIONS
+
+    if task in AGENT_OPTIONS:
+        return AGENT_OPTIONS[task]
+    get_protocol(task)  # an unknown task: the list of valid ones
+    return getattr(importlib.import_module(PROTOCOLS[task].partition(":")[0]), "Options")
+
+
+def check_options(task: str, options: dict[str, Any]) -> None:
+    """One-line ValueError for an unknown or out-of-range option of ``task`` (:func:`evals.options.validate_options`)."""
+    from evals.options import validate_options
+
+    validate_options(task, options, options_model(task))

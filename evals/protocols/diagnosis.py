@@ -9,7 +9,7 @@ ablations are read from the same record's append-only trace, so they cost nothin
 - full agent: the final label (given even when the verdict is 'abstain').
 
 Options (benchmark ``options`` or ``--opt``): ``n_bootstrap`` (1000), ``seed`` (0), ``coverages``
-([0.5, 0.8, 0.9, 1.0]), ``set_alphas`` ([0.05, 0.1, 0.2]), ``calibration_bins`` (10), ``selective_score`` ('confidence'),
+([0.5, 0.8, 0.9, 1.0]), ``set_alphas`` ([0.05, 0.1, 0.2]), ``calibration_bins`` (10), ``selective_score`` ('acceptance'),
 ``age_bins`` ([40, 60]), ``group_bins``, ``min_group_size`` (10), ``allow_partial`` (false), ``top_k`` ([1, 3, 5]: the
 differential's top-k accuracy).
 """

@@ -24,6 +24,9 @@ Options (``options:`` in the benchmark YAML, or ``--opt``):
 - ``allow_partial`` (false): with ``--rescore`` (no encoder is loaded), use only the cases whose
   features are cached.
 
+``--limit N`` keeps both splits: N cases split between training and test cases in proportion to their
+numbers, at least one of each, the first ones of each in file order (:func:`limit_cases`).
+
 When the benchmark says ``seen_by_default_classifier`` and the encoder is sklesion, the report
 says the encoder was trained on these images, so the figures are optimistic.
 """
@@ -76,6 +79,23 @@ def _field(case: EvalCase, column: str) -> Any:
 
 def _keep(case: EvalCase, flt: dict[str, list[str]]) -> bool:
     return all(str(_field(case, col)) in {str(v) for v in allowed} for col, allowed in flt.items())
+
+
+def limit_cases(cases: list[EvalCase], limit: int, options: dict[str, Any]) -> list[EvalCase]:
+    """At most ``limit`` cases with both splits in them (the first N rows could all be training cases):
+    each split gets its share of ``limit`` by size, at least one, the first ones in file order."""
+    opts = Options.model_validate(options)
+    labelled = [c for c in cases if c.label is not None and c.image is not None]
+    train = [c for c in labelled if _keep(c, opts.train_filter)]
+    test = [c for c in labelled if _keep(c, opts.test_filter)]
+    if limit < 2:
+        raise ValueError(f"--limit {limit} cannot keep both training and test cases; the linear probe needs --limit >= 2")
+    if not train or not test:
+        return cases[:limit]  # load() then reports the empty split
+    n_test = min(len(test), max(1, round(limit * len(test) / (len(train) + len(test)))), limit - 1)
+    n_train = min(len(train), limit - n_test)
+    keep = {c.id for c in train[:n_train]} | {c.id for c in test[:n_test]}
+    return [c for c in cases if c.id in keep]
 
 
 def _pack(v: np.ndarray) -> dict[str, Any]:

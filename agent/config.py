@@ -385,19 +385,27 @@ def apply_overrides(config: AgentConfig, overrides: list[str] | None) -> AgentCo
 
 def _validate(data: dict[str, Any]) -> AgentConfig:
     """``AgentConfig.model_validate`` whose unknown-key errors name the section's valid keys and the likely one."""
+    return validate_explained(AgentConfig, data)
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def validate_explained(cls: type[M], data: Any) -> M:
+    """``cls.model_validate(data)``; a ValidationError's unknown keys (``extra_forbidden``) get the valid keys of their
+    section and the likely one (difflib), the rest of each error as pydantic wrote it. Shared by the trainers' configs."""
     try:
-        return AgentConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
-        errors = [_explain(e) for e in exc.errors()]
-        raise ValidationError.from_exception_data(exc.title, errors) from None
+        raise ValidationError.from_exception_data(exc.title, [_explain(cls, e) for e in exc.errors()]) from None
 
 
-def _explain(err: dict[str, Any]) -> dict[str, Any]:
+def _explain(cls: type[BaseModel], err: Any) -> dict[str, Any]:
     """A pydantic error as ``from_exception_data`` takes it; an unknown key gets the valid keys and a close match."""
     loc = tuple(err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        valid = _section_keys(loc[:-1])
+        valid = _section_keys(cls, loc[:-1])
         if valid:
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -407,9 +415,9 @@ def _explain(err: dict[str, Any]) -> dict[str, Any]:
     return {"type": PydanticCustomError(err["type"], msg), "loc": loc, "input": err.get("input")}
 
 
-def _section_keys(loc: tuple) -> list[str]:
-    """The field names of the model at ``loc`` inside AgentConfig ([] when ``loc`` is not a model)."""
-    t: Any = AgentConfig
+def _section_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model at ``loc`` inside ``cls`` ([] when ``loc`` is not a model)."""
+    t: Any = cls
     for part in loc:
         t = _unwrap(t)
         if _is_model(t) and part in t.model_fields:

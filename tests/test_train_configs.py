@@ -41,7 +41,7 @@ def test_overwrite_artifact_is_common_and_unknown_keys_get_a_hint():
         mod = trainer_module(node)
         assert load_train_config(mod.Config, None, []).overwrite_artifact is False
         assert load_train_config(mod.Config, None, ["overwrite_artifact=true"]).overwrite_artifact is True
-    with pytest.raises(ValidationError, match="did you mean 'overwrite_artifact'.*valid keys: .*out_dir"):
+    with pytest.raises(ValidationError, match="did you mean 'overwrite_artifact'.*valid top-level keys: .*out_dir"):
         load_train_config(trainer_module("verifier").Config, None, ["overwrite_artefact=true"])
     with pytest.raises(ValidationError, match="did you mean 'ham'.*valid keys of mix"):
         load_train_config(trainer_module("encoder").Config, None, ["mix.hamm=3"])

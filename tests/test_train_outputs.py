@@ -116,5 +116,5 @@ def test_model_card_command_is_what_the_user_typed():
     from training.outputs import command_line
 
     assert command_line(["/venv/bin/dermgraph", "train", "verifier"]) == "dermgraph train verifier"
-    assert command_line(["/work/main/dermgraph/cli.py", "train", "verifier", "--config", "c.yaml"]) == "dermgraph train verifier --config c.yaml"
-    assert command_line(["/work/main/training/verifier.py", "--config", "c.yaml"]) == "python -m training.verifier --config c.yaml"
+    assert command_line(["/home/u/dermgraph/dermgraph/cli.py", "train", "verifier", "--config", "c.yaml"]) == "dermgraph train verifier --config c.yaml"
+    assert command_line(["/home/u/dermgraph/training/verifier.py", "--config", "c.yaml"]) == "python -m training.verifier --config c.yaml"

@@ -6,17 +6,13 @@ Unknown keys are errors, as in the agent's configuration: the message names the 
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import _merge, parse_overrides
+from agent.config import _merge, parse_overrides, validate_explained
 
 
 class Strict(BaseModel):
@@ -54,39 +50,7 @@ def load_train_config(cls: type[C], path: str | Path | None = None, overrides: l
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         data = loaded
-    try:
-        return cls.model_validate(_merge(data, parse_overrides(overrides)))
-    except ValidationError as exc:
-        raise ValidationError.from_exception_data(exc.title, [_explain(cls, e) for e in exc.errors()]) from None
-
-
-def _explain(cls: type[BaseModel], err: Any) -> dict[str, Any]:
-    """A pydantic error as ``from_exception_data`` takes it; an unknown key gets a close match and the valid keys."""
-    loc, msg = tuple(err["loc"]), err["msg"]
-    if err["type"] == "extra_forbidden":
-        valid = _section_keys(cls, loc[:-1])
-        if valid:
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            where = f"keys of {'.'.join(map(str, loc[:-1]))}" if loc[:-1] else "keys"
-            msg = f"{msg}; {hint}valid {where}: {', '.join(valid)}"
-    return {"type": PydanticCustomError(err["type"], msg), "loc": loc, "input": err.get("input")}
-
-
-def _section_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model at ``loc`` inside ``cls`` ([] when it is not a model)."""
-    t: Any = cls
-    for part in (*loc, None):
-        if typing.get_origin(t) in (typing.Union, types.UnionType):  # Optional[Model]
-            t = next((a for a in typing.get_args(t) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if not (isinstance(t, type) and issubclass(t, BaseModel)):
-            return []
-        if part is None:
-            return sorted(t.model_fields)
-        if part not in t.model_fields:
-            return []
-        t = t.model_fields[part].annotation
-    return []
+    return validate_explained(cls, _merge(data, parse_overrides(overrides)))
 
 
 def resolve_device(name: str) -> str:

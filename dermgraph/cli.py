@@ -49,8 +49,9 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror}"
-    raw = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)  # str(KeyError) adds quotes
-    text = " ".join(raw.split()) or type(exc).__name__
+    from models.errors import message
+
+    text = message(exc) or type(exc).__name__
     return text if len(text) <= 600 else text[:597] + "..."
 
 
@@ -222,17 +223,17 @@ def bench(
     overrides: Optional[list[str]] = SetOpt,
 ):
     """Throughput benchmark: per-node wall time, cases/s, isolated model floors, overhead, peak RSS."""
-    from agent.bench import format_report, run_bench
+    from agent.bench import check_modes, format_report, run_bench
 
     if input is not None and images is not None:
         _fail("give the input either as an argument or with --images, not both")
     source = input or images
     if source is not None and not source.exists():
         _fail(f"{source}: no such file or folder")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in mode_list if m not in ("sequential", "batched")]
-    if bad or not mode_list:
-        _fail(f"--modes {modes!r}: unknown mode(s) {', '.join(map(repr, bad)) or '(none given)'}; valid: sequential, batched")
+    try:
+        mode_list = check_modes([m.strip() for m in modes.split(",") if m.strip()])
+    except ValueError as exc:
+        _fail(f"--modes {modes!r}: {exc}")
     with _user_errors("bench: "):
         report = run_bench(source, n=n, batch_size=batch_size, modes=mode_list,
                            latency_repeats=latency, repeats=repeats, config=config, overrides=overrides)  # fmt: skip

@@ -68,9 +68,7 @@ def build(
     except (ValueError, KeyError, OSError) as exc:  # bad input files: one line naming the file/line, not a traceback
         from retrieval.kb import one_line_error
 
-        # str(KeyError) quotes its message; the others are flattened (pydantic's first problem only)
-        msg = " ".join(str(exc.args[0]).split()) if isinstance(exc, KeyError) and exc.args else one_line_error(exc)
-        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {one_line_error(exc)}", fg=typer.colors.RED, err=True)  # pydantic's first problem only
         raise typer.Exit(2) from None
     m = index.manifest
     skipped = f", skipped {m['skipped']} (no features or image)" if m.get("skipped") else ""

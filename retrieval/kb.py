@@ -128,17 +128,13 @@ def load_kb(path: str | Path | None = None) -> list[KBEntry]:
 
 
 def one_line_error(exc: Exception) -> str:
-    """A validation error as one line: the first problem's field and message (pydantic's own is many lines)."""
+    """A validation error as one line: the first problem's field and message (pydantic's own is many lines); other
+    errors' message flattened (:func:`models.errors.message`)."""
     from pydantic import ValidationError
 
-    if isinstance(exc, ValidationError):
-        errs = exc.errors()
-        e = errs[0]
-        loc = ".".join(str(x) for x in e.get("loc", ()))
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
-        return f"{loc + ': ' if loc else ''}{msg}{more}"
-    return " ".join(str(exc).split())
+    from models.errors import errors_line, message
+
+    return errors_line(exc.errors(), show_input=False) if isinstance(exc, ValidationError) else message(exc)
 
 
 def kb_sha256(entries: Sequence[KBEntry]) -> str:

@@ -42,13 +42,6 @@ def _agent(config: Optional[Path], store: Optional[str], backends: Optional[str]
     return agent
 
 
-def _message(exc: Exception) -> str:
-    """A KeyError's own message (str() would quote it), other errors as one line."""
-    from serve.settings import one_line
-
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else one_line(exc)
-
-
 @review_app.command("list")
 def review_list(config: Optional[Path] = ConfigOpt, store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
     """Cases awaiting review, oldest first."""
@@ -69,7 +62,9 @@ def review_show(case_id: str = typer.Argument(...), config: Optional[Path] = Con
     try:
         d = _agent(config, store).case(case_id)
     except (KeyError, ValueError) as exc:
-        _fail(_message(exc))
+        from serve.settings import one_line
+
+        _fail(one_line(exc))  # a KeyError's own message, not its quoted repr
     if as_json:
         typer.echo(d.model_dump_json())
         return
@@ -117,7 +112,9 @@ def review_resume(
     try:
         d = agent.resume(case_id, decision)
     except (KeyError, ValueError) as exc:
-        _fail(_message(exc))
+        from serve.settings import one_line
+
+        _fail(one_line(exc))  # a KeyError's own message, not its quoted repr
     typer.echo(d.model_dump_json() if as_json else d.summary())
 
 

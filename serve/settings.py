@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from agent.review import ReviewPolicy
+from models.errors import errors_line, message
 
 ENV_TOKENS = "DERMGRAPH_API_TOKENS"
 MIN_TOKEN_CHARS = 16
@@ -34,19 +35,7 @@ def one_line(exc: BaseException, names: dict[str, str] | None = None) -> str:
         return errors_line(exc.errors(include_url=False), names)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def errors_line(errors: list[dict], names: dict[str, str] | None = None, show_input: bool = True) -> str:
-    """pydantic's error list as one line: the first error's field, message (and input), how many more."""
-    e = errors[0]
-    loc = ".".join(str(p) for p in e.get("loc", ()))
-    loc = (names or {}).get(loc, loc)
-    msg = " ".join(str(e.get("msg", "")).removeprefix("Value error, ").split())
-    got = e.get("input")
-    shown = f" (got {str(got)[:60]!r})" if show_input and got is not None and not isinstance(got, (dict, list)) else ""
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{loc + ': ' if loc else ''}{msg}{shown}{more}"
+    return message(exc) or type(exc).__name__
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -178,6 +178,17 @@ def _llm_used(agent) -> list[str]:
     return used
 
 
+MODES = ("sequential", "batched")
+
+
+def check_modes(modes: Sequence[str]) -> list[str]:
+    """``modes`` as a list; ValueError naming the unknown ones (or none given) and the valid ones."""
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {', '.join(map(repr, bad)) or '(none given)'}; valid: {', '.join(MODES)}")
+    return list(modes)
+
+
 def run_bench(
     source: str | Path | None = None,
     *,
@@ -197,9 +208,8 @@ def run_bench(
 
     from agent.agent import Agent
 
-    bad = set(modes) - {"sequential", "batched"}
-    if bad:
-        raise ValueError(f"unknown bench modes {sorted(bad)} (valid: sequential, batched)")
+    if modes:  # an empty list runs no mode, as before
+        check_modes(modes)
     cases = bench_cases(source, n)
     agent = agent or Agent(config, overrides=overrides)
     t0 = time.perf_counter()

@@ -101,17 +101,22 @@ class CachingSecondExpert(_Delegate):
 
 
 class CachingProbe(_Delegate):
-    """Clinical feature probe whose ``predict`` answers prefetched images (with their lesion features) from one
-    batched ImageNet pass."""
+    """Feature probe (the clinical probe, the modality probe) whose ``predict`` answers prefetched images (with their
+    lesion features, for the probes that read them) from one batched ImageNet pass."""
 
-    def prefetch(self, images: Sequence[Any], lesion_features: Sequence[np.ndarray]) -> None:
+    def prefetch(self, images: Sequence[Any], lesion_features: Sequence[np.ndarray] | None = None) -> None:
         if not len(images):
             return
-        probs = self.inner.predict(list(images), np.stack(lesion_features))
-        self.cache = {(_image_key(im, None), _row_key(f)): probs[i] for i, (im, f) in enumerate(zip(images, lesion_features))}
+        feats = None if lesion_features is None else np.stack(lesion_features)
+        probs = self.inner.predict(list(images), feats)
+        self.cache = {self._key(im, None if feats is None else feats[i]): probs[i] for i, im in enumerate(images)}
 
-    def predict(self, images, lesion_features):
-        rows = [self.cache.get((_image_key(im, None), _row_key(f))) for im, f in zip(images, lesion_features)]
+    @staticmethod
+    def _key(image, lesion_row) -> tuple:
+        return _image_key(image, None), None if lesion_row is None else _row_key(lesion_row)
+
+    def predict(self, images, lesion_features=None):
+        rows = [self.cache.get(self._key(im, None if lesion_features is None else lesion_features[i])) for i, im in enumerate(images)]
         if not len(images) or any(r is None for r in rows):
             self.misses += 1
             return self.inner.predict(images, lesion_features)
@@ -271,7 +276,7 @@ def llm_first_round(fronts, rt, llm: CachingLLM, chunk: int | None = None) -> di
 def install_caches(rt) -> dict[str, _Delegate]:
     """Wrap the runtime's batchable backends (idempotent); returns them by name. Builds (lazily loads) them."""
     wrapped: dict[str, _Delegate] = {}
-    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("clinical_probe", CachingProbe)):
+    for name, cls in (("classifier", CachingClassifier), ("second_expert", CachingSecondExpert), ("clinical_probe", CachingProbe), ("modality_probe", CachingProbe)):
         cur = getattr(rt, name)
         if cur is None:  # no second expert (or probe) configured
             continue
@@ -321,7 +326,7 @@ def fusion_calls_llm(fusion) -> bool:
 
 def uninstall_caches(rt) -> None:
     """Put the wrapped backends back (the runtime then runs exactly as before :func:`install_caches`)."""
-    for name in ("classifier", "second_expert", "clinical_probe", *CASE_INDEXES, "llm"):
+    for name in ("classifier", "second_expert", "clinical_probe", "modality_probe", *CASE_INDEXES, "llm"):
         cur = rt.__dict__.get(name)
         if isinstance(cur, _Delegate):
             rt.__dict__[name] = cur.inner
@@ -403,7 +408,10 @@ class BatchedAgent:
             self.backends["classifier"].prefetch(images, metas)
             if "second_expert" in self.backends:
                 self.backends["second_expert"].prefetch(images)
+            if "modality_probe" in self.backends:  # every image: the modality node reads it before the route is known
+                self.backends["modality_probe"].prefetch(images)
             if "clinical_probe" in self.backends:  # the images the encode node will run it on, with their cached lesion features
+                # (a shared ImageNet encoder reuses the modality probe's pass for these images)
                 picked = [(im, self.backends["classifier"].predict([im], [m]).features[0]) for im, m in zip(images, metas) if probe_wanted(rt, im)]
                 self.backends["clinical_probe"].prefetch([im for im, _ in picked], [f for _, f in picked])
             lap("encoder forward")

@@ -37,6 +37,7 @@ class Backends(Protocol):
     classifier: ImageClassifier
     second_expert: Any
     clinical_probe: Any
+    modality_probe: Any
     modality_heads: HeadSet
     modality_encoder: Any
     concept_heads: HeadSet
@@ -87,16 +88,36 @@ class Runtime:
         return self._get("second_expert", lambda: None if ref is None else _backend("classifier", ref, self.config.device))
 
     @functools.cached_property
-    def clinical_probe(self):
-        """The clinical feature probe (``encoder.clinical_probe``, :class:`models.probe.FeatureProbe`), or None."""
+    def imagenet_encoder(self):
+        """EfficientNet-Lite0 with its ImageNet weights (pooled features and stage statistics), shared by the probes that
+        read them, so a case pays one pass for both (:class:`models.probe.ImageNetEncoder`)."""
 
         def build():
-            from models.probe import FeatureProbe
+            from models.probe import ImageNetEncoder
 
-            ref = self.config.encoder.clinical_probe
-            return None if ref is None else FeatureProbe(resolve_artifact(ref), self.config.device)
+            return ImageNetEncoder(self.config.device, stages=True)
 
-        return self._get("clinical_probe", build)
+        return self._get("imagenet_encoder", build)
+
+    def _probe(self, ref: str | None):
+        if ref is None:
+            return None
+        from models.probe import FeatureProbe
+
+        probe = FeatureProbe(resolve_artifact(ref), self.config.device)
+        if probe.stages:  # a pooled-features-only probe keeps its own encoder (it reads a different output)
+            probe.imagenet = self.imagenet_encoder
+        return probe
+
+    @functools.cached_property
+    def clinical_probe(self):
+        """The clinical feature probe (``encoder.clinical_probe``, :class:`models.probe.FeatureProbe`), or None."""
+        return self._get("clinical_probe", lambda: self._probe(self.config.encoder.clinical_probe))
+
+    @functools.cached_property
+    def modality_probe(self):
+        """The modality probe (``modality.imagenet_probe``, :class:`models.probe.FeatureProbe` on ImageNet features), or None."""
+        return self._get("modality_probe", lambda: self._probe(self.config.modality.imagenet_probe))
 
     @functools.cached_property
     def modality_heads(self):

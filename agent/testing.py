@@ -121,6 +121,24 @@ class FakeClinicalProbe:
         return np.array([list(self.dermnet.values()) for _ in images], dtype=np.float32)
 
 
+class FakeModalityProbe:
+    """A modality probe (:class:`models.probe.FeatureProbe` on ImageNet features) with fixed modality probabilities."""
+
+    model_id = "fake-modality-probe"
+
+    def __init__(self, probs: dict[str, float] | None = None):
+        self.probs = probs or {"clinical": 0.1, "dermoscopy": 0.8, "histopathology": 0.05, "not_skin": 0.05}
+        self.calls = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.probs)
+
+    def predict(self, images, lesion_features=None):
+        self.calls += 1
+        return np.array([list(self.probs.values()) for _ in images], dtype=np.float32)
+
+
 def constant_heads(name_to_value: dict[str, tuple[tuple[str, ...], str]], dim: int, ood_threshold: float | None = None) -> HeadSet:
     """A real HeadSet whose heads always predict the given value (zero weights, biased logits)."""
     heads = {}
@@ -243,6 +261,7 @@ def backends(**over):
         "classifier": FakeClassifier(),
         "second_expert": None,  # no second visual expert unless a test gives one (FakeSecondExpert)
         "clinical_probe": None,  # no clinical feature probe unless a test gives one (FakeClinicalProbe)
+        "modality_probe": None,  # no modality probe unless a test gives one (FakeModalityProbe): the head alone decides
         "modality_heads": modality_heads(),
         "concept_heads": concept_heads({"pigment_network": "atypical", "blue_whitish_veil": "present"}),
         "kb": FakeKB(),

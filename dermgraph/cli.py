@@ -344,8 +344,8 @@ def config_model_ids(config) -> list[str]:
     dumped = config.model_dump(mode="json")
     llm = dumped["reasoner"].pop("llm")
     walk(dumped)
-    if config.encoder.clinical_probe and BASE_ID in registry:
-        found[BASE_ID] = None
+    if (config.encoder.clinical_probe or (config.modality.imagenet_probe and config.modality.imagenet_weight > 0)) and BASE_ID in registry:
+        found[BASE_ID] = None  # the probes' ImageNet network
     if config_calls_llm(config):
         walk(llm)
     return list(found)

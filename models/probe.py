@@ -19,6 +19,9 @@ import numpy as np
 
 PROBE_FEATURES = "lesion-encoder+imagenet"
 PROBE_STAGE_FEATURES = "lesion-encoder+imagenet-stages"
+IMAGENET_STAGE_FEATURES = "imagenet-stages"
+"""A probe on the ImageNet network's features alone (pooled + stage statistics), e.g. the modality probe."""
+PROBE_KINDS = (PROBE_FEATURES, PROBE_STAGE_FEATURES, IMAGENET_STAGE_FEATURES)
 IMAGENET_SIZE = 224
 IMAGENET_DIM = 1280
 STAGES = (3, 4, 5, 6)  # timm EfficientNet-Lite0 `blocks` whose activations are pooled (80, 112, 192, 320 channels)
@@ -35,18 +38,25 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def probe_inputs(lesion: np.ndarray, imagenet: np.ndarray, stages: bool = False) -> np.ndarray:
-    """(N, 2048 + ImageNet width) float32: each network's features, and with ``stages`` each block of
-    :func:`imagenet_blocks`, L2-normalised (so none dominates by scale), concatenated."""
-    lesion, imagenet = (np.asarray(x, dtype=np.float32) for x in (lesion, imagenet))
-    lesion, imagenet = (x[None] if x.ndim == 1 else x for x in (lesion, imagenet))
-    if len(lesion) != len(imagenet):
-        raise ValueError(f"{len(lesion)} lesion-encoder rows but {len(imagenet)} ImageNet rows")
+def imagenet_inputs(imagenet: np.ndarray, stages: bool = False) -> np.ndarray:
+    """(N, ImageNet width) float32: each block of :func:`imagenet_blocks` L2-normalised (so none dominates by scale)."""
+    imagenet = np.asarray(imagenet, dtype=np.float32)
+    imagenet = imagenet[None] if imagenet.ndim == 1 else imagenet
     widths = imagenet_blocks(stages)
     if stages and imagenet.shape[1] != sum(widths):
         raise ValueError(f"ImageNet features of width {imagenet.shape[1]}, but the stage features are {sum(widths)} wide")
     parts = np.split(imagenet, np.cumsum(widths)[:-1], axis=1) if stages else [imagenet]
-    return np.concatenate([_unit(lesion)] + [_unit(x) for x in parts], axis=1)
+    return np.concatenate([_unit(x) for x in parts], axis=1)
+
+
+def probe_inputs(lesion: np.ndarray, imagenet: np.ndarray, stages: bool = False) -> np.ndarray:
+    """(N, 2048 + ImageNet width) float32: the lesion encoder's features L2-normalised, then :func:`imagenet_inputs`."""
+    lesion = np.asarray(lesion, dtype=np.float32)
+    lesion = lesion[None] if lesion.ndim == 1 else lesion
+    img = imagenet_inputs(imagenet, stages)
+    if len(lesion) != len(img):
+        raise ValueError(f"{len(lesion)} lesion-encoder rows but {len(img)} ImageNet rows")
+    return np.concatenate([_unit(lesion), img], axis=1)
 
 
 class ImageNetEncoder:
@@ -67,6 +77,7 @@ class ImageNetEncoder:
         self.dim = sum(imagenet_blocks(stages))
         self._net = None
         self._acts: dict[int, Any] = {}
+        self._last: dict[int, tuple[Any, np.ndarray]] | None = None
 
     def _load(self):
         if self._net is None:
@@ -80,13 +91,31 @@ class ImageNetEncoder:
         return self._net
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """(N, :attr:`dim`) features. Images that are the very objects of the previous call reuse that call's rows without
+        a second pass (the modality probe and the clinical probe of one case, or of one micro-batch, read one pass)."""
+        out = np.zeros((len(images), self.dim), np.float32)
+        if not len(images):
+            return out
+        last = self._last or {}
+        todo = []
+        for i, im in enumerate(images):
+            hit = last.get(id(im))
+            if hit is not None and hit[0] is im:
+                out[i] = hit[1]
+            else:
+                todo.append(i)
+        if todo:
+            out[todo] = self._forward([images[i] for i in todo])
+        # Keeping the images keeps their identities: no other object can take an id while it is in the memo.
+        self._last = {id(im): (im, out[i].copy()) for i, im in enumerate(images)}
+        return out
+
+    def _forward(self, images: Sequence[Any]) -> np.ndarray:
         import torch
 
         from models.efficientnet import to_tensor
 
         out = np.zeros((len(images), self.dim), np.float32)
-        if not len(images):
-            return out
         net = self._load()
         with torch.inference_mode():
             for lo in range(0, len(images), self.batch_size):
@@ -101,19 +130,24 @@ class ImageNetEncoder:
 
 class FeatureProbe:
     """The probe artifact with its ImageNet network: :meth:`predict` gives each image's class probabilities from the
-    image and the lesion encoder's pooled features of it (which the agent has already computed)."""
+    image and (for the kinds that read them) the lesion encoder's pooled features of it, which the agent has already
+    computed. ``meta['features']`` is one of :data:`PROBE_KINDS`."""
 
     def __init__(self, path: str | Path, device: str = "cpu", imagenet: Any | None = None):
-        """``imagenet``: anything with ``embed(images) -> (N, 1280)`` (default: :class:`ImageNetEncoder`)."""
+        """``imagenet``: anything with ``embed(images) -> (N, width)`` (default: a new :class:`ImageNetEncoder`; give one
+        to share its pass between probes)."""
         from models.heads import HeadSet
 
         self.path = Path(path)
         self.heads = HeadSet.load(self.path)
         kind = self.heads.meta.get("features")
-        if kind not in (PROBE_FEATURES, PROBE_STAGE_FEATURES) or len(self.heads.heads) != 1:
+        if kind not in PROBE_KINDS or len(self.heads.heads) != 1:
             raise ValueError(f"{self.path} is not a feature probe (meta.features {kind!r}, {len(self.heads.heads)} heads; "
-                             f"expected {PROBE_FEATURES!r} or {PROBE_STAGE_FEATURES!r} and one head): train one with `dermgraph train probe`")
-        self.stages = kind == PROBE_STAGE_FEATURES
+                             f"expected one of {', '.join(map(repr, PROBE_KINDS))} and one head): train one with `dermgraph train probe` "
+                             "(or `dermgraph train modality` with inputs: imagenet-stages)")  # fmt: skip
+        self.kind = kind
+        self.stages = kind in (PROBE_STAGE_FEATURES, IMAGENET_STAGE_FEATURES)
+        self.reads_lesion_features = kind != IMAGENET_STAGE_FEATURES
         self.head = next(iter(self.heads.heads.values()))
         self.model_id = str(self.heads.meta.get("id") or self.path.stem)
         self.imagenet = imagenet if imagenet is not None else ImageNetEncoder(device, stages=self.stages)
@@ -122,9 +156,14 @@ class FeatureProbe:
     def classes(self) -> list[str]:
         return list(self.head.classes)
 
-    def predict(self, images: Sequence[Any], lesion_features: np.ndarray) -> np.ndarray:
-        """(N, C) probabilities in :attr:`classes` order."""
-        lesion_features = np.asarray(lesion_features, dtype=np.float32).reshape(len(images), -1)
+    def predict(self, images: Sequence[Any], lesion_features: np.ndarray | None = None) -> np.ndarray:
+        """(N, C) probabilities in :attr:`classes` order (``lesion_features`` only for the kinds that read them)."""
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32)
-        return self.heads.predict_proba(probe_inputs(lesion_features, self.imagenet.embed(images), self.stages))[self.head.name]
+        imagenet = self.imagenet.embed(images)
+        if not self.reads_lesion_features:
+            return self.heads.predict_proba(imagenet_inputs(imagenet, self.stages))[self.head.name]
+        if lesion_features is None:
+            raise ValueError(f"the probe {self.model_id!r} ({self.kind}) reads the lesion encoder's features too")
+        lesion_features = np.asarray(lesion_features, dtype=np.float32).reshape(len(images), -1)
+        return self.heads.predict_proba(probe_inputs(lesion_features, imagenet, self.stages))[self.head.name]

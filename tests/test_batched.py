@@ -10,7 +10,7 @@ from PIL import Image
 from agent import Agent
 from agent.batch import Case, run_batch
 from agent.batched import BatchedAgent, CachingEmbedder, CachingLLM, batched_case_diagnose
-from agent.testing import FakeClassifier, FakeClinicalProbe, FakeSecondExpert, backends, concept_heads, fusion_model
+from agent.testing import FakeClassifier, FakeClinicalProbe, FakeModalityProbe, FakeSecondExpert, backends, concept_heads, fusion_model
 from models.vocabulary import HAM_CLASSES
 
 TIMING_KEYS = {"started_at", "duration_s", "seconds", "cases_per_second"}
@@ -78,7 +78,7 @@ def test_batched_records_equal_sequential(tmp_path, llm_fused):
     # Findings say nevus while classifier/cases/LLM lean melanoma: with the LLM fused the verifier asks for revisions.
     make = lambda: Agent(  # noqa: E731
         backends=backends(classifier=VaryingClassifier(), fusion=fusion(), concept_heads=concept_heads({"pigment_network": "typical"}), second_expert=FakeSecondExpert(),
-                          clinical_probe=FakeClinicalProbe()),
+                          clinical_probe=FakeClinicalProbe(), modality_probe=FakeModalityProbe()),
         overrides=["verifier.max_rounds=2", "verifier.target_accuracy={dermoscopy: 0.8}", f"reasoner.llm_summary={llm_fused}"],
     )
     seq_agent, bat_agent = make(), make()
@@ -109,6 +109,8 @@ def test_batched_records_equal_sequential(tmp_path, llm_fused):
     # The probe (run on every image: this expert has no modality head to rule dermoscopy out) is batched too.
     assert bat_agent.runtime.clinical_probe.inner.calls == 4 and bat_agent.runtime.clinical_probe.misses == 0
     assert seq_agent.runtime.clinical_probe.calls == 31
+    assert bat_agent.runtime.modality_probe.inner.calls == 4 and bat_agent.runtime.modality_probe.misses == 0  # every image, batched
+    assert seq_agent.runtime.modality_probe.calls == 31
     assert all(r["diagnosis"]["trace"][0]["outputs"]["encoding"]["expert_probs"]["probe_dermnet"] for r in ok)
 
 

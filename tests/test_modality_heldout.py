@@ -98,7 +98,8 @@ def test_smoke_run_scores_every_held_out_image_by_a_fold_expert_that_never_train
     held = {f["fold"]: {g for g in f["held_out"] if g.startswith("dermoscopy:")} for f in folds.values()}
     assert held == {0: {"dermoscopy:ham10000"}, 1: {"dermoscopy:derm7pt"}, 2: {"dermoscopy:isic2018_val"}}
     assert folds[0]["trained"]["train_ham"] == 0 < folds[1]["trained"]["train_ham"] and folds[1]["trained"]["train_derm7pt"] == 0 < folds[0]["trained"]["train_derm7pt"]
-    assert set(metrics["agent_mean"]) == set(metrics["head"]) == set(metrics["expert"]) and 0 <= metrics["agent_mean"]["all"] <= 1
+    assert set(metrics["agent_decision"]) == set(metrics["head"]) == set(metrics["expert"]) == set(metrics["probe"]) and 0 <= metrics["agent_decision"]["all"] <= 1
+    assert np.allclose(pred["probe"].sum(1), 1, atol=1e-3) and metrics["agent"] == {"second_expert_weight": 1 / 3, "imagenet_weight": 1 / 3, "combine": "geometric"}
 
 
 def test_headline_accuracy_leaves_the_dermoscopy_crop_views_out():

@@ -189,12 +189,14 @@ def test_a_fusion_artifact_fitted_on_other_concept_heads_is_refused(tmp_path):
 
 
 def test_modality_is_the_mean_of_the_head_and_the_experts_modality_head():
-    """The head (a double sure of dermoscopy, p = 0.88) and an expert sure of a clinical photo: equal weights give
-    clinical; weight 0 gives the head alone; no expert modality head, the head alone."""
+    """The head (a double sure of dermoscopy, p = 0.88) and an expert sure of a clinical photo: with the expert's weight
+    0.5 in the arithmetic mean (the previous default), clinical; weight 0 (today's default) gives the head alone; no
+    expert modality head, the head alone."""
     from agent.config import AgentConfig
 
     expert = FakeSecondExpert(modality={"clinical": 0.98, "dermoscopy": 0.02})
-    state = Agent(backends=backends(second_expert=expert)).run(img(), until="modality")
+    mean = AgentConfig.model_validate({"modality": {"second_expert_weight": 0.5, "combine": "arithmetic"}})
+    state = Agent(mean, backends=backends(second_expert=expert)).run(img(), until="modality")
     assert state.encoding.expert_probs["effnet_modality"]["clinical"] == 0.98
     head = Agent(AgentConfig.model_validate({"modality": {"second_expert_weight": 0}}), backends=backends(second_expert=expert)).run(img(), until="modality")
     assert head.modality.label == "dermoscopy"
@@ -202,8 +204,14 @@ def test_modality_is_the_mean_of_the_head_and_the_experts_modality_head():
     assert state.modality.label == "clinical"
     assert abs(state.modality.probs["clinical"] - (0.5 * p_head["clinical"] + 0.49)) < 1e-3
     assert "second visual expert's modality head" in state.trace[-1].inputs["uses"]
-    plain = Agent(backends=backends(second_expert=FakeSecondExpert())).run(img(), until="modality")
+    plain = Agent(mean, backends=backends(second_expert=FakeSecondExpert())).run(img(), until="modality")
     assert plain.modality.probs == p_head and "second visual expert" not in plain.trace[-1].inputs["uses"]
+    # The default: the geometric mean, the expert's share a third (no modality probe among these doubles: the head has the rest).
+    default = Agent(backends=backends(second_expert=expert)).run(img(), until="modality")
+    ph = np.array([p_head[c] for c in ("clinical", "dermoscopy")])
+    want = ph ** (2 / 3) * np.array([0.98, 0.02]) ** (1 / 3)
+    assert default.trace[-1].inputs["opinions"]["second_expert"]["clinical"] == 0.98
+    assert abs(default.modality.probs["clinical"] / default.modality.probs["dermoscopy"] - want[0] / want[1]) < 0.02 * want[0] / want[1]
 
 
 def _expert_feature_heads(values: dict[str, str]):

@@ -233,3 +233,12 @@ def test_registered_ids_source_uris_and_paths_are_valid_references(tmp_path):
 
     check_references(AgentConfig())
     check_references(load_config(None, [f"reasoner.fusion={tmp_path}", "modality.head=pkg:artifacts/modality_head"]))
+
+
+def test_the_documented_default_config_file_is_the_default():
+    """configs/default.yaml says it is what Agent() uses: loading it gives exactly the defaults (a changed default must be
+    written there too)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    assert load_config(path).model_dump() == AgentConfig().model_dump()

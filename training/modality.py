@@ -15,9 +15,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from agent.config import AgentConfig
 from models.vocabulary import MODALITIES
@@ -83,8 +84,21 @@ class Config(TrainConfig):
     image_root: Path | None = Field(None, description="Folder the image paths in `data` are relative to (default: the file's folder).")
     compare_with: str | None = Field(default_factory=lambda: AgentConfig().modality.head, description="Registry id of the shipped head (the agent's modality.head) for the before/after table.")
     artifact_id: str = Field("modality-head", description="Id stored in the artifact's metadata (shown in the agent's trace).")
+    inputs: Literal["lesion-encoder", "imagenet-stages"] = Field(
+        "lesion-encoder",
+        description="What the head reads: the lesion encoder's features + colour/texture statistics (the modality head), or the frozen "
+        "ImageNet EfficientNet-Lite0's pooled features and stage statistics (the modality probe, models.probe; never fitted to any "
+        "skin data set, so an unseen source looks less foreign to it). ImageNet features are computed from the images and cached "
+        "in feature_dir.",
+    )
     finetune: EncoderFinetune | None = Field(None, description="Also fine-tune the encoder (None: a head on the shared encoder's cached features).")
     encoder_artifact: Path | None = Field(None, description="With finetune: where to copy the encoder delta the agent loads (modality.encoder).")
+
+    @model_validator(mode="after")
+    def _finetune_reads_the_encoder(self) -> "Config":
+        if self.finetune is not None and self.inputs != "lesion-encoder":
+            raise ValueError(f"finetune fine-tunes the lesion encoder; it needs inputs: lesion-encoder (got {self.inputs})")
+        return self
 
 
 def _stats_for(source: str, view: str, ids: np.ndarray, feature_dir: Path, root: Path | None = None) -> np.ndarray:
@@ -175,6 +189,41 @@ def build_dataset(cfg: Config):
         tags.extend(["user"] * len(rows))
         refs.extend(f"user:{i}" for i in f["ids"])
     return np.concatenate(xs).astype(np.float32), np.array(ys), np.array(groups), np.array(tags), np.array(refs)
+
+
+def imagenet_features(refs: np.ndarray, feature_dir: Path, chunk: int = 256) -> np.ndarray:
+    """(N, 2848) ImageNet pooled features and stage statistics (:class:`models.probe.ImageNetEncoder`) of the images
+    ``refs`` point at, cached by ref in ``feature_dir/imagenet_stages__modality.npz`` (saved every ``chunk`` images:
+    a killed run resumes)."""
+    from tqdm import tqdm
+
+    from models.probe import ImageNetEncoder
+
+    path = Path(feature_dir) / "imagenet_stages__modality.npz"
+    done: dict[str, np.ndarray] = {}
+    if path.exists():
+        z = np.load(path)
+        done = dict(zip(z["refs"].astype(str).tolist(), z["x"]))
+    todo = [str(r) for r in refs if str(r) not in done]
+    if todo:
+        enc = ImageNetEncoder(stages=True)
+        for lo in tqdm(range(0, len(todo), chunk), desc="ImageNet features", unit="chunk"):
+            part = todo[lo : lo + chunk]
+            done.update(zip(part, enc.embed([load_image(r) for r in part])))
+            keys = list(done)
+            np.savez(path, refs=np.array(keys), x=np.stack([done[k] for k in keys]))
+    return np.stack([done[str(r)] for r in refs]).astype(np.float32)
+
+
+def head_inputs(cfg: Config, x: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, str, dict]:
+    """The rows the head is fitted on, its ``inputs`` description and extra metadata, for ``cfg.inputs``."""
+    if cfg.inputs == "lesion-encoder":
+        return x, "sklesion features (2048) + image_stats (38)", {}
+    from models.probe import IMAGENET_STAGE_FEATURES, imagenet_blocks, imagenet_inputs
+
+    xi = imagenet_inputs(imagenet_features(refs, cfg.feature_dir), stages=True)
+    return xi, f"EfficientNet-Lite0 ImageNet pooled features + stage statistics ({sum(imagenet_blocks(True))}, each block L2-normalised)", {
+        "features": IMAGENET_STAGE_FEATURES}  # fmt: skip
 
 
 def load_image(ref: str):
@@ -324,6 +373,8 @@ def _fit_headset(x: np.ndarray, y: np.ndarray, dist_held: np.ndarray, cfg: Confi
 
 
 HEAD_NOTES = "Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject."
+PROBE_NOTES = ("Clinical / dermoscopy / histopathology / not-skin probe on the frozen ImageNet EfficientNet-Lite0's pooled features and stage "
+               "statistics (models.probe.FeatureProbe); the agent combines it with the modality head (modality.imagenet_probe).")  # fmt: skip
 
 
 def train(cfg: Config) -> dict:
@@ -337,18 +388,20 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"no training images for {missing}: check dermoscopy_sources / clinical_views / histology / data")
     if cfg.finetune is not None:
         return train_with_encoder(cfg, x, y, groups, tags, refs, log)
-    pred, dist_held = _crossval(lambda k, held: x, y, groups, cfg, log)
+    xh, inputs, meta = head_inputs(cfg, x, refs)
+    pred, dist_held = _crossval(lambda k, held: xh, y, groups, cfg, log)
     metrics = _heldout_metrics(y, pred, tags, cfg)
-    hs = _fit_headset(x, y, dist_held, cfg, metrics, inputs="sklesion features (2048) + image_stats (38)")
-    weights = cfg.out_dir / "modality_head.safetensors"
+    hs = _fit_headset(xh, y, dist_held, cfg, metrics, inputs=inputs, meta=meta)
+    weights = cfg.out_dir / ("modality_head.safetensors" if cfg.inputs == "lesion-encoder" else "modality_probe.safetensors")
     hs.save(weights)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], ood_threshold=metrics["ood_threshold"])
 
-    before = _before_after(cfg, x, y, tags, hs, metrics)
+    before = _before_after(cfg, x, y, tags, hs, metrics, new_x=xh)
     print(before["table"], flush=True)
     published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
-    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=HEAD_NOTES)
+    notes = HEAD_NOTES if cfg.inputs == "lesion-encoder" else PROBE_NOTES
+    reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=notes)
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
 
 
@@ -420,10 +473,11 @@ def train_with_encoder(cfg: Config, x, y, groups, tags, refs, log, images=None, 
             "registry": str(reg) if reg else None}  # fmt: skip
 
 
-def _before_after(cfg: Config, x, y, tags, new, metrics) -> dict:
+def _before_after(cfg: Config, x, y, tags, new, metrics, new_x=None) -> dict:
     """Held-out-source accuracy of the shipped head (as recorded in its metadata by the same protocol)
     vs this run's; plus both final heads applied to this run's images (in-sample for both, since each
-    was fitted on every source: a check that the new head is not worse on the data, not a held-out figure)."""
+    was fitted on every source: a check that the new head is not worse on the data, not a held-out figure).
+    ``new_x``: the new head's inputs when they are not the shipped head's (``x``)."""
     from models.heads import HeadSet
     from training.outputs import shipped_path, table
 
@@ -431,13 +485,13 @@ def _before_after(cfg: Config, x, y, tags, new, metrics) -> dict:
     old = HeadSet.load(old_path) if old_path is not None else None
     rec = (old.meta.get("metrics") or {}) if old is not None else {}
 
-    def direct(hs):
+    def direct(hs, x=x):
         p = hs.predict_proba(x)["modality"]
         pred = np.array(hs.heads["modality"].classes)[p.argmax(1)]
         return round(float(np.mean(pred == y)), 4), accuracy_by_tag(y, pred, tags)
 
     old_all, old_by = direct(old) if old is not None else (None, {})
-    new_all, new_by = direct(new)
+    new_all, new_by = direct(new, x if new_x is None else new_x)
     rec_by = rec.get("heldout_accuracy_by_source", {})
     rows = [["all", rec.get("heldout_accuracy"), metrics["heldout_accuracy"], old_all, new_all]]
     rows += [[t, rec_by.get(t), metrics["heldout_accuracy_by_source"].get(t), old_by.get(t), new_by.get(t)] for t in sorted(set(tags))]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -34,7 +34,11 @@ class Config(TrainConfig):
     modality: Path = Field(Path("configs/train/modality.yaml"), description="The modality head's config: its sources, views, folds and C.")
     encoder: Path = Field(Path("configs/train/encoder_cpu.yaml"), description="The expert's recipe each fold model is trained with.")
     encoder_set: list[str] = Field([], description="Overrides of the encoder recipe, as key=value (e.g. max_minutes=20).")
-    second_expert_weight: float | None = Field(None, ge=0, le=1, description="The expert's weight in the mean (None: the agent's default).")
+    imagenet_probe: Path | None = Field(Path("configs/train/modality_probe.yaml"), description="The modality probe's config (its inputs, C and "
+                                        "iterations; fitted per fold on the head's images), or None: no probe opinion.")
+    second_expert_weight: float | None = Field(None, ge=0, le=1, description="The expert's weight in the agent's combination (None: the agent's default).")
+    imagenet_weight: float | None = Field(None, ge=0, le=1, description="The probe's weight in the agent's combination (None: the agent's default).")
+    combine: Literal["geometric", "arithmetic"] | None = Field(None, description="The agent's combination rule (None: the agent's default).")
     folds: list[int] | None = Field(None, description="Folds to run (None: all).")
     batch_size: int = Field(64, ge=1, description="Images per forward pass when scoring held-out images.")
 
@@ -95,6 +99,7 @@ def _accuracy(y: np.ndarray, p: np.ndarray, tags: np.ndarray, classes: list[str]
 
 def train(cfg: Config) -> dict:
     from agent.config import AgentConfig
+    from agent.nodes.modality import combine_opinions
     from models.vocabulary import MODALITIES
     from training import encoder as enc
     from training import modality as mod
@@ -104,9 +109,20 @@ def train(cfg: Config) -> dict:
     t0 = time.time()
     mcfg = load_train_config(mod.Config, cfg.modality)
     ecfg0 = load_train_config(enc.Config, cfg.encoder, cfg.encoder_set)
-    w = AgentConfig().modality.second_expert_weight if cfg.second_expert_weight is None else cfg.second_expert_weight
+    agent = AgentConfig().modality
+    w = agent.second_expert_weight if cfg.second_expert_weight is None else cfg.second_expert_weight
+    wi = (agent.imagenet_weight if cfg.imagenet_weight is None else cfg.imagenet_weight) if cfg.imagenet_probe is not None else 0.0
+    rule = agent.combine if cfg.combine is None else cfg.combine
+    if w + wi > 1 + 1e-9:
+        raise ValueError(f"second_expert_weight ({w:g}) + imagenet_weight ({wi:g}) exceed 1: the head's weight is 1 minus their sum")
+
+    def decide(ph, pe, pp):
+        return combine_opinions(ph, [(pp, wi), (pe, w)], rule)
+
     classes = list(MODALITIES)
     x, y, groups, tags, refs = mod.build_dataset(mcfg)
+    pcfg = load_train_config(mod.Config, cfg.imagenet_probe, [f"feature_dir={mcfg.feature_dir}"]) if cfg.imagenet_probe is not None else None
+    xp = mod.head_inputs(pcfg, x, refs)[0] if pcfg is not None else None  # the probe's inputs of the head's images
     headline = mod.headline_rows(tags, mcfg)
     folds = mod.source_folds(groups, mcfg)
     sets, dn_classes = enc.build_tables(ecfg0)
@@ -122,6 +138,7 @@ def train(cfg: Config) -> dict:
     fold_of = np.full(len(y), -1)
     p_head = np.full((len(y), len(classes)), np.nan)
     p_expert = np.full((len(y), len(classes)), np.nan)
+    p_probe = np.full((len(y), len(classes)), np.nan)
     per_fold = []
     for k, held in enumerate(folds):
         if cfg.folds is not None and k not in cfg.folds:
@@ -132,6 +149,9 @@ def train(cfg: Config) -> dict:
         scaler, clf = mod.fit(x[~held], y[~held], mcfg.c, mcfg.max_iter)
         order = [list(clf.classes_).index(c) for c in classes]
         p_head[held] = clf.predict_proba(scaler.transform(x[held]))[:, order]
+        if pcfg is not None:  # the modality probe, the same way on its own inputs
+            scaler, clf = mod.fit(xp[~held], y[~held], pcfg.c, pcfg.max_iter)
+            p_probe[held] = clf.predict_proba(scaler.transform(xp[held]))[:, [list(clf.classes_).index(c) for c in classes]]
         # The expert, trained without the fold's sources.
         out = cfg.out_dir / f"fold{k}"
         weights = out / "best.safetensors"
@@ -147,35 +167,43 @@ def train(cfg: Config) -> dict:
                          "trained": {n: len(v) for n, v in tables.items() if n.startswith("train_")},
                          "head": _accuracy(y[held], p_head[held], tags[held], classes, headline[held])["all"],
                          "expert": _accuracy(y[held], p_expert[held], tags[held], classes, headline[held])["all"],
-                         "mean": _accuracy(y[held], (1 - w) * p_head[held] + w * p_expert[held], tags[held], classes, headline[held])["all"]})  # fmt: skip
+                         "probe": _accuracy(y[held], p_probe[held], tags[held], classes, headline[held])["all"] if pcfg is not None else None,
+                         "agent": _accuracy(y[held], decide(p_head[held], p_expert[held], p_probe[held] if pcfg is not None else None), tags[held], classes,
+                                            headline[held])["all"]})  # fmt: skip
         print(json.dumps(per_fold[-1]), flush=True)
     done = ~np.isnan(p_expert).any(1)
     yd, td, hd = y[done], tags[done], headline[done]
     metrics = {
         "protocol": f"{mcfg.n_folds} folds of training.modality (whole dermoscopy datasets, thirds of DermNet classes, histology slides and synthetic kinds held out); "
                     f"the expert per fold: {cfg.encoder} with its fold's sources removed from training and selection",  # fmt: skip
-        "second_expert_weight": w,
+        "agent": {"second_expert_weight": w, "imagenet_weight": wi, "combine": rule},
         "n": int(hd.sum()),
         "n_with_crop_views": int(done.sum()),
         "head": _accuracy(yd, p_head[done], td, classes, hd),
         "expert": _accuracy(yd, p_expert[done], td, classes, hd),
-        "agent_mean": _accuracy(yd, (1 - w) * p_head[done] + w * p_expert[done], td, classes, hd),
+        **({"probe": _accuracy(yd, p_probe[done], td, classes, hd)} if pcfg is not None else {}),
+        "agent_decision": _accuracy(yd, decide(p_head[done], p_expert[done], p_probe[done] if pcfg is not None else None), td, classes, hd),
         "folds": per_fold,
         "wall_s": round(time.time() - t0, 1),
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     np.savez(cfg.out_dir / "predictions.npz", refs=refs[done].astype(str), y=yd, tags=td, head=p_head[done], expert=p_expert[done], fold=fold_of[done],
-             headline=hd)  # fmt: skip
+             headline=hd, **({"probe": p_probe[done]} if pcfg is not None else {}))  # fmt: skip
     print(report_table(metrics))
-    return {"n": metrics["n"], "head": metrics["head"]["all"], "expert": metrics["expert"]["all"], "agent_mean": metrics["agent_mean"]["all"],
+    return {"n": metrics["n"], "head": metrics["head"]["all"], "expert": metrics["expert"]["all"], "probe": (metrics.get("probe") or {}).get("all"),
+            "agent_decision": metrics["agent_decision"]["all"],
             "metrics": str(cfg.out_dir / "metrics.json")}  # fmt: skip
 
 
 def report_table(metrics: dict) -> str:
-    rows = ["| held-out images | n | head (Xception) | expert (EfficientNet) | agent (mean, weight %g) |" % metrics["second_expert_weight"], "|---|---|---|---|---|"]
+    a = metrics["agent"]
+    cols = [("head", "head (Xception)"), ("expert", "expert (EfficientNet)"), ("probe", "probe (ImageNet features)"),
+            ("agent_decision", f"agent ({a['combine']}; expert {a['second_expert_weight']:g}, probe {a['imagenet_weight']:g})")]
+    cols = [(k, name) for k, name in cols if k in metrics]
+    rows = ["| held-out images | n | " + " | ".join(name for _, name in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for t in metrics["head"]:
-        rows.append(f"| {t} | {'' if t != 'all' else metrics['n']} | {metrics['head'][t]:.4f} | {metrics['expert'][t]:.4f} | {metrics['agent_mean'][t]:.4f} |")
+        rows.append(f"| {t} | {'' if t != 'all' else metrics['n']} | " + " | ".join(f"{metrics[k][t]:.4f}" for k, _ in cols) + " |")
     return "\n".join(rows)
 
 

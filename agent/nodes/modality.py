@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from agent.nodes.base import NodeOutput
@@ -9,9 +11,26 @@ from agent.runtime import Backends
 from agent.state import CaseState, ModalityResult
 
 
+def _rounded(classes: Sequence[str], p: np.ndarray) -> dict[str, float]:
+    return {c: round(float(v), 4) for c, v in zip(classes, p)}
+
+
 def modality_inputs(features: np.ndarray, stats: np.ndarray) -> np.ndarray:
     """The modality head's input vector: pooled features and colour/texture statistics."""
     return np.concatenate([np.asarray(features, np.float32).ravel(), np.asarray(stats, np.float32).ravel()])[None]
+
+
+def combine_opinions(head: np.ndarray, others: Sequence[tuple[np.ndarray | None, float]], rule: str = "geometric") -> np.ndarray:
+    """The modality decision's probabilities from the head's and the other opinions' ((probabilities or None, weight)
+    pairs, same class order; rows or one vector): each present opinion keeps its weight, the head has the rest; the
+    weighted geometric mean (renormalised, probabilities floored at 1e-6) or the weighted arithmetic mean."""
+    present = [(np.asarray(p, float), w) for p, w in others if p is not None and w > 0]
+    parts = [(np.asarray(head, float), 1.0 - sum(w for _, w in present)), *present]
+    if rule == "arithmetic":
+        return sum(w * p for p, w in parts)
+    z = sum(w * np.log(np.maximum(p, 1e-6)) for p, w in parts)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
@@ -22,14 +41,24 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     features = state.encoding.features if encoder is None else encoder.embed_images([state.image])[0]
     x = modality_inputs(features, state.encoding.stats)
     head = heads.heads["modality"]
-    p = heads.predict_proba(x)["modality"][0]
+    p_head = heads.predict_proba(x)["modality"][0]
     uses = ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"
+    opinions: dict[str, dict[str, float]] = {"head": _rounded(head.classes, p_head)}
+    probe = rt.modality_probe if cfg.imagenet_probe is not None and cfg.imagenet_weight > 0 else None
+    p_probe = None
+    if probe is not None:
+        # Frozen ImageNet features were never fitted to a skin data set: a source neither network saw looks less foreign to them.
+        row = probe.predict([state.image])[0]
+        p_probe = np.array([float(row[probe.classes.index(c)]) for c in head.classes])
+        opinions["imagenet_probe"] = _rounded(head.classes, p_probe)
+        uses += f", {cfg.combine} mean with the modality probe {probe.model_id} (weight {cfg.imagenet_weight:g})"
     expert = state.encoding.expert_probs.get("effnet_modality")
+    p_expert = None
     if expert and cfg.second_expert_weight > 0:
-        # Two views of the question: the head misses tight close-ups (centre-30% crops), the expert some whole images.
-        w = cfg.second_expert_weight
-        p = (1 - w) * p + w * np.array([expert.get(c, 0.0) for c in head.classes])
-        uses += f", mean with the second visual expert's modality head (weight {w:g})"
+        p_expert = np.array([expert.get(c, 0.0) for c in head.classes])
+        opinions["second_expert"] = _rounded(head.classes, p_expert)
+        uses += f", the second visual expert's modality head (weight {cfg.second_expert_weight:g})"
+    p = combine_opinions(p_head, [(p_probe, cfg.imagenet_weight), (p_expert, cfg.second_expert_weight)], cfg.combine)
     probs = {c: round(float(v), 4) for c, v in zip(head.classes, p)}
     label = head.classes[int(p.argmax())]
     conf = float(p.max())
@@ -38,7 +67,7 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     notes: list[str] = []
     rejected, reason = False, None
     if label == "not_skin":
-        rejected, reason = True, f"the modality head judges this not to be a skin image (p={conf:.2f})"
+        rejected, reason = True, f"the modality classifier judges this not to be a skin image (p={conf:.2f})"
     elif cfg.ood_reject and ood_score is not None and ood_score > heads.ood.threshold:
         rejected = True
         reason = (
@@ -57,7 +86,7 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     )
     return NodeOutput(
         {"modality": result},
-        inputs={"uses": uses},
-        model_id=heads.meta.get("id", rt.config.modality.head),
+        inputs={"uses": uses, "opinions": opinions},
+        model_id="+".join([str(heads.meta.get("id", rt.config.modality.head)), *([probe.model_id] if probe is not None else [])]),
         notes=notes,
     )

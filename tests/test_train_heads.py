@@ -149,3 +149,27 @@ def test_round_robin_takes_groups_in_turn_and_stops_when_they_run_out():
     groups = {"b": [1, 2, 3], "a": [10], "c": [20, 21]}
     assert round_robin(groups, 4) == [10, 1, 20, 2]
     assert round_robin(groups, 100) == [10, 1, 20, 2, 21, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_the_modality_probe_smoke_run_reads_imagenet_features_and_loads_as_the_agents_probe(tiny_features, tmp_path):
+    """`inputs: imagenet-stages` on the tiny cache: ImageNet features computed once from the images and cached by ref, the
+    held-out folds run, and the artifact is a FeatureProbe whose predictions equal the head applied to those features."""
+    from models.probe import IMAGENET_STAGE_FEATURES, FeatureProbe, imagenet_inputs
+    from training import modality
+
+    overrides = [*_overrides(tiny_features, tmp_path), "inputs=imagenet-stages", "artifact_id=modality-probe-smoke", "register_as=modality-probe-smoke"]
+    summary = run_training("modality", CONFIGS / "modality_smoke.yaml", overrides)
+    weights = Path(summary["weights"])
+    assert weights.name == "modality_probe.safetensors" and 0 < summary["metrics"]["heldout_accuracy"] <= 1
+    cache = np.load(tiny_features / "imagenet_stages__modality.npz")
+    cfg = load_train_config(modality.Config, CONFIGS / "modality_smoke.yaml", overrides)
+    _, _, _, _, refs = modality.build_dataset(cfg)
+    assert set(cache["refs"].tolist()) == set(refs.tolist())  # every image once, keyed by ref
+    probe = FeatureProbe(weights)
+    assert probe.kind == IMAGENET_STAGE_FEATURES and probe.classes == ["clinical", "dermoscopy", "histopathology", "not_skin"]
+    ref = str(refs[0])
+    got = probe.predict([modality.load_image(ref)])
+    want = probe.heads.predict_proba(imagenet_inputs(cache["x"][cache["refs"].tolist().index(ref)], stages=True))["modality"]
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -1,9 +1,13 @@
-"""Ways to combine the modality head and the second expert's modality head, scored by the whole-source held-out
-protocol without fitting on what they score: each fold's combination is chosen on the other folds' held-out
-predictions (nested), from `dermgraph train modality-heldout`'s `predictions.npz`.
+"""Ways to combine the modality head, the second expert's modality head and (where the predictions have it) the
+modality probe, scored by the whole-source held-out protocol without fitting on what they score: each fold's
+combination is chosen on the other folds' held-out predictions (nested), from `dermgraph train modality-heldout`'s
+`predictions.npz`.
 
-Combiners: the agent's mean with weight 0.5 (nothing fitted), the weighted arithmetic mean and the weighted
-geometric mean (weight chosen on the other folds), and a logistic regression over both heads' log-probabilities.
+Combiners: the head and the expert's mean with weight 0.5 (the previous default; nothing fitted), the weighted
+arithmetic mean and the weighted geometric mean of those two (weight chosen on the other folds), a logistic
+regression over both heads' log-probabilities; with the probe, the agent's combination as configured (a third each
+in a geometric mean by default; nothing fitted) and the geometric mean with the probe's and the expert's shares
+chosen on the other folds.
 
     python scripts/modality_combiners.py runs/modality_heldout/predictions.npz
 """
@@ -42,6 +46,23 @@ def nested_weight(h, e, y, fold, headline, rule: Callable) -> tuple[np.ndarray, 
     return out, chosen
 
 
+SHARES = [(round(float(a), 2), round(float(b), 2)) for a in np.arange(0, 1.001, 0.1) for b in np.arange(0, 1.001, 0.1) if a + b <= 1 + 1e-9]
+
+
+def nested_shares(h, e, pr, y, fold, headline, rule: str = "geometric") -> tuple[np.ndarray, dict[int, tuple[float, float]]]:
+    """Each fold's rows combined (:func:`agent.nodes.modality.combine_opinions`) with the (probe, expert) shares most
+    accurate on the other folds' headline rows (ties: the shares nearest a third each)."""
+    from agent.nodes.modality import combine_opinions
+
+    out, chosen = np.zeros_like(h), {}
+    cache = {s: combine_opinions(h, [(pr, s[0]), (e, s[1])], rule) for s in SHARES}
+    for k in np.unique(fold):
+        other = (fold != k) & headline
+        s = max(SHARES, key=lambda s: (accuracy(cache[s], y, other), -abs(s[0] - 1 / 3) - abs(s[1] - 1 / 3)))
+        out[fold == k], chosen[int(k)] = cache[s][fold == k], s
+    return out, chosen
+
+
 def nested_logistic(h, e, y, fold, headline, c: float = 0.1) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
 
@@ -64,10 +85,18 @@ def run(path: Path) -> dict:
     classes = sorted(set(z["y"].tolist()))
     y = np.array([classes.index(v) for v in z["y"]])
     h, e, fold, headline, tags = z["head"], z["expert"], z["fold"], z["headline"].astype(bool), z["tags"]
-    results = {"mean, weight 0.5 (the agent)": (arithmetic(h, e, 0.5), None)}
+    results = {"head and expert, mean, weight 0.5 (the previous default)": (arithmetic(h, e, 0.5), None)}
     results["weighted mean, weight nested"] = nested_weight(h, e, y, fold, headline, arithmetic)
     results["weighted geometric mean, weight nested"] = nested_weight(h, e, y, fold, headline, geometric)
     results["logistic regression on both log-probabilities, nested"] = (nested_logistic(h, e, y, fold, headline), None)
+    if "probe" in z.files:
+        from agent.config import AgentConfig
+        from agent.nodes.modality import combine_opinions
+
+        m, pr = AgentConfig().modality, z["probe"]
+        results[f"the agent: {m.combine} mean, probe {m.imagenet_weight:.2f}, expert {m.second_expert_weight:.2f}"] = (
+            combine_opinions(h, [(pr, m.imagenet_weight), (e, m.second_expert_weight)], m.combine), None)
+        results["head, probe and expert, geometric mean, shares nested"] = nested_shares(h, e, pr, y, fold, headline)
     out = {}
     for name, (p, chosen) in results.items():
         out[name] = {"all": round(accuracy(p, y, headline), 4), **{str(t): round(accuracy(p, y, headline & (tags == t)), 4) for t in sorted(set(tags[headline].tolist()))}}

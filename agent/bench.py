@@ -117,7 +117,7 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
         for i in range(0, len(images), batch_size):
             second.predict_heads(images[i : i + batch_size])
         floors["second expert forward"] = time.perf_counter() - t0
-    mprobe = unwrap(rt.modality_probe) if rt.config.modality.imagenet_weight > 0 and rt.modality_probe is not None else None
+    mprobe = unwrap(rt.modality_probe) if rt.modality_probe is not None else None
     if mprobe is not None:  # every image: its ImageNet pass is the one the clinical probe then reuses
         t0 = time.perf_counter()
         for i in range(0, len(images), batch_size):

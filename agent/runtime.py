@@ -116,8 +116,10 @@ class Runtime:
 
     @functools.cached_property
     def modality_probe(self):
-        """The modality probe (``modality.imagenet_probe``, :class:`models.probe.FeatureProbe` on ImageNet features), or None."""
-        return self._get("modality_probe", lambda: self._probe(self.config.modality.imagenet_probe))
+        """The modality probe (``modality.imagenet_probe``, :class:`models.probe.FeatureProbe` on ImageNet features), or None
+        (none configured, or its ``imagenet_weight`` is 0: nothing loads and no pass is spent on it)."""
+        cfg = self.config.modality
+        return self._get("modality_probe", lambda: self._probe(cfg.imagenet_probe) if cfg.imagenet_weight > 0 else None)
 
     @functools.cached_property
     def modality_heads(self):

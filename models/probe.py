@@ -4,10 +4,12 @@ concatenated. Trained by ``dermgraph train probe`` on the DermNet case-index pho
 opinion on DermNet classes beside the fine-tuned expert's DermNet head and the similar cases: an opinion that does
 not share the expert's errors (its features were not fitted to these 25 photos per class).
 
-The artifact is a :class:`models.heads.HeadSet` (one head, identity standardiser) whose ``meta['features']`` names
-its inputs: :data:`PROBE_FEATURES` (the ImageNet network's pooled head features) or :data:`PROBE_STAGE_FEATURES`
-(those and the mean and standard deviation over space of its last four stages' activations: mid-level texture
-statistics that a whole-image pooled vector averages away; each block L2-normalised).
+The artifact is a :class:`models.heads.HeadSet` (one head) whose ``meta['features']`` names its inputs:
+:data:`PROBE_FEATURES` (the ImageNet network's pooled head features) or :data:`PROBE_STAGE_FEATURES` (those and the
+mean and standard deviation over space of its last four stages' activations: mid-level texture statistics that a
+whole-image pooled vector averages away; each block L2-normalised), both beside the lesion encoder's features; or
+:data:`IMAGENET_STAGE_FEATURES`, the ImageNet network's alone: the modality probe (``dermgraph train modality`` with
+``inputs: imagenet-stages``), a modality opinion from features never fitted to a skin data set.
 """
 
 from __future__ import annotations

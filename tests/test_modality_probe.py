@@ -107,6 +107,8 @@ def test_the_runtime_shares_one_imagenet_encoder_between_stage_probes(tmp_path):
     rt = Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": str(path)}}))
     assert rt.modality_probe.imagenet is rt.clinical_probe.imagenet is rt.imagenet_encoder  # the shipped clinical probe reads stages too
     assert Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": None}})).modality_probe is None
+    # weight 0: nothing loads, so the micro-batched path spends no pass on it and records the same models as the sequential one
+    assert Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": str(path), "imagenet_weight": 0}})).modality_probe is None
 
 
 def test_the_trainer_reads_cached_imagenet_features_by_ref_and_refuses_finetuning_them(tmp_path):

@@ -44,7 +44,7 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     p_head = heads.predict_proba(x)["modality"][0]
     uses = ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"
     opinions: dict[str, dict[str, float]] = {"head": _rounded(head.classes, p_head)}
-    probe = rt.modality_probe if cfg.imagenet_probe is not None and cfg.imagenet_weight > 0 else None
+    probe = rt.modality_probe if cfg.imagenet_weight > 0 else None  # a test double given for the role is used whatever imagenet_probe names
     p_probe = None
     if probe is not None:
         # Frozen ImageNet features were never fitted to a skin data set: a source neither network saw looks less foreign to them.

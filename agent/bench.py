@@ -124,7 +124,8 @@ def _floors(agent, cases, batch_size: int) -> dict[str, float]:
             mprobe.predict(images[i : i + batch_size])
         floors["ImageNet probes forward"] = time.perf_counter() - t0
     probe = unwrap(rt.clinical_probe) if rt.clinical_probe is not None else None
-    if probe is not None and mprobe is None:
+    # the clinical probe's own pass only where it does not share the modality probe's (already timed) encoder
+    if probe is not None and (mprobe is None or getattr(probe, "imagenet", None) is not getattr(mprobe, "imagenet", False)):
         from agent.nodes.encode import probe_wanted
 
         lesion = np.concatenate(feats)

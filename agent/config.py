@@ -95,7 +95,7 @@ class ModalityConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_leave_the_head_some(self) -> "ModalityConfig":
-        if self.imagenet_weight + self.second_expert_weight > 1 + 1e-9:
+        if self.imagenet_probe is not None and self.imagenet_weight + self.second_expert_weight > 1 + 1e-9:
             raise ValueError(f"modality.imagenet_weight ({self.imagenet_weight:g}) + second_expert_weight ({self.second_expert_weight:g}) exceed 1: "
                              "the head's weight is 1 minus their sum")
         return self

@@ -73,7 +73,7 @@ def model_hashes(config: AgentConfig) -> dict[str, str]:
         "second_expert": getattr(config.encoder.second_expert, "model", None),
         "clinical_probe": config.encoder.clinical_probe,
         "modality_head": config.modality.head,
-        "modality_probe": config.modality.imagenet_probe,
+        "modality_probe": config.modality.imagenet_probe if config.modality.imagenet_weight > 0 else None,
         "modality_encoder": config.modality.encoder,
         "describer": describer_model(config),
         "text_embedder": config.retrieval.text_embedder,

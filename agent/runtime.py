@@ -99,12 +99,17 @@ class Runtime:
 
         return self._get("imagenet_encoder", build)
 
-    def _probe(self, ref: str | None):
+    def _probe(self, ref: str | None, setting: str, kinds: tuple[str, ...], classes: set[str] | None = None):
+        """The :class:`models.probe.FeatureProbe` ``ref`` names, refused (one clear error, at load) unless it reads one of
+        ``kinds`` and, with ``classes``, predicts exactly those; stage-feature probes share :attr:`imagenet_encoder`."""
         if ref is None:
             return None
         from models.probe import FeatureProbe
 
         probe = FeatureProbe(resolve_artifact(ref), self.config.device)
+        if probe.kind not in kinds or (classes is not None and set(probe.classes) != classes):
+            raise ValueError(f"{setting} {ref!r} is a probe of {probe.kind} over {probe.classes[:6]}{' ...' if len(probe.classes) > 6 else ''}; "
+                             f"{setting} needs one reading {' or '.join(kinds)}" + (f" over {sorted(classes)}" if classes is not None else ""))
         if probe.stages:  # a pooled-features-only probe keeps its own encoder (it reads a different output)
             probe.imagenet = self.imagenet_encoder
         return probe
@@ -112,14 +117,21 @@ class Runtime:
     @functools.cached_property
     def clinical_probe(self):
         """The clinical feature probe (``encoder.clinical_probe``, :class:`models.probe.FeatureProbe`), or None."""
-        return self._get("clinical_probe", lambda: self._probe(self.config.encoder.clinical_probe))
+        from models.probe import PROBE_FEATURES, PROBE_STAGE_FEATURES
+
+        ref = self.config.encoder.clinical_probe
+        return self._get("clinical_probe", lambda: self._probe(ref, "encoder.clinical_probe", (PROBE_FEATURES, PROBE_STAGE_FEATURES)))
 
     @functools.cached_property
     def modality_probe(self):
         """The modality probe (``modality.imagenet_probe``, :class:`models.probe.FeatureProbe` on ImageNet features), or None
         (none configured, or its ``imagenet_weight`` is 0: nothing loads and no pass is spent on it)."""
+        from models.probe import IMAGENET_STAGE_FEATURES
+        from models.vocabulary import MODALITIES
+
         cfg = self.config.modality
-        return self._get("modality_probe", lambda: self._probe(cfg.imagenet_probe) if cfg.imagenet_weight > 0 else None)
+        return self._get("modality_probe", lambda: self._probe(cfg.imagenet_probe, "modality.imagenet_probe", (IMAGENET_STAGE_FEATURES,), set(MODALITIES))
+                         if cfg.imagenet_weight > 0 else None)  # fmt: skip
 
     @functools.cached_property
     def modality_heads(self):

@@ -322,7 +322,7 @@ def models_list(
 
 def config_model_ids(config) -> list[str]:
     """Registry ids an agent configuration uses: every registered id it names (backends, artifacts, options such as
-    ensemble members), the ImageNet network the clinical feature probe runs on, and the LLM only where the
+    ensemble members), the ImageNet network the feature probes (clinical, modality) run on, and the LLM only where the
     configuration calls it (:func:`agent.batched.config_calls_llm`)."""
     from agent.batched import config_calls_llm
     from models.efficientnet import BASE_ID

@@ -14,6 +14,8 @@ whole-image pooled vector averages away; each block L2-normalised), both beside 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,7 +81,8 @@ class ImageNetEncoder:
         self.dim = sum(imagenet_blocks(stages))
         self._net = None
         self._acts: dict[int, Any] = {}
-        self._last: dict[int, tuple[Any, np.ndarray]] | None = None
+        self._last: dict[int, tuple[weakref.ref, np.ndarray]] | None = None
+        self._lock = threading.Lock()  # the stage hooks write one shared dict: one forward pass at a time
 
     def _load(self):
         if self._net is None:
@@ -93,23 +96,32 @@ class ImageNetEncoder:
         return self._net
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
-        """(N, :attr:`dim`) features. Images that are the very objects of the previous call reuse that call's rows without
-        a second pass (the modality probe and the clinical probe of one case, or of one micro-batch, read one pass)."""
+        """(N, :attr:`dim`) features. Images that are the very objects of the previous call (still alive: the memo holds
+        weak references and feature rows only, never the images) reuse that call's rows without a second pass, so the
+        modality probe and the clinical probe of one case, or of one micro-batch, read one pass. An image changed in
+        place between the two calls would get its old features: the agent never changes one. Thread-safe (a server
+        runs cases on several threads over one runtime)."""
         out = np.zeros((len(images), self.dim), np.float32)
         if not len(images):
             return out
-        last = self._last or {}
-        todo = []
-        for i, im in enumerate(images):
-            hit = last.get(id(im))
-            if hit is not None and hit[0] is im:
-                out[i] = hit[1]
-            else:
-                todo.append(i)
-        if todo:
-            out[todo] = self._forward([images[i] for i in todo])
-        # Keeping the images keeps their identities: no other object can take an id while it is in the memo.
-        self._last = {id(im): (im, out[i].copy()) for i, im in enumerate(images)}
+        with self._lock:
+            last = self._last or {}
+            todo = []
+            for i, im in enumerate(images):
+                hit = last.get(id(im))
+                if hit is not None and hit[0]() is im:
+                    out[i] = hit[1]
+                else:
+                    todo.append(i)
+            if todo:
+                out[todo] = self._forward([images[i] for i in todo])
+            memo = {}
+            for i, im in enumerate(images):
+                try:
+                    memo[id(im)] = (weakref.ref(im), out[i].copy())
+                except TypeError:  # an object without weak references is simply not remembered
+                    pass
+            self._last = memo
         return out
 
     def _forward(self, images: Sequence[Any]) -> np.ndarray:

@@ -86,7 +86,7 @@ def test_the_agent_decides_modality_with_the_probe_by_default():
     want = p_head ** (2 / 3) * p_probe ** (1 / 3)  # a third for the probe; no second expert here, so the head has two
     assert state.modality.label == "clinical" and probe.calls == 1
     assert state.modality.probs["clinical"] == pytest.approx(float(want[0] / want.sum()), abs=1e-3)
-    assert step.inputs["opinions"]["imagenet_probe"]["clinical"] == 0.999 and "geometric mean with the modality probe" in step.inputs["uses"]
+    assert step.inputs["opinions"]["imagenet_probe"]["clinical"] == 0.999 and step.inputs["uses"].endswith("decided by the geometric mean of the head (0.67), the modality probe fake-modality-probe (0.33)")
     assert step.model_id.endswith("+fake-modality-probe")
     off = Agent(AgentConfig.model_validate({"modality": {"imagenet_weight": 0}}), backends=backends(modality_probe=probe)).run(img(), until="modality")
     assert off.modality.label == "dermoscopy" and probe.calls == 1 and "imagenet_probe" not in off.trace[-1].inputs["opinions"]
@@ -97,6 +97,8 @@ def test_the_agent_decides_modality_with_the_probe_by_default():
 def test_modality_weights_must_leave_the_head_a_share():
     with pytest.raises(ValueError, match="exceed 1"):
         AgentConfig.model_validate({"modality": {"imagenet_weight": 0.7, "second_expert_weight": 0.5}})
+    # without a probe its weight does not count: the head and the expert alone, as before the probe
+    assert AgentConfig.model_validate({"modality": {"imagenet_probe": None, "second_expert_weight": 0.8}}).modality.second_expert_weight == 0.8
     assert AgentConfig().modality.imagenet_probe == "modality-probe" and AgentConfig().modality.combine == "geometric"
 
 
@@ -116,7 +118,7 @@ def test_the_trainer_reads_cached_imagenet_features_by_ref_and_refuses_finetunin
 
     refs = np.array(["data:ham10000:full:a.jpg", "synthetic:60:0:1"])
     feats = np.random.default_rng(2).normal(size=(3, sum(imagenet_blocks(True)))).astype(np.float32)
-    np.savez(tmp_path / "imagenet_stages__modality.npz", refs=np.array(["synthetic:60:0:1", "other", "data:ham10000:full:a.jpg"]), x=feats)
+    np.savez(tmp_path / "imagenet_stages__modality.npz", ids=np.array(["synthetic:60:0:1", "other", "data:ham10000:full:a.jpg"]), features=feats)
     x, inputs, meta = head_inputs(Config(inputs="imagenet-stages", feature_dir=tmp_path), np.zeros((2, 5)), refs)
     np.testing.assert_allclose(x, imagenet_inputs(feats[[2, 0]], stages=True), rtol=1e-6)
     assert meta == {"features": IMAGENET_STAGE_FEATURES} and "ImageNet" in inputs
@@ -124,3 +126,23 @@ def test_the_trainer_reads_cached_imagenet_features_by_ref_and_refuses_finetunin
     assert head_inputs(Config(), plain, refs)[0] is plain
     with pytest.raises(ValueError, match="inputs: lesion-encoder"):
         Config(inputs="imagenet-stages", finetune={})
+
+
+def test_the_runtime_refuses_a_probe_made_for_another_role_when_it_loads(tmp_path):
+    from agent.runtime import Runtime
+    from models.probe import PROBE_STAGE_FEATURES
+
+    path, _ = _probe_file(tmp_path)
+    with pytest.raises(ValueError, match="encoder.clinical_probe .* needs one reading"):
+        Runtime(AgentConfig.model_validate({"encoder": {"clinical_probe": str(path)}})).clinical_probe  # a modality probe as the DermNet probe
+    d = sum(imagenet_blocks(True))
+    three = tmp_path / "three.safetensors"  # ImageNet features, but without the not_skin class
+    head = Head("modality", list(MODALITIES[:3]), np.zeros((d, 3), np.float32), np.zeros(3, np.float32))
+    HeadSet(np.zeros(d, np.float32), np.ones(d, np.float32), {"modality": head}, meta={"id": "three", "features": IMAGENET_STAGE_FEATURES}).save(three)
+    with pytest.raises(ValueError, match="modality.imagenet_probe 'three'|modality.imagenet_probe .* over"):
+        Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": str(three)}})).modality_probe
+    dermnet = tmp_path / "dermnet.safetensors"
+    head = Head("dermnet", ["Eczema", "Psoriasis"], np.zeros((2048 + d, 2), np.float32), np.zeros(2, np.float32))
+    HeadSet(np.zeros(2048 + d, np.float32), np.ones(2048 + d, np.float32), {"dermnet": head}, meta={"id": "dn", "features": PROBE_STAGE_FEATURES}).save(dermnet)
+    with pytest.raises(ValueError, match="needs one reading imagenet-stages"):
+        Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": str(dermnet)}})).modality_probe

@@ -166,10 +166,10 @@ def test_the_modality_probe_smoke_run_reads_imagenet_features_and_loads_as_the_a
     cache = np.load(tiny_features / "imagenet_stages__modality.npz")
     cfg = load_train_config(modality.Config, CONFIGS / "modality_smoke.yaml", overrides)
     _, _, _, _, refs = modality.build_dataset(cfg)
-    assert set(cache["refs"].tolist()) == set(refs.tolist())  # every image once, keyed by ref
+    assert set(cache["ids"].tolist()) == set(refs.tolist())  # every image once, keyed by ref
     probe = FeatureProbe(weights)
     assert probe.kind == IMAGENET_STAGE_FEATURES and probe.classes == ["clinical", "dermoscopy", "histopathology", "not_skin"]
     ref = str(refs[0])
     got = probe.predict([modality.load_image(ref)])
-    want = probe.heads.predict_proba(imagenet_inputs(cache["x"][cache["refs"].tolist().index(ref)], stages=True))["modality"]
+    want = probe.heads.predict_proba(imagenet_inputs(cache["features"][cache["ids"].tolist().index(ref)], stages=True))["modality"]
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -130,3 +130,39 @@ def user_features(images: list[Path], feature_dir: Path = FEATURE_DIR, view: str
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, ids=out["ids"], probs=out["probs"], features=out["features"].astype(np.float16))
     return out
+
+
+def imagenet_feature_cache(keys: list[str], load, path: Path, stages: bool = False, device: str = "cpu", dtype=np.float32,
+                           chunk: int = 256, save_every: int = 2048, desc: str = "ImageNet features") -> np.ndarray:  # fmt: skip
+    """ImageNet EfficientNet-Lite0 features (:class:`models.probe.ImageNetEncoder`; ``stages``: with its stage statistics)
+    of the images ``load(key)`` returns, in ``keys`` order, cached by key in ``path`` (``ids``, ``features`` as ``dtype``):
+    keys already there are read, the others computed in chunks of ``chunk`` and the file rewritten every ``save_every``
+    new images and at the end, so a killed run resumes."""
+    from tqdm.auto import tqdm
+
+    from models.probe import ImageNetEncoder
+
+    path = Path(path)
+    have: dict[str, np.ndarray] = {}
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        have = dict(zip(z["ids"].astype(str).tolist(), z["features"]))
+    todo = list(dict.fromkeys(k for k in keys if k not in have))
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        enc = ImageNetEncoder(device, stages=stages)
+
+        def save() -> None:
+            ids = sorted(have)
+            np.savez(path, ids=np.array(ids), features=np.stack([have[i] for i in ids]).astype(dtype))
+
+        since = 0
+        for lo in tqdm(range(0, len(todo), chunk), desc=desc, unit="chunk"):
+            part = todo[lo : lo + chunk]
+            have.update(zip(part, enc.embed([load(k) for k in part]).astype(dtype)))
+            since += len(part)
+            if since >= save_every:
+                save()
+                since = 0
+        save()
+    return np.stack([have[k] for k in keys]).astype(np.float32)

@@ -191,28 +191,13 @@ def build_dataset(cfg: Config):
     return np.concatenate(xs).astype(np.float32), np.array(ys), np.array(groups), np.array(tags), np.array(refs)
 
 
-def imagenet_features(refs: np.ndarray, feature_dir: Path, chunk: int = 256) -> np.ndarray:
-    """(N, 2848) ImageNet pooled features and stage statistics (:class:`models.probe.ImageNetEncoder`) of the images
-    ``refs`` point at, cached by ref in ``feature_dir/imagenet_stages__modality.npz`` (saved every ``chunk`` images:
-    a killed run resumes)."""
-    from tqdm import tqdm
+def imagenet_features(refs: np.ndarray, feature_dir: Path, device: str = "cpu") -> np.ndarray:
+    """(N, 2688) ImageNet pooled features and stage statistics (:class:`models.probe.ImageNetEncoder`) of the images
+    ``refs`` point at (:func:`load_image`), cached by ref in ``feature_dir/imagenet_stages__modality.npz`` (a killed run
+    resumes)."""
+    from training.data import imagenet_feature_cache
 
-    from models.probe import ImageNetEncoder
-
-    path = Path(feature_dir) / "imagenet_stages__modality.npz"
-    done: dict[str, np.ndarray] = {}
-    if path.exists():
-        z = np.load(path)
-        done = dict(zip(z["refs"].astype(str).tolist(), z["x"]))
-    todo = [str(r) for r in refs if str(r) not in done]
-    if todo:
-        enc = ImageNetEncoder(stages=True)
-        for lo in tqdm(range(0, len(todo), chunk), desc="ImageNet features", unit="chunk"):
-            part = todo[lo : lo + chunk]
-            done.update(zip(part, enc.embed([load_image(r) for r in part])))
-            keys = list(done)
-            np.savez(path, refs=np.array(keys), x=np.stack([done[k] for k in keys]))
-    return np.stack([done[str(r)] for r in refs]).astype(np.float32)
+    return imagenet_feature_cache([str(r) for r in refs], load_image, Path(feature_dir) / "imagenet_stages__modality.npz", stages=True, device=device)
 
 
 def head_inputs(cfg: Config, x: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, str, dict]:
@@ -221,7 +206,9 @@ def head_inputs(cfg: Config, x: np.ndarray, refs: np.ndarray) -> tuple[np.ndarra
         return x, "sklesion features (2048) + image_stats (38)", {}
     from models.probe import IMAGENET_STAGE_FEATURES, imagenet_blocks, imagenet_inputs
 
-    xi = imagenet_inputs(imagenet_features(refs, cfg.feature_dir), stages=True)
+    from training.config import resolve_device
+
+    xi = imagenet_inputs(imagenet_features(refs, cfg.feature_dir, resolve_device(cfg.device)), stages=True)
     return xi, f"EfficientNet-Lite0 ImageNet pooled features + stage statistics ({sum(imagenet_blocks(True))}, each block L2-normalised)", {
         "features": IMAGENET_STAGE_FEATURES}  # fmt: skip
 

@@ -53,27 +53,14 @@ def imagenet_features(rows: list[dict], view: str, cache_dir: Path, stages: bool
     from PIL import Image
 
     from models.paths import data_dir
-    from models.probe import ImageNetEncoder
+    from training.data import imagenet_feature_cache
     from training.views import VIEWS
 
-    path = cache_dir / f"dermnet__imagenet{'_stages' if stages else ''}_{view}.npz"
-    have: dict[str, np.ndarray] = {}
-    if path.exists():
-        z = np.load(path, allow_pickle=False)
-        have = dict(zip(z["ids"].astype(str), z["features"].astype(np.float32)))
-    todo = [r["image"] for r in rows if r["image"] not in have]
-    if todo:
-        from tqdm.auto import tqdm
+    def load(image: str):
+        return VIEWS[view](Image.open(data_dir() / "dermnet" / image).convert("RGB"))
 
-        enc = ImageNetEncoder(stages=stages)
-        for lo in tqdm(range(0, len(todo), 32), desc=f"ImageNet features ({view})", unit="batch"):
-            imgs = [Image.open(data_dir() / "dermnet" / i).convert("RGB") for i in todo[lo : lo + 32]]
-            imgs = [VIEWS[view](im) for im in imgs]
-            have.update(zip(todo[lo : lo + 32], enc.embed(imgs)))
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        ids = sorted(have)
-        np.savez(path, ids=np.array(ids), features=np.stack([have[i] for i in ids]).astype(np.float16))
-    return np.stack([have[r["image"]] for r in rows]).astype(np.float32)
+    return imagenet_feature_cache([r["image"] for r in rows], load, cache_dir / f"dermnet__imagenet{'_stages' if stages else ''}_{view}.npz",
+                                  stages=stages, dtype=np.float16, chunk=32, desc=f"ImageNet features ({view})")  # fmt: skip
 
 
 def lesion_features(rows: list[dict], view: str, feature_dir: Path) -> np.ndarray:

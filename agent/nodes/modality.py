@@ -45,20 +45,23 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
     uses = ("shared encoder" if encoder is None else f"fine-tuned encoder {encoder.model_id}") + " features + colour/texture stats"
     opinions: dict[str, dict[str, float]] = {"head": _rounded(head.classes, p_head)}
     probe = rt.modality_probe if cfg.imagenet_weight > 0 else None  # a test double given for the role is used whatever imagenet_probe names
-    p_probe = None
+    p_probe = p_expert = None
     if probe is not None:
         # Frozen ImageNet features were never fitted to a skin data set: a source neither network saw looks less foreign to them.
         row = probe.predict([state.image])[0]
         p_probe = np.array([float(row[probe.classes.index(c)]) for c in head.classes])
         opinions["imagenet_probe"] = _rounded(head.classes, p_probe)
-        uses += f", {cfg.combine} mean with the modality probe {probe.model_id} (weight {cfg.imagenet_weight:g})"
     expert = state.encoding.expert_probs.get("effnet_modality")
-    p_expert = None
     if expert and cfg.second_expert_weight > 0:
         p_expert = np.array([expert.get(c, 0.0) for c in head.classes])
         opinions["second_expert"] = _rounded(head.classes, p_expert)
-        uses += f", the second visual expert's modality head (weight {cfg.second_expert_weight:g})"
-    p = combine_opinions(p_head, [(p_probe, cfg.imagenet_weight), (p_expert, cfg.second_expert_weight)], cfg.combine)
+    others = [(p_probe, cfg.imagenet_weight), (p_expert, cfg.second_expert_weight)]
+    p = combine_opinions(p_head, others, cfg.combine)
+    if len(opinions) > 1:
+        names = {"imagenet_probe": f"the modality probe {getattr(probe, 'model_id', '')}".rstrip(), "second_expert": "the second visual expert's modality head"}
+        shares = {"imagenet_probe": cfg.imagenet_weight, "second_expert": cfg.second_expert_weight}
+        parts = [f"the head ({1 - sum(shares[k] for k in opinions if k != 'head'):.2f})"] + [f"{names[k]} ({shares[k]:.2f})" for k in opinions if k != "head"]
+        uses += f"; decided by the {cfg.combine} mean of " + ", ".join(parts)
     probs = {c: round(float(v), 4) for c, v in zip(head.classes, p)}
     label = head.classes[int(p.argmax())]
     conf = float(p.max())

@@ -146,3 +146,26 @@ def test_the_runtime_refuses_a_probe_made_for_another_role_when_it_loads(tmp_pat
     HeadSet(np.zeros(2048 + d, np.float32), np.ones(2048 + d, np.float32), {"dermnet": head}, meta={"id": "dn", "features": PROBE_STAGE_FEATURES}).save(dermnet)
     with pytest.raises(ValueError, match="needs one reading imagenet-stages"):
         Runtime(AgentConfig.model_validate({"modality": {"imagenet_probe": str(dermnet)}})).modality_probe
+
+
+def test_a_probe_with_its_classes_in_another_order_is_read_by_name():
+    """The probe's columns are matched to the head's classes by name, not position."""
+    order = ["not_skin", "histopathology", "dermoscopy", "clinical"]
+    probs = {"not_skin": 0.0004, "histopathology": 0.0005, "dermoscopy": 0.0001, "clinical": 0.999}
+    probe = FakeModalityProbe({c: probs[c] for c in order})
+    assert probe.classes == order
+    state = Agent(backends=backends(modality_probe=probe)).run(img(), until="modality")
+    assert state.trace[-1].inputs["opinions"]["imagenet_probe"] == {"clinical": 0.999, "dermoscopy": 0.0001, "histopathology": 0.0005, "not_skin": 0.0004}
+    assert state.modality.label == "clinical"
+
+
+def test_concurrent_embeds_each_get_their_own_images_features():
+    """A server runs cases on several threads over one runtime: each call gets the rows of its own images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = CountingEncoder()
+    images = [img((k * 20, 255 - k * 20, 90)) for k in range(8)]
+    want = np.stack([np.full(enc.dim, float(np.asarray(im).mean()), np.float32) for im in images])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda im: enc.embed([im])[0], images * 3))
+    np.testing.assert_array_equal(np.stack(got), np.concatenate([want] * 3))

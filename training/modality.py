@@ -200,12 +200,18 @@ def imagenet_features(refs: np.ndarray, feature_dir: Path, device: str = "cpu") 
     return imagenet_feature_cache([str(r) for r in refs], load_image, Path(feature_dir) / "imagenet_stages__modality.npz", stages=True, device=device)
 
 
+HEAD_NOTES = "Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject."
+PROBE_NOTES = ("Clinical / dermoscopy / histopathology / not-skin probe on the frozen ImageNet EfficientNet-Lite0's pooled features and stage "
+               "statistics (models.probe.FeatureProbe); the agent combines it with the modality head (modality.imagenet_probe).")  # fmt: skip
+OUTPUTS = {"lesion-encoder": ("modality_head.safetensors", HEAD_NOTES), "imagenet-stages": ("modality_probe.safetensors", PROBE_NOTES)}
+"""Per ``Config.inputs``: the weights file the trainer writes and the registry notes of the artifact."""
+
+
 def head_inputs(cfg: Config, x: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, str, dict]:
     """The rows the head is fitted on, its ``inputs`` description and extra metadata, for ``cfg.inputs``."""
     if cfg.inputs == "lesion-encoder":
         return x, "sklesion features (2048) + image_stats (38)", {}
     from models.probe import IMAGENET_STAGE_FEATURES, imagenet_blocks, imagenet_inputs
-
     from training.config import resolve_device
 
     xi = imagenet_inputs(imagenet_features(refs, cfg.feature_dir, resolve_device(cfg.device)), stages=True)
@@ -359,11 +365,6 @@ def _fit_headset(x: np.ndarray, y: np.ndarray, dist_held: np.ndarray, cfg: Confi
     )  # fmt: skip
 
 
-HEAD_NOTES = "Clinical / dermoscopy / histopathology / not-skin head on sklesion features + colour/texture statistics, with an OOD reject."
-PROBE_NOTES = ("Clinical / dermoscopy / histopathology / not-skin probe on the frozen ImageNet EfficientNet-Lite0's pooled features and stage "
-               "statistics (models.probe.FeatureProbe); the agent combines it with the modality head (modality.imagenet_probe).")  # fmt: skip
-
-
 def train(cfg: Config) -> dict:
     """Cross-validate with whole sources held out, fit on everything, compare with the shipped head, save."""
     from training.outputs import MetricsLog, publish, write_registry_fragment
@@ -379,7 +380,8 @@ def train(cfg: Config) -> dict:
     pred, dist_held = _crossval(lambda k, held: xh, y, groups, cfg, log)
     metrics = _heldout_metrics(y, pred, tags, cfg)
     hs = _fit_headset(xh, y, dist_held, cfg, metrics, inputs=inputs, meta=meta)
-    weights = cfg.out_dir / ("modality_head.safetensors" if cfg.inputs == "lesion-encoder" else "modality_probe.safetensors")
+    filename, notes = OUTPUTS[cfg.inputs]
+    weights = cfg.out_dir / filename
     hs.save(weights)
     (cfg.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.log(event="final", train_loss=metrics["train_loss"], heldout_accuracy=metrics["heldout_accuracy"], ood_threshold=metrics["ood_threshold"])
@@ -387,7 +389,6 @@ def train(cfg: Config) -> dict:
     before = _before_after(cfg, x, y, tags, hs, metrics, new_x=xh)
     print(before["table"], flush=True)
     published = publish(weights, cfg.artifact, metrics, overwrite=cfg.overwrite_artifact)
-    notes = HEAD_NOTES if cfg.inputs == "lesion-encoder" else PROBE_NOTES
     reg = write_registry_fragment(cfg.out_dir, cfg.register_as, weights, role="head", licence=LICENCE, notes=notes)
     return {"metrics": metrics, "before_after": before, "weights": str(weights), "artifact": str(published) if published else None, "registry": str(reg) if reg else None}
 

@@ -98,7 +98,7 @@ def _accuracy(y: np.ndarray, p: np.ndarray, tags: np.ndarray, classes: list[str]
 
 
 def train(cfg: Config) -> dict:
-    from agent.config import AgentConfig
+    from agent.config import AgentConfig, ModalityConfig
     from agent.nodes.modality import combine_opinions
     from models.vocabulary import MODALITIES
     from training import encoder as enc
@@ -109,15 +109,10 @@ def train(cfg: Config) -> dict:
     t0 = time.time()
     mcfg = load_train_config(mod.Config, cfg.modality)
     ecfg0 = load_train_config(enc.Config, cfg.encoder, cfg.encoder_set)
-    agent = AgentConfig().modality
-    w = agent.second_expert_weight if cfg.second_expert_weight is None else cfg.second_expert_weight
-    wi = (agent.imagenet_weight if cfg.imagenet_weight is None else cfg.imagenet_weight) if cfg.imagenet_probe is not None else 0.0
-    rule = agent.combine if cfg.combine is None else cfg.combine
-    if w + wi > 1 + 1e-9:
-        raise ValueError(f"second_expert_weight ({w:g}) + imagenet_weight ({wi:g}) exceed 1: the head's weight is 1 minus their sum")
-
-    def decide(ph, pe, pp):
-        return combine_opinions(ph, [(pp, wi), (pe, w)], rule)
+    # The agent's modality settings with this run's overrides, checked by the agent's own validator.
+    over = {k: v for k, v in (("second_expert_weight", cfg.second_expert_weight), ("imagenet_weight", cfg.imagenet_weight), ("combine", cfg.combine)) if v is not None}
+    agent = ModalityConfig.model_validate({**AgentConfig().modality.model_dump(), **over, **({} if cfg.imagenet_probe else {"imagenet_probe": None})})
+    w, wi = agent.second_expert_weight, agent.imagenet_weight if cfg.imagenet_probe is not None else 0.0
 
     classes = list(MODALITIES)
     x, y, groups, tags, refs = mod.build_dataset(mcfg)
@@ -138,7 +133,17 @@ def train(cfg: Config) -> dict:
     fold_of = np.full(len(y), -1)
     p_head = np.full((len(y), len(classes)), np.nan)
     p_expert = np.full((len(y), len(classes)), np.nan)
-    p_probe = np.full((len(y), len(classes)), np.nan)
+    p_probe = np.full((len(y), len(classes)), np.nan) if pcfg is not None else None
+
+    def decide(rows):
+        """The agent's modality probabilities on ``rows`` from the three opinions' held-out predictions."""
+        return combine_opinions(p_head[rows], [(None if p_probe is None else p_probe[rows], wi), (p_expert[rows], w)], agent.combine)
+
+    def held_out(xs, reg, max_iter, held):
+        """A head fitted (training.modality's recipe, C = ``reg``) on the fold's other rows, its probabilities on the fold's rows."""
+        scaler, clf = mod.fit(xs[~held], y[~held], reg, max_iter)
+        return clf.predict_proba(scaler.transform(xs[held]))[:, [list(clf.classes_).index(c) for c in classes]]
+
     per_fold = []
     for k, held in enumerate(folds):
         if cfg.folds is not None and k not in cfg.folds:
@@ -146,12 +151,9 @@ def train(cfg: Config) -> dict:
         held_groups = set(groups[held])
         fold_of[held] = k
         # The head, as training.modality validates it.
-        scaler, clf = mod.fit(x[~held], y[~held], mcfg.c, mcfg.max_iter)
-        order = [list(clf.classes_).index(c) for c in classes]
-        p_head[held] = clf.predict_proba(scaler.transform(x[held]))[:, order]
+        p_head[held] = held_out(x, mcfg.c, mcfg.max_iter, held)
         if pcfg is not None:  # the modality probe, the same way on its own inputs
-            scaler, clf = mod.fit(xp[~held], y[~held], pcfg.c, pcfg.max_iter)
-            p_probe[held] = clf.predict_proba(scaler.transform(xp[held]))[:, [list(clf.classes_).index(c) for c in classes]]
+            p_probe[held] = held_out(xp, pcfg.c, pcfg.max_iter, held)
         # The expert, trained without the fold's sources.
         out = cfg.out_dir / f"fold{k}"
         weights = out / "best.safetensors"
@@ -168,21 +170,20 @@ def train(cfg: Config) -> dict:
                          "head": _accuracy(y[held], p_head[held], tags[held], classes, headline[held])["all"],
                          "expert": _accuracy(y[held], p_expert[held], tags[held], classes, headline[held])["all"],
                          "probe": _accuracy(y[held], p_probe[held], tags[held], classes, headline[held])["all"] if pcfg is not None else None,
-                         "agent": _accuracy(y[held], decide(p_head[held], p_expert[held], p_probe[held] if pcfg is not None else None), tags[held], classes,
-                                            headline[held])["all"]})  # fmt: skip
+                         "agent": _accuracy(y[held], decide(held), tags[held], classes, headline[held])["all"]})  # fmt: skip
         print(json.dumps(per_fold[-1]), flush=True)
     done = ~np.isnan(p_expert).any(1)
     yd, td, hd = y[done], tags[done], headline[done]
     metrics = {
         "protocol": f"{mcfg.n_folds} folds of training.modality (whole dermoscopy datasets, thirds of DermNet classes, histology slides and synthetic kinds held out); "
                     f"the expert per fold: {cfg.encoder} with its fold's sources removed from training and selection",  # fmt: skip
-        "agent": {"second_expert_weight": w, "imagenet_weight": wi, "combine": rule},
+        "agent": {"second_expert_weight": w, "imagenet_weight": wi, "combine": agent.combine},
         "n": int(hd.sum()),
         "n_with_crop_views": int(done.sum()),
         "head": _accuracy(yd, p_head[done], td, classes, hd),
         "expert": _accuracy(yd, p_expert[done], td, classes, hd),
         **({"probe": _accuracy(yd, p_probe[done], td, classes, hd)} if pcfg is not None else {}),
-        "agent_decision": _accuracy(yd, decide(p_head[done], p_expert[done], p_probe[done] if pcfg is not None else None), td, classes, hd),
+        "agent_decision": _accuracy(yd, decide(done), td, classes, hd),
         "folds": per_fold,
         "wall_s": round(time.time() - t0, 1),
     }

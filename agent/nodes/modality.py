@@ -62,7 +62,7 @@ def classify_modality(state: CaseState, rt: Backends) -> NodeOutput:
         shares = {"imagenet_probe": cfg.imagenet_weight, "second_expert": cfg.second_expert_weight}
         parts = [f"the head ({1 - sum(shares[k] for k in opinions if k != 'head'):.2f})"] + [f"{names[k]} ({shares[k]:.2f})" for k in opinions if k != "head"]
         uses += f"; decided by the {cfg.combine} mean of " + ", ".join(parts)
-    probs = {c: round(float(v), 4) for c, v in zip(head.classes, p)}
+    probs = _rounded(head.classes, p)
     label = head.classes[int(p.argmax())]
     conf = float(p.max())
     ood = heads.ood_score(x)
